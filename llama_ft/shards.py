@@ -1,0 +1,192 @@
+"""Hugging Face safetensors checkpoints: config, shard index, header checks, tensor reads.
+
+The loader, the merge and the hub helper all go through `open_checkpoint`, so a
+malformed model directory gets the same one-line error everywhere.
+
+Layout handled (as written by `save_pretrained`):
+    DIR/config.json
+    DIR/model.safetensors                      (single file), or
+    DIR/model.safetensors.index.json           {"metadata": {...}, "weight_map": {name: shard}}
+    DIR/model-00001-of-0000N.safetensors ...
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from llama_ft.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# safetensors dtype strings -> torch dtypes (the subset checkpoints use)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header entry of one tensor: its shard, dtype and shape (nothing read beyond the header)."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.tensor([], dtype=ST_DTYPES.get(self.dtype, torch.uint8)).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Checkpoint:
+    """An opened, validated checkpoint directory."""
+
+    root: Path
+    config: dict
+    tensors: dict[str, TensorInfo]  # tensor name -> header info
+    index_metadata: dict = field(default_factory=dict)
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names in index order (sorted, as save_pretrained numbers them)."""
+        return sorted({t.shard for t in self.tensors.values()})
+
+    def names_in(self, shard: str) -> list[str]:
+        return [n for n, t in self.tensors.items() if t.shard == shard]
+
+    def shard_path(self, shard: str) -> Path:
+        return self.root / shard
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one whole tensor (mmap'ed by safetensors)."""
+        with safe_open(self.shard_path(self.tensors[name].shard), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for every tensor of one shard, in file order."""
+        with safe_open(self.shard_path(shard), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header (8-byte little-endian length + JSON) with explicit errors.
+
+    Raises UserError naming the file when it is truncated or the header is not valid JSON,
+    or when a tensor's byte range points past the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise UserError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > size - 8:
+                raise UserError(f"{path}: corrupt safetensors header (header length {n} exceeds file size {size})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read safetensors file ({e.strerror})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt safetensors header (not valid JSON)") from e
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            dtype, shape = meta["dtype"], tuple(meta["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: corrupt safetensors header entry for {name!r}") from e
+        if end > data_len or start > end:
+            raise UserError(
+                f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end}, data has {data_len})"
+            )
+        meta["shape"] = shape
+        meta["dtype"] = dtype
+    return header
+
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: missing {what}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: {what} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {what} must be a JSON object")
+    return obj
+
+
+def open_checkpoint(path: str | Path, flag: str = "--model_name_or_path") -> Checkpoint:
+    """Open and validate a safetensors checkpoint directory.
+
+    Checks: the directory exists; config.json parses; the index (or single file) exists and
+    names existing shards; every shard header parses; every tensor the index names is in its shard.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{flag} {path}: not a directory (expected a Hugging Face model directory)")
+    config = _load_json(root / CONFIG_NAME, "config.json")
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        index = _load_json(index_path, "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index_path}: field 'weight_map' missing or empty (expected {{tensor: shard file}})")
+        metadata = index.get("metadata") or {}
+    elif (root / SINGLE_NAME).exists():
+        weight_map = None
+        metadata = {}
+    else:
+        raise UserError(
+            f"{flag} {path}: no {INDEX_NAME} or {SINGLE_NAME} (expected safetensors weights; "
+            ".bin/.pth checkpoints are not loaded because they need pickle)"
+        )
+
+    shard_names = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+    headers: dict[str, dict] = {}
+    for shard in shard_names:
+        if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+            raise UserError(f"{index_path}: bad shard name {shard!r} in 'weight_map'")
+        p = root / shard
+        if not p.is_file():
+            raise UserError(f"{p}: shard named in {INDEX_NAME} is missing")
+        headers[shard] = read_safetensors_header(p)
+
+    tensors: dict[str, TensorInfo] = {}
+    if weight_map is None:
+        weight_map = {n: SINGLE_NAME for n in headers[SINGLE_NAME] if n != "__metadata__"}
+    for name, shard in weight_map.items():
+        meta = headers[shard].get(name)
+        if meta is None:
+            raise UserError(f"{root / shard}: tensor {name!r} named in {INDEX_NAME} is not in this shard")
+        tensors[name] = TensorInfo(shard=shard, dtype=meta["dtype"], shape=meta["shape"])
+    return Checkpoint(root=root, config=config, tensors=tensors, index_metadata=metadata)

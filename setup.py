@@ -1,0 +1,35 @@
+"""Packaging for llama-ft.
+
+Version ranges, not pins: the CPU machine installs torch 2.13.0 (its local CPU
+build) and the GPU image carries torch 2.11 / transformers 5.17 preinstalled, so
+a pin to either would make pip fetch another torch on the other.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama-ft",
+    version="0.1.0",
+    description="DeepSpeed ZeRO-3 LoRA fine-tuning for Llama 3.1 (8B-405B) with PEFT adapters and a streaming merge",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llama_ft", "llama_ft.*"]),
+    package_data={"llama_ft": ["assets/*.jsonl"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "accelerate>=0.34",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.25",
+        "hf_transfer>=0.1",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "tokenizers>=0.20",
+        "datasets>=2.20",
+    ],
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    entry_points={"console_scripts": ["llama-ft=llama_ft.cli:main"]},
+)
