@@ -1,0 +1,73 @@
+"""`llama-ft` command line: train | merge | make-tiny.
+
+    llama-ft train ...        one process (no launcher); for several ranks use run-llama.sh
+    llama-ft merge ...        fold PEFT adapters into a new checkpoint, shard by shard
+    llama-ft make-tiny DIR    write the embedded tiny Llama + tokenizer (the default model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from llama_ft.errors import user_errors_exit
+
+COMMANDS = {
+    "train": "LoRA fine-tuning under DeepSpeed ZeRO-3 (single process here; run-llama.sh for many ranks)",
+    "merge": "merge PEFT adapters into a base checkpoint, streaming one shard at a time",
+    "make-tiny": "write the embedded tiny Llama checkpoint and tokenizer to a directory",
+}
+
+
+def _single_process_env() -> None:
+    """Give a launcher-less `llama-ft train` the rendezvous variables torch.distributed needs."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+@user_errors_exit
+def _make_tiny(argv: list[str]) -> int:
+    from llama_ft.tiny import make_tiny_llama
+
+    p = argparse.ArgumentParser(prog="llama-ft make-tiny", description=COMMANDS["make-tiny"])
+    p.add_argument("output_dir")
+    p.add_argument("--overwrite", action="store_true", help="rewrite it even if it exists")
+    args = p.parse_args(argv)
+    path = make_tiny_llama(args.output_dir, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = "\n".join(f"  {k:<{width}}  {v}" for k, v in COMMANDS.items())
+        msg = f"usage: llama-ft {{{','.join(COMMANDS)}}} ...\n\ncommands:\n{lines}\n"
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"llama-ft: error: unknown command {argv[0]!r}\n{msg}", file=sys.stderr)
+            return 2
+        print(msg)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from llama_ft import train
+
+        _single_process_env()
+        return train.main(rest)
+    if cmd == "merge":
+        from llama_ft import merge
+
+        return merge.main(rest)
+    return _make_tiny(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

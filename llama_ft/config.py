@@ -1,0 +1,271 @@
+"""Training options (flags named as in Snowflake's run-llama.sh / lora_script.py) and DeepSpeed config filling.
+
+`parse_train_args` validates everything a user can get wrong before any rank starts work,
+so bad input costs one line on stderr and exit code 2, never a traceback or a partial run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from llama_ft.errors import UserError
+from llama_ft.model.lora import LLAMA_LINEAR_NAMES, LoraSpec
+from llama_ft.tiny import BUNDLED_DATASET
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
+
+
+def str2bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model_name_or_path: str = ""
+    tokenizer_name_or_path: str | None = None
+    dataset: str = str(BUNDLED_DATASET)
+    dataset_format: str = "alpaca"
+    source_max_len: int = 1024
+    target_max_len: int = 256
+    train_on_source: bool = False
+    max_train_samples: int | None = None
+    eval_dataset_size: float = 0
+    # optimisation
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # LoRA
+    lora_r: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_NAMES))
+    # outputs and schedule of side work
+    output_dir: str = "./output"
+    overwrite_output_dir: bool = False
+    save_steps: int = 250
+    eval_steps: int | None = None
+    logging_steps: int = 1
+    resume_from_checkpoint: str | None = None
+    deepspeed: str = DEFAULT_DS_CONFIG
+    local_rank: int = -1
+
+    @property
+    def lora_spec(self) -> LoraSpec:
+        return LoraSpec(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_target_modules))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_HELP = {
+    "model_name_or_path": "Hugging Face model directory (safetensors shards + index + config.json)",
+    "tokenizer_name_or_path": "tokenizer directory (default: the model directory)",
+    "dataset": "alpaca-format .json/.jsonl file, or a Hugging Face dataset name (default: the bundled tiny set)",
+    "dataset_format": "alpaca | input-output | chip2 | self-instruct | hh-rlhf | oasst1",
+    "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
+    "lora_target_modules": "linear layer names to adapt",
+    "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
+    "resume_from_checkpoint": "a checkpoint-STEP directory written by an earlier run",
+    "eval_steps": "evaluate every N steps (default: --save_steps)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llama-ft train",
+        description="LoRA fine-tuning of a Llama checkpoint under DeepSpeed ZeRO-3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        kw: dict[str, Any] = {"default": default, "help": _HELP.get(f.name, " ")}
+        if f.type in ("bool",):
+            kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
+        elif f.type.startswith("int"):
+            kw["type"] = int
+        elif f.type.startswith("float"):
+            kw["type"] = float
+        elif f.type.startswith("list"):
+            kw["nargs"] = "+"
+        if f.name == "local_rank":
+            kw["help"] = argparse.SUPPRESS
+        p.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+def _split_csv(values: list[str]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out.extend(x for x in v.split(",") if x)
+    return out
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
+    """Check every option; raise UserError naming the flag and what it expects."""
+    from transformers import SchedulerType
+
+    from llama_ft.data import DATASET_FORMATS
+
+    if not cfg.model_name_or_path:
+        raise UserError("--model_name_or_path is required (a Hugging Face model directory)")
+    if cfg.dataset_format not in DATASET_FORMATS:
+        raise UserError(f"--dataset_format {cfg.dataset_format!r}: expected one of {', '.join(DATASET_FORMATS)}")
+    positive = ["lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "source_max_len", "target_max_len", "save_steps", "logging_steps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} {getattr(cfg, name)}: expected an integer > 0")
+    if cfg.eval_steps is not None and cfg.eval_steps <= 0:
+        raise UserError(f"--eval_steps {cfg.eval_steps}: expected an integer > 0")
+    if cfg.max_train_samples is not None and cfg.max_train_samples <= 0:
+        raise UserError(f"--max_train_samples {cfg.max_train_samples}: expected an integer > 0")
+    if cfg.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha {cfg.lora_alpha}: expected a number > 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora_dropout {cfg.lora_dropout}: expected a value in [0, 1)")
+    if cfg.learning_rate <= 0:
+        raise UserError(f"--learning_rate {cfg.learning_rate}: expected a number > 0")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise UserError(f"--warmup_ratio {cfg.warmup_ratio}: expected a value in [0, 1]")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        raise UserError("--weight_decay and --max_grad_norm must be >= 0")
+    if cfg.eval_dataset_size < 0:
+        raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a count >= 0 or a fraction in (0, 1)")
+    if cfg.eval_dataset_size >= 1 and cfg.eval_dataset_size != int(cfg.eval_dataset_size):
+        raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a whole count or a fraction in (0, 1)")
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler_type not in schedulers:
+        raise UserError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: expected one of {', '.join(schedulers)}")
+    cfg.lora_target_modules = _split_csv(cfg.lora_target_modules)
+    if not cfg.lora_target_modules:
+        raise UserError("--lora_target_modules: expected at least one module name")
+    if cfg.resume_from_checkpoint is not None:
+        state = Path(cfg.resume_from_checkpoint) / "trainer_state.json"
+        if not state.is_file():
+            raise UserError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no trainer_state.json there "
+                            "(expected a checkpoint-STEP directory written by llama-ft train)")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: exists and is not a directory")
+    if (out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir
+            and cfg.resume_from_checkpoint is None):
+        raise UserError(f"--output_dir {out}: exists and is not empty (pass --overwrite_output_dir, "
+                        "or --resume_from_checkpoint to continue a run)")
+    return cfg
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    return validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """The --deepspeed path as given, else relative to the source checkout (for the bundled configs)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    alt = REPO_ROOT / path
+    if not p.is_absolute() and alt.is_file():
+        return alt
+    raise UserError(f"--deepspeed {path}: file not found (expected a DeepSpeed JSON config, e.g. {DEFAULT_DS_CONFIG})")
+
+
+def load_ds_config(path: str) -> dict:
+    p = resolve_ds_config_path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--deepspeed {p}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"--deepspeed {p}: expected a JSON object")
+    return cfg
+
+
+def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, hidden_size: int, on_gpu: bool,
+                   source: str = "--deepspeed") -> dict:
+    """Replace every "auto" in a DeepSpeed config with the value the training flags imply.
+
+    Fields filled (the same set HF Trainer fills): batch sizes, accumulation, clipping, bf16/fp16,
+    optimizer lr/betas/eps/weight_decay, and ZeRO-3 bucket sizes from the model's hidden size
+    (reduce_bucket_size = h^2, stage3_prefetch_bucket_size = 0.9 h^2,
+    stage3_param_persistence_threshold = 10 h). Any other "auto" is an error naming its field.
+    """
+    ds = copy.deepcopy(ds)
+    values: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16.enabled": cfg.bf16,
+        "fp16.enabled": False,
+        "optimizer.params.lr": cfg.learning_rate,
+        "optimizer.params.weight_decay": cfg.weight_decay,
+        "optimizer.params.betas": [cfg.adam_beta1, cfg.adam_beta2],
+        "optimizer.params.eps": cfg.adam_epsilon,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                sub = f"{path}.{k}" if path else k
+                if v == "auto":
+                    if sub not in values:
+                        raise UserError(f"{source}: field {sub!r} is \"auto\" but llama-ft has no value for it")
+                    node[k] = values[sub]
+                else:
+                    walk(v, sub)
+
+    walk(ds, "")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise UserError(f"{source}: field 'zero_optimization.stage' is {zero.get('stage')!r}, expected 3")
+    for key, want in (("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size),
+                      ("gradient_accumulation_steps", cfg.gradient_accumulation_steps)):
+        if key in ds and ds[key] != want:
+            raise UserError(f"{source}: field {key!r} is {ds[key]} but the flags say {want}; set it to \"auto\"")
+    if not on_gpu:
+        # Pinned host memory needs an accelerator to pin for.
+        for sec in ("offload_param", "offload_optimizer"):
+            if isinstance(zero.get(sec), dict) and zero[sec].get("pin_memory"):
+                zero[sec]["pin_memory"] = False
+    ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

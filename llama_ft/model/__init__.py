@@ -1,0 +1,1 @@
+"""Model building: meta/ZeRO-3 construction, weight loading, LoRA injection."""

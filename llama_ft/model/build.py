@@ -1,0 +1,135 @@
+"""Build a Llama for ZeRO-3 training: construct partitioned, load the checkpoint, inject LoRA.
+
+No rank ever holds the whole model: modules are created under `deepspeed.zero.Init`, which
+partitions each parameter as soon as its module's `__init__` returns, and checkpoint tensors
+are then written into those partitions one parameter at a time.
+
+Flow of one weight (the first three of the four files a reader follows):
+    shards.py       header/index lookup of `model.layers.0.self_attn.q_proj.weight`
+    model/build.py  `load_checkpoint_weights`: read it, write it into its ZeRO-3 partitions
+    model/lora.py   `LoRALinear.base_matmul`: the matmul that uses it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llama_ft.errors import UserError
+from llama_ft.model.lora import LoraSpec, inject_lora
+from llama_ft.shards import ST_DTYPES, Checkpoint, open_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _skip_init():
+    """Skip transformers' random weight init: every weight is overwritten by the checkpoint."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _zero_init(ds_config: dict, enabled: bool):
+    return deepspeed.zero.Init(config_dict_or_path=ds_config) if enabled else contextlib.nullcontext()
+
+
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """Logical shape of a parameter, partitioned (ZeRO-3) or not."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
+    """Write every checkpoint tensor into the model's (possibly partitioned) parameters.
+
+    Rank 0 reads each tensor once and ZeRO-3 scatters it into the ranks' partitions
+    (`GatheredParameters(modifier_rank=0)`); one parameter is whole at a time. Returns bytes read.
+    Raises UserError for a tensor the model needs that the checkpoint lacks, or a shape/dtype
+    that does not fit the model config.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    params = dict(model.named_parameters(remove_duplicate=True))
+    index = ckpt.root / "model.safetensors.index.json"
+    missing = [n for n in params if n not in ckpt.tensors]
+    if missing:
+        raise UserError(f"{index}: checkpoint lacks tensor {missing[0]!r} the model needs ({len(missing)} missing)")
+    for name, p in params.items():
+        info = ckpt.tensors[name]
+        if tuple(info.shape) != full_shape(p):
+            raise UserError(
+                f"{ckpt.root / info.shard}: tensor {name!r} has shape {list(info.shape)}, "
+                f"config.json implies {list(full_shape(p))}"
+            )
+        if ST_DTYPES.get(info.dtype) not in (torch.bfloat16, torch.float16, torch.float32):
+            raise UserError(f"{ckpt.root / info.shard}: tensor {name!r} has dtype {info.dtype}, expected BF16/F16/F32")
+
+    nbytes = 0
+    for shard in ckpt.shards:
+        wanted = [n for n in ckpt.names_in(shard) if n in params]
+        if not wanted:
+            continue
+        from safetensors import safe_open
+
+        with safe_open(ckpt.shard_path(shard), framework="pt") as f:
+            for name in wanted:
+                p = params[name]
+                if hasattr(p, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        if rank == 0:
+                            t = f.get_tensor(name)
+                            p.data.copy_(t)
+                            nbytes += t.numel() * t.element_size()
+                else:
+                    t = f.get_tensor(name)
+                    p.data.copy_(t)
+                    nbytes += t.numel() * t.element_size()
+    return nbytes
+
+
+def build_lora_model(
+    model_dir: str | Path,
+    spec: LoraSpec,
+    ds_config: dict | None,
+    dtype: torch.dtype = torch.bfloat16,
+    gradient_checkpointing: bool = False,
+    flag: str = "--model_name_or_path",
+) -> nn.Module:
+    """LlamaForCausalLM from `model_dir` with LoRA on `spec.target_modules`, partitioned by ZeRO-3.
+
+    `ds_config` is the resolved DeepSpeed config; None builds an ordinary (unpartitioned)
+    model, used by single-process tools and tests. Only A and B require grad afterwards.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = open_checkpoint(model_dir, flag)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"{Path(model_dir) / 'config.json'}: not a usable model config ({e})") from e
+    if config.model_type != "llama":
+        raise UserError(f"{Path(model_dir) / 'config.json'}: model_type is {config.model_type!r}, expected 'llama'")
+
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    with _zero_init(ds_config, zero3), _skip_init():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, trust_remote_code=False)
+    if not zero3:
+        model.to(dtype)
+    nbytes = load_checkpoint_weights(model, ckpt)
+    log.info("loaded %s: %.1f MB read on this rank", model_dir, nbytes / 2**20)
+
+    with _zero_init(ds_config, zero3):
+        wrapped = inject_lora(model, spec)
+    missing = sorted(set(spec.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
+    if missing:
+        raise UserError(f"--lora_target_modules: {missing} match no linear layer of {model_dir}")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,103 @@
+"""LoRA linear layer and its injection into a Hugging Face Llama.
+
+    y = x W^T + (alpha / r) * (dropout(x) A^T) B^T
+
+    x: (..., in_features)      W: (out_features, in_features), frozen base weight
+    A: (r, in_features)        B: (out_features, r), B = 0 at init so y starts equal to the base
+
+The base weight keeps its Hugging Face name (`...q_proj.weight`), so checkpoint tensors map
+onto it unchanged and ZeRO-3 partitions it like any other parameter; A and B are the only
+trainable tensors. Adapter files use PEFT's names (`...q_proj.lora_A.weight`), see adapters.py.
+
+`LoRALinear.base_matmul` is the seam for other base-weight formats (FP8 storage with its own
+kernels overrides it); everything else about the module stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What LoRA to inject: rank, alpha, dropout and the module names (last path component) it targets."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_LINEAR_NAMES
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (no bias: Llama linears have none).
+
+    Built around an existing weight Parameter (possibly already a ZeRO-3 partitioned one),
+    so wrapping never copies or gathers the base weight.
+    """
+
+    def __init__(self, weight: nn.Parameter, in_features: int, out_features: int, spec: LoraSpec) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha, self.scaling = spec.r, spec.alpha, spec.scaling
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        dtype = weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(spec.r, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, spec.r, dtype=dtype))
+        self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)) (as nn.Linear does), B = 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T: (..., in) -> (..., out)."""
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return self.base_matmul(x) + self.scaling * lora
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.lora_alpha}"
+
+
+def inject_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Replace every nn.Linear whose name ends in one of `spec.target_modules` by a LoRALinear.
+
+    Freezes every other parameter. Returns the dotted paths of the wrapped modules.
+    Call inside the same `deepspeed.zero.Init` context the model was built in so the new
+    A/B tensors are partitioned as they are created.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in spec.target_modules
+    ]
+    for name, lin in targets:
+        if lin.bias is not None:
+            raise ValueError(f"{name}: LoRA on linear layers with bias is not supported (Llama has none)")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(lin.weight, lin.in_features, lin.out_features, spec))
+    return [name for name, _ in targets]
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Dotted path -> LoRALinear, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

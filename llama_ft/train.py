@@ -1,0 +1,251 @@
+"""The training recipe: LoRA on a Llama checkpoint under DeepSpeed ZeRO-3. Reads top to bottom.
+
+Launch with the DeepSpeed launcher (run-llama.sh does), e.g.
+    deepspeed --num_gpus 8 -m llama_ft.train --model_name_or_path DIR --dataset data.jsonl ...
+Each optimizer step consumes per_device_train_batch_size x gradient_accumulation_steps examples
+on every rank; `--max_steps` optimizer steps are run, epochs wrap around as needed.
+
+Outputs in --output_dir:
+    adapter_config.json, adapter_model.safetensors   final PEFT adapters
+    tokenizer files                                   so the directory serves as is
+    checkpoint-STEP/                                  every --save_steps, for --resume_from_checkpoint
+    metrics.jsonl, loss.png, train_results.json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_train_args
+from llama_ft.errors import UserError, user_errors_exit
+from llama_ft.fsutil import atomic_write_json
+from llama_ft.metrics import MetricsLog, plot_loss
+from llama_ft.resume import Progress, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("llama_ft")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MicroBatches:
+    """Rank `rank`'s stream of micro-batches, deterministic in (seed, epoch, position).
+
+    Epoch e visits the examples in the order of torch.randperm(n, seed + e). Global micro-batch j
+    is perm[j*W*B : (j+1)*W*B] (W ranks, B examples each); rank r takes its r-th block of B.
+    An incomplete last global batch is dropped. (epoch, index) is all a resume needs.
+    """
+
+    def __init__(self, examples: list[dict], world: int, rank: int, batch: int, seed: int, pad_id: int,
+                 epoch: int = 0, index: int = 0) -> None:
+        from llama_ft.data import collate
+
+        self.examples, self.world, self.rank, self.batch = examples, world, rank, batch
+        self.seed, self.pad_id, self.epoch, self.index = seed, pad_id, epoch, index
+        self.collate = collate
+        self.per_epoch = len(examples) // (world * batch)
+        if self.per_epoch == 0:
+            raise UserError(f"--per_device_train_batch_size {batch} x {world} ranks needs at least {world * batch} "
+                            f"training examples; the dataset has {len(examples)}")
+        self._perm_epoch, self._perm = -1, None
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.examples), generator=g).tolist(), self.epoch
+        start = (self.index * self.world + self.rank) * self.batch
+        self.index += 1
+        return self.collate([self.examples[i] for i in self._perm[start:start + self.batch]], self.pad_id)
+
+
+def all_ranks_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, examples: list[dict], batch: int, pad_id: int, world: int, rank: int) -> float:
+    """Token-weighted mean loss over `examples`, computed on all ranks together.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers are collective); a rank
+    with nothing left repeats an example with weight 0.
+    """
+    from llama_ft.data import IGNORE_INDEX, collate
+
+    engine.eval()
+    mine = examples[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / batch)
+    loss_sum, tokens = 0.0, 0.0
+    for b in range(n_batches):
+        chunk = mine[b * batch:(b + 1) * batch]
+        weight = 1.0 if chunk else 0.0
+        batch_t = collate(chunk or examples[:1], pad_id)
+        batch_t = {k: v.to(engine.device) for k, v in batch_t.items()}
+        logits = engine(input_ids=batch_t["input_ids"], attention_mask=batch_t["attention_mask"]).logits.float()
+        labels = batch_t["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="sum")
+        loss_sum += weight * nll.item()
+        tokens += weight * (labels != IGNORE_INDEX).sum().item()
+    engine.train()
+    loss_sum, tokens = all_ranks_sum([loss_sum, tokens], engine.device)
+    return loss_sum / max(tokens, 1.0)
+
+
+def train(cfg: TrainConfig) -> dict:
+    import deepspeed
+    from transformers import AutoConfig, AutoTokenizer, get_scheduler
+
+    from llama_ft.adapters import save_adapters
+    from llama_ft.data import load_rows, pad_token_id, tokenize_rows, train_eval_split
+    from llama_ft.model.build import build_lora_model
+    from llama_ft.shards import open_checkpoint
+
+    # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(rank)
+    open_checkpoint(cfg.model_name_or_path)
+    tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer_name_or_path {tok_path}: no tokenizer found there ({e})") from e
+
+    # --- data: alpaca rows -> token ids with the source masked out of the labels ---
+    rows = load_rows(cfg.dataset, cfg.dataset_format, cfg.max_train_samples)
+    examples = tokenize_rows(rows, tokenizer, cfg.source_max_len, cfg.target_max_len, cfg.train_on_source)
+    train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
+    pad_id = pad_token_id(tokenizer)
+    log.info("data: %d train / %d eval examples from %s", len(train_set), len(eval_set), cfg.dataset)
+    ds_config = load_ds_config(cfg.deepspeed)
+
+    # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
+
+    # --- model: built partitioned under zero.Init, checkpoint streamed in, LoRA injected ---
+    hf_config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=False)
+    ds_config = fill_ds_config(ds_config, cfg, world, hf_config.hidden_size, on_gpu)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype, cfg.gradient_checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
+    log.info("LoRA r=%d alpha=%g on %s: %.2fM trainable parameters", cfg.lora_r, cfg.lora_alpha,
+             ",".join(cfg.lora_target_modules), n_trainable / 1e6)
+
+    # --- engine: ZeRO-3 optimizer from the config, warmup + decay schedule from transformers ---
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        config=ds_config,
+        lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler_type, opt, warmup, cfg.max_steps),
+    )
+    progress = Progress()
+    if cfg.resume_from_checkpoint:
+        progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint)
+        log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
+    batches = MicroBatches(train_set, world, rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
+                           progress.epoch, progress.micro_index)
+
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
+        if rank == 0 else None
+    eval_every = cfg.eval_steps or cfg.save_steps
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    t_start, last_loss, eval_loss = time.time(), float("nan"), None
+
+    # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
+    engine.train()
+    while progress.step < cfg.max_steps:
+        t0 = time.time()
+        loss_sum, tokens = 0.0, 0.0
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            loss_sum += loss.item()
+            tokens += batch["attention_mask"].sum().item()
+        progress.step += 1
+        progress.epoch, progress.micro_index = batches.epoch, batches.index
+
+        loss_sum, tokens = all_ranks_sum([loss_sum, tokens], engine.device)
+        last_loss = loss_sum / (world * cfg.gradient_accumulation_steps)
+        lr = scheduler.get_last_lr()[0]
+        record = {"step": progress.step, "loss": last_loss, "lr": lr, "epoch": progress.epoch,
+                  "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                  "tokens_per_s": tokens / max(time.time() - t0, 1e-9), "elapsed_s": time.time() - t_start}
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if metrics and (progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps):
+            metrics.write(record)
+
+        if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
+            eval_loss = evaluate(engine, eval_set, cfg.per_device_train_batch_size, pad_id, world, rank)
+            log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
+            if metrics:
+                metrics.write({"step": progress.step, "eval_loss": eval_loss})
+        if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
+            save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress, out / f"checkpoint-{progress.step}",
+                            cfg.model_name_or_path, cfg.to_json())
+    bar.close()
+
+    # --- final adapters directly in output_dir, like save_pretrained ---
+    save_adapters(model, out, cfg.lora_spec, cfg.model_name_or_path)
+    results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
+               "train_runtime_s": time.time() - t_start, "world_size": world}
+    if rank == 0:
+        tokenizer.save_pretrained(out)
+        atomic_write_json(out / "train_results.json", results)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
+    dist.barrier()
+    return results
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_train_args(argv)
+    train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

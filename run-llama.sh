@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# LoRA fine-tuning of Llama 3.1 under DeepSpeed ZeRO-3, launched with `deepspeed --hostfile`.
+#
+#   bash run-llama.sh [extra training flags...]
+#
+# Environment (all optional):
+#   MODEL        model directory (HF safetensors).     Default: the embedded tiny Llama, made on first use
+#   DATA         alpaca .json/.jsonl or HF dataset.    Default: the bundled tiny dataset
+#   OUTPUT_DIR   where adapters/checkpoints go.        Default: ./output
+#   HOSTFILE     DeepSpeed hostfile.                   Default: hostfiles/localhost
+#   DS_CONFIG    DeepSpeed JSON config.                Default: ds_configs/zero3.json
+#   NPROC        ranks per node on a one-host file.    Default: all local GPUs, or 2 CPU ranks
+#   MASTER_ADDR / MASTER_PORT                          Default: 127.0.0.1 (one host) / 29500
+#   MERGE_DIR    if set, merge the final adapters into a full checkpoint there after training
+#   LLAMA_FT_CACHE  cache for the tiny model and compiled ops. Default: ~/.cache/llama-ft
+# Extra arguments are appended after the defaults, so they override them (last flag wins).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+DEEPSPEED="${DEEPSPEED:-deepspeed}"
+CACHE_DIR="${LLAMA_FT_CACHE:-$HOME/.cache/llama-ft}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$CACHE_DIR/torch_extensions}"
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+OUTPUT_DIR="${OUTPUT_DIR:-./output}"
+HOSTFILE="${HOSTFILE:-$HERE/hostfiles/localhost}"
+DS_CONFIG="${DS_CONFIG:-$HERE/ds_configs/zero3.json}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+die() { echo "run-llama.sh: error: $*" >&2; exit 2; }
+
+[ -f "$HOSTFILE" ] || die "HOSTFILE $HOSTFILE: file not found"
+[ -f "$DS_CONFIG" ] || die "DS_CONFIG $DS_CONFIG: file not found"
+command -v "$DEEPSPEED" >/dev/null || die "'$DEEPSPEED' launcher not on PATH (pip install deepspeed, or set DEEPSPEED)"
+
+# Hosts named in the hostfile (comments and blank lines skipped).
+mapfile -t HOSTS < <(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}')
+[ "${#HOSTS[@]}" -gt 0 ] || die "HOSTFILE $HOSTFILE: no host lines (expected 'HOST slots=N')"
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    NGPU=$(nvidia-smi -L | grep -c '^GPU')
+else
+    NGPU=0
+fi
+
+if [ -z "${MODEL:-}" ]; then
+    MODEL="$CACHE_DIR/tiny-llama"
+    "$PYTHON" -m llama_ft.cli make-tiny "$MODEL" >/dev/null
+    # The embedded default: settings under which the tiny model visibly learns in a few minutes on CPU.
+    DEFAULTS=(--max_steps 60 --lora_r 16 --lora_alpha 32 --lora_dropout 0.05 --learning_rate 5e-3
+              --lr_scheduler_type cosine --warmup_ratio 0.05 --per_device_train_batch_size 4
+              --gradient_accumulation_steps 1 --source_max_len 256 --target_max_len 64 --save_steps 30
+              --eval_dataset_size 16 --max_grad_norm 1.0 --overwrite_output_dir)
+else
+    # Snowflake's Llama 3.1 recipe settings.
+    DEFAULTS=(--max_steps 1000 --lora_r 64 --lora_alpha 16 --lora_dropout 0.05 --learning_rate 1e-4
+              --lr_scheduler_type linear --warmup_ratio 0.03 --per_device_train_batch_size 1
+              --gradient_accumulation_steps 4 --source_max_len 1024 --target_max_len 256 --save_steps 250
+              --gradient_checkpointing --max_grad_norm 0.3)
+fi
+DATA_ARGS=()
+[ -n "${DATA:-}" ] && DATA_ARGS=(--dataset "$DATA")
+
+LAUNCH=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+if [ "${#HOSTS[@]}" -eq 1 ] && [[ "${HOSTS[0]}" =~ ^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$ ]]; then
+    # One local host: no ssh needed; use every GPU, or 2 CPU ranks when there is none.
+    if [ "$NGPU" -gt 0 ]; then NPROC="${NPROC:-$NGPU}"; else NPROC="${NPROC:-2}"; fi
+    LAUNCH+=(--num_gpus "$NPROC" --no_ssh_check --master_addr "${MASTER_ADDR:-127.0.0.1}")
+    if [ "$NGPU" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+        # The DeepSpeed launcher leaves OMP threads unset: every rank would use every core.
+        export OMP_NUM_THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))
+    fi
+else
+    [ -n "${MASTER_ADDR:-}" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+fi
+
+echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
+"$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
+    --model_name_or_path "$MODEL" --output_dir "$OUTPUT_DIR" --deepspeed "$DS_CONFIG" --bf16 \
+    "${DATA_ARGS[@]}" "${DEFAULTS[@]}" "$@"
+
+if [ -n "${MERGE_DIR:-}" ]; then
+    "$PYTHON" "$HERE/apply_ds_adapters.py" --base "$MODEL" --adapter "$OUTPUT_DIR" --output "$MERGE_DIR" --overwrite
+fi
