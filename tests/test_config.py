@@ -1,0 +1,108 @@
+"""Option validation, DeepSpeed "auto" filling and the deterministic micro-batch stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_train_args
+from llama_ft.errors import UserError
+from llama_ft.train import MicroBatches
+
+
+def _args(tmp_path, *extra):
+    return ["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"), *extra]
+
+
+def test_flags_parse_like_snowflake(tmp_path):
+    cfg = parse_train_args(_args(tmp_path, "--bf16", "--gradient_checkpointing", "True", "--train_on_source", "false",
+                                 "--lora_r", "64", "--lora_alpha", "16", "--lora_target_modules", "q_proj,v_proj",
+                                 "--eval_dataset_size", "0.1", "--local_rank=1"))
+    assert cfg.bf16 and cfg.gradient_checkpointing and not cfg.train_on_source
+    assert cfg.lora_spec.r == 64 and cfg.lora_spec.scaling == 0.25
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.eval_dataset_size == 0.1
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lora_r", "0", "--lora_r"),
+    ("--lora_r", "-4", "--lora_r"),
+    ("--max_steps", "0", "--max_steps"),
+    ("--dataset_format", "sharegpt", "--dataset_format"),
+    ("--lr_scheduler_type", "wobbly", "--lr_scheduler_type"),
+    ("--lora_dropout", "1.5", "--lora_dropout"),
+    ("--warmup_ratio", "2", "--warmup_ratio"),
+    ("--eval_dataset_size", "2.5", "--eval_dataset_size"),
+    ("--resume_from_checkpoint", "/nonexistent/checkpoint-3", "--resume_from_checkpoint"),
+])
+def test_bad_flags_name_the_flag(tmp_path, flag, value, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_train_args(_args(tmp_path, flag, value))
+
+
+def test_non_empty_output_dir_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("x")
+    with pytest.raises(UserError, match="--output_dir .*not empty"):
+        parse_train_args(_args(tmp_path))
+    assert parse_train_args(_args(tmp_path, "--overwrite_output_dir")).overwrite_output_dir
+
+
+def test_fill_ds_config_fills_every_auto():
+    ds = load_ds_config("ds_configs/zero3.json")
+    cfg = TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=3, learning_rate=1e-3,
+                      max_grad_norm=0.5, weight_decay=0.1, bf16=True)
+    out = fill_ds_config(ds, cfg, world_size=4, hidden_size=64, on_gpu=False)
+    assert "auto" not in json.dumps(out)
+    assert out["train_batch_size"] == 24 and out["train_micro_batch_size_per_gpu"] == 2
+    assert out["gradient_accumulation_steps"] == 3 and out["gradient_clipping"] == 0.5
+    assert out["bf16"]["enabled"] is True
+    assert out["optimizer"]["params"]["lr"] == 1e-3 and out["optimizer"]["params"]["weight_decay"] == 0.1
+    assert out["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert out["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+
+
+def test_fill_ds_config_offload_unpins_without_gpu():
+    ds = load_ds_config("ds_configs/zero3_offload.json")
+    out = fill_ds_config(ds, TrainConfig(), 2, 64, on_gpu=False)
+    assert out["zero_optimization"]["offload_param"]["pin_memory"] is False
+    assert fill_ds_config(ds, TrainConfig(), 2, 64, on_gpu=True)["zero_optimization"]["offload_param"]["pin_memory"]
+
+
+def test_ds_config_errors(tmp_path):
+    with pytest.raises(UserError, match="--deepspeed .*not found"):
+        load_ds_config(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ nope")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_ds_config(str(bad))
+    with pytest.raises(UserError, match="zero_optimization.stage"):
+        fill_ds_config({"zero_optimization": {"stage": 2}}, TrainConfig(), 1, 64, False)
+    with pytest.raises(UserError, match="'scheduler.params.warmup_max_lr' is \"auto\""):
+        fill_ds_config({"zero_optimization": {"stage": 3}, "scheduler": {"params": {"warmup_max_lr": "auto"}}},
+                       TrainConfig(), 1, 64, False)
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu"):
+        fill_ds_config({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 7}, TrainConfig(), 1,
+                       64, False)
+
+
+def _stream_ids(examples, world, rank, batch, seed, n, epoch=0, index=0):
+    s = MicroBatches(examples, world, rank, batch, seed, pad_id=0, epoch=epoch, index=index)
+    return [next(s)["input_ids"][:, 0].tolist() for _ in range(n)], s
+
+
+def test_micro_batches_partition_ranks_and_resume():
+    examples = [{"input_ids": [i, 1], "labels": [i, 1]} for i in range(23)]
+    per_epoch = 23 // (2 * 3)  # 3 full global batches; 5 examples dropped
+    r0, _ = _stream_ids(examples, 2, 0, 3, seed=7, n=per_epoch)
+    r1, _ = _stream_ids(examples, 2, 1, 3, seed=7, n=per_epoch)
+    seen = [i for b in r0 + r1 for i in b]
+    assert len(seen) == len(set(seen)) == 18  # disjoint across ranks and steps within an epoch
+    # a stream restarted from (epoch, index) continues exactly
+    full, _ = _stream_ids(examples, 2, 0, 3, seed=7, n=7)
+    head, s = _stream_ids(examples, 2, 0, 3, seed=7, n=4)
+    tail, _ = _stream_ids(examples, 2, 0, 3, seed=7, n=3, epoch=s.epoch, index=s.index)
+    assert head + tail == full
+    assert full[per_epoch:] != full[:per_epoch][: len(full) - per_epoch]  # a new epoch reshuffles
+    with pytest.raises(UserError, match="per_device_train_batch_size"):
+        MicroBatches(examples[:5], 2, 0, 3, 0, 0)
