@@ -25,8 +25,8 @@ def user_errors_exit(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            rank = os.environ.get("RANK")
-            prefix = f"[rank {rank}] " if rank is not None else ""
+            multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            prefix = f"[rank {os.environ.get('RANK')}] " if multi else ""
             msg = " ".join(str(e).split("\n"))
             print(f"{prefix}llama-ft: error: {msg}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)

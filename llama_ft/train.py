@@ -123,17 +123,19 @@ def evaluate(engine, examples: list[dict], batch: int, pad_id: int, world: int, 
 
 def train(cfg: TrainConfig) -> dict:
     import deepspeed
-    from transformers import AutoConfig, AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer, get_scheduler
 
     from llama_ft.adapters import save_adapters
     from llama_ft.data import load_rows, pad_token_id, tokenize_rows, train_eval_split
-    from llama_ft.model.build import build_lora_model
+    from llama_ft.model.build import build_lora_model, check_checkpoint_fits, expected_shapes, load_llama_config
     from llama_ft.shards import open_checkpoint
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank)
-    open_checkpoint(cfg.model_name_or_path)
+    ckpt = open_checkpoint(cfg.model_name_or_path)
+    check_checkpoint_fits(expected_shapes(cfg.model_name_or_path), ckpt)
+    ds_config = load_ds_config(cfg.deepspeed)
     tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
@@ -146,7 +148,6 @@ def train(cfg: TrainConfig) -> dict:
     train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
     pad_id = pad_token_id(tokenizer)
     log.info("data: %d train / %d eval examples from %s", len(train_set), len(eval_set), cfg.dataset)
-    ds_config = load_ds_config(cfg.deepspeed)
 
     # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
     deepspeed.init_distributed()
@@ -159,8 +160,8 @@ def train(cfg: TrainConfig) -> dict:
     log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
 
     # --- model: built partitioned under zero.Init, checkpoint streamed in, LoRA injected ---
-    hf_config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=False)
-    ds_config = fill_ds_config(ds_config, cfg, world, hf_config.hidden_size, on_gpu)
+    hidden_size = load_llama_config(cfg.model_name_or_path).hidden_size
+    ds_config = fill_ds_config(ds_config, cfg, world, hidden_size, on_gpu)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype, cfg.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]

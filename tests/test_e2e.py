@@ -33,7 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = None) -> subprocess.CompletedProcess:
+def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = None, ds_config: str | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
     bindir = Path(sys.executable).parent
     env = dict(os.environ)
     env.update(
@@ -50,9 +51,11 @@ def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = Non
     env.pop("DATA", None)
     if merge_dir is not None:
         env["MERGE_DIR"] = str(merge_dir)
+    if ds_config is not None:
+        env["DS_CONFIG"] = str(REPO / ds_config)
     proc = subprocess.run(["bash", str(REPO / "run-llama.sh"), *extra], env=env, cwd=tmp, capture_output=True,
                           text=True, timeout=1200)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"run-llama.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
@@ -148,11 +151,55 @@ def test_exact_resume(default_run):
     tmp, out = default_run["tmp"], default_run["out"]
     resumed = tmp / "resumed"
     run_llama(tmp, resumed, "--resume_from_checkpoint", str(out / f"checkpoint-{SAVE_STEPS}"))
-    a = load_file(str(out / "adapter_model.safetensors"))
-    b = load_file(str(resumed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _same_adapters(out, resumed)
+    assert len(load_file(str(out / "adapter_model.safetensors"))) == 2 * 7 * 2  # 2 layers x 7 linears x (A, B)
     ref = [r for r in _metrics(out) if r["step"] > SAVE_STEPS]
     got = [r for r in _metrics(resumed) if r["step"] > SAVE_STEPS]
     assert [r.get("loss", r.get("eval_loss")) for r in got] == [r.get("loss", r.get("eval_loss")) for r in ref]
+
+
+def _same_adapters(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_offload_checkpointing_accumulation_exact_resume(tmp_path):
+    """CPU offload of params and optimizer (DeepSpeedCPUAdam), activation checkpointing and
+    gradient accumulation: the run trains, and resuming mid-way reproduces it bit for bit."""
+    flags = ("--max_steps", "8", "--save_steps", "4", "--gradient_checkpointing", "--gradient_accumulation_steps", "2",
+             "--eval_dataset_size", "0")
+    run_llama(tmp_path, tmp_path / "full", *flags, ds_config="ds_configs/zero3_offload.json")
+    run_llama(tmp_path, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(tmp_path / "full/checkpoint-4"),
+              ds_config="ds_configs/zero3_offload.json")
+    _same_adapters(tmp_path / "full", tmp_path / "resumed")
+    losses = [r["loss"] for r in _metrics(tmp_path / "full")]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+def test_launcher_propagates_user_errors(tmp_path):
+    proc = run_llama(tmp_path, tmp_path / "out", "--lora_r", "0", check=False)
+    assert proc.returncode != 0
+    assert "llama-ft: error: --lora_r 0: expected an integer > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_process_cli_train(tiny_model_dir, tmp_path):
+    """`llama-ft train` without a launcher runs one rank end to end."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([str(Path(sys.executable).parent / "llama-ft"), "train", "--model_name_or_path",
+                           str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+                           "--lora_r", "4", "--per_device_train_batch_size", "2", "--bf16", "false",
+                           "--deepspeed", str(REPO / "ds_configs/zero3.json")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert results["world_size"] == 1 and results["global_step"] == 3
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4

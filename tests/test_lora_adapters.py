@@ -117,3 +117,22 @@ def test_load_adapters_round_trip_and_errors(tiny_model_dir, trained_like_model,
         load_adapters(fresh, bad, "ad")
     with pytest.raises(UserError, match="adapter_model.safetensors"):
         read_adapter_tensors(tmp_path)
+
+
+def test_saving_gathers_only_lora_tensors(tiny_model_dir, trained_like_model, tmp_path, monkeypatch):
+    """Adapters are gathered from partitions one module at a time, and never the frozen base."""
+    import llama_ft.adapters as adapters
+
+    seen: list[list[torch.nn.Parameter]] = []
+    real = adapters.gathered
+
+    def recording(params, modifier_rank=None):
+        seen.append(list(params))
+        return real(params, modifier_rank)
+
+    monkeypatch.setattr(adapters, "gathered", recording)
+    spec = LoraSpec(8, 16, target_modules=("q_proj", "v_proj", "down_proj"))
+    save_adapters(trained_like_model, tmp_path / "ad", spec, str(tiny_model_dir))
+    lora_ids = {id(p) for _, p in lora_named_parameters(trained_like_model)}
+    assert len(seen) == 3 * trained_like_model.config.num_hidden_layers  # one gather per LoRA module
+    assert all(len(group) == 2 and all(id(p) in lora_ids for p in group) for group in seen)

@@ -19,6 +19,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
 
 from llama_ft.errors import UserError
@@ -46,6 +47,48 @@ def full_shape(p: nn.Parameter) -> tuple[int, ...]:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
 
+def check_checkpoint_fits(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint) -> None:
+    """Every tensor the model needs is in the checkpoint, with the shape config.json implies.
+
+    `shapes`: parameter name -> logical shape. Raises UserError naming the file and tensor.
+    """
+    index = ckpt.root / "model.safetensors.index.json"
+    missing = [n for n in shapes if n not in ckpt.tensors]
+    if missing:
+        raise UserError(f"{index}: checkpoint lacks tensor {missing[0]!r} the model needs ({len(missing)} missing)")
+    for name, shape in shapes.items():
+        info = ckpt.tensors[name]
+        if tuple(info.shape) != tuple(shape):
+            raise UserError(
+                f"{ckpt.root / info.shard}: tensor {name!r} has shape {list(info.shape)}, "
+                f"config.json implies {list(shape)}"
+            )
+        if ST_DTYPES.get(info.dtype) not in (torch.bfloat16, torch.float16, torch.float32):
+            raise UserError(f"{ckpt.root / info.shard}: tensor {name!r} has dtype {info.dtype}, expected BF16/F16/F32")
+
+
+def expected_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model config.json describes, from a meta-device build (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_llama_config(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def load_llama_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"{Path(model_dir) / 'config.json'}: not a usable model config ({e})") from e
+    if config.model_type != "llama":
+        raise UserError(f"{Path(model_dir) / 'config.json'}: model_type is {config.model_type!r}, expected 'llama'")
+    return config
+
+
 def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
     """Write every checkpoint tensor into the model's (possibly partitioned) parameters.
 
@@ -56,27 +99,13 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = dict(model.named_parameters(remove_duplicate=True))
-    index = ckpt.root / "model.safetensors.index.json"
-    missing = [n for n in params if n not in ckpt.tensors]
-    if missing:
-        raise UserError(f"{index}: checkpoint lacks tensor {missing[0]!r} the model needs ({len(missing)} missing)")
-    for name, p in params.items():
-        info = ckpt.tensors[name]
-        if tuple(info.shape) != full_shape(p):
-            raise UserError(
-                f"{ckpt.root / info.shard}: tensor {name!r} has shape {list(info.shape)}, "
-                f"config.json implies {list(full_shape(p))}"
-            )
-        if ST_DTYPES.get(info.dtype) not in (torch.bfloat16, torch.float16, torch.float32):
-            raise UserError(f"{ckpt.root / info.shard}: tensor {name!r} has dtype {info.dtype}, expected BF16/F16/F32")
+    check_checkpoint_fits({n: full_shape(p) for n, p in params.items()}, ckpt)
 
     nbytes = 0
     for shard in ckpt.shards:
         wanted = [n for n in ckpt.names_in(shard) if n in params]
         if not wanted:
             continue
-        from safetensors import safe_open
-
         with safe_open(ckpt.shard_path(shard), framework="pt") as f:
             for name in wanted:
                 p = params[name]
@@ -106,15 +135,10 @@ def build_lora_model(
     `ds_config` is the resolved DeepSpeed config; None builds an ordinary (unpartitioned)
     model, used by single-process tools and tests. Only A and B require grad afterwards.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     ckpt = open_checkpoint(model_dir, flag)
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"{Path(model_dir) / 'config.json'}: not a usable model config ({e})") from e
-    if config.model_type != "llama":
-        raise UserError(f"{Path(model_dir) / 'config.json'}: model_type is {config.model_type!r}, expected 'llama'")
+    config = load_llama_config(model_dir)
 
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     with _zero_init(ds_config, zero3), _skip_init():

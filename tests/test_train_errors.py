@@ -1,0 +1,137 @@
+"""Bad input to training: one line naming the thing, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_ft.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n"
+                         for i in range(8)))
+    return p
+
+
+def _fail(capsys, argv, needle: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llama-ft: error: "), err
+    assert needle in err[0], err[0]
+    return err[0]
+
+
+def _argv(model, data, out, *extra):
+    return ["--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
+            "--max_steps", "2", *extra]
+
+
+def _break_index(model: Path):
+    (model / "model.safetensors.index.json").write_text("{ not json")
+
+
+def _drop_shard(model: Path):
+    (model / "model-00002-of-00006.safetensors").unlink()
+
+
+def _truncate_shard(model: Path):
+    p = model / "model-00003-of-00006.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+
+
+def _no_config(model: Path):
+    (model / "config.json").unlink()
+
+
+def _index_misses_tensor(model: Path):
+    idx = json.loads((model / "model.safetensors.index.json").read_text())
+    del idx["weight_map"]["model.norm.weight"]
+    (model / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+
+def _wrong_shape(model: Path):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["intermediate_size"] = 200
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("breaker,needle", [
+    (_break_index, "model.safetensors.index.json: safetensors index is not valid JSON"),
+    (_drop_shard, "model-00002-of-00006.safetensors: shard named in"),
+    (_truncate_shard, "model-00003-of-00006.safetensors: "),
+    (_no_config, "config.json: missing"),
+    (_index_misses_tensor, "lacks tensor 'model.norm.weight'"),
+    (_wrong_shape, "config.json implies"),
+])
+def test_malformed_model_dir(capsys, model_copy, data_file, tmp_path, breaker, needle):
+    breaker(model_copy)
+    out = tmp_path / "out"
+    _fail(capsys, _argv(model_copy, data_file, out), needle)
+    assert not out.exists()
+
+
+def test_missing_model_dir(capsys, data_file, tmp_path):
+    _fail(capsys, _argv(tmp_path / "nope", data_file, tmp_path / "out"), "--model_name_or_path")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "data.jsonl"),  # file missing
+    ("", "data.jsonl"),  # empty
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', "line 2"),
+])
+def test_bad_dataset(capsys, tiny_model_dir, tmp_path, content, needle):
+    data = tmp_path / "data.jsonl"
+    if content is not None:
+        data.write_text(content)
+    msg = _fail(capsys, _argv(tiny_model_dir, data, tmp_path / "out"), needle)
+    assert str(data) in msg
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset_format", "vicuna"], "--dataset_format"),
+    (["--lora_r", "0"], "--lora_r"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--deepspeed", "nope.json"], "--deepspeed"),
+])
+def test_bad_flags(capsys, tiny_model_dir, data_file, tmp_path, extra, needle):
+    _fail(capsys, _argv(tiny_model_dir, data_file, tmp_path / "out", *extra), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_dir(capsys, tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _fail(capsys, _argv(tiny_model_dir, data_file, out), "--overwrite_output_dir")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llama_ft.cli", "train", "--model_name_or_path", str(tmp_path),
+                           "--lora_r", "-1", "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["llama-ft: error: --lora_r -1: expected an integer > 0"], proc.stderr
