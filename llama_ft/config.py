@@ -63,6 +63,10 @@ class TrainConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_NAMES))
+    # FP8 frozen base weights (Snowflake's --quantize --bits 8)
+    quantize: bool = False
+    bits: int = 8
+    fp8_compute: bool = False
     # outputs and schedule of side work
     output_dir: str = "./output"
     overwrite_output_dir: bool = False
@@ -91,6 +95,9 @@ _HELP = {
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
     "resume_from_checkpoint": "a checkpoint-STEP directory written by an earlier run",
     "eval_steps": "evaluate every N steps (default: --save_steps)",
+    "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
+    "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
+    "fp8_compute": "with --quantize: also quantize activations per 1x128 tile and multiply on fp8 tensor cores",
 }
 
 
@@ -158,6 +165,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a count >= 0 or a fraction in (0, 1)")
     if cfg.eval_dataset_size >= 1 and cfg.eval_dataset_size != int(cfg.eval_dataset_size):
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a whole count or a fraction in (0, 1)")
+    if cfg.bits != 8:
+        raise UserError(f"--bits {cfg.bits}: only 8 is supported (FP8 e4m3 base weights)")
+    if cfg.fp8_compute and not cfg.quantize:
+        raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
     schedulers = [s.value for s in SchedulerType]
     if cfg.lr_scheduler_type not in schedulers:
         raise UserError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: expected one of {', '.join(schedulers)}")

@@ -127,7 +127,13 @@ def train(cfg: TrainConfig) -> dict:
 
     from llama_ft.adapters import save_adapters
     from llama_ft.data import load_rows, pad_token_id, tokenize_rows, train_eval_split
-    from llama_ft.model.build import build_lora_model, check_checkpoint_fits, expected_shapes, load_llama_config
+    from llama_ft.model.build import (
+        build_lora_model,
+        check_checkpoint_fits,
+        expected_shapes,
+        load_llama_config,
+        partition_bytes,
+    )
     from llama_ft.shards import open_checkpoint
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
@@ -163,7 +169,12 @@ def train(cfg: TrainConfig) -> dict:
     hidden_size = load_llama_config(cfg.model_name_or_path).hidden_size
     ds_config = fill_ds_config(ds_config, cfg, world, hidden_size, on_gpu)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype, cfg.gradient_checkpointing)
+    model = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype, cfg.gradient_checkpointing,
+                             quantize=cfg.quantize, fp8_compute=cfg.fp8_compute)
+    held = partition_bytes(model)
+    log.info("parameter bytes on this rank: frozen linears %.2f MB%s, other frozen %.2f MB, LoRA %.2f MB",
+             held["frozen_linear"] / 2**20, " (FP8)" if cfg.quantize else "", held["frozen_other"] / 2**20,
+             held["lora"] / 2**20)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     log.info("LoRA r=%d alpha=%g on %s: %.2fM trainable parameters", cfg.lora_r, cfg.lora_alpha,
@@ -228,8 +239,10 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- final adapters directly in output_dir, like save_pretrained ---
     save_adapters(model, out, cfg.lora_spec, cfg.model_name_or_path)
+    held_all = [int(v) for v in all_ranks_sum(list(held.values()), engine.device)]
     results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
-               "train_runtime_s": time.time() - t_start, "world_size": world}
+               "train_runtime_s": time.time() - t_start, "world_size": world,
+               "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True))}
     if rank == 0:
         tokenizer.save_pretrained(out)
         atomic_write_json(out / "train_results.json", results)

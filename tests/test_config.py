@@ -34,6 +34,8 @@ def test_flags_parse_like_snowflake(tmp_path):
     ("--warmup_ratio", "2", "--warmup_ratio"),
     ("--eval_dataset_size", "2.5", "--eval_dataset_size"),
     ("--resume_from_checkpoint", "/nonexistent/checkpoint-3", "--resume_from_checkpoint"),
+    ("--bits", "4", "--bits 4: only 8"),
+    ("--fp8_compute", "true", "--fp8_compute needs --quantize"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, flag, value, needle):
     with pytest.raises(UserError, match=needle):

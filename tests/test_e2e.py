@@ -49,6 +49,7 @@ def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = Non
     )
     env.pop("MODEL", None)
     env.pop("DATA", None)
+    env.pop("TRITON_INTERPRET", None)  # CPU ranks train through the PyTorch reference, not the interpreter
     if merge_dir is not None:
         env["MERGE_DIR"] = str(merge_dir)
     if ds_config is not None:
@@ -203,3 +204,38 @@ def test_single_process_cli_train(tiny_model_dir, tmp_path):
     assert results["world_size"] == 1 and results["global_step"] == 3
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["r"] == 4
+
+
+def _last_losses(out: Path, n: int = 5) -> float:
+    losses = [r["loss"] for r in _metrics(out) if "loss" in r]
+    return sum(losses[-n:]) / n
+
+
+def test_fp8_training_matches_bf16(default_run):
+    """--quantize --bits 8: same steps as the bf16 default run, final loss within 5% of it; the
+    partitions hold half the bytes for the base linears; the adapters load on the bf16 base."""
+    tmp, out = default_run["tmp"], default_run["out"]
+    fp8_out = tmp / "fp8"
+    run_llama(tmp, fp8_out, "--quantize", "--bits", "8")
+    bf16_loss, fp8_loss = _last_losses(out), _last_losses(fp8_out)
+    assert abs(fp8_loss - bf16_loss) <= 0.05 * bf16_loss, (fp8_loss, bf16_loss)
+    held_bf16 = json.loads((out / "train_results.json").read_text())["partition_bytes_all_ranks"]
+    held_fp8 = json.loads((fp8_out / "train_results.json").read_text())["partition_bytes_all_ranks"]
+    assert 0.49 <= held_fp8["frozen_linear"] / held_bf16["frozen_linear"] <= 0.53, (held_fp8, held_bf16)
+    assert held_fp8["lora"] == held_bf16["lora"] and held_fp8["frozen_other"] == held_bf16["frozen_other"]
+
+    model_dir = default_run["model"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    peft_model = PeftModel.from_pretrained(base, fp8_out).eval()
+    batch = _eval_batches(model_dir)
+    adapted = _token_loss(peft_model, batch)
+    with peft_model.disable_adapter():
+        plain = _token_loss(peft_model, batch)
+    fp8_eval = json.loads((fp8_out / "train_results.json").read_text())["eval_loss"]
+    assert plain - adapted > 0.5 and abs(adapted - fp8_eval) < 0.05 * fp8_eval
+
+
+def test_fp8_compute_mode_trains(tmp_path):
+    run_llama(tmp_path, tmp_path / "out", "--quantize", "--fp8_compute", "--max_steps", "20", "--save_steps", "20")
+    losses = [r["loss"] for r in _metrics(tmp_path / "out") if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5

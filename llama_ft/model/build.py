@@ -129,11 +129,15 @@ def build_lora_model(
     dtype: torch.dtype = torch.bfloat16,
     gradient_checkpointing: bool = False,
     flag: str = "--model_name_or_path",
+    quantize: bool = False,
+    fp8_compute: bool = False,
 ) -> nn.Module:
     """LlamaForCausalLM from `model_dir` with LoRA on `spec.target_modules`, partitioned by ZeRO-3.
 
     `ds_config` is the resolved DeepSpeed config; None builds an ordinary (unpartitioned)
     model, used by single-process tools and tests. Only A and B require grad afterwards.
+    With `quantize`, every targeted linear becomes an FP8LoRALinear: its weight is quantized
+    to e4m3 with 128x128 block scales as it is wrapped, one layer whole at a time.
     """
     from transformers import AutoModelForCausalLM
 
@@ -148,8 +152,15 @@ def build_lora_model(
     nbytes = load_checkpoint_weights(model, ckpt)
     log.info("loaded %s: %.1f MB read on this rank", model_dir, nbytes / 2**20)
 
+    make = None
+    if quantize:
+        from llama_ft.fp8 import FP8LoRALinear
+
+        def make(lin, spec):
+            return FP8LoRALinear.from_linear(lin, spec, fp8_compute)
+
     with _zero_init(ds_config, zero3):
-        wrapped = inject_lora(model, spec)
+        wrapped = inject_lora(model, spec, make)
     missing = sorted(set(spec.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
     if missing:
         raise UserError(f"--lora_target_modules: {missing} match no linear layer of {model_dir}")
@@ -157,3 +168,19 @@ def build_lora_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
+
+
+def partition_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameter storage this rank holds, by role: frozen linear weights (incl. FP8
+    scales), other frozen weights, and LoRA. Under ZeRO-3 these are the rank's partitions."""
+    from llama_ft.model.lora import LoRALinear
+
+    linear_ids = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+                  for n, p in m.named_parameters(recurse=False) if not n.startswith("lora_")}
+    out = {"frozen_linear": 0, "frozen_other": 0, "lora": 0}
+    for _, p in model.named_parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        n = t.numel() * t.element_size()
+        key = "lora" if p.requires_grad else "frozen_linear" if id(p) in linear_ids else "frozen_other"
+        out[key] += n
+    return out

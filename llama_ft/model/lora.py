@@ -9,13 +9,14 @@ The base weight keeps its Hugging Face name (`...q_proj.weight`), so checkpoint 
 onto it unchanged and ZeRO-3 partitions it like any other parameter; A and B are the only
 trainable tensors. Adapter files use PEFT's names (`...q_proj.lora_A.weight`), see adapters.py.
 
-`LoRALinear.base_matmul` is the seam for other base-weight formats (FP8 storage with its own
-kernels overrides it); everything else about the module stays the same.
+Other base-weight formats subclass LoRALinear and override `forward` (FP8 storage with its
+own fused kernels: llama_ft/fp8/module.py); names, init and adapter files stay the same.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +47,14 @@ class LoRALinear(nn.Module):
     so wrapping never copies or gathers the base weight.
     """
 
-    def __init__(self, weight: nn.Parameter, in_features: int, out_features: int, spec: LoraSpec) -> None:
+    def __init__(self, weight: nn.Parameter, in_features: int, out_features: int, spec: LoraSpec,
+                 lora_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.scaling = spec.r, spec.alpha, spec.scaling
         self.weight = weight
         self.weight.requires_grad_(False)
-        dtype = weight.dtype
+        dtype = lora_dtype or weight.dtype
         self.lora_A = nn.Parameter(torch.empty(spec.r, in_features, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, spec.r, dtype=dtype))
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -63,24 +65,22 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T: (..., in) -> (..., out)."""
-        return F.linear(x, self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return self.base_matmul(x) + self.scaling * lora
+        return F.linear(x, self.weight) + self.scaling * lora
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.lora_alpha}"
 
 
-def inject_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Replace every nn.Linear whose name ends in one of `spec.target_modules` by a LoRALinear.
+def inject_lora(model: nn.Module, spec: LoraSpec,
+                make: Callable[[nn.Linear, LoraSpec], nn.Module] | None = None) -> list[str]:
+    """Replace every nn.Linear whose name ends in one of `spec.target_modules` by a LoRA layer.
 
-    Freezes every other parameter. Returns the dotted paths of the wrapped modules.
-    Call inside the same `deepspeed.zero.Init` context the model was built in so the new
-    A/B tensors are partitioned as they are created.
+    `make(linear, spec)` builds the replacement (default: LoRALinear around the same weight;
+    the FP8 path passes FP8LoRALinear.from_linear). Freezes every other parameter. Returns the
+    dotted paths of the wrapped modules. Call inside the same `deepspeed.zero.Init` context the
+    model was built in so the new tensors are partitioned as they are created.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -94,7 +94,8 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
             raise ValueError(f"{name}: LoRA on linear layers with bias is not supported (Llama has none)")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(lin.weight, lin.in_features, lin.out_features, spec))
+        new = make(lin, spec) if make else LoRALinear(lin.weight, lin.in_features, lin.out_features, spec)
+        setattr(parent, child, new)
     return [name for name, _ in targets]
 
 

@@ -1,0 +1,73 @@
+"""FP8LoRALinear: a LoRA layer whose frozen base weight is stored as FP8 e4m3 bytes + block scales.
+
+    y = x W^T + (alpha / r) * (dropout(x) A^T) B^T,    W = q * s (128 x 128 blocks, see format.py)
+
+Parameters (all ZeRO-3 partitionable; the all-gather moves 1 byte per base weight):
+    weight        uint8 (out, in)                  the e4m3 bytes, under the checkpoint's name
+    weight_scale  uint8 (ceil(out/128), ceil(in/128) * 4)   fp32 scales as raw bytes
+    lora_A        (r, in), lora_B (out, r)         trainable, in the compute dtype
+
+Adapters are named exactly as in the bf16 LoRALinear, so they save as PEFT files and load
+on the plain bf16 base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import deepspeed
+import torch
+from torch import nn
+
+from llama_ft.fp8 import kernels
+from llama_ft.fp8.autograd import fp8_lora_linear
+from llama_ft.fp8.format import quantize_fp8_reference, scales_to_bytes
+from llama_ft.model.lora import LoRALinear, LoraSpec
+
+
+@contextlib.contextmanager
+def _outside_zero_init() -> Iterator[None]:
+    """Suspend zero.Init's tensor-constructor patches, which would create every floating tensor
+    (the fp32 scales and scratch of the quantizer included) in the training dtype."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        pp.restore_init_context()
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) -> (q uint8 (N, K), scales fp32 (ceil(N/128), ceil(K/128))): Triton on CUDA, else PyTorch."""
+    if kernels.use_triton(w):
+        return kernels.quantize_fp8_triton(w.contiguous())
+    return quantize_fp8_reference(w)
+
+
+class FP8LoRALinear(LoRALinear):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int, spec: LoraSpec,
+                 lora_dtype: torch.dtype, fp8_compute: bool = False) -> None:
+        super().__init__(nn.Parameter(q, requires_grad=False), in_features, out_features, spec, lora_dtype)
+        self.weight_scale = nn.Parameter(scales_to_bytes(scales), requires_grad=False)
+        self.fp8_compute = fp8_compute
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LoraSpec, fp8_compute: bool = False) -> FP8LoRALinear:
+        """Quantize a (possibly ZeRO-3 partitioned) nn.Linear's weight; one weight is whole at a time."""
+        w = linear.weight
+        z3 = hasattr(w, "ds_id")
+        with deepspeed.zero.GatheredParameters([w], enabled=z3), _outside_zero_init():
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else w.device
+            q, scales = quantize_fp8(w.data.to(dev))
+            dtype = w.dtype
+        return cls(q, scales, linear.in_features, linear.out_features, spec, dtype, fp8_compute)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
+        return fp8_lora_linear(x, self.weight, self.weight_scale, self.lora_A, self.lora_B, self.scaling,
+                               x_lora=x_lora, fp8_compute=self.fp8_compute)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8=e4m3 128x128, compute={'fp8' if self.fp8_compute else 'weight-only'}"
