@@ -17,7 +17,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.46",
+        "transformers>=4.56",
         "peft>=0.13",
         "accelerate>=0.34",
         "safetensors>=0.4",

@@ -34,7 +34,10 @@ def _skip_init():
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
     except ImportError:  # pragma: no cover - transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
     return no_init_weights()
 
 
@@ -146,7 +149,7 @@ def build_lora_model(
 
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     with _zero_init(ds_config, zero3), _skip_init():
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if not zero3:
         model.to(dtype)
     nbytes = load_checkpoint_weights(model, ckpt)
