@@ -67,6 +67,7 @@ class TrainConfig:
     quantize: bool = False
     bits: int = 8
     fp8_compute: bool = False
+    loader: str = "stream"
     # outputs and schedule of side work
     output_dir: str = "./output"
     overwrite_output_dir: bool = False
@@ -97,6 +98,7 @@ _HELP = {
     "eval_steps": "evaluate every N steps (default: --save_steps)",
     "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
     "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
+    "loader": "stream: each rank reads only its own partition bytes; hf: rank 0 reads all and scatters",
     "fp8_compute": "with --quantize: also quantize activations per 1x128 tile and multiply on fp8 tensor cores",
 }
 
@@ -165,6 +167,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a count >= 0 or a fraction in (0, 1)")
     if cfg.eval_dataset_size >= 1 and cfg.eval_dataset_size != int(cfg.eval_dataset_size):
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a whole count or a fraction in (0, 1)")
+    if cfg.loader not in ("stream", "hf"):
+        raise UserError(f"--loader {cfg.loader!r}: expected 'stream' or 'hf'")
     if cfg.bits != 8:
         raise UserError(f"--bits {cfg.bits}: only 8 is supported (FP8 e4m3 base weights)")
     if cfg.fp8_compute and not cfg.quantize:

@@ -49,6 +49,7 @@ class TensorInfo:
     shard: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute file offset of the tensor's first byte
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +131,7 @@ def read_safetensors_header(path: Path) -> dict:
             )
         meta["shape"] = shape
         meta["dtype"] = dtype
+        meta["offset"] = 8 + n + start
     return header
 
 
@@ -188,5 +190,59 @@ def open_checkpoint(path: str | Path, flag: str = "--model_name_or_path") -> Che
         meta = headers[shard].get(name)
         if meta is None:
             raise UserError(f"{root / shard}: tensor {name!r} named in {INDEX_NAME} is not in this shard")
-        tensors[name] = TensorInfo(shard=shard, dtype=meta["dtype"], shape=meta["shape"])
+        tensors[name] = TensorInfo(shard=shard, dtype=meta["dtype"], shape=meta["shape"], offset=meta["offset"])
     return Checkpoint(root=root, config=config, tensors=tensors, index_metadata=metadata)
+
+
+class ShardReader:
+    """Reads row ranges of checkpoint tensors with positioned reads, counting every byte.
+
+    Rows are the first dimension (elements for 1-D tensors); rows [r0, r1) of a row-major
+    tensor are one contiguous byte range, so a rank that owns part of a tensor reads that part
+    and nothing else. Not mmap: the count in `bytes_read` is exactly what came off the files.
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.bytes_read = 0
+        self._files: dict[str, object] = {}
+
+    def _file(self, shard: str):
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.ckpt.shard_path(shard), "rb")  # noqa: SIM115 - closed in close()
+        return f
+
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of tensor `name`, shape (r1 - r0, *shape[1:]), in the checkpoint dtype."""
+        info = self.ckpt.tensors[name]
+        dtype = ST_DTYPES[info.dtype]
+        row_elems = 1
+        for d in info.shape[1:]:
+            row_elems *= d
+        esize = torch.tensor([], dtype=dtype).element_size()
+        n = (r1 - r0) * row_elems * esize
+        buf = bytearray(n)
+        f = self._file(info.shard)
+        f.seek(info.offset + r0 * row_elems * esize)
+        got = f.readinto(buf) if n else 0
+        if got != n:
+            raise UserError(f"{self.ckpt.shard_path(info.shard)}: truncated while reading tensor {name!r}")
+        self.bytes_read += n
+        t = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        return t.view(dtype).reshape(r1 - r0, *info.shape[1:])
+
+    def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor, reading only the rows that hold them."""
+        shape = self.ckpt.tensors[name].shape
+        row_elems = 1
+        for d in shape[1:]:
+            row_elems *= d
+        r0, r1 = start // row_elems, -(-end // row_elems)
+        rows = self.read_rows(name, r0, r1).reshape(-1)
+        return rows[start - r0 * row_elems: end - r0 * row_elems]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

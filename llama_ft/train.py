@@ -44,6 +44,7 @@ def setup_logging(rank: int) -> None:
         stream=sys.stderr,
         force=True,
     )
+    logging.getLogger("llama_ft.load").setLevel(logging.INFO)  # every rank reports its own load
 
 
 def seed_everything(seed: int) -> None:
@@ -169,8 +170,11 @@ def train(cfg: TrainConfig) -> dict:
     hidden_size = load_llama_config(cfg.model_name_or_path).hidden_size
     ds_config = fill_ds_config(ds_config, cfg, world, hidden_size, on_gpu)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype, cfg.gradient_checkpointing,
-                             quantize=cfg.quantize, fp8_compute=cfg.fp8_compute)
+    model, report = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype,
+                                     cfg.gradient_checkpointing, quantize=cfg.quantize, fp8_compute=cfg.fp8_compute,
+                                     loader=cfg.loader)
+    report.write(out)
+    logging.getLogger("llama_ft.load").info(report.line())
     held = partition_bytes(model)
     log.info("parameter bytes on this rank: frozen linears %.2f MB%s, other frozen %.2f MB, LoRA %.2f MB",
              held["frozen_linear"] / 2**20, " (FP8)" if cfg.quantize else "", held["frozen_other"] / 2**20,

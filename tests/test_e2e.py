@@ -85,6 +85,11 @@ def test_default_run_outputs(default_run):
     assert results["global_step"] == MAX_STEPS and results["world_size"] == 2
     state = json.loads((out / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json").read_text())
     assert state["global_step"] == SAVE_STEPS and state["world_size"] == 2
+    reports = [json.loads((out / f"load_report_rank{r}.json").read_text()) for r in (0, 1)]
+    total = reports[0]["checkpoint_bytes"]
+    assert sum(r["bytes_read"] for r in reports) <= 1.05 * total  # each byte read about once, by its owner
+    assert all(0.4 * total <= r["bytes_read"] <= 0.6 * total and r["peak_rss_bytes"] > 0 for r in reports)
+    assert "load: read" in default_run["log"]
 
 
 def test_loss_falls(default_run):
@@ -239,3 +244,12 @@ def test_fp8_compute_mode_trains(tmp_path):
     run_llama(tmp_path, tmp_path / "out", "--quantize", "--fp8_compute", "--max_steps", "20", "--save_steps", "20")
     losses = [r["loss"] for r in _metrics(tmp_path / "out") if "loss" in r]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_hf_loader_trains_identically(default_run):
+    """Training after the streaming load gives exactly the losses of training after the HF-style load."""
+    tmp, out = default_run["tmp"], default_run["out"]
+    run_llama(tmp, tmp / "hf-loader", "--loader", "hf")
+    assert [r.get("loss", r.get("eval_loss")) for r in _metrics(tmp / "hf-loader")] == \
+        [r.get("loss", r.get("eval_loss")) for r in _metrics(out)]
+    _same_adapters(out, tmp / "hf-loader")

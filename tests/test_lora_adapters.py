@@ -59,7 +59,7 @@ def test_inject_lora_targets_only_named_linears(tiny_model_dir):
 
 def test_adapter_names_and_shapes_match_peft(tiny_model_dir):
     """Our tensor names/shapes are exactly what peft's own state dict holds for the same LoRA."""
-    ours = build_lora_model(tiny_model_dir, LoraSpec(8, 16), ds_config=None, dtype=torch.float32)
+    ours, _ = build_lora_model(tiny_model_dir, LoraSpec(8, 16), ds_config=None, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_LINEAR_NAMES)))
     theirs = get_peft_model_state_dict(peft_model)
@@ -71,8 +71,8 @@ def test_adapter_names_and_shapes_match_peft(tiny_model_dir):
 def trained_like_model(tiny_model_dir):
     """Our LoRA model with random (non-zero) A and B, as after training."""
     torch.manual_seed(1)
-    model = build_lora_model(tiny_model_dir, LoraSpec(8, 16, target_modules=("q_proj", "v_proj", "down_proj")),
-                             ds_config=None, dtype=torch.float32)
+    model, _ = build_lora_model(tiny_model_dir, LoraSpec(8, 16, target_modules=("q_proj", "v_proj", "down_proj")),
+                                ds_config=None, dtype=torch.float32)
     for _, p in lora_named_parameters(model):
         torch.nn.init.normal_(p, std=0.05)
     return model.eval()
@@ -101,7 +101,7 @@ def test_saved_adapters_load_in_peft_with_same_logits(tiny_model_dir, trained_li
 def test_load_adapters_round_trip_and_errors(tiny_model_dir, trained_like_model, tmp_path):
     spec = LoraSpec(8, 16, target_modules=("q_proj", "v_proj", "down_proj"))
     save_adapters(trained_like_model, tmp_path / "ad", spec, str(tiny_model_dir))
-    fresh = build_lora_model(tiny_model_dir, spec, ds_config=None, dtype=torch.float32)
+    fresh, _ = build_lora_model(tiny_model_dir, spec, ds_config=None, dtype=torch.float32)
     tensors = read_adapter_tensors(tmp_path / "ad")
     load_adapters(fresh, tensors, "ad")
     for k, v in gather_lora_state(fresh).items():

@@ -22,7 +22,7 @@ from torch import nn
 
 from llama_ft.fp8 import kernels
 from llama_ft.fp8.autograd import fp8_lora_linear
-from llama_ft.fp8.format import quantize_fp8_reference, scales_to_bytes
+from llama_ft.fp8.format import num_blocks, quantize_fp8_reference, scales_to_bytes
 from llama_ft.model.lora import LoRALinear, LoraSpec
 
 
@@ -47,11 +47,19 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FP8LoRALinear(LoRALinear):
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int, spec: LoraSpec,
-                 lora_dtype: torch.dtype, fp8_compute: bool = False) -> None:
+    def __init__(self, q: torch.Tensor, scale_bytes: torch.Tensor, in_features: int, out_features: int,
+                 spec: LoraSpec, lora_dtype: torch.dtype, fp8_compute: bool = False) -> None:
         super().__init__(nn.Parameter(q, requires_grad=False), in_features, out_features, spec, lora_dtype)
-        self.weight_scale = nn.Parameter(scales_to_bytes(scales), requires_grad=False)
+        self.weight_scale = nn.Parameter(scale_bytes, requires_grad=False)
         self.fp8_compute = fp8_compute
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, spec: LoraSpec, lora_dtype: torch.dtype,
+              fp8_compute: bool = False) -> FP8LoRALinear:
+        """Zero FP8 storage of the right shapes, for a loader to fill (under zero.Init: partitions)."""
+        q = torch.zeros(out_features, in_features, dtype=torch.uint8)
+        scale_bytes = torch.zeros(num_blocks(out_features), num_blocks(in_features) * 4, dtype=torch.uint8)
+        return cls(q, scale_bytes, in_features, out_features, spec, lora_dtype, fp8_compute)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LoraSpec, fp8_compute: bool = False) -> FP8LoRALinear:
@@ -62,7 +70,7 @@ class FP8LoRALinear(LoRALinear):
             dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else w.device
             q, scales = quantize_fp8(w.data.to(dev))
             dtype = w.dtype
-        return cls(q, scales, linear.in_features, linear.out_features, spec, dtype, fp8_compute)
+        return cls(q, scales_to_bytes(scales), linear.in_features, linear.out_features, spec, dtype, fp8_compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import deepspeed
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llama_ft.errors import UserError
+from llama_ft.model.loader import LoadReport, peak_rss_bytes, stream_checkpoint_into_partitions
 from llama_ft.model.lora import LoraSpec, inject_lora
 from llama_ft.shards import ST_DTYPES, Checkpoint, open_checkpoint
 
@@ -97,12 +99,10 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
 
     Rank 0 reads each tensor once and ZeRO-3 scatters it into the ranks' partitions
     (`GatheredParameters(modifier_rank=0)`); one parameter is whole at a time. Returns bytes read.
-    Raises UserError for a tensor the model needs that the checkpoint lacks, or a shape/dtype
-    that does not fit the model config.
+    The caller checks first that the checkpoint fits (`check_checkpoint_fits`).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = dict(model.named_parameters(remove_duplicate=True))
-    check_checkpoint_fits({n: full_shape(p) for n, p in params.items()}, ckpt)
 
     nbytes = 0
     for shard in ckpt.shards:
@@ -134,43 +134,59 @@ def build_lora_model(
     flag: str = "--model_name_or_path",
     quantize: bool = False,
     fp8_compute: bool = False,
-) -> nn.Module:
+    loader: str = "stream",
+) -> tuple[nn.Module, LoadReport]:
     """LlamaForCausalLM from `model_dir` with LoRA on `spec.target_modules`, partitioned by ZeRO-3.
 
     `ds_config` is the resolved DeepSpeed config; None builds an ordinary (unpartitioned)
     model, used by single-process tools and tests. Only A and B require grad afterwards.
-    With `quantize`, every targeted linear becomes an FP8LoRALinear: its weight is quantized
-    to e4m3 with 128x128 block scales as it is wrapped, one layer whole at a time.
+    With `quantize`, every targeted linear becomes an FP8LoRALinear (e4m3, 128x128 block scales).
+
+    Loaders (ZeRO-3): "stream" (default) fills each rank's partitions from the bytes it owns
+    (model/loader.py), quantizing FP8 layers on load; "hf" is the Hugging Face way, rank 0 reads
+    every tensor and ZeRO-3 scatters it, kept as a reference and a fallback.
     """
     from transformers import AutoModelForCausalLM
 
     ckpt = open_checkpoint(model_dir, flag)
     config = load_llama_config(model_dir)
-
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     with _zero_init(ds_config, zero3), _skip_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if not zero3:
         model.to(dtype)
-    nbytes = load_checkpoint_weights(model, ckpt)
-    log.info("loaded %s: %.1f MB read on this rank", model_dir, nbytes / 2**20)
+    check_checkpoint_fits({n: full_shape(p) for n, p in model.named_parameters()}, ckpt)
+    streaming = zero3 and loader == "stream"
 
     make = None
     if quantize:
         from llama_ft.fp8 import FP8LoRALinear
 
         def make(lin, spec):
+            if streaming:  # storage only: the loader quantizes into the partitions
+                return FP8LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype, fp8_compute)
             return FP8LoRALinear.from_linear(lin, spec, fp8_compute)
 
-    with _zero_init(ds_config, zero3):
-        wrapped = inject_lora(model, spec, make)
+    t0 = time.time()
+    if streaming:
+        with _zero_init(ds_config, zero3):
+            wrapped = inject_lora(model, spec, make)
+        report = stream_checkpoint_into_partitions(model, ckpt)
+    else:
+        nbytes = load_checkpoint_weights(model, ckpt)
+        with _zero_init(ds_config, zero3):
+            wrapped = inject_lora(model, spec, make)
+        report = LoadReport(rank=dist.get_rank() if dist.is_initialized() else 0,
+                            world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                            checkpoint_bytes=ckpt.total_bytes(), bytes_read=nbytes, seconds=time.time() - t0,
+                            peak_rss_bytes=peak_rss_bytes(), extra={"loader": "hf"})
     missing = sorted(set(spec.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
     if missing:
         raise UserError(f"--lora_target_modules: {missing} match no linear layer of {model_dir}")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model
+    return model, report
 
 
 def partition_bytes(model: nn.Module) -> dict[str, int]:

@@ -1,0 +1,148 @@
+"""Streaming loader: every rank reads only the checkpoint bytes of its own ZeRO-3 partitions.
+
+ZeRO-3 stores parameter p (numel n) on W ranks as equal flat slices of ps = ceil(n / W)
+elements (the last one padded): rank r owns elements [r * ps, min((r + 1) * ps, n)) of the
+row-major flattened tensor. Those elements lie in rows [start // row, ceil(end / row)), one
+contiguous byte range of the shard, which is all the rank reads (`ShardReader`), straight into
+`p.ds_tensor` (host memory when parameters are offloaded). No rank materialises a tensor it
+does not keep, and summed over ranks the bytes read are the checkpoint plus at most one
+partial row per partition boundary.
+
+FP8 layers (FP8LoRALinear) are quantized on load: a rank reads the rows of W its FP8 bytes
+cover, widened to whole 128-row block stripes (a block scale needs its whole block), quantizes
+them, and keeps its slice of the bytes. Each rank thus knows the block scales of the stripes it
+read; one max-all-reduce of the (tiny) scale matrix gives every rank all of them, and each keeps
+its own slice of the scale bytes. Extra reading: under one stripe per partition boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llama_ft.fp8.format import BLOCK, num_blocks, quantize_fp8_reference, scales_to_bytes
+from llama_ft.shards import Checkpoint, ShardReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """What loading cost this rank (written as load_report_rank{R}.json)."""
+
+    rank: int
+    world_size: int
+    checkpoint_bytes: int
+    bytes_read: int
+    seconds: float
+    peak_rss_bytes: int
+    partition_bytes_gpu: int = 0
+    partition_bytes_host: int = 0
+    tensors: int = 0
+    fp8_layers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"load: read {self.bytes_read / 2**20:.1f} MiB of {self.checkpoint_bytes / 2**20:.1f} MiB "
+                f"in {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB, partitions "
+                f"{self.partition_bytes_gpu / 2**20:.1f} MiB on GPU / {self.partition_bytes_host / 2**20:.1f} MiB host")
+
+    def write(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / f"load_report_rank{self.rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def owned_range(p: nn.Parameter) -> tuple[int, int, torch.Tensor]:
+    """(start, end, partition tensor) of this rank's slice of the flattened parameter."""
+    part = p.ds_tensor
+    ps = part.ds_numel if hasattr(part, "ds_numel") else part.numel()
+    rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
+    start = min(rank * ps, p.ds_numel)
+    return start, min(start + ps, p.ds_numel), part
+
+
+def _fill_plain(p: nn.Parameter, reader: ShardReader, name: str) -> None:
+    start, end, part = owned_range(p)
+    if end > start:
+        part.data[: end - start].copy_(reader.read_flat(name, start, end).to(part.dtype))
+
+
+def _fill_fp8(m: nn.Module, reader: ShardReader, name: str) -> None:
+    """Quantize this rank's share of W (N, K) on load into m.weight (q bytes) and m.weight_scale."""
+    n, k = m.out_features, m.in_features
+    q_start, q_end, q_part = owned_range(m.weight)
+    s_start, s_end, s_part = owned_range(m.weight_scale)
+    nb_k = num_blocks(k)
+    scales = torch.zeros(num_blocks(n), nb_k, dtype=torch.float32, device=q_part.device)
+    if q_end > q_start:
+        r0, r1 = q_start // k, -(-q_end // k)
+        b0, b1 = r0 // BLOCK, num_blocks(r1)
+        w = reader.read_rows(name, b0 * BLOCK, min(b1 * BLOCK, n)).to(q_part.device)
+        q, s = _quantize(w)
+        scales[b0:b1] = s
+        off = q_start - b0 * BLOCK * k
+        q_part.data[: q_end - q_start].copy_(q.reshape(-1)[off: off + q_end - q_start])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # every block row was quantized by at least one rank, identically by any rank that did
+        dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=getattr(m.weight_scale, "ds_process_group", None))
+    if s_end > s_start:
+        s_part.data[: s_end - s_start].copy_(scales_to_bytes(scales).reshape(-1)[s_start:s_end])
+
+
+def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from llama_ft.fp8 import quantize_fp8
+
+    return quantize_fp8(w) if w.is_cuda else quantize_fp8_reference(w)
+
+
+def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint) -> LoadReport:
+    """Fill every ZeRO-3 partition of `model` from `ckpt`, reading only this rank's bytes. Collective
+    for models with FP8 layers (one scale all-reduce per layer, in model order on every rank)."""
+    from llama_ft.fp8.module import FP8LoRALinear
+
+    t0 = time.time()
+    reader = ShardReader(ckpt)
+    fp8 = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, FP8LoRALinear)}
+    fp8_params = {id(p) for m in fp8.values() for p in (m.weight, m.weight_scale)}
+    tensors = 0
+    try:
+        for name, p in model.named_parameters(remove_duplicate=True):
+            if p.requires_grad or id(p) in fp8_params:
+                continue
+            _fill_plain(p, reader, name)
+            tensors += 1
+        for name, m in fp8.items():
+            _fill_fp8(m, reader, name)
+            tensors += 1
+    finally:
+        reader.close()
+    gpu = host = 0
+    for p in model.parameters():
+        part = p.ds_tensor
+        nbytes = part.numel() * part.element_size()
+        if part.is_cuda:
+            gpu += nbytes
+        else:
+            host += nbytes
+    return LoadReport(
+        rank=dist.get_rank() if dist.is_initialized() else 0,
+        world_size=dist.get_world_size() if dist.is_initialized() else 1,
+        checkpoint_bytes=ckpt.total_bytes(), bytes_read=reader.bytes_read, seconds=time.time() - t0,
+        peak_rss_bytes=peak_rss_bytes(), partition_bytes_gpu=gpu, partition_bytes_host=host,
+        tensors=tensors, fp8_layers=len(fp8),
+    )

@@ -1,0 +1,73 @@
+"""Run under 2 ranks (torchrun): compare our streaming loader's partitions with Hugging Face
+`from_pretrained` under ZeRO-3, bf16 and FP8, and report bytes read. Writes a JSON verdict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from llama_ft.fp8 import quantize_fp8_reference, scales_to_bytes
+from llama_ft.fp8.module import FP8LoRALinear
+from llama_ft.model.build import build_lora_model
+from llama_ft.model.lora import LoraSpec
+
+DS = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def gathered(p: torch.nn.Parameter) -> torch.Tensor:
+    with deepspeed.zero.GatheredParameters([p]):
+        return p.detach().clone().cpu()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    args, _ = ap.parse_known_args()
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    keep = HfDeepSpeedConfig(DS)  # noqa: F841 - makes from_pretrained partition under ZeRO-3
+    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    ref_params = dict(ref.named_parameters())
+    verdict: dict = {"world_size": dist.get_world_size()}
+    spec = LoraSpec(4, 8)
+    for mode in ("bf16", "fp8"):
+        model, report = build_lora_model(args.model, spec, DS, torch.bfloat16, quantize=mode == "fp8")
+        mismatched = []
+        checked = 0
+        for name, p in model.named_parameters():
+            if p.requires_grad or name.endswith("weight_scale"):
+                continue
+            want = gathered(ref_params[name])
+            mod = model.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(mod, FP8LoRALinear):
+                q, s = quantize_fp8_reference(want)
+                ok = torch.equal(gathered(p), q) and torch.equal(gathered(mod.weight_scale), scales_to_bytes(s))
+            else:
+                ok = torch.equal(gathered(p), want)
+            checked += 1
+            if not ok:
+                mismatched.append(name)
+        totals = torch.tensor([report.bytes_read], dtype=torch.float64)
+        dist.all_reduce(totals)
+        verdict[mode] = {"checked": checked, "mismatched": mismatched, "bytes_read_rank": report.bytes_read,
+                         "bytes_read_total": int(totals.item()), "checkpoint_bytes": report.checkpoint_bytes,
+                         "fp8_layers": report.fp8_layers}
+    gathered_verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered_verdicts, verdict)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(gathered_verdicts, f, indent=2)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
