@@ -156,7 +156,11 @@ def build_lora_model(
     if not zero3:
         model.to(dtype)
     check_checkpoint_fits({n: full_shape(p) for n, p in model.named_parameters()}, ckpt)
-    streaming = zero3 and loader == "stream"
+    # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
+    nvme = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device") == "nvme"
+    streaming = zero3 and loader == "stream" and not nvme
+    if zero3 and loader == "stream" and nvme:
+        log.info("offload_param to NVMe: loading through ZeRO-3 gathers instead of streaming into partitions")
 
     make = None
     if quantize:
