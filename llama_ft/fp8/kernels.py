@@ -66,6 +66,24 @@ if HAS_TRITON:
         return _round_e4m3(r).to(tl.float8e4nv)
 
     @triton.jit
+    def _rows_to_e4m3(a):
+        """fp8-compute activations: scale each row of a tile by absmax / 448, round onto e4m3.
+        Returns (the e4m3 tile, the per-row scales)."""
+        af = a.to(tl.float32)
+        amax = tl.max(tl.abs(af), axis=1)
+        sa = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+        return _to_e4m3(af, sa[:, None]), sa
+
+    @triton.jit
+    def _grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program `pid`, in grouped order: GROUP_M row tiles sweep each
+        column of weight tiles together while it is in L2."""
+        width = GROUP_M * num_other
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.jit
     def _quantize_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk, NB_K, BLOCK_Q: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -88,15 +106,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_LORA: tl.constexpr, FP8_COMPUTE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ):
-        # grouped launch order: GROUP_M row-tiles share each column of W tiles while it is in L2
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,15 +123,10 @@ if HAS_TRITON:
             w8 = wq.to(tl.float8e4nv, bitcast=True)
             sw = tl.load(s_ptr + (rn // 128) * NB_K + k0 // 128, mask=n_ok, other=0.0)
             if FP8_COMPUTE:
-                xf = x.to(tl.float32)
-                amax = tl.max(tl.abs(xf), axis=1)
-                sx = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-                x8 = _to_e4m3(xf, sx[:, None])
-                part = tl.dot(x8, tl.trans(w8))
-                acc += part * sx[:, None] * sw[None, :]
+                x8, sx = _rows_to_e4m3(x)
+                acc += tl.dot(x8, tl.trans(w8)) * sx[:, None] * sw[None, :]
             else:
-                part = tl.dot(x.to(DOT_DTYPE), tl.trans(w8.to(DOT_DTYPE)))
-                acc += part * sw[None, :]
+                acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w8.to(DOT_DTYPE))) * sw[None, :]
         if HAS_LORA:
             rr = tl.arange(0, BLOCK_R)
             r_ok = rr < R
@@ -141,14 +146,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, HAS_LORA: tl.constexpr, FP8_COMPUTE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_K)
-        group = pid // (GROUP_M * num_k)
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
-        pid_k = (pid % (GROUP_M * num_k)) // size_m
+        pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -166,10 +164,7 @@ if HAS_TRITON:
             w8 = wq.to(tl.float8e4nv, bitcast=True)
             sw = tl.load(s_ptr + (n0 // 128) * NB_K + kb)
             if FP8_COMPUTE:
-                df = dy.to(tl.float32)
-                amax = tl.max(tl.abs(df), axis=1)
-                sd = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-                d8 = _to_e4m3(df, sd[:, None])
+                d8, sd = _rows_to_e4m3(dy)
                 acc += tl.dot(d8, w8) * (sd[:, None] * sw)
             else:
                 acc += tl.dot(dy.to(DOT_DTYPE), w8.to(DOT_DTYPE)) * sw
