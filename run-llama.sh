@@ -80,5 +80,8 @@ echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
     "${DATA_ARGS[@]}" "${DEFAULTS[@]}" "$@"
 
 if [ -n "${MERGE_DIR:-}" ]; then
-    "$PYTHON" "$HERE/apply_ds_adapters.py" --base "$MODEL" --adapter "$OUTPUT_DIR" --output "$MERGE_DIR" --overwrite
+    # Replace MERGE_DIR only if it holds an earlier merge output; anything else is refused by the merge.
+    OVERWRITE=()
+    [ -f "$MERGE_DIR/model.safetensors.index.json" ] && [ -f "$MERGE_DIR/config.json" ] && OVERWRITE=(--overwrite)
+    "$PYTHON" "$HERE/apply_ds_adapters.py" --base "$MODEL" --adapter "$OUTPUT_DIR" --output "$MERGE_DIR" "${OVERWRITE[@]}"
 fi

@@ -265,6 +265,10 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, hidden_size: int
                     walk(v, sub)
 
     walk(ds, "")
+    opt_type = str(ds.get("optimizer", {}).get("type", "")).lower()
+    if opt_type not in ("adam", "adamw"):
+        raise UserError(f"{source}: field 'optimizer.type' is {ds.get('optimizer', {}).get('type')!r}, expected "
+                        "\"AdamW\" or \"Adam\" (checkpoints save Adam moments for exact resume)")
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
         raise UserError(f"{source}: field 'zero_optimization.stage' is {zero.get('stage')!r}, expected 3")

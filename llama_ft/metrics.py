@@ -15,7 +15,7 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in _complete_lines(self.path) if json.loads(ln)["step"] <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -26,8 +26,20 @@ class MetricsLog:
             f.flush()
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """Lines that parse as JSON: a run killed mid-write leaves at most a partial last line."""
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        out.append(ln)
+    return out
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in _complete_lines(Path(path))]
 
 
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:

@@ -2,14 +2,17 @@
 
     checkpoint-STEP/
       adapter_config.json, adapter_model.safetensors   PEFT adapters (bf16 values the model uses)
-      optimizer.safetensors     per LoRA tensor: "<peft key>::fp32" master weight,
-                                "::exp_avg", "::exp_avg_sq" Adam moments (full, un-partitioned)
+      optimizer_rank{R}.safetensors   this rank's ZeRO-3 partition of every LoRA tensor's
+                                "<peft key>::fp32" master weight and "::exp_avg", "::exp_avg_sq"
+                                Adam moments (DeepSpeed's tensor-fragment API, local variants)
       trainer_state.json        step, data position, optimizer step, LR scheduler state, options
       rng_state_RANK.json       each rank's torch / python / numpy RNG state (dropout draws)
 
-Optimizer state is stored whole (gathered through DeepSpeed's tensor-fragment API), so the
-tensors do not depend on how ZeRO-3 partitioned them; the data position and RNG streams do,
-so resuming needs the same world size, which trainer_state.json records and checks.
+Each rank saves and restores only its own partitions: no rank ever holds all optimizer state
+(about 30 GB for 405B at r=64), and nothing depends on sizes dividing the world size. The
+data position, RNG streams and partitions all depend on the world size, so resuming needs the
+same one, which trainer_state.json records and checks. Exact-resume options (LoRA shape,
+batch sizes, seed, ...) are compared with the saved ones before anything collective happens.
 """
 
 from __future__ import annotations
@@ -26,21 +29,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama_ft.adapters import gathered, lora_named_parameters, read_adapter_tensors, save_adapters
+from llama_ft.adapters import lora_named_parameters, save_adapters
 from llama_ft.errors import UserError
 from llama_ft.model.lora import LoraSpec
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 STATE_FILE = "trainer_state.json"
-OPTIM_FILE = "optimizer.safetensors"
+# options a resumed run must share with the saved one to continue exactly
+RESUME_INVARIANTS = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "seed", "quantize", "dataset", "dataset_format",
+                     "source_max_len", "target_max_len", "train_on_source", "max_train_samples", "eval_dataset_size")
+
+
+def optim_file(rank: int) -> str:
+    return f"optimizer_rank{rank}.safetensors"
 
 
 @dataclass
@@ -104,20 +114,16 @@ def save_checkpoint(
     _barrier()
 
     save_adapters(model, tmp, spec, base_model)
+    has_moments = _optimizer_step(engine) > 0  # Adam creates its moments at the first step
     tensors: dict[str, torch.Tensor] = {}
-    has_moments = _optimizer_step(engine) > 0  # same on every rank, so the gathers below match up
     for key, p in lora_named_parameters(model):
-        # every rank takes part in each gather; rank 0 keeps the result
-        full = {"fp32": safe_get_full_fp32_param(p)}
+        tensors[f"{key}::fp32"] = safe_get_local_fp32_param(p).detach().float().cpu().contiguous()
         for k in ADAM_KEYS:
-            full[k] = safe_get_full_optimizer_state(p, k) if has_moments else torch.zeros_like(full["fp32"])
-        if _rank() == 0:
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            for k, t in full.items():
-                tensors[f"{key}::{k}"] = t.detach().float().cpu().reshape(shape).contiguous()
+            t = safe_get_local_optimizer_state(p, k) if has_moments else torch.zeros_like(tensors[f"{key}::fp32"])
+            tensors[f"{key}::{k}"] = t.detach().float().cpu().contiguous()
+    save_file(tensors, str(tmp / optim_file(_rank())), metadata={"format": "pt"})
     (tmp / f"rng_state_{_rank()}.json").write_text(json.dumps(_rng_state()))
     if _rank() == 0:
-        save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
         state = {
             "global_step": progress.step,
             "epoch": progress.epoch,
@@ -136,59 +142,87 @@ def save_checkpoint(
     _barrier()
 
 
-def load_checkpoint(engine, model, scheduler, ckpt_dir: str | os.PathLike) -> Progress:
-    """Restore adapters, fp32 masters, Adam moments, step counts, LR schedule, RNG and data position."""
+def check_resumable(ckpt_dir: str | os.PathLike, world: int, options: dict[str, Any]) -> dict[str, Any]:
+    """trainer_state.json, checked against this run (world size, exact-resume options, files).
+
+    Reads only small files, so train() calls it before any rank starts distributed work;
+    every rank reaches the same verdict. Raises UserError naming the flag and the difference.
+    """
     ckpt = Path(ckpt_dir)
     flag = f"--resume_from_checkpoint {ckpt}"
     try:
         state = json.loads((ckpt / STATE_FILE).read_text())
-        step, world_saved = int(state["global_step"]), int(state["world_size"])
+        for key in ("global_step", "epoch", "micro_index", "world_size", "optimizer_step", "lr_scheduler", "options"):
+            state[key]  # noqa: B018 - presence check
+        int(state["global_step"]), int(state["world_size"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{flag}: {STATE_FILE} unreadable or missing fields ({e})") from e
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world_saved != world:
-        raise UserError(f"{flag}: saved with {world_saved} ranks, this run has {world} (exact resume needs the same)")
-    rng_path = ckpt / f"rng_state_{_rank()}.json"
-    if not (ckpt / OPTIM_FILE).is_file() or not rng_path.is_file():
-        raise UserError(f"{flag}: incomplete checkpoint (missing {OPTIM_FILE} or {rng_path.name})")
-
-    adapters = read_adapter_tensors(ckpt)
-    with safe_open(str(ckpt / OPTIM_FILE), framework="pt") as f:
-        optim = {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(lora_named_parameters(model))
-    missing = [k for k in params if k not in adapters or f"{k}::fp32" not in optim]
+    if int(state["world_size"]) != world:
+        raise UserError(f"{flag}: saved with {state['world_size']} ranks, this run has {world} "
+                        "(exact resume needs the same)")
+    for key in RESUME_INVARIANTS:
+        if key in state["options"] and state["options"][key] != options.get(key):
+            raise UserError(f"{flag}: saved with --{key} {state['options'][key]!r}, this run has {options.get(key)!r} "
+                            "(exact resume needs the same)")
+    missing = [f for r in range(world) for f in (optim_file(r), f"rng_state_{r}.json") if not (ckpt / f).is_file()]
     if missing:
-        raise UserError(f"{flag}: no saved state for {missing[0]!r} (checkpoint from another model or LoRA setup?)")
+        raise UserError(f"{flag}: incomplete checkpoint (missing {missing[0]})")
+    return state
 
-    # bf16 working copies: rank 0 writes, ZeRO-3 scatters into every rank's partition
+
+def load_checkpoint(engine, model, scheduler, ckpt_dir: str | os.PathLike, options: dict[str, Any]) -> Progress:
+    """Restore fp32 masters, bf16 working copies, Adam moments, step counts, LR schedule, RNG and
+    data position, each rank from its own files."""
+    ckpt = Path(ckpt_dir)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    state = check_resumable(ckpt, world, options)
+    path = ckpt / optim_file(_rank())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            optim = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{path}: unreadable ({e})") from e
+    params = dict(lora_named_parameters(model))
     for key, p in params.items():
-        with gathered([p], modifier_rank=0):
-            if _rank() == 0 or not hasattr(p, "ds_id"):
-                p.data.copy_(optim[f"{key}::fp32"].to(p.dtype))
+        local = safe_get_local_fp32_param(p)
+        for k in ("fp32", *ADAM_KEYS):
+            t = optim.get(f"{key}::{k}")
+            if t is None or t.shape != local.shape:
+                raise UserError(f"{path}: no saved state of shape {list(local.shape)} for {key}::{k} "
+                                "(checkpoint from another model, LoRA setup or world size?)")
 
-    opt_step = int(state.get("optimizer_step", 0))
+    opt_step = int(state["optimizer_step"])
     inner = _inner_optimizer(engine)
     if opt_step > 0:
         # Adam creates its state lazily at the first step; create it so it can be filled.
+        # torch.optim counts steps in a tensor, DeepSpeed's own Adam kernels in a Python int.
+        as_tensor = type(inner).__module__.startswith("torch.optim")
         for flat in engine.optimizer.fp32_partitioned_groups_flat:
             st = inner.state[flat]
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(flat)
-                st["exp_avg_sq"] = torch.zeros_like(flat)
-            # DeepSpeedCPUAdam counts steps in a Python int, torch.optim.AdamW in a tensor
-            st["step"] = opt_step if type(inner).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(opt_step))
+            st.setdefault("exp_avg", torch.zeros_like(flat))
+            st.setdefault("exp_avg_sq", torch.zeros_like(flat))
+            st["step"] = torch.tensor(float(opt_step)) if as_tensor else opt_step
     for key, p in params.items():
-        safe_set_full_fp32_param(p, optim[f"{key}::fp32"].to(p.device))
+        fp32 = optim[f"{key}::fp32"]
+        safe_set_local_fp32_param(p, fp32.to(p.ds_tensor.device))
+        # the working copy is the master rounded to the training dtype, as after every step
+        p.ds_tensor.data.copy_(fp32.to(p.ds_tensor.dtype))
         if opt_step > 0:
             for k in ADAM_KEYS:
-                safe_set_full_optimizer_state(p, optim[f"{key}::{k}"].to(p.device), k)
+                safe_set_local_optimizer_state(p, optim[f"{key}::{k}"].to(p.ds_tensor.device), k)
+    # small "persistent" parameters stay whole on every rank: refresh them from the partitions,
+    # as DeepSpeed does after each step
+    persistent = [p for p in params.values() if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].all_gather(persistent)
 
     scheduler.load_state_dict(state["lr_scheduler"])
     for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr(), strict=False):
         group["lr"] = lr
+    step = int(state["global_step"])
     engine.global_steps = step
     engine.global_samples = step * engine.train_batch_size()
-    _set_rng_state(json.loads(rng_path.read_text()))
+    _set_rng_state(json.loads((ckpt / f"rng_state_{_rank()}.json").read_text()))
     _barrier()
     return Progress(step=step, epoch=int(state["epoch"]), micro_index=int(state["micro_index"]))
 

@@ -31,7 +31,7 @@ from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_t
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.metrics import MetricsLog, plot_loss
-from llama_ft.resume import Progress, load_checkpoint, save_checkpoint
+from llama_ft.resume import Progress, check_resumable, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("llama_ft")
 
@@ -141,7 +141,16 @@ def train(cfg: TrainConfig) -> dict:
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank)
     ckpt = open_checkpoint(cfg.model_name_or_path)
-    check_checkpoint_fits(expected_shapes(cfg.model_name_or_path), ckpt)
+    shapes = expected_shapes(cfg.model_name_or_path)
+    check_checkpoint_fits(shapes, ckpt)
+    linear_names = {n.rsplit(".", 2)[-2] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2}
+    unknown = sorted(set(cfg.lora_target_modules) - linear_names)
+    if unknown:
+        raise UserError(f"--lora_target_modules: {unknown} match no linear layer of {cfg.model_name_or_path} "
+                        f"(it has {', '.join(sorted(linear_names - {'embed_tokens', 'lm_head'}))})")
+    if cfg.quantize and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise UserError(f"--quantize: FP8 kernels need compute capability 8.9+ (Ada/Hopper); this GPU has "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
     ds_config = load_ds_config(cfg.deepspeed)
     tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     try:
@@ -154,6 +163,10 @@ def train(cfg: TrainConfig) -> dict:
     examples = tokenize_rows(rows, tokenizer, cfg.source_max_len, cfg.target_max_len, cfg.train_on_source)
     train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
     pad_id = pad_token_id(tokenizer)
+    world_env = int(os.environ.get("WORLD_SIZE", 1))
+    MicroBatches(train_set, world_env, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id)  # enough data?
+    if cfg.resume_from_checkpoint:
+        check_resumable(cfg.resume_from_checkpoint, world_env, cfg.to_json())
     log.info("data: %d train / %d eval examples from %s", len(train_set), len(eval_set), cfg.dataset)
 
     # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
@@ -194,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     progress = Progress()
     if cfg.resume_from_checkpoint:
-        progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint)
+        progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, cfg.to_json())
         log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
     batches = MicroBatches(train_set, world, rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                            progress.epoch, progress.micro_index)
@@ -250,7 +263,10 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         tokenizer.save_pretrained(out)
         atomic_write_json(out / "train_results.json", results)
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        try:
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+        except (OSError, ValueError) as e:  # the adapters are saved; a missing plot must not hang the other ranks
+            log.warning("could not draw loss.png: %s", e)
         log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
     dist.barrier()
     return results

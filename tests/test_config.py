@@ -79,13 +79,16 @@ def test_ds_config_errors(tmp_path):
     with pytest.raises(UserError, match="not valid JSON"):
         load_ds_config(str(bad))
     with pytest.raises(UserError, match="zero_optimization.stage"):
-        fill_ds_config({"zero_optimization": {"stage": 2}}, TrainConfig(), 1, 64, False)
+        fill_ds_config({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, TrainConfig(), 1, 64,
+                       False)
     with pytest.raises(UserError, match="'scheduler.params.warmup_max_lr' is \"auto\""):
         fill_ds_config({"zero_optimization": {"stage": 3}, "scheduler": {"params": {"warmup_max_lr": "auto"}}},
                        TrainConfig(), 1, 64, False)
+    with pytest.raises(UserError, match="'optimizer.type' is 'SGD'"):
+        fill_ds_config({"zero_optimization": {"stage": 3}, "optimizer": {"type": "SGD"}}, TrainConfig(), 1, 64, False)
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu"):
-        fill_ds_config({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 7}, TrainConfig(), 1,
-                       64, False)
+        fill_ds_config({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"},
+                        "train_micro_batch_size_per_gpu": 7}, TrainConfig(), 1, 64, False)
 
 
 def _stream_ids(examples, world, rank, batch, seed, n, epoch=0, index=0):

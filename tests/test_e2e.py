@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = None, ds_config: str | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, nproc: int | None = None) -> subprocess.CompletedProcess:
     bindir = Path(sys.executable).parent
     env = dict(os.environ)
     env.update(
@@ -54,6 +54,8 @@ def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = Non
         env["MERGE_DIR"] = str(merge_dir)
     if ds_config is not None:
         env["DS_CONFIG"] = str(REPO / ds_config)
+    if nproc is not None:
+        env["NPROC"] = str(nproc)
     proc = subprocess.run(["bash", str(REPO / "run-llama.sh"), *extra], env=env, cwd=tmp, capture_output=True,
                           text=True, timeout=1200)
     if check and proc.returncode != 0:
@@ -183,6 +185,17 @@ def test_offload_checkpointing_accumulation_exact_resume(tmp_path):
     _same_adapters(tmp_path / "full", tmp_path / "resumed")
     losses = [r["loss"] for r in _metrics(tmp_path / "full")]
     assert len(losses) == 8 and losses[-1] < losses[0]
+    assert [r["loss"] for r in _metrics(tmp_path / "resumed")] == losses
+
+
+def test_exact_resume_three_ranks(tmp_path):
+    """3 ranks: LoRA sizes that do not divide the world size (padded partitions) resume exactly."""
+    flags = ("--max_steps", "6", "--save_steps", "3", "--eval_dataset_size", "0")
+    run_llama(tmp_path, tmp_path / "full", *flags, nproc=3)
+    run_llama(tmp_path, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(tmp_path / "full/checkpoint-3"),
+              nproc=3)
+    _same_adapters(tmp_path / "full", tmp_path / "resumed")
+    assert len(list((tmp_path / "full/checkpoint-3").glob("optimizer_rank*.safetensors"))) == 3
 
 
 def test_launcher_propagates_user_errors(tmp_path):

@@ -22,6 +22,7 @@ from llama_ft.model.lora import LoraSpec
 SHAPES = [(1, 1), (127, 129), (130, 200), (256, 384), (64, 300)]
 E4M3_GRID = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
 E4M3_GRID = torch.unique(E4M3_GRID[torch.isfinite(E4M3_GRID)])
+cpu_kernels = pytest.mark.skipif(not kernels.interpreting(), reason="CPU tensors run kernels only when interpreted")
 
 
 def _nearest_e4m3(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,11 +72,13 @@ def test_zero_block_and_scale_bytes():
     assert scales_to_bytes(s).dtype == torch.uint8 and scales_to_bytes(s).shape == (2, 12)
 
 
+@cpu_kernels
 @pytest.mark.parametrize("shape", SHAPES + [(256, 130)])
 def test_triton_quantize_matches_torch_bit_for_bit(shape):
     torch.manual_seed(1)
     w = (torch.randn(shape) * torch.rand(shape) * 2).to(torch.bfloat16)
     w[:1, :3] = 0
+    w[-1, :4] = -0.0  # the sign of zero survives
     q_ref, s_ref = quantize_fp8_reference(w)
     q, s = kernels.quantize_fp8_triton(w)
     assert torch.equal(s, s_ref)
@@ -94,7 +97,9 @@ def test_activation_quantization_is_per_1x128_tile():
 
 def _case(m, n, k, r, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
+    # block scales that differ by up to 2^12, so a scale-indexing slip cannot hide in the tolerance
+    spread = 2.0 ** torch.randint(-6, 7, ((n + 127) // 128, (k + 127) // 128), generator=g).float()
+    w = torch.randn(n, k, generator=g) * 0.05 * spread.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
     q, s = quantize_fp8_reference(w)
     x = torch.randn(m, k, generator=g).to(dtype)
     a = (torch.randn(r, k, generator=g) * 0.1).to(dtype)
@@ -119,18 +124,24 @@ def test_reference_matches_float64_math(fp8_compute):
         assert _rel(y, x.double() @ wd.T + 2.0 * t.double() @ b.double().T) < 5e-2
 
 
-@pytest.mark.parametrize("m,n,k,r", [(33, 130, 200, 8), (16, 64, 128, 16), (5, 257, 96, 4)])
+GPU_TILES = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8)  # the tile sizes kernels.py picks on a GPU
+
+
+@cpu_kernels
+@pytest.mark.parametrize("m,n,k,r,tiles", [(33, 130, 200, 8, {}), (16, 64, 128, 16, {}), (5, 257, 96, 4, {}),
+                                           (130, 300, 260, 16, GPU_TILES)])
 @pytest.mark.parametrize("fp8_compute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_match_reference(m, n, k, r, fp8_compute, dtype):
+def test_triton_kernels_match_reference(m, n, k, r, tiles, fp8_compute, dtype):
     q, s, x, a, b, dy = _case(m, n, k, r, dtype, seed=m)
     t, u = x @ a.T, dy @ b
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # the interpreter truncates fp32 -> bf16
+    blocks = dict(tiles, BLOCK_K=128 if fp8_compute else 64) if tiles else {}
     for lora in (True, False):
-        y = kernels.forward_triton(x, q, s, t if lora else None, b if lora else None, 0.5, fp8_compute)
+        y = kernels.forward_triton(x, q, s, t if lora else None, b if lora else None, 0.5, fp8_compute, **blocks)
         y_ref = reference.forward_ref(x, q, s, t if lora else None, b if lora else None, 0.5, fp8_compute)
         assert y.dtype == dtype and _rel(y, y_ref) < tol
-        dx = kernels.dx_triton(dy, q, s, u if lora else None, a if lora else None, 0.5, fp8_compute)
+        dx = kernels.dx_triton(dy, q, s, u if lora else None, a if lora else None, 0.5, fp8_compute, **blocks)
         dx_ref = reference.dx_ref(dy, q, s, u if lora else None, a if lora else None, 0.5, fp8_compute)
         assert dx.dtype == dtype and _rel(dx, dx_ref) < tol
 

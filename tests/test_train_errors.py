@@ -135,3 +135,31 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == ["llama-ft: error: --lora_r -1: expected an integer > 0"], proc.stderr
+
+
+def test_unknown_lora_target_caught_before_loading(capsys, tiny_model_dir, data_file, tmp_path):
+    msg = _fail(capsys, _argv(tiny_model_dir, data_file, tmp_path / "out", "--lora_target_modules", "q_prj"),
+                "--lora_target_modules")
+    assert "q_prj" in msg and "q_proj" in msg
+
+
+def test_dataset_too_small_for_the_batch(capsys, tiny_model_dir, data_file, tmp_path):
+    _fail(capsys, _argv(tiny_model_dir, data_file, tmp_path / "out", "--per_device_train_batch_size", "9"),
+          "--per_device_train_batch_size 9")
+
+
+@pytest.mark.parametrize("saved,needle", [
+    ({"lora_r": 32}, "--lora_r 32"),
+    ({"world_size": 4}, "saved with 4 ranks"),
+    ({"drop": "lr_scheduler"}, "missing fields"),
+])
+def test_resume_mismatch_is_refused_before_start(capsys, tiny_model_dir, data_file, tmp_path, saved, needle):
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    options = {"lora_r": 64, "lora_alpha": 16, "seed": 42}
+    options.update({k: v for k, v in saved.items() if k == "lora_r"})
+    state = {"global_step": 2, "epoch": 0, "micro_index": 2, "world_size": saved.get("world_size", 1),
+             "optimizer_step": 2, "lr_scheduler": {}, "options": options}
+    state.pop(saved.get("drop", "none"), None)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    _fail(capsys, _argv(tiny_model_dir, data_file, tmp_path / "out", "--resume_from_checkpoint", str(ckpt)), needle)

@@ -56,7 +56,7 @@ if HAS_TRITON:
         step = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
         t = tl.abs(v) / step  # exact: division by a power of two
         r = (t + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds to an integer, ties to even
-        return tl.where(v < 0, -r, r) * step
+        return tl.where(bits < 0, -r, r) * step  # the sign bit, so -0.0 stays -0.0 as in torch
 
     @triton.jit
     def _to_e4m3(v, s):
@@ -87,7 +87,7 @@ if HAS_TRITON:
     def _quantize_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk, NB_K, BLOCK_Q: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rn = pid_n * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        rn = (pid_n * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
         rk = pid_k * BLOCK_Q + tl.arange(0, BLOCK_Q)
         mask = (rn[:, None] < N) & (rk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=mask, other=0.0)
@@ -108,8 +108,9 @@ if HAS_TRITON:
     ):
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 row indices: M x K and M x N pass 2^31 elements at long sequences on 405B shapes
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < N
@@ -148,9 +149,9 @@ if HAS_TRITON:
     ):
         pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        rn = tl.arange(0, BLOCK_N)
+        rn = tl.arange(0, BLOCK_N).to(tl.int64)
         m_ok = rm < M
         k_ok = rk < K
         kb = (pid_k * BLOCK_K) // 128

@@ -67,8 +67,7 @@ class FP8LoRALinear(LoRALinear):
         w = linear.weight
         z3 = hasattr(w, "ds_id")
         with deepspeed.zero.GatheredParameters([w], enabled=z3), _outside_zero_init():
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else w.device
-            q, scales = quantize_fp8(w.data.to(dev))
+            q, scales = quantize_fp8(w.data)  # on the weight's device: GPU under ZeRO-3 on GPUs
             dtype = w.dtype
         return cls(q, scales_to_bytes(scales), linear.in_features, linear.out_features, spec, dtype, fp8_compute)
 
