@@ -68,6 +68,9 @@ class TrainConfig:
     bits: int = 8
     fp8_compute: bool = False
     loader: str = "stream"
+    # partial CPU offload of the frozen base weights (Snowflake's --offload --offload_ratio)
+    offload: bool = False
+    offload_ratio: float | None = None
     # outputs and schedule of side work
     output_dir: str = "./output"
     overwrite_output_dir: bool = False
@@ -99,6 +102,9 @@ _HELP = {
     "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
     "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
     "loader": "stream: each rank reads only its own partition bytes; hf: rank 0 reads all and scatters",
+    "offload": "keep --offload_ratio of the frozen base-weight partitions in host memory (spread evenly over layers)",
+    "offload_ratio": "with --offload: fraction in [0, 1] of the frozen base-weight bytes kept on the host "
+                     "(default 1.0)",
     "fp8_compute": "with --quantize: also quantize activations per 1x128 tile and multiply on fp8 tensor cores",
 }
 
@@ -171,6 +177,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--loader {cfg.loader!r}: expected 'stream' or 'hf'")
     if cfg.bits != 8:
         raise UserError(f"--bits {cfg.bits}: only 8 is supported (FP8 e4m3 base weights)")
+    if cfg.offload_ratio is not None:
+        if not cfg.offload:
+            raise UserError(f"--offload_ratio {cfg.offload_ratio}: needs --offload")
+        if not 0 <= cfg.offload_ratio <= 1:
+            raise UserError(f"--offload_ratio {cfg.offload_ratio}: expected a value in [0, 1]")
     if cfg.fp8_compute and not cfg.quantize:
         raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
     schedulers = [s.value for s in SchedulerType]

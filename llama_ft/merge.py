@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_dir, is_within
-from llama_ft.shards import CONFIG_NAME, INDEX_NAME, ST_DTYPES, Checkpoint, open_checkpoint
+from llama_ft.shards import CONFIG_NAME, INDEX_NAME, ST_DTYPES, Checkpoint, copy_side_files, open_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,8 +52,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MERGEABLE = {torch.bfloat16, torch.float16, torch.float32}
 
-# Top-level files of the base that are weights (never copied: the merged shards replace them).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 # `base_model.model.<module>.lora_A.weight` as PEFT's save_pretrained writes it (adapter name stripped);
 # the prefix and an adapter name before `.weight` are tolerated for raw state dicts.
@@ -246,20 +244,6 @@ def _check_output(base: Path, adapter: Path, output: Path, overwrite: bool) -> N
             raise UserError(f"--output {output}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def _copy_side_files(base: Path, out: Path) -> list[str]:
-    """Copy every top-level non-weight file (tokenizer, generation config, chat template, README...)."""
-    copied = []
-    for p in sorted(base.iterdir()):
-        name = p.name
-        if not p.is_file() or name.startswith(".") or name == CONFIG_NAME:
-            continue
-        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            continue
-        shutil.copy2(p, out / name)  # follows symlinks (HF cache snapshots)
-        copied.append(name)
-    return copied
-
-
 def merge_adapters(
     base: Path,
     adapter: Path,
@@ -321,7 +305,7 @@ def merge_adapters(
             for k in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
                 config[k] = dtype
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        _copy_side_files(base, tmp)
+        copy_side_files(base, tmp)
 
     return {
         "output": str(output),

@@ -194,6 +194,26 @@ def open_checkpoint(path: str | Path, flag: str = "--model_name_or_path") -> Che
     return Checkpoint(root=root, config=config, tensors=tensors, index_metadata=metadata)
 
 
+# Top-level files of a model directory that are weights (never copied: rewritten shards replace them).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def copy_side_files(base: Path, out: Path) -> list[str]:
+    """Copy every top-level non-weight file but config.json (tokenizer, generation config, chat template...)."""
+    import shutil
+
+    copied = []
+    for p in sorted(base.iterdir()):
+        name = p.name
+        if not p.is_file() or name.startswith(".") or name == CONFIG_NAME:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        shutil.copy2(p, out / name)  # follows symlinks (HF cache snapshots)
+        copied.append(name)
+    return copied
+
+
 class ShardReader:
     """Reads row ranges of checkpoint tensors with positioned reads, counting every byte.
 

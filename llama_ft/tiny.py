@@ -94,7 +94,12 @@ def make_tiny_llama(out_dir: str | Path, seed: int = 0, overwrite: bool = False)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
     )
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:
+        # another process (the other node of a no-ssh launch) wrote it meanwhile: same seed, same bytes
+        if not (out_dir / "model.safetensors.index.json").exists():
+            raise
     return out_dir

@@ -30,16 +30,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--prequantized", help="the same model written by llama-ft quantize")
     args, _ = ap.parse_known_args()
     deepspeed.init_distributed()
     rank = dist.get_rank()
-    keep = HfDeepSpeedConfig(DS)  # noqa: F841 - makes from_pretrained partition under ZeRO-3
+    keep = HfDeepSpeedConfig(DS)  # makes from_pretrained partition under ZeRO-3
     ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    del keep  # HF's global ZeRO-3 switch is for the reference only; our builder does not use it
     ref_params = dict(ref.named_parameters())
     verdict: dict = {"world_size": dist.get_world_size()}
     spec = LoraSpec(4, 8)
-    for mode in ("bf16", "fp8"):
-        model, report = build_lora_model(args.model, spec, DS, torch.bfloat16, quantize=mode == "fp8")
+    modes = ("bf16", "fp8", "prequantized") if args.prequantized else ("bf16", "fp8")
+    for mode in modes:
+        src = args.prequantized if mode == "prequantized" else args.model
+        model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode == "fp8")
         mismatched = []
         checked = 0
         for name, p in model.named_parameters():

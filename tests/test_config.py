@@ -36,6 +36,7 @@ def test_flags_parse_like_snowflake(tmp_path):
     ("--resume_from_checkpoint", "/nonexistent/checkpoint-3", "--resume_from_checkpoint"),
     ("--bits", "4", "--bits 4: only 8"),
     ("--fp8_compute", "true", "--fp8_compute needs --quantize"),
+    ("--offload_ratio", "0.5", "--offload_ratio 0.5: needs --offload"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, flag, value, needle):
     with pytest.raises(UserError, match=needle):
@@ -111,3 +112,11 @@ def test_micro_batches_partition_ranks_and_resume():
     assert full[per_epoch:] != full[:per_epoch][: len(full) - per_epoch]  # a new epoch reshuffles
     with pytest.raises(UserError, match="per_device_train_batch_size"):
         MicroBatches(examples[:5], 2, 0, 3, 0, 0)
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1"])
+def test_offload_ratio_outside_unit_interval(tmp_path, ratio):
+    with pytest.raises(UserError, match=f"--offload_ratio {float(ratio)}: expected a value in \\[0, 1\\]"):
+        parse_train_args(_args(tmp_path, "--offload", "--offload_ratio", ratio))
+    cfg = parse_train_args(_args(tmp_path, "--offload", "--offload_ratio", "0.75"))
+    assert cfg.offload and cfg.offload_ratio == 0.75

@@ -7,12 +7,12 @@ import builtins
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from proc import run_job
 from safetensors.torch import load_file
 
 from llama_ft.shards import ShardReader, open_checkpoint
@@ -47,18 +47,22 @@ def odd_tied_model(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "odd_tied"])
 def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_model, tmp_path):
+    from llama_ft.quantize import quantize_checkpoint
+
     model = tiny_model_dir if which == "tiny" else odd_tied_model
+    prequantized = quantize_checkpoint(model, tmp_path / "fp8", progress=False)["output"]
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), str(REPO / "tests" / "dist_loader_check.py"), "--model", str(model),
-                           "--out", str(tmp_path / "v.json")], capture_output=True, text=True, timeout=600, env=env)
+    proc = run_job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), str(REPO / "tests" / "dist_loader_check.py"), "--model", str(model),
+                    "--out", str(tmp_path / "v.json"), "--prequantized", prequantized], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     verdicts = json.loads((tmp_path / "v.json").read_text())
     ckpt_bytes = open_checkpoint(model).total_bytes()
+    fp8_bytes = open_checkpoint(prequantized).total_bytes()
     for v in verdicts:
-        for mode in ("bf16", "fp8"):
+        for mode in ("bf16", "fp8", "prequantized"):
             assert v[mode]["mismatched"] == [] and v[mode]["checked"] >= 20, v[mode]
         bf16 = v["bf16"]
         assert bf16["checkpoint_bytes"] == ckpt_bytes
@@ -67,6 +71,9 @@ def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_mod
         assert v["fp8"]["fp8_layers"] == 14
         # FP8 on load widens each rank's rows to whole 128-row block stripes: never more than all of W twice
         assert v["fp8"]["bytes_read_total"] <= 2 * ckpt_bytes
+        pre = v["prequantized"]  # FP8 bytes and scales copied as stored: each byte read once
+        assert pre["checkpoint_bytes"] == fp8_bytes and pre["bytes_read_total"] <= 1.05 * fp8_bytes
+        assert pre["fp8_layers"] == 14 and 0.35 * fp8_bytes <= pre["bytes_read_rank"] <= 0.65 * fp8_bytes
 
 
 def test_reader_reads_only_the_rows_it_needs_and_counts_honestly(tiny_model_dir, monkeypatch):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama_ft.train import main as train_main
 
@@ -75,7 +76,26 @@ def _wrong_shape(model: Path):
     (model / "config.json").write_text(json.dumps(cfg))
 
 
+def _wrong_dtype(model: Path):
+    from safetensors.torch import load_file, save_file
+
+    idx = json.loads((model / "model.safetensors.index.json").read_text())
+    shard = model / idx["weight_map"]["model.norm.weight"]
+    tensors = load_file(str(shard))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def _corrupt_header(model: Path):
+    p = model / "model-00004-of-00006.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[8:24] = b"\xff" * 16  # header length intact, JSON destroyed
+    p.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("breaker,needle", [
+    (_wrong_dtype, "tensor 'model.norm.weight' has dtype I32, expected BF16/F16/F32"),
+    (_corrupt_header, "model-00004-of-00006.safetensors: corrupt safetensors header"),
     (_break_index, "model.safetensors.index.json: safetensors index is not valid JSON"),
     (_drop_shard, "model-00002-of-00006.safetensors: shard named in"),
     (_truncate_shard, "model-00003-of-00006.safetensors: "),

@@ -26,6 +26,7 @@ from torch import nn
 from llama_ft.errors import UserError
 from llama_ft.model.loader import LoadReport, peak_rss_bytes, stream_checkpoint_into_partitions
 from llama_ft.model.lora import LoraSpec, inject_lora
+from llama_ft.model.offload import offload_frozen_partitions
 from llama_ft.shards import ST_DTYPES, Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,12 @@ def full_shape(p: nn.Parameter) -> tuple[int, ...]:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
 
-def check_checkpoint_fits(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint) -> None:
+def check_checkpoint_fits(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint,
+                          fp8_names: set[str] = frozenset()) -> None:
     """Every tensor the model needs is in the checkpoint, with the shape config.json implies.
 
-    `shapes`: parameter name -> logical shape. Raises UserError naming the file and tensor.
+    `shapes`: parameter name -> logical shape; `fp8_names`: weights stored pre-quantized (F8_E4M3).
+    Raises UserError naming the file and tensor.
     """
     index = ckpt.root / "model.safetensors.index.json"
     missing = [n for n in shapes if n not in ckpt.tensors]
@@ -68,8 +71,36 @@ def check_checkpoint_fits(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint) 
                 f"{ckpt.root / info.shard}: tensor {name!r} has shape {list(info.shape)}, "
                 f"config.json implies {list(shape)}"
             )
+        if name in fp8_names:
+            continue  # dtype and scales checked by quantize.check_prequantized
         if ST_DTYPES.get(info.dtype) not in (torch.bfloat16, torch.float16, torch.float32):
             raise UserError(f"{ckpt.root / info.shard}: tensor {name!r} has dtype {info.dtype}, expected BF16/F16/F32")
+
+
+def inspect_checkpoint(model_dir: str | Path, spec: LoraSpec,
+                       flag: str = "--model_name_or_path") -> tuple[Checkpoint, list[str] | None]:
+    """Open and check a checkpoint against its config and the LoRA targets, reading only headers.
+
+    Returns the checkpoint and, for one written by `llama-ft quantize`, its FP8 module names
+    (which must be the LoRA targets: each FP8 layer is an FP8LoRALinear).
+    """
+    from llama_ft.quantize import check_prequantized, is_target, prequantized_targets
+
+    ckpt = open_checkpoint(model_dir, flag)
+    pre = prequantized_targets(ckpt, flag)
+    if pre is not None:
+        check_prequantized(ckpt, pre)
+        if sorted(pre) != sorted(spec.target_modules):
+            raise UserError(f"--lora_target_modules {sorted(spec.target_modules)}: {model_dir} is quantized for "
+                            f"{sorted(pre)}; the LoRA targets must be exactly those layers")
+    shapes = expected_shapes(model_dir)
+    check_checkpoint_fits(shapes, ckpt, {n for n in shapes if pre and is_target(n, pre)})
+    linear_names = {n.rsplit(".", 2)[-2] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2}
+    unknown = sorted(set(spec.target_modules) - linear_names)
+    if unknown:
+        raise UserError(f"--lora_target_modules: {unknown} match no linear layer of {model_dir} "
+                        f"(it has {', '.join(sorted(linear_names - {'embed_tokens', 'lm_head'}))})")
+    return ckpt, pre
 
 
 def expected_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
@@ -91,6 +122,8 @@ def load_llama_config(model_dir: str | Path):
         raise UserError(f"{Path(model_dir) / 'config.json'}: not a usable model config ({e})") from e
     if config.model_type != "llama":
         raise UserError(f"{Path(model_dir) / 'config.json'}: model_type is {config.model_type!r}, expected 'llama'")
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # ours (quantize.py): FP8 layers are built by llama-ft, not transformers
     return config
 
 
@@ -135,6 +168,7 @@ def build_lora_model(
     quantize: bool = False,
     fp8_compute: bool = False,
     loader: str = "stream",
+    offload_ratio: float | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """LlamaForCausalLM from `model_dir` with LoRA on `spec.target_modules`, partitioned by ZeRO-3.
 
@@ -145,20 +179,26 @@ def build_lora_model(
     Loaders (ZeRO-3): "stream" (default) fills each rank's partitions from the bytes it owns
     (model/loader.py), quantizing FP8 layers on load; "hf" is the Hugging Face way, rank 0 reads
     every tensor and ZeRO-3 scatters it, kept as a reference and a fallback.
+
+    `offload_ratio` (ZeRO-3 only): keep that fraction of the frozen base-weight bytes in host
+    memory, spread evenly through the layers (model/offload.py); None keeps them where ZeRO-3 put them.
     """
     from transformers import AutoModelForCausalLM
 
-    ckpt = open_checkpoint(model_dir, flag)
+    ckpt, prequantized = inspect_checkpoint(model_dir, spec, flag)
+    quantize = quantize or prequantized is not None
     config = load_llama_config(model_dir)
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     with _zero_init(ds_config, zero3), _skip_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    # transformers ties lm_head to the embeddings inside its weight init, which _skip_init skips
+    model.tie_weights()
     if not zero3:
         model.to(dtype)
-    check_checkpoint_fits({n: full_shape(p) for n, p in model.named_parameters()}, ckpt)
     # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
     nvme = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device") == "nvme"
-    streaming = zero3 and loader == "stream" and not nvme
+    # a pre-quantized checkpoint is always streamed: its FP8 bytes go straight into the FP8 storage
+    streaming = (zero3 and loader == "stream" and not nvme) or prequantized is not None
     if zero3 and loader == "stream" and nvme:
         log.info("offload_param to NVMe: loading through ZeRO-3 gathers instead of streaming into partitions")
 
@@ -171,19 +211,32 @@ def build_lora_model(
                 return FP8LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype, fp8_compute)
             return FP8LoRALinear.from_linear(lin, spec, fp8_compute)
 
+    offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+    if offload_ratio is not None and offload_param not in (None, "none"):
+        log.info("offload_param to %s keeps every partition off the GPU: --offload_ratio has no further effect",
+                 offload_param)
+        offload_ratio = None
+    offload = {}
+
     t0 = time.time()
     if streaming:
         with _zero_init(ds_config, zero3):
             wrapped = inject_lora(model, spec, make)
-        report = stream_checkpoint_into_partitions(model, ckpt)
+        if zero3 and offload_ratio is not None:  # before loading: the bytes go straight to host memory
+            offload = offload_frozen_partitions(model, offload_ratio)
+        report = stream_checkpoint_into_partitions(model, ckpt, prequantized is not None)
     else:
         nbytes = load_checkpoint_weights(model, ckpt)
         with _zero_init(ds_config, zero3):
             wrapped = inject_lora(model, spec, make)
+        if zero3 and offload_ratio is not None:
+            offload = offload_frozen_partitions(model, offload_ratio)
         report = LoadReport(rank=dist.get_rank() if dist.is_initialized() else 0,
                             world_size=dist.get_world_size() if dist.is_initialized() else 1,
                             checkpoint_bytes=ckpt.total_bytes(), bytes_read=nbytes, seconds=time.time() - t0,
                             peak_rss_bytes=peak_rss_bytes(), extra={"loader": "hf"})
+    if offload:
+        report.extra["offload"] = {"ratio": offload_ratio, **offload}
     missing = sorted(set(spec.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
     if missing:
         raise UserError(f"--lora_target_modules: {missing} match no linear layer of {model_dir}")

@@ -68,7 +68,10 @@ def peak_rss_bytes() -> int:
 
 
 def owned_range(p: nn.Parameter) -> tuple[int, int, torch.Tensor]:
-    """(start, end, partition tensor) of this rank's slice of the flattened parameter."""
+    """(start, end, partition tensor) of this rank's slice of the flattened parameter
+    (the whole parameter when it is not partitioned)."""
+    if not hasattr(p, "ds_tensor"):
+        return 0, p.numel(), p.data.view(-1)
     part = p.ds_tensor
     ps = part.ds_numel if hasattr(part, "ds_numel") else part.numel()
     rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
@@ -98,10 +101,29 @@ def _fill_fp8(m: nn.Module, reader: ShardReader, name: str) -> None:
         off = q_start - b0 * BLOCK * k
         q_part.data[: q_end - q_start].copy_(q.reshape(-1)[off: off + q_end - q_start])
     if dist.is_initialized() and dist.get_world_size() > 1:
-        # every block row was quantized by at least one rank, identically by any rank that did
-        dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=getattr(m.weight_scale, "ds_process_group", None))
+        # every block row was quantized by at least one rank, identically by any rank that did;
+        # reduced on the communication device (an offloaded layer's partition is in host memory)
+        from deepspeed.accelerator import get_accelerator
+
+        comm = scales.to(get_accelerator().current_device_name())
+        dist.all_reduce(comm, op=dist.ReduceOp.MAX, group=getattr(m.weight_scale, "ds_process_group", None))
+        scales = comm.to(scales.device)
     if s_end > s_start:
         s_part.data[: s_end - s_start].copy_(scales_to_bytes(scales).reshape(-1)[s_start:s_end])
+
+
+def _fill_fp8_prequantized(m: nn.Module, reader: ShardReader, name: str) -> None:
+    """Copy this rank's FP8 bytes and scale bytes from a `llama-ft quantize` checkpoint: no math."""
+    from llama_ft.quantize import SCALE_SUFFIX
+
+    q_start, q_end, q_part = owned_range(m.weight)
+    if q_end > q_start:
+        q_part.data[: q_end - q_start].copy_(reader.read_flat(name, q_start, q_end).view(torch.uint8))
+    s_start, s_end, s_part = owned_range(m.weight_scale)  # byte offsets into the fp32 scale grid
+    if s_end > s_start:
+        e0, e1 = s_start // 4, -(-s_end // 4)
+        raw = reader.read_flat(name + SCALE_SUFFIX, e0, e1).view(torch.uint8)
+        s_part.data[: s_end - s_start].copy_(raw[s_start - 4 * e0: s_end - 4 * e0])
 
 
 def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +132,7 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8(w) if w.is_cuda else quantize_fp8_reference(w)
 
 
-def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint) -> LoadReport:
+def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint, prequantized: bool = False) -> LoadReport:
     """Fill every ZeRO-3 partition of `model` from `ckpt`, reading only this rank's bytes. Collective
     for models with FP8 layers (one scale all-reduce per layer, in model order on every rank)."""
     from llama_ft.fp8.module import FP8LoRALinear
@@ -127,13 +149,13 @@ def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint) -> Loa
             _fill_plain(p, reader, name)
             tensors += 1
         for name, m in fp8.items():
-            _fill_fp8(m, reader, name)
+            (_fill_fp8_prequantized if prequantized else _fill_fp8)(m, reader, name)
             tensors += 1
     finally:
         reader.close()
     gpu = host = 0
     for p in model.parameters():
-        part = p.ds_tensor
+        part = owned_range(p)[2]
         nbytes = part.numel() * part.element_size()
         if part.is_cuda:
             gpu += nbytes

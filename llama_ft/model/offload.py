@@ -1,0 +1,89 @@
+"""Partial CPU offload of the frozen base weights (`--offload --offload_ratio R`, Snowflake's flags).
+
+Under ZeRO-3 each rank holds one partition of every parameter. With `--offload`, the partitions
+of a fraction R (by bytes) of the frozen base weights of the LoRA-targeted linears (FP8 bytes and
+scales included) live in host memory (pinned when there is a GPU), the rest stay on the GPU.
+ZeRO-3 all-gathers a host partition by copying it to the GPU as part of the gather, and its
+prefetcher (`stage3_prefetch_bucket_size`) issues gathers ahead of use, so offloaded layers are
+brought over before the layer runs; nothing is gathered into host memory.
+
+Which weights: chosen by error diffusion over the model order, so the offloaded bytes are spread
+evenly through the depth (R = 0.25 offloads about one weight in four in every block), not the
+first R of the layers (a first-R split makes the early layers slow and the rest idle on the
+link). Partitions are moved before the checkpoint is streamed in, so the loader writes them
+straight into host memory.
+
+R = 0 keeps everything on the GPU, R = 1 offloads every frozen base linear. On CPU ranks every
+partition is in host memory anyway: the choice is made and reported, nothing moves. With a
+DeepSpeed config that already offloads parameters (`offload_param`), all partitions are on the
+host and R has no further effect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def spread_evenly(sizes: list[int], ratio: float) -> list[bool]:
+    """Pick items so their total size is about `ratio` of the whole, spread evenly in order.
+
+    Error diffusion: item i is picked when that brings the picked total closer to
+    ratio x (size of items 0..i). The picked total ends within half an item of ratio x total.
+    """
+    picked, seen, chosen = 0, 0, []
+    for s in sizes:
+        seen += s
+        take = abs(picked + s - ratio * seen) <= abs(picked - ratio * seen)
+        chosen.append(take)
+        picked += s if take else 0
+    return chosen
+
+
+def frozen_base_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every frozen base-weight tensor of the LoRA layers, in model order."""
+    from llama_ft.model.lora import LoRALinear
+
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for n, p in m.named_parameters(recurse=False):
+                if not n.startswith("lora_"):
+                    out.append((f"{path}.{n}", p))
+    return out
+
+
+def _partition_nbytes(p: nn.Parameter) -> int:
+    t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+    return t.numel() * t.element_size()
+
+
+def offload_frozen_partitions(model: nn.Module, ratio: float) -> dict[str, int]:
+    """Move the partitions of about `ratio` of the frozen base bytes to host memory.
+
+    Returns {"offloaded_bytes", "frozen_base_bytes", "offloaded_tensors"} for this rank.
+    """
+    params = frozen_base_params(model)
+    sizes = [_partition_nbytes(p) for _, p in params]
+    chosen = spread_evenly(sizes, ratio)
+    pin = torch.cuda.is_available()
+    moved = 0
+    for (_, p), take in zip(params, chosen, strict=True):
+        if not take or not hasattr(p, "ds_tensor"):
+            continue
+        part = p.ds_tensor
+        if part.device.type != "cpu":
+            host = torch.empty(part.shape, dtype=part.dtype, device="cpu", pin_memory=pin)
+            host.copy_(part.data)
+            part.data = host  # keeps the tensor object and the ds_* attributes ZeRO-3 put on it
+            moved += 1
+    offloaded = sum(s for s, take in zip(sizes, chosen, strict=True) if take)
+    log.info("offload: %d of %d frozen base tensors (%.1f of %.1f MiB on this rank) in host memory%s",
+             sum(chosen), len(params), offloaded / 2**20, sum(sizes) / 2**20,
+             "" if pin else " (CPU ranks: all partitions are host memory already)")
+    return {"offloaded_bytes": offloaded, "frozen_base_bytes": sum(sizes), "offloaded_tensors": sum(chosen),
+            "moved_tensors": moved}

@@ -1,0 +1,152 @@
+"""`llama-ft quantize`: write a pre-quantized FP8 checkpoint, half the bytes to read at every load.
+
+Layout: Hugging Face's fine-grained FP8 checkpoint layout (as DeepSeek-V3 ships and transformers'
+FineGrainedFP8 reads), with the block scales beside the bytes in the same shard:
+
+    <module>.weight            F8_E4M3 (N, K)                         e4m3 values q
+    <module>.weight_scale_inv  F32 (ceil(N/128), ceil(K/128))         s, with W ~= q * s per 128x128 block
+    config.json  "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                 "weight_block_size": [128, 128], "activation_scheme": "dynamic",
+                 "modules_to_not_convert": [...], "llama_ft_target_modules": [...]}
+
+Only the linear layers named by --target_modules (by default all seven LoRA targets) are
+quantized; embeddings, norms and lm_head stay as they are. The quantization is exactly the one
+`--quantize` applies on load (format.py), so training from this checkpoint equals training from
+the bf16 one with --quantize. Works shard by shard (peak memory about one shard), written under
+a temporary name and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llama_ft.errors import UserError, user_errors_exit
+from llama_ft.fp8.format import BLOCK, FP8
+from llama_ft.fsutil import atomic_dir, is_within
+from llama_ft.model.lora import LLAMA_LINEAR_NAMES
+from llama_ft.shards import CONFIG_NAME, INDEX_NAME, Checkpoint, copy_side_files, open_checkpoint
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+def is_target(name: str, targets: tuple[str, ...] | list[str]) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in targets
+
+
+def prequantized_targets(ckpt: Checkpoint, flag: str = "--model_name_or_path") -> list[str] | None:
+    """The module names quantized in a checkpoint `llama-ft quantize` wrote; None for a plain one.
+
+    Raises UserError when the checkpoint says it is FP8 in a layout that is not ours.
+    """
+    qc = ckpt.config.get("quantization_config")
+    if not qc:
+        return None
+    where = f"{ckpt.root / CONFIG_NAME}: quantization_config"
+    if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3":
+        raise UserError(f"{where} is {qc.get('quant_method')!r}/{qc.get('fmt')!r}, expected fp8/e4m3 "
+                        "(a checkpoint written by llama-ft quantize, or a plain bf16 one)")
+    if list(qc.get("weight_block_size") or []) != [BLOCK, BLOCK]:
+        raise UserError(f"{where}: weight_block_size {qc.get('weight_block_size')}, expected [{BLOCK}, {BLOCK}]")
+    targets = qc.get("llama_ft_target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise UserError(f"{where}: no llama_ft_target_modules (expected a checkpoint written by llama-ft quantize)")
+    return targets
+
+
+def check_prequantized(ckpt: Checkpoint, targets: list[str]) -> None:
+    """Every quantized weight is F8_E4M3 with an F32 scale tensor of the block-grid shape."""
+    for name, info in ckpt.tensors.items():
+        if not is_target(name, targets):
+            continue
+        path = ckpt.root / info.shard
+        if info.dtype != "F8_E4M3":
+            raise UserError(f"{path}: tensor {name!r} is {info.dtype}, expected F8_E4M3 (pre-quantized checkpoint)")
+        s = ckpt.tensors.get(name + SCALE_SUFFIX)
+        n, k = info.shape
+        want = (-(-n // BLOCK), -(-k // BLOCK))
+        if s is None or s.dtype != "F32" or tuple(s.shape) != want:
+            raise UserError(f"{path}: scale {name + SCALE_SUFFIX!r} missing or not F32 {list(want)} "
+                            f"(block size {BLOCK}x{BLOCK} layout)")
+
+
+def quantize_checkpoint(model: Path, output: Path, targets: tuple[str, ...] = LLAMA_LINEAR_NAMES,
+                        overwrite: bool = False, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from llama_ft.fp8 import quantize_fp8
+
+    t0 = time.perf_counter()
+    model, output = Path(model), Path(output)
+    ckpt = open_checkpoint(model, "--model")
+    if prequantized_targets(ckpt, "--model") is not None:
+        raise UserError(f"--model {model}: already quantized")
+    if is_within(output, model):
+        raise UserError(f"--output {output}: inside --model {model} (expected a separate directory)")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise UserError(f"--output {output}: exists and is not empty (pass --overwrite)")
+    found = {n.split(".")[-2] for n in ckpt.tensors if is_target(n, targets)}
+    if set(targets) - found:
+        raise UserError(f"--target_modules: {sorted(set(targets) - found)} match no weight of {model}")
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    weight_map: dict[str, str] = {}
+    total, quantized = 0, 0
+    with atomic_dir(output, overwrite=True) as tmp:
+        for shard in tqdm(ckpt.shards, desc="quantizing shards", unit="shard", disable=not progress):
+            out: dict[str, torch.Tensor] = {}
+            for name, t in ckpt.iter_shard(shard):
+                if name not in ckpt.tensors:
+                    continue
+                if is_target(name, targets):
+                    q, s = quantize_fp8(t.to(device))
+                    out[name] = q.view(FP8).cpu()
+                    out[name + SCALE_SUFFIX] = s.cpu()
+                    quantized += 1
+                else:
+                    out[name] = t
+            for name, t in out.items():
+                weight_map[name] = shard
+                total += t.numel() * t.element_size()
+            save_file(out, str(tmp / shard), metadata={"format": "pt"})
+            del out
+        config = dict(ckpt.config)
+        config["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic",
+            "modules_to_not_convert": sorted({n.rsplit(".", 1)[0] for n in ckpt.tensors if not is_target(n, targets)}),
+            "llama_ft_target_modules": list(targets),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        copy_side_files(model, tmp)
+    return {"output": str(output), "quantized": quantized, "bytes": total, "checkpoint_bytes": ckpt.total_bytes(),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-ft quantize",
+                                description="Write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint.")
+    p.add_argument("--model", required=True, help="bf16/fp16/fp32 Hugging Face model directory")
+    p.add_argument("--output", required=True, help="directory for the FP8 checkpoint")
+    p.add_argument("--target_modules", nargs="+", default=list(LLAMA_LINEAR_NAMES),
+                   help="linear layers to quantize (the LoRA targets you will train)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    targets = tuple(x for v in args.target_modules for x in v.split(",") if x)
+    r = quantize_checkpoint(Path(args.model), Path(args.output), targets, args.overwrite, not args.no_progress)
+    print(f"llama-ft quantize: {r['quantized']} weights to FP8 in {r['output']} "
+          f"({r['bytes'] / 2**20:.1f} MiB, was {r['checkpoint_bytes'] / 2**20:.1f} MiB, {r['seconds']:.1f} s)")
+    return 0
