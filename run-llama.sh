@@ -11,6 +11,9 @@
 #   DS_CONFIG    DeepSpeed JSON config.                Default: ds_configs/zero3.json
 #   NPROC        ranks per node on a one-host file.    Default: all local GPUs, or 2 CPU ranks
 #   MASTER_ADDR / MASTER_PORT                          Default: 127.0.0.1 (one host) / 29500
+#   INCLUDE / EXCLUDE  the launcher's --include/--exclude filters (host:0,1@host2)
+#   NODE_RANK    launch this node only, without ssh (start the same command on every node with
+#                its NODE_RANK and the same MASTER_ADDR); unset: the launcher reaches the hosts by ssh/pdsh
 #   MERGE_DIR    if set, merge the final adapters into a full checkpoint there after training
 #   LLAMA_FT_CACHE  cache for the tiny model and compiled ops. Default: ~/.cache/llama-ft
 # Extra arguments are appended after the defaults, so they override them (last flag wins).
@@ -33,9 +36,10 @@ die() { echo "run-llama.sh: error: $*" >&2; exit 2; }
 [ -f "$DS_CONFIG" ] || die "DS_CONFIG $DS_CONFIG: file not found"
 command -v "$DEEPSPEED" >/dev/null || die "'$DEEPSPEED' launcher not on PATH (pip install deepspeed, or set DEEPSPEED)"
 
+# Syntax, duplicates and slots first: one line naming the hostfile line, not a launcher traceback.
+"$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" >/dev/null
 # Hosts named in the hostfile (comments and blank lines skipped).
 mapfile -t HOSTS < <(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}')
-[ "${#HOSTS[@]}" -gt 0 ] || die "HOSTFILE $HOSTFILE: no host lines (expected 'HOST slots=N')"
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     NGPU=$(nvidia-smi -L | grep -c '^GPU')
@@ -62,17 +66,36 @@ DATA_ARGS=()
 [ -n "${DATA:-}" ] && DATA_ARGS=(--dataset "$DATA")
 
 LAUNCH=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
-if [ "${#HOSTS[@]}" -eq 1 ] && [[ "${HOSTS[0]}" =~ ^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$ ]]; then
+CHECK=()
+[ -n "${INCLUDE:-}" ] && LAUNCH+=(--include "$INCLUDE") && CHECK+=(--include "$INCLUDE")
+[ -n "${EXCLUDE:-}" ] && LAUNCH+=(--exclude "$EXCLUDE") && CHECK+=(--exclude "$EXCLUDE")
+if [ -n "${NODE_RANK:-}" ]; then
+    # No-ssh multi-node: every node runs this script itself; the launcher starts only this node's ranks.
+    [ -n "${MASTER_ADDR:-}" ] || die "NODE_RANK=$NODE_RANK needs MASTER_ADDR (the address of the node with NODE_RANK=0)"
+    [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "${#HOSTS[@]}" ] \
+        || die "NODE_RANK=$NODE_RANK: expected 0..$(( ${#HOSTS[@]} - 1 )) (one per host line of $HOSTFILE)"
+    LAUNCH+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+    [ -n "${NPROC:-}" ] && [ ${#CHECK[@]} -eq 0 ] && LAUNCH+=(--num_gpus "$NPROC") && CHECK+=(--num_gpus "$NPROC")
+    if [ "$NGPU" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+        SLOTS=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF' | sed -n "$(( NODE_RANK + 1 ))p" | sed -e 's/.*slots=//')
+        export OMP_NUM_THREADS=$(( $(nproc) / ${NPROC:-$SLOTS} > 0 ? $(nproc) / ${NPROC:-$SLOTS} : 1 ))
+    fi
+elif [ "${#HOSTS[@]}" -eq 1 ] && [[ "${HOSTS[0]}" =~ ^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$ ]]; then
     # One local host: no ssh needed; use every GPU, or 2 CPU ranks when there is none.
     if [ "$NGPU" -gt 0 ]; then NPROC="${NPROC:-$NGPU}"; else NPROC="${NPROC:-2}"; fi
-    LAUNCH+=(--num_gpus "$NPROC" --no_ssh_check --master_addr "${MASTER_ADDR:-127.0.0.1}")
+    # the launcher refuses --num_gpus together with --include/--exclude
+    [ ${#CHECK[@]} -eq 0 ] && LAUNCH+=(--num_gpus "$NPROC") && CHECK+=(--num_gpus "$NPROC")
+    LAUNCH+=(--no_ssh_check --master_addr "${MASTER_ADDR:-127.0.0.1}")
     if [ "$NGPU" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
         # The DeepSpeed launcher leaves OMP threads unset: every rank would use every core.
         export OMP_NUM_THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))
     fi
 else
     [ -n "${MASTER_ADDR:-}" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+    [ -n "${NPROC:-}" ] && [ ${#CHECK[@]} -eq 0 ] && LAUNCH+=(--num_gpus "$NPROC") && CHECK+=(--num_gpus "$NPROC")
 fi
+# The rank request must fit the slots (e.g. NPROC above a host's slots, an --include of an unknown host).
+"$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" "${CHECK[@]}" >/dev/null
 
 echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
 "$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \

@@ -31,6 +31,8 @@ from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_t
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.metrics import MetricsLog, plot_loss
+from llama_ft.ops import prepare_ops
+from llama_ft.rendezvous import check_master_reachable
 from llama_ft.resume import Progress, check_resumable, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("llama_ft")
@@ -128,26 +130,14 @@ def train(cfg: TrainConfig) -> dict:
 
     from llama_ft.adapters import save_adapters
     from llama_ft.data import load_rows, pad_token_id, tokenize_rows, train_eval_split
-    from llama_ft.model.build import (
-        build_lora_model,
-        check_checkpoint_fits,
-        expected_shapes,
-        load_llama_config,
-        partition_bytes,
-    )
-    from llama_ft.shards import open_checkpoint
+    from llama_ft.model.build import build_lora_model, inspect_checkpoint, load_llama_config, partition_bytes
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank)
-    ckpt = open_checkpoint(cfg.model_name_or_path)
-    shapes = expected_shapes(cfg.model_name_or_path)
-    check_checkpoint_fits(shapes, ckpt)
-    linear_names = {n.rsplit(".", 2)[-2] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2}
-    unknown = sorted(set(cfg.lora_target_modules) - linear_names)
-    if unknown:
-        raise UserError(f"--lora_target_modules: {unknown} match no linear layer of {cfg.model_name_or_path} "
-                        f"(it has {', '.join(sorted(linear_names - {'embed_tokens', 'lm_head'}))})")
+    _, prequantized = inspect_checkpoint(cfg.model_name_or_path, cfg.lora_spec)
+    if prequantized:
+        cfg.quantize = True  # the checkpoint holds FP8 layers
     if cfg.quantize and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         raise UserError(f"--quantize: FP8 kernels need compute capability 8.9+ (Ada/Hopper); this GPU has "
                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
@@ -170,9 +160,11 @@ def train(cfg: TrainConfig) -> dict:
     log.info("data: %d train / %d eval examples from %s", len(train_set), len(eval_set), cfg.dataset)
 
     # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
+    on_gpu = torch.cuda.is_available()
+    prepare_ops(ds_config, on_gpu)  # DeepSpeed's JIT ops, compiled by one process at a time
+    check_master_reachable()  # a wrong MASTER_ADDR fails in seconds with its name, not after torch's 30 min
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     seed_everything(cfg.seed)
@@ -185,7 +177,9 @@ def train(cfg: TrainConfig) -> dict:
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model, report = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype,
                                      cfg.gradient_checkpointing, quantize=cfg.quantize, fp8_compute=cfg.fp8_compute,
-                                     loader=cfg.loader)
+                                     loader=cfg.loader,
+                                     offload_ratio=(1.0 if cfg.offload_ratio is None else cfg.offload_ratio)
+                                     if cfg.offload else None)
     report.write(out)
     logging.getLogger("llama_ft.load").info(report.line())
     held = partition_bytes(model)

@@ -11,11 +11,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
+from proc import run_job
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,6 +27,7 @@ from llama_ft.tiny import BUNDLED_DATASET
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 MAX_STEPS, SAVE_STEPS = 60, 30  # run-llama.sh's tiny defaults
+EXT_DIR = str(Path.home() / ".cache" / "llama-ft" / "torch_extensions")  # run-llama.sh's default
 
 
 def _free_port() -> int:
@@ -33,22 +36,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = None, ds_config: str | None = None,
-              check: bool = True, nproc: int | None = None) -> subprocess.CompletedProcess:
+def llama_env(tmp: Path, output: Path, merge_dir: Path | None = None, ds_config: str | None = None,
+              nproc: int | None = None, model: Path | None = None, **extra_env: str) -> dict[str, str]:
+    """The environment run-llama.sh gets in these tests: the embedded default unless told otherwise."""
     bindir = Path(sys.executable).parent
     env = dict(os.environ)
     env.update(
         OUTPUT_DIR=str(output),
         LLAMA_FT_CACHE=str(tmp / "cache"),
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                            str(Path.home() / ".cache" / "llama-ft" / "torch_extensions")),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR),
         MASTER_PORT=str(_free_port()),
         PYTHON=sys.executable,
         DEEPSPEED=str(bindir / "deepspeed"),
         PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
     )
-    env.pop("MODEL", None)
-    env.pop("DATA", None)
+    for k in ("DATA", "MODEL", "MERGE_DIR", "DS_CONFIG", "NPROC", "HOSTFILE", "NODE_RANK", "MASTER_ADDR", "INCLUDE",
+              "EXCLUDE"):
+        env.pop(k, None)
     env.pop("TRITON_INTERPRET", None)  # CPU ranks train through the PyTorch reference, not the interpreter
     if merge_dir is not None:
         env["MERGE_DIR"] = str(merge_dir)
@@ -56,8 +60,15 @@ def run_llama(tmp: Path, output: Path, *extra: str, merge_dir: Path | None = Non
         env["DS_CONFIG"] = str(REPO / ds_config)
     if nproc is not None:
         env["NPROC"] = str(nproc)
-    proc = subprocess.run(["bash", str(REPO / "run-llama.sh"), *extra], env=env, cwd=tmp, capture_output=True,
-                          text=True, timeout=1200)
+    if model is not None:
+        env["MODEL"] = str(model)
+    env.update(extra_env)
+    return env
+
+
+def run_llama(tmp: Path, output: Path, *extra: str, check: bool = True, **env_kw) -> subprocess.CompletedProcess:
+    proc = run_job(["bash", str(REPO / "run-llama.sh"), *extra], timeout=900, env=llama_env(tmp, output, **env_kw),
+                   cwd=tmp)
     if check and proc.returncode != 0:
         raise AssertionError(f"run-llama.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -179,13 +190,19 @@ def test_offload_checkpointing_accumulation_exact_resume(tmp_path):
     gradient accumulation: the run trains, and resuming mid-way reproduces it bit for bit."""
     flags = ("--max_steps", "8", "--save_steps", "4", "--gradient_checkpointing", "--gradient_accumulation_steps", "2",
              "--eval_dataset_size", "0")
+    # A compile killed half-way leaves torch's build lock behind; it must not hang the run (llama_ft/ops.py).
+    stale = Path(os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR)) / "cpu_adam" / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     run_llama(tmp_path, tmp_path / "full", *flags, ds_config="ds_configs/zero3_offload.json")
+    assert not stale.exists()
     run_llama(tmp_path, tmp_path / "resumed", *flags, "--resume_from_checkpoint", str(tmp_path / "full/checkpoint-4"),
               ds_config="ds_configs/zero3_offload.json")
     _same_adapters(tmp_path / "full", tmp_path / "resumed")
     losses = [r["loss"] for r in _metrics(tmp_path / "full")]
     assert len(losses) == 8 and losses[-1] < losses[0]
-    assert [r["loss"] for r in _metrics(tmp_path / "resumed")] == losses
+    assert [r["loss"] for r in _metrics(tmp_path / "resumed")] == losses[4:]  # the resumed run logs steps 5-8
 
 
 def test_exact_resume_three_ranks(tmp_path):
@@ -212,11 +229,10 @@ def test_single_process_cli_train(tiny_model_dir, tmp_path):
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.run([str(Path(sys.executable).parent / "llama-ft"), "train", "--model_name_or_path",
-                           str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
-                           "--lora_r", "4", "--per_device_train_batch_size", "2", "--bf16", "false",
-                           "--deepspeed", str(REPO / "ds_configs/zero3.json")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = run_job([str(Path(sys.executable).parent / "llama-ft"), "train", "--model_name_or_path",
+                    str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+                    "--lora_r", "4", "--per_device_train_batch_size", "2", "--bf16", "false",
+                    "--deepspeed", str(REPO / "ds_configs/zero3.json")], timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert results["world_size"] == 1 and results["global_step"] == 3
@@ -266,3 +282,81 @@ def test_hf_loader_trains_identically(default_run):
     assert [r.get("loss", r.get("eval_loss")) for r in _metrics(tmp / "hf-loader")] == \
         [r.get("loss", r.get("eval_loss")) for r in _metrics(out)]
     _same_adapters(out, tmp / "hf-loader")
+
+
+TINY_FLAGS = ("--max_steps", "10", "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "5e-3",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--source_max_len", "256",
+              "--target_max_len", "64", "--save_steps", "10", "--eval_dataset_size", "0", "--gradient_checkpointing",
+              "false", "--max_grad_norm", "1.0")
+
+
+def test_training_from_prequantized_equals_quantizing_on_load(default_run, tmp_path):
+    """`llama-ft quantize` then train == train with --quantize from the bf16 checkpoint: same losses, adapters.
+    The pre-quantized run also offloads half of the frozen base partitions, which must change nothing."""
+    tiny = default_run["model"]
+    q = subprocess.run([sys.executable, "-m", "llama_ft.cli", "quantize", "--model", str(tiny), "--output",
+                        str(tmp_path / "fp8"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr
+    run_llama(tmp_path, tmp_path / "on-load", *TINY_FLAGS, "--quantize", model=tiny)
+    run_llama(tmp_path, tmp_path / "pre", *TINY_FLAGS, "--offload", "--offload_ratio", "0.5", model=tmp_path / "fp8")
+    assert [r["loss"] for r in _metrics(tmp_path / "pre")] == [r["loss"] for r in _metrics(tmp_path / "on-load")]
+    _same_adapters(tmp_path / "on-load", tmp_path / "pre")
+    reports = [json.loads((tmp_path / "pre" / f"load_report_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sum(r["bytes_read"] for r in reports) <= 1.05 * reports[0]["checkpoint_bytes"]
+    for r in reports:
+        off = r["extra"]["offload"]
+        assert off["ratio"] == 0.5 and 0 < off["offloaded_tensors"] < 28  # of 2 layers x 7 linears x (bytes, scales)
+        assert abs(off["offloaded_bytes"] - 0.5 * off["frozen_base_bytes"]) <= 0.25 * off["frozen_base_bytes"]
+
+
+def test_two_nodes_without_ssh_match_one_node(default_run, tmp_path):
+    """Two "nodes" on this machine, each its own launcher (DeepSpeed --no_ssh --node_rank), one CPU rank
+    each, ZeRO-3: the run trains and its adapters are bit-identical to the 1-node x 2-rank default run."""
+    hostfile = tmp_path / "two-nodes"
+    hostfile.write_text("# two nodes, one rank each\nnode-a slots=1\nnode-b slots=1\n")
+    port = str(_free_port())
+    out = tmp_path / "two-node-out"
+    procs = []
+    for node_rank in (0, 1):
+        env = llama_env(tmp_path, out, HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
+                        OMP_NUM_THREADS="1")  # as run-llama.sh sets for 2 local ranks on 2 cores
+        env["MASTER_PORT"] = port
+        procs.append(subprocess.Popen(["bash", str(REPO / "run-llama.sh")], env=env, cwd=tmp_path, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+    try:
+        results = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-5000:]
+    assert json.loads((out / "train_results.json").read_text())["world_size"] == 2
+    _same_adapters(default_run["out"], out)
+    assert [r.get("loss", r.get("eval_loss")) for r in _metrics(out)] == \
+        [r.get("loss", r.get("eval_loss")) for r in _metrics(default_run["out"])]
+
+
+def test_unreachable_master_fails_fast_with_its_name(tmp_path):
+    """A node whose MASTER_ADDR:MASTER_PORT nobody serves stops with one line naming them, not a hang."""
+    hostfile = tmp_path / "two-nodes"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    proc = run_llama(tmp_path, tmp_path / "out", check=False, HOSTFILE=str(hostfile), NODE_RANK="1",
+                     MASTER_ADDR="127.0.0.1", LLAMA_FT_MASTER_TIMEOUT="3")
+    assert proc.returncode != 0
+    assert "llama-ft: error: MASTER_ADDR=127.0.0.1 MASTER_PORT=" in proc.stderr
+    assert "not reachable from rank 1 within 3 s" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("hostfile,env,needle", [
+    ("localhost slots=8\nnode2 slot=8\n", {}, ":2: 'node2 slot=8': expected 'HOST slots=N'"),
+    ("localhost slots=2\n", {"NPROC": "3"}, ":1: host 'localhost' has slots=2, fewer than the 3 ranks"),
+    ("localhost slots=2\n", {"INCLUDE": "localhost:0,2"}, "slot 2 of host 'localhost' is outside its slots 0..1"),
+    ("localhost slots=2\n", {"NODE_RANK": "0"}, "NODE_RANK=0 needs MASTER_ADDR"),
+])
+def test_bad_launch_requests_fail_before_launching(tmp_path, hostfile, env, needle):
+    hf = tmp_path / "hostfile"
+    hf.write_text(hostfile)
+    proc = run_llama(tmp_path, tmp_path / "out", check=False, HOSTFILE=str(hf), **env)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
