@@ -69,3 +69,25 @@ def test_fp8_lora_linear_needs_cuda():
     last = proc.stderr.strip().splitlines()[-1]
     assert "needs a CUDA GPU" in last and "--smoke" in last
     assert sum("CUDA GPU" in line for line in proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_load_benchmark_smoke(tmp_path):
+    """benchmarks/load.py on the tiny shape: both loaders run on 2 ranks and the byte counts show
+    what each does (ours: each rank about half, once in all; HF: rank 0 reads it all)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--shape", "tiny", "--dir",
+                           str(tmp_path), "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout
+    report = json.loads(out.read_text())
+    ckpt = report["checkpoint_bytes"]
+    rows = {(r["loader"], r["rank"]): r for r in report["rows"]}
+    stream = [rows[("stream", r)]["bytes_read"] for r in (0, 1)]
+    assert sum(stream) <= 1.05 * ckpt and all(0.4 * ckpt <= b <= 0.6 * ckpt for b in stream)
+    assert rows[("hf", 0)]["bytes_read"] >= 0.99 * ckpt  # transformers 5: rank 0 reads every tensor
+    for r in report["rows"]:
+        assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["partition_bytes"] > 0
