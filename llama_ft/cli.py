@@ -1,8 +1,10 @@
-"""`llama-ft` command line: train | merge | quantize | hostfile | make-tiny.
+"""`llama-ft` command line: train | merge | quantize | download | hostfile | make-tiny.
 
     llama-ft train ...        one process (no launcher); for several ranks use run-llama.sh
     llama-ft merge ...        fold PEFT adapters into a new checkpoint, shard by shard
     llama-ft quantize ...     write a pre-quantized FP8 checkpoint (half the bytes to load)
+    llama-ft download REPO --local-dir DIR
+                              fetch a checkpoint from the Hugging Face Hub, checked before and after
     llama-ft hostfile check F validate a DeepSpeed hostfile before launching
     llama-ft make-tiny DIR    write the embedded tiny Llama + tokenizer (the default model)
 """
@@ -20,6 +22,7 @@ COMMANDS = {
     "train": "LoRA fine-tuning under DeepSpeed ZeRO-3 (single process here; run-llama.sh for many ranks)",
     "merge": "merge PEFT adapters into a base checkpoint, streaming one shard at a time",
     "quantize": "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint for faster loading",
+    "download": "download a safetensors checkpoint + tokenizer from the Hugging Face Hub (resumable, verified)",
     "hostfile": "check a DeepSpeed hostfile (syntax, duplicates, slots, the ranks asked for)",
     "make-tiny": "write the embedded tiny Llama checkpoint and tokenizer to a directory",
 }
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from llama_ft import quantize
 
         return quantize.main(rest)
+    if cmd == "download":
+        from llama_ft import hub
+
+        return hub.main(rest)
     if cmd == "hostfile":
         from llama_ft import hostfile
 
