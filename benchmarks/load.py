@@ -143,6 +143,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from llama_ft.ops import prepare_ops
+
+    prepare_ops(DS_CONFIG, on_gpu=torch.cuda.is_available())  # one compile at a time; stale build locks cleared
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():

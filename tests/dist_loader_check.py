@@ -16,6 +16,7 @@ from llama_ft.fp8 import quantize_fp8_reference, scales_to_bytes
 from llama_ft.fp8.module import FP8LoRALinear
 from llama_ft.model.build import build_lora_model
 from llama_ft.model.lora import LoraSpec
+from llama_ft.ops import prepare_ops
 
 DS = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prequantized", help="the same model written by llama-ft quantize")
     args, _ = ap.parse_known_args()
+    prepare_ops(DS, on_gpu=torch.cuda.is_available())  # one compile at a time; stale build locks cleared
     deepspeed.init_distributed()
     rank = dist.get_rank()
     keep = HfDeepSpeedConfig(DS)  # makes from_pretrained partition under ZeRO-3
