@@ -62,9 +62,13 @@ else
               --gradient_accumulation_steps 4 --source_max_len 1024 --target_max_len 256 --save_steps 250
               --gradient_checkpointing --max_grad_norm 0.3)
 fi
+if [ -n "${MERGE_DIR:-}" ] && grep -qs '"quantization_config"' "$MODEL/config.json"; then
+    die "MERGE_DIR: $MODEL is a pre-quantized FP8 checkpoint; merge into its bf16 original (apply_ds_adapters.py --base BF16_DIR)"
+fi
 DATA_ARGS=()
 [ -n "${DATA:-}" ] && DATA_ARGS=(--dataset "$DATA")
 
+[ -z "${NPROC:-}" ] || [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: expected an integer > 0 (ranks per node)"
 LAUNCH=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
 CHECK=()
 [ -n "${INCLUDE:-}" ] && LAUNCH+=(--include "$INCLUDE") && CHECK+=(--include "$INCLUDE")
@@ -72,13 +76,13 @@ CHECK=()
 if [ -n "${NODE_RANK:-}" ]; then
     # No-ssh multi-node: every node runs this script itself; the launcher starts only this node's ranks.
     [ -n "${MASTER_ADDR:-}" ] || die "NODE_RANK=$NODE_RANK needs MASTER_ADDR (the address of the node with NODE_RANK=0)"
-    [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "${#HOSTS[@]}" ] \
-        || die "NODE_RANK=$NODE_RANK: expected 0..$(( ${#HOSTS[@]} - 1 )) (one per host line of $HOSTFILE)"
+    [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || die "NODE_RANK=$NODE_RANK: expected a node index 0, 1, ..."
     LAUNCH+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
     [ -n "${NPROC:-}" ] && [ ${#CHECK[@]} -eq 0 ] && LAUNCH+=(--num_gpus "$NPROC") && CHECK+=(--num_gpus "$NPROC")
+    # NODE_RANK indexes the hosts left after INCLUDE/EXCLUDE, as the launcher counts them
+    LOCAL_RANKS=$("$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" ${CHECK[@]+"${CHECK[@]}"} --node_rank "$NODE_RANK")
     if [ "$NGPU" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
-        SLOTS=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF' | sed -n "$(( NODE_RANK + 1 ))p" | sed -e 's/.*slots=//')
-        export OMP_NUM_THREADS=$(( $(nproc) / ${NPROC:-$SLOTS} > 0 ? $(nproc) / ${NPROC:-$SLOTS} : 1 ))
+        export OMP_NUM_THREADS=$(( $(nproc) / LOCAL_RANKS > 0 ? $(nproc) / LOCAL_RANKS : 1 ))
     fi
 elif [ "${#HOSTS[@]}" -eq 1 ] && [[ "${HOSTS[0]}" =~ ^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$ ]]; then
     # One local host: no ssh needed; use every GPU, or 2 CPU ranks when there is none.
@@ -95,16 +99,17 @@ else
     [ -n "${NPROC:-}" ] && [ ${#CHECK[@]} -eq 0 ] && LAUNCH+=(--num_gpus "$NPROC") && CHECK+=(--num_gpus "$NPROC")
 fi
 # The rank request must fit the slots (e.g. NPROC above a host's slots, an --include of an unknown host).
-"$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" "${CHECK[@]}" >/dev/null
+"$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" ${CHECK[@]+"${CHECK[@]}"} >/dev/null
 
 echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
 "$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
     --model_name_or_path "$MODEL" --output_dir "$OUTPUT_DIR" --deepspeed "$DS_CONFIG" --bf16 \
-    "${DATA_ARGS[@]}" "${DEFAULTS[@]}" "$@"
+    ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" "$@"
 
 if [ -n "${MERGE_DIR:-}" ]; then
     # Replace MERGE_DIR only if it holds an earlier merge output; anything else is refused by the merge.
     OVERWRITE=()
     [ -f "$MERGE_DIR/model.safetensors.index.json" ] && [ -f "$MERGE_DIR/config.json" ] && OVERWRITE=(--overwrite)
-    "$PYTHON" "$HERE/apply_ds_adapters.py" --base "$MODEL" --adapter "$OUTPUT_DIR" --output "$MERGE_DIR" "${OVERWRITE[@]}"
+    "$PYTHON" "$HERE/apply_ds_adapters.py" --base "$MODEL" --adapter "$OUTPUT_DIR" --output "$MERGE_DIR" \
+        ${OVERWRITE[@]+"${OVERWRITE[@]}"}
 fi

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from llama_ft.errors import UserError, user_errors_exit
 
-_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
+# DeepSpeed matches this at the start of a line and ignores the rest (e.g. OpenMPI's max_slots=16)
+_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+?)(?:\s+.*)?$")
 
 
 @dataclass(frozen=True)
@@ -71,33 +72,36 @@ def check_resolves(path: str | Path, hosts: list[Host]) -> None:
 
 def _parse_filter(spec: str, hosts: dict[str, Host], flag: str) -> dict[str, list[int]]:
     """`host1:0,1@host2` -> {host1: [0, 1], host2: all slots}, checked against the hostfile."""
-    out: dict[str, list[int]] = {}
+    out: dict[str, set[int]] = {}
     for part in filter(None, spec.split("@")):
-        name, _, slots = part.partition(":")
+        name, colon, slots = part.partition(":")
         if name not in hosts:
             raise UserError(f"{flag} {spec}: host {name!r} is not in the hostfile (it has {', '.join(hosts)})")
-        if not slots:
-            out[name] = list(range(hosts[name].slots))
+        if not colon:
+            out.setdefault(name, set()).update(range(hosts[name].slots))
             continue
         try:
             idx = [int(s) for s in slots.split(",")]
         except ValueError as e:
             raise UserError(f"{flag} {spec}: expected 'HOST:SLOT,SLOT@HOST...' with integer slots") from e
-        bad = [i for i in idx if not 0 <= i < hosts[name].slots]
+        h = hosts[name]
+        bad = [i for i in idx if not 0 <= i < h.slots]
         if bad:
-            h = hosts[name]
             raise UserError(f"{flag} {spec}: slot {bad[0]} of host {name!r} is outside its slots 0..{h.slots - 1} "
                             f"(line {h.line})")
-        out[name] = idx
-    return out
+        out.setdefault(name, set()).update(idx)  # a host named twice: the launcher merges its slots
+    return {n: sorted(v) for n, v in out.items()}
 
 
-def check_launch(path: str | Path, hosts: list[Host], num_gpus: int | None = None, include: str = "",
-                 exclude: str = "") -> int:
-    """Check the rank request against the hostfile; return the number of ranks it gives."""
+def active_slots(path: str | Path, hosts: list[Host], num_gpus: int | None = None, include: str = "",
+                 exclude: str = "") -> dict[str, list[int]]:
+    """The slots the launcher will use on each host, in hostfile order (= node ranks), checked
+    against the hostfile the way DeepSpeed's launcher filters it."""
     by_name = {h.name: h for h in hosts}
     if num_gpus is not None and (include or exclude):
         raise UserError("--num_gpus cannot be combined with --include/--exclude (the launcher refuses it)")
+    if include and exclude:
+        raise UserError("--include and --exclude cannot be combined (the launcher refuses it)")
     if num_gpus is not None:
         if num_gpus <= 0:
             raise UserError(f"--num_gpus {num_gpus}: expected an integer > 0")
@@ -106,18 +110,24 @@ def check_launch(path: str | Path, hosts: list[Host], num_gpus: int | None = Non
             h = short[0]
             raise UserError(f"hostfile {path}:{h.line}: host {h.name!r} has slots={h.slots}, fewer than the "
                             f"{num_gpus} ranks per node asked for (--num_gpus / NPROC)")
-        return num_gpus * len(hosts)
+        return {h.name: list(range(num_gpus)) for h in hosts}
     active = {h.name: list(range(h.slots)) for h in hosts}
     if include:
-        active = _parse_filter(include, by_name, "--include")
+        chosen = _parse_filter(include, by_name, "--include")
+        active = {n: chosen[n] for n in active if n in chosen}
     if exclude:
         for name, idx in _parse_filter(exclude, by_name, "--exclude").items():
-            if name in active:
-                active[name] = [i for i in active[name] if i not in idx]
-    total = sum(len(v) for v in active.values())
-    if total == 0:
+            active[name] = [i for i in active[name] if i not in idx]
+    active = {n: v for n, v in active.items() if v}
+    if not active:
         raise UserError(f"--include {include!r} / --exclude {exclude!r}: no slot of hostfile {path} is left")
-    return total
+    return active
+
+
+def check_launch(path: str | Path, hosts: list[Host], num_gpus: int | None = None, include: str = "",
+                 exclude: str = "") -> int:
+    """Check the rank request against the hostfile; return the number of ranks it gives."""
+    return sum(len(v) for v in active_slots(path, hosts, num_gpus, include, exclude).values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num_gpus", type=int, help="ranks per node the launch will ask for")
     c.add_argument("--include", default="", help="the launcher's --include filter (host:0,1@host2)")
     c.add_argument("--exclude", default="", help="the launcher's --exclude filter")
+    c.add_argument("--node_rank", type=int, help="check this node index (no-ssh launch) and print only the "
+                   "number of ranks that node runs")
     return p
 
 
@@ -138,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     hosts = parse_hostfile(args.file)
     if args.resolve:
         check_resolves(args.file, hosts)
-    ranks = check_launch(args.file, hosts, args.num_gpus, args.include, args.exclude)
+    active = active_slots(args.file, hosts, args.num_gpus, args.include, args.exclude)
+    if args.node_rank is not None:
+        if not 0 <= args.node_rank < len(active):
+            raise UserError(f"NODE_RANK={args.node_rank}: expected 0..{len(active) - 1}, one per host the launch "
+                            f"uses ({', '.join(active)})")
+        print(len(list(active.values())[args.node_rank]))
+        return 0
+    ranks = sum(len(v) for v in active.values())
     print(f"hostfile {args.file}: {len(hosts)} host(s) ({', '.join(f'{h.name} slots={h.slots}' for h in hosts)}), "
           f"{ranks} rank(s)")
     return 0

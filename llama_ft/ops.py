@@ -9,8 +9,10 @@ hangs silently at start-up. Every rank calls `prepare_ops` before it starts dist
 - an OS file lock (`flock`, released by the kernel when its holder dies) serialises the ranks
   of all llama-ft jobs sharing the extensions folder, so exactly one process compiles and the
   others then find the op built;
-- holding it, a torch `lock` file older than `STALE_AFTER_S` is a dead build's, and is removed
-  with a warning (a live compile of these ops takes about a minute; younger locks are waited for).
+- holding it, a torch `lock` file is a dead build's when it is older than `STALE_AFTER_S`, or
+  older than `IDLE_AFTER_S` while no process works in the build folder (torch runs ninja and the
+  compilers there); it is removed with a warning. A live compile of these ops takes about a
+  minute; its lock is waited for.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 600.0
+IDLE_AFTER_S = 30.0
 
 
 def needed_builders(ds_config: dict, on_gpu: bool) -> list[str]:
@@ -53,18 +57,40 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0) -> bool:
-    """Wait for a live build's `lock` to go; remove one older than `stale_after_s`. True if removed."""
+def _someone_builds_in(build_dir: Path) -> bool:
+    """True if a process on this machine works in `build_dir` (torch runs ninja and the compilers there)."""
+    target = str(build_dir.resolve())
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd) == target:
+                return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
+
+
+def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0,
+                     idle_after_s: float = IDLE_AFTER_S) -> bool:
+    """Wait for a live build's `lock` to go; remove a dead one. True if removed.
+
+    Dead: older than `stale_after_s`, or older than `idle_after_s` with no process working in the
+    build folder (a compile killed moments ago need not cost `stale_after_s` of waiting).
+    """
     lock = build_dir / "lock"
+    warned = False
     while True:
         try:
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:
             return False
-        if age >= stale_after_s:
-            log.warning("removing stale build lock %s (%.0f s old: a killed compile left it)", lock, age)
+        if age >= stale_after_s or (age >= idle_after_s and not _someone_builds_in(build_dir)):
+            log.warning("removing stale build lock %s (%.0f s old, no build running: a killed compile left it)",
+                        lock, age)
             lock.unlink(missing_ok=True)
             return True
+        if not warned:
+            log.warning("waiting for a build of %s in progress (lock %s, %.0f s old)", build_dir.name, lock, age)
+            warned = True
         time.sleep(poll_s)
 
 

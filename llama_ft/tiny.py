@@ -11,6 +11,7 @@ text always gives the same vocabulary, and the weights come from a fixed seed.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def make_tiny_llama(out_dir: str | Path, seed: int = 0, overwrite: bool = False)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
             tokenizer.save_pretrained(tmp)
-    except FileExistsError:
+    except OSError as e:
         # another process (the other node of a no-ssh launch) wrote it meanwhile: same seed, same bytes
-        if not (out_dir / "model.safetensors.index.json").exists():
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (out_dir / "model.safetensors.index.json").exists():
             raise
     return out_dir

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from proc import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "fp8_lora_linear.py"
@@ -78,9 +79,8 @@ def test_load_benchmark_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
     out = tmp_path / "load.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--shape", "tiny", "--dir",
-                           str(tmp_path), "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_job([sys.executable, str(REPO / "benchmarks" / "load.py"), "--shape", "tiny", "--dir", str(tmp_path),
+                    "--json", str(out)], timeout=600, cwd=REPO, env=env)  # kills torchrun's ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout
     report = json.loads(out.read_text())

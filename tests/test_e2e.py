@@ -353,6 +353,9 @@ def test_unreachable_master_fails_fast_with_its_name(tmp_path):
     ("localhost slots=2\n", {"NPROC": "3"}, ":1: host 'localhost' has slots=2, fewer than the 3 ranks"),
     ("localhost slots=2\n", {"INCLUDE": "localhost:0,2"}, "slot 2 of host 'localhost' is outside its slots 0..1"),
     ("localhost slots=2\n", {"NODE_RANK": "0"}, "NODE_RANK=0 needs MASTER_ADDR"),
+    ("a slots=1\nb slots=1\nc slots=1\n", {"NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1", "EXCLUDE": "b"},
+     "NODE_RANK=2: expected 0..1, one per host the launch uses (a, c)"),
+    ("localhost slots=2\n", {"NPROC": "two"}, "NPROC=two: expected an integer > 0"),
 ])
 def test_bad_launch_requests_fail_before_launching(tmp_path, hostfile, env, needle):
     hf = tmp_path / "hostfile"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from llama_ft.errors import UserError
-from llama_ft.hostfile import Host, check_launch, check_resolves, parse_hostfile
+from llama_ft.hostfile import Host, active_slots, check_launch, check_resolves, parse_hostfile
 from llama_ft.rendezvous import check_master_reachable
 
 
@@ -27,7 +27,8 @@ def test_parses_comments_blank_lines_and_trailing_comments(tmp_path):
 
 @pytest.mark.parametrize("text,needle", [
     ("node1 slots=8\nnode2 8\n", ":2: 'node2 8': expected 'HOST slots=N'"),
-    ("node1 slots=8 gpus=2\n", ":1: 'node1 slots=8 gpus=2': expected 'HOST slots=N'"),
+    ("slots=8\n", ":1: 'slots=8': expected 'HOST slots=N'"),
+    ("node1 slots=8x\n", ":1: slots=8x: expected an integer > 0"),
     ("node1 slots=0\n", ":1: slots=0: expected an integer > 0"),
     ("node1 slots=-2\n", ":1: slots=-2: expected an integer > 0"),
     ("node1 slots=x\n", ":1: slots=x: expected an integer > 0"),
@@ -39,6 +40,10 @@ def test_bad_hostfiles_name_the_line(tmp_path, text, needle):
     with pytest.raises(UserError) as e:
         parse_hostfile(p)
     assert str(p) in str(e.value) and needle in str(e.value)
+
+
+def test_trailing_fields_are_ignored_as_deepspeed_does(tmp_path):
+    assert parse_hostfile(_hf(tmp_path, "node1 slots=8 max_slots=16\n")) == [Host("node1", 8, 1)]
 
 
 def test_missing_hostfile(tmp_path):
@@ -62,6 +67,12 @@ def test_rank_requests_must_fit_the_slots(tmp_path):
         check_launch("H", hosts, num_gpus=2, include="a")
     with pytest.raises(UserError, match="no slot"):
         check_launch("H", [Host("a", 1, 1)], exclude="a")
+    with pytest.raises(UserError, match="--include and --exclude cannot be combined"):
+        check_launch("H", hosts, include="a", exclude="b")
+    with pytest.raises(UserError, match="integer slots"):
+        check_launch("H", hosts, include="a:")
+    assert check_launch("H", hosts, include="a:0@a:1") == 2  # the launcher merges a host named twice
+    assert list(active_slots("H", [Host("a", 2, 1), Host("b", 2, 2), Host("c", 2, 3)], exclude="b")) == ["a", "c"]
 
 
 def test_resolve_names_the_host_that_does_not(tmp_path, monkeypatch):
@@ -86,6 +97,11 @@ def test_cli_exit_codes(tmp_path):
     bad = run(str(_hf(tmp_path, "localhost slots=8\nlocalhost slots=8\n")))
     assert bad.returncode == 2 and bad.stderr.startswith("llama-ft: error: hostfile ")
     assert ":2: host 'localhost' already listed on line 1" in bad.stderr and "Traceback" not in bad.stderr
+    three = str(_hf(tmp_path, "a slots=2\nb slots=4\nc slots=1\n"))
+    node = run(three, "--exclude", "a", "--node_rank", "0")
+    assert node.returncode == 0 and node.stdout.strip() == "4"  # node 0 of the launch is b, 4 ranks
+    past = run(three, "--exclude", "a", "--node_rank", "2")
+    assert past.returncode == 2 and "NODE_RANK=2: expected 0..1" in past.stderr
 
 
 def _env(rank: int, port: int, addr: str = "127.0.0.1") -> dict[str, str]:
@@ -109,8 +125,19 @@ def test_worker_rank_gives_up_on_a_dead_master_with_its_address():
     assert time.monotonic() - t0 < 5
 
 
-def test_rank0_needs_master_addr_on_its_own_node():
-    check_master_reachable(_env(0, 29500), timeout_s=1)
-    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine; only a local bind is tried
-    with pytest.raises(UserError, match="192.0.2.1 is not one of its addresses"):
+def test_rank0_warns_when_master_addr_is_not_its_own(caplog):
+    with caplog.at_level("WARNING", logger="llama_ft.rendezvous"):
+        check_master_reachable(_env(0, 29500), timeout_s=1)
+        assert not caplog.records
+        # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine; only a local bind is tried
         check_master_reachable(_env(0, 29500, "192.0.2.1"), timeout_s=1)
+    assert "192.0.2.1 is not one of its addresses" in caplog.text
+
+
+def test_master_addr_that_does_not_resolve(monkeypatch):
+    def fail(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    with pytest.raises(UserError, match="MASTER_ADDR=nodex MASTER_PORT=29500: nodex does not resolve"):
+        check_master_reachable(_env(1, 29500, "nodex"), timeout_s=1)

@@ -48,3 +48,34 @@ def test_needed_builders_follow_the_config():
     assert needed_builders(offload, on_gpu=False) == ["ShareMemCommBuilder", "CPUAdamBuilder"]
     assert needed_builders(plain, on_gpu=True) == []
     assert needed_builders(offload, on_gpu=True) == ["CPUAdamBuilder"]
+
+
+def _backdate(p, seconds):
+    t = time.time() - seconds
+    os.utime(p, (t, t))
+
+
+def test_idle_lock_is_stale_without_the_long_wait(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    _backdate(lock, 60)  # older than IDLE_AFTER_S, and nobody works in the folder
+    t0 = time.time()
+    assert clear_stale_lock(tmp_path, stale_after_s=600, idle_after_s=30) is True
+    assert time.time() - t0 < 5
+
+
+def test_lock_of_a_running_build_is_kept(tmp_path):
+    import subprocess
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    _backdate(lock, 60)
+    builder = subprocess.Popen(["sleep", "30"], cwd=tmp_path)  # stands for ninja working in the build folder
+    try:
+        t = threading.Timer(0.5, lock.unlink)
+        t.start()
+        assert clear_stale_lock(tmp_path, stale_after_s=600, idle_after_s=30, poll_s=0.05) is False
+        t.join()
+    finally:
+        builder.kill()
+        builder.wait()

@@ -68,6 +68,12 @@ def test_loading_prequantized_equals_quantizing_on_load(tiny_model_dir, fp8_dir)
         torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_prequantized_cannot_go_to_nvme_partitions(fp8_dir):
+    ds = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}
+    with pytest.raises(UserError, match="pre-quantized FP8 checkpoint cannot be loaded into NVMe"):
+        build_lora_model(fp8_dir, LoraSpec(4, 8), ds, torch.bfloat16)
+
+
 def test_prequantized_needs_matching_lora_targets(fp8_dir):
     with pytest.raises(UserError, match="--lora_target_modules .*quantized for"):
         build_lora_model(fp8_dir, LoraSpec(4, 8, target_modules=("q_proj",)), None, torch.float32)

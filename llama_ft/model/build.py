@@ -187,6 +187,12 @@ def build_lora_model(
 
     ckpt, prequantized = inspect_checkpoint(model_dir, spec, flag)
     quantize = quantize or prequantized is not None
+    # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
+    nvme = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device") == "nvme"
+    if prequantized is not None and nvme:
+        raise UserError(f"{flag} {model_dir}: a pre-quantized FP8 checkpoint cannot be loaded into NVMe-offloaded "
+                        "partitions (offload_param.device 'nvme'); use the bf16 checkpoint with --quantize, or "
+                        "offload_param to 'cpu'")
     config = load_llama_config(model_dir)
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     with _zero_init(ds_config, zero3), _skip_init():
@@ -195,8 +201,6 @@ def build_lora_model(
     model.tie_weights()
     if not zero3:
         model.to(dtype)
-    # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
-    nvme = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device") == "nvme"
     # a pre-quantized checkpoint is always streamed: its FP8 bytes go straight into the FP8 storage
     streaming = (zero3 and loader == "stream" and not nvme) or prequantized is not None
     if zero3 and loader == "stream" and nvme:
@@ -216,6 +220,8 @@ def build_lora_model(
         log.info("offload_param to %s keeps every partition off the GPU: --offload_ratio has no further effect",
                  offload_param)
         offload_ratio = None
+    if offload_ratio is not None and not zero3:
+        log.info("--offload_ratio: no effect without ZeRO-3 partitions (the model is not partitioned)")
     offload = {}
 
     t0 = time.time()
