@@ -40,11 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_dir, is_within
-from llama_ft.shards import CONFIG_NAME, INDEX_NAME, ST_DTYPES, Checkpoint, copy_side_files, open_checkpoint
+from llama_ft.shards import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    ST_DTYPES,
+    Checkpoint,
+    copy_side_files,
+    open_checkpoint,
+    rewrite_shards,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -268,35 +276,25 @@ def merge_adapters(
     pairs, _ = load_adapter(adapter, ckpt)
     _check_output(base, adapter, output, overwrite)
 
-    from tqdm.auto import tqdm
-
     sharded = (base / INDEX_NAME).exists()
-    total_size = 0
     merged = 0
+
+    def merge_one(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal merged
+        keep = target_dtype if (target_dtype is not None and t.is_floating_point()) else t.dtype
+        pair = pairs.get(name)
+        if pair is not None:
+            merged += 1
+            return {name: merge_weight(t, pair, keep)}
+        return {name: t.to(keep) if keep != t.dtype else t}
+
     # an existing empty --output is replaced (it was checked above)
     with atomic_dir(output, overwrite=True) as tmp:
-        for shard in tqdm(ckpt.shards, desc="merging shards", unit="shard", disable=not progress):
-            out: dict[str, torch.Tensor] = {}
-            t = None  # no reference to the previous shard's last tensor survives into this one
-            for name, t in ckpt.iter_shard(shard):
-                if name not in ckpt.tensors:  # a tensor the index does not name: not part of the model
-                    continue
-                keep = target_dtype if (target_dtype is not None and t.is_floating_point()) else t.dtype
-                pair = pairs.get(name)
-                if pair is not None:
-                    t = merge_weight(t, pair, keep)
-                    merged += 1
-                elif keep != t.dtype:
-                    t = t.to(keep)
-                out[name] = t
-                total_size += t.numel() * t.element_size()
-            save_file(out, str(tmp / shard), metadata={"format": "pt"})
-            del out  # drop this shard before the next one is read
-
+        weight_map, total_size = rewrite_shards(ckpt, tmp, merge_one, "merging shards", progress)
         if sharded:
             metadata = dict(ckpt.index_metadata)
             metadata["total_size"] = total_size
-            index = {"metadata": metadata, "weight_map": {n: i.shard for n, i in ckpt.tensors.items()}}
+            index = {"metadata": metadata, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if dtype is None:
             shutil.copy2(base / CONFIG_NAME, tmp / CONFIG_NAME)  # byte-identical

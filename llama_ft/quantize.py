@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fp8.format import BLOCK, FP8
 from llama_ft.fsutil import atomic_dir, is_within
 from llama_ft.model.lora import LLAMA_LINEAR_NAMES
-from llama_ft.shards import CONFIG_NAME, INDEX_NAME, Checkpoint, copy_side_files, open_checkpoint
+from llama_ft.shards import CONFIG_NAME, INDEX_NAME, Checkpoint, copy_side_files, open_checkpoint, rewrite_shards
 
 SCALE_SUFFIX = "_scale_inv"
 
@@ -78,8 +77,6 @@ def check_prequantized(ckpt: Checkpoint, targets: list[str]) -> None:
 
 def quantize_checkpoint(model: Path, output: Path, targets: tuple[str, ...] = LLAMA_LINEAR_NAMES,
                         overwrite: bool = False, progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
-
     from llama_ft.fp8 import quantize_fp8
 
     t0 = time.perf_counter()
@@ -96,26 +93,18 @@ def quantize_checkpoint(model: Path, output: Path, targets: tuple[str, ...] = LL
         raise UserError(f"--target_modules: {sorted(set(targets) - found)} match no weight of {model}")
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    weight_map: dict[str, str] = {}
-    total, quantized = 0, 0
+    quantized = 0
+
+    def quantize_one(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal quantized
+        if not is_target(name, targets):
+            return {name: t}
+        q, s = quantize_fp8(t.to(device))
+        quantized += 1
+        return {name: q.view(FP8).cpu(), name + SCALE_SUFFIX: s.cpu()}  # scales beside their weight
+
     with atomic_dir(output, overwrite=True) as tmp:
-        for shard in tqdm(ckpt.shards, desc="quantizing shards", unit="shard", disable=not progress):
-            out: dict[str, torch.Tensor] = {}
-            for name, t in ckpt.iter_shard(shard):
-                if name not in ckpt.tensors:
-                    continue
-                if is_target(name, targets):
-                    q, s = quantize_fp8(t.to(device))
-                    out[name] = q.view(FP8).cpu()
-                    out[name + SCALE_SUFFIX] = s.cpu()
-                    quantized += 1
-                else:
-                    out[name] = t
-            for name, t in out.items():
-                weight_map[name] = shard
-                total += t.numel() * t.element_size()
-            save_file(out, str(tmp / shard), metadata={"format": "pt"})
-            del out
+        weight_map, total = rewrite_shards(ckpt, tmp, quantize_one, "quantizing shards", progress)
         config = dict(ckpt.config)
         config["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic",

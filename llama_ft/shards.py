@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from llama_ft.errors import UserError
 
@@ -212,6 +213,38 @@ def copy_side_files(base: Path, out: Path) -> list[str]:
         shutil.copy2(p, out / name)  # follows symlinks (HF cache snapshots)
         copied.append(name)
     return copied
+
+
+def rewrite_shards(
+    ckpt: Checkpoint,
+    out_dir: Path,
+    transform: Callable[[str, torch.Tensor], dict[str, torch.Tensor]],
+    desc: str,
+    progress: bool = True,
+) -> tuple[dict[str, str], int]:
+    """Write a new checkpoint into `out_dir`, one shard at a time, under the same shard names.
+
+    Every tensor the index names goes through `transform(name, tensor)`, which returns the
+    tensors to store for it (the tensor changed, or with companions such as FP8 scales). Only
+    one shard is held at a time (peak memory about one shard). Returns (weight_map, total bytes).
+    """
+    from tqdm.auto import tqdm
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in tqdm(ckpt.shards, desc=desc, unit="shard", disable=not progress):
+        out: dict[str, torch.Tensor] = {}
+        t = new = None  # no reference to the previous shard's last tensor survives into this one
+        for name, t in ckpt.iter_shard(shard):
+            if name not in ckpt.tensors:  # a tensor the index does not name: not part of the model
+                continue
+            for new_name, new in transform(name, t).items():
+                out[new_name] = new
+                weight_map[new_name] = shard
+                total += new.numel() * new.element_size()
+        save_file(out, str(out_dir / shard), metadata={"format": "pt"})
+        del out  # drop this shard before the next one is read
+    return weight_map, total
 
 
 class ShardReader:

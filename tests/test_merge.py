@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llama_ft import merge as merge_mod
+from llama_ft import shards as shards_mod
 from llama_ft.errors import UserError
 from llama_ft.merge import main, merge_adapters
 from llama_ft.shards import Checkpoint
@@ -407,7 +408,7 @@ def test_failure_mid_merge_leaves_nothing(tiny_model_dir, adapter_dir, tmp_path,
             raise OSError("disk full")
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(merge_mod, "save_file", failing_save)
+    monkeypatch.setattr(shards_mod, "save_file", failing_save)  # the shard writer merge uses
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         merge_adapters(tiny_model_dir, adapter_dir, out, progress=False)
@@ -482,7 +483,7 @@ def test_streams_one_shard_at_a_time(tiny_model_dir, adapter_dir, tmp_path, monk
         save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(Checkpoint, "iter_shard", tracking_iter)
-    monkeypatch.setattr(merge_mod, "save_file", tracking_save)
+    monkeypatch.setattr(shards_mod, "save_file", tracking_save)
     merge_adapters(tiny_model_dir, adapter_dir, tmp_path / "out", progress=False)
 
     shards = sorted(p.name for p in tiny_model_dir.glob("model-*.safetensors"))
