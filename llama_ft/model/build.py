@@ -187,8 +187,9 @@ def build_lora_model(
 
     ckpt, prequantized = inspect_checkpoint(model_dir, spec, flag)
     quantize = quantize or prequantized is not None
+    offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
-    nvme = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device") == "nvme"
+    nvme = offload_param == "nvme"
     if prequantized is not None and nvme:
         raise UserError(f"{flag} {model_dir}: a pre-quantized FP8 checkpoint cannot be loaded into NVMe-offloaded "
                         "partitions (offload_param.device 'nvme'); use the bf16 checkpoint with --quantize, or "
@@ -215,27 +216,27 @@ def build_lora_model(
                 return FP8LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype, fp8_compute)
             return FP8LoRALinear.from_linear(lin, spec, fp8_compute)
 
-    offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     if offload_ratio is not None and offload_param not in (None, "none"):
         log.info("offload_param to %s keeps every partition off the GPU: --offload_ratio has no further effect",
                  offload_param)
         offload_ratio = None
     if offload_ratio is not None and not zero3:
         log.info("--offload_ratio: no effect without ZeRO-3 partitions (the model is not partitioned)")
+        offload_ratio = None
     offload = {}
 
     t0 = time.time()
     if streaming:
         with _zero_init(ds_config, zero3):
             wrapped = inject_lora(model, spec, make)
-        if zero3 and offload_ratio is not None:  # before loading: the bytes go straight to host memory
+        if offload_ratio is not None:  # before loading: the bytes go straight to host memory
             offload = offload_frozen_partitions(model, offload_ratio)
         report = stream_checkpoint_into_partitions(model, ckpt, prequantized is not None)
     else:
         nbytes = load_checkpoint_weights(model, ckpt)
         with _zero_init(ds_config, zero3):
             wrapped = inject_lora(model, spec, make)
-        if zero3 and offload_ratio is not None:
+        if offload_ratio is not None:
             offload = offload_frozen_partitions(model, offload_ratio)
         report = LoadReport(rank=dist.get_rank() if dist.is_initialized() else 0,
                             world_size=dist.get_world_size() if dist.is_initialized() else 1,
