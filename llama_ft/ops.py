@@ -17,13 +17,12 @@ hangs silently at start-up. Every rank calls `prepare_ops` before it starts dist
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from llama_ft.fsutil import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +43,6 @@ def _build_dir(op_name: str) -> Path:
     from torch.utils.cpp_extension import _get_build_directory
 
     return Path(_get_build_directory(op_name, verbose=False))
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _someone_builds_in(build_dir: Path) -> bool:
@@ -103,7 +91,7 @@ def prepare_ops(ds_config: dict, on_gpu: bool) -> None:
     builders = [b for b in builders if b.is_compatible(verbose=False)]
     if not builders:
         return
-    with _exclusive(_build_dir(builders[0].name).parent / ".llama-ft-build.lock"):
+    with exclusive_lock(_build_dir(builders[0].name).parent / ".llama-ft-build.lock"):
         for b in builders:
             clear_stale_lock(_build_dir(b.name))
             t0 = time.time()
