@@ -13,7 +13,7 @@ setup(
     description="DeepSpeed ZeRO-3 LoRA fine-tuning for Llama 3.1 (8B-405B) with PEFT adapters and a streaming merge",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_ft", "llama_ft.*"]),
-    package_data={"llama_ft": ["assets/*.jsonl"]},
+    package_data={"llama_ft": ["assets/*.jsonl", "assets/*.jinja"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -1,6 +1,7 @@
-"""`llama-ft` command line: train | merge | quantize | download | hostfile | make-tiny.
+"""`llama-ft` command line: train | data | merge | quantize | download | hostfile | make-tiny.
 
     llama-ft train ...        one process (no launcher); for several ranks use run-llama.sh
+    llama-ft data ...         what training will read: summary, --preview K, --dump OUT.jsonl
     llama-ft merge ...        fold PEFT adapters into a new checkpoint, shard by shard
     llama-ft quantize ...     write a pre-quantized FP8 checkpoint (half the bytes to load)
     llama-ft download REPO --local-dir DIR
@@ -20,6 +21,7 @@ from llama_ft.errors import user_errors_exit
 
 COMMANDS = {
     "train": "LoRA fine-tuning under DeepSpeed ZeRO-3 (single process here; run-llama.sh for many ranks)",
+    "data": "show what the model will be trained on: example summary, decoded preview, JSONL dump",
     "merge": "merge PEFT adapters into a base checkpoint, streaming one shard at a time",
     "quantize": "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint for faster loading",
     "download": "download a safetensors checkpoint + tokenizer from the Hugging Face Hub (resumable, verified)",
@@ -65,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        from llama_ft import train
+        from llama_ft.train import recipe
 
         _single_process_env()
-        return train.main(rest)
+        return recipe.main(rest)
+    if cmd == "data":
+        from llama_ft.data import command
+
+        return command.main(rest)
     if cmd == "merge":
         from llama_ft import merge
 

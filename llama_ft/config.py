@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from llama_ft.data import DataOptions
+from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
 from llama_ft.model.lora import LLAMA_LINEAR_NAMES, LoraSpec
-from llama_ft.tiny import BUNDLED_DATASET
+from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
@@ -38,8 +40,10 @@ class TrainConfig:
     tokenizer_name_or_path: str | None = None
     dataset: str = str(BUNDLED_DATASET)
     dataset_format: str = "alpaca"
+    chat_template: str | None = None
     source_max_len: int = 1024
     target_max_len: int = 256
+    max_seq_len: int | None = None
     train_on_source: bool = False
     max_train_samples: int | None = None
     eval_dataset_size: float = 0
@@ -92,8 +96,17 @@ class TrainConfig:
 _HELP = {
     "model_name_or_path": "Hugging Face model directory (safetensors shards + index + config.json)",
     "tokenizer_name_or_path": "tokenizer directory (default: the model directory)",
-    "dataset": "alpaca-format .json/.jsonl file, or a Hugging Face dataset name (default: the bundled tiny set)",
-    "dataset_format": "alpaca | input-output | chip2 | self-instruct | hh-rlhf | oasst1",
+    "dataset": ".json/.jsonl/.parquet file, or a Hugging Face dataset name (default: the bundled tiny alpaca set)",
+    "dataset_format": "alpaca | input-output | chip2 | self-instruct | hh-rlhf | oasst1 | chat (rows with "
+                      "'messages' (OpenAI) or 'conversations' (ShareGPT), rendered with the chat template, "
+                      "loss on the assistant turns)",
+    "chat_template": "with --dataset_format chat: a Jinja chat template file to use instead of the tokenizer's "
+                     "(saved with the tokenizer in --output_dir)",
+    "source_max_len": "single-turn formats: keep at most this many prompt tokens",
+    "target_max_len": "single-turn formats: keep at most this many response tokens",
+    "max_seq_len": "cut every example to at most this many tokens, at the end (every format; default: no cap)",
+    "train_on_source": "train on every token, prompts and user turns included (default: responses only)",
+    "max_train_samples": "use only the first N rows of the dataset",
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
     "lora_target_modules": "linear layer names to adapt",
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
@@ -109,14 +122,27 @@ _HELP = {
 }
 
 
+DATA_FLAGS = ("model_name_or_path", "tokenizer_name_or_path", "dataset", "dataset_format", "chat_template",
+              "source_max_len", "target_max_len", "max_seq_len", "train_on_source", "max_train_samples")
+"""The flags `llama-ft data` shares with training: everything that decides the examples."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llama-ft train",
         description="LoRA fine-tuning of a Llama checkpoint under DeepSpeed ZeRO-3.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_config_flags(p, [f.name for f in fields(TrainConfig)])
+    return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, names: list[str] | tuple[str, ...]) -> None:
+    """Add `--NAME` for each TrainConfig field in `names`, typed and documented from the dataclass."""
     defaults = TrainConfig()
     for f in fields(TrainConfig):
+        if f.name not in names:
+            continue
         default = getattr(defaults, f.name)
         kw: dict[str, Any] = {"default": default, "help": _HELP.get(f.name, " ")}
         if f.type in ("bool",):
@@ -130,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "local_rank":
             kw["help"] = argparse.SUPPRESS
         p.add_argument(f"--{f.name}", **kw)
-    return p
 
 
 def _split_csv(values: list[str]) -> list[str]:
@@ -142,23 +167,16 @@ def _split_csv(values: list[str]) -> list[str]:
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     """Check every option; raise UserError naming the flag and what it expects."""
-    from transformers import SchedulerType
-
-    from llama_ft.data import DATASET_FORMATS
-
     if not cfg.model_name_or_path:
         raise UserError("--model_name_or_path is required (a Hugging Face model directory)")
-    if cfg.dataset_format not in DATASET_FORMATS:
-        raise UserError(f"--dataset_format {cfg.dataset_format!r}: expected one of {', '.join(DATASET_FORMATS)}")
+    validate_data_options(cfg)
     positive = ["lora_r", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                "source_max_len", "target_max_len", "save_steps", "logging_steps"]
+                "save_steps", "logging_steps"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: expected an integer > 0")
     if cfg.eval_steps is not None and cfg.eval_steps <= 0:
         raise UserError(f"--eval_steps {cfg.eval_steps}: expected an integer > 0")
-    if cfg.max_train_samples is not None and cfg.max_train_samples <= 0:
-        raise UserError(f"--max_train_samples {cfg.max_train_samples}: expected an integer > 0")
     if cfg.lora_alpha <= 0:
         raise UserError(f"--lora_alpha {cfg.lora_alpha}: expected a number > 0")
     if not 0 <= cfg.lora_dropout < 1:
@@ -184,9 +202,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: expected a value in [0, 1]")
     if cfg.fp8_compute and not cfg.quantize:
         raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
-    schedulers = [s.value for s in SchedulerType]
-    if cfg.lr_scheduler_type not in schedulers:
-        raise UserError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: expected one of {', '.join(schedulers)}")
+    check_scheduler(cfg.lr_scheduler_type)
     cfg.lora_target_modules = _split_csv(cfg.lora_target_modules)
     if not cfg.lora_target_modules:
         raise UserError("--lora_target_modules: expected at least one module name")
@@ -203,6 +219,39 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--output_dir {out}: exists and is not empty (pass --overwrite_output_dir, "
                         "or --resume_from_checkpoint to continue a run)")
     return cfg
+
+
+def validate_data_options(cfg: Any) -> None:
+    """The data flags (shared with `llama-ft data`): format, lengths, the chat template file.
+    With `--dataset_format chat` and no `--dataset`, the bundled tiny chat set replaces the alpaca one."""
+    if cfg.dataset_format == "chat" and cfg.dataset == str(BUNDLED_DATASET):
+        cfg.dataset = str(BUNDLED_CHAT_DATASET)
+    DataOptions.from_config(cfg).check()
+    if cfg.max_train_samples is not None and cfg.max_train_samples <= 0:
+        raise UserError(f"--max_train_samples {cfg.max_train_samples}: expected an integer > 0")
+    if cfg.chat_template:
+        load_chat_template(cfg.chat_template)  # missing file or bad Jinja: fail before any work
+
+
+def check_scheduler(name: str) -> None:
+    """Refuse schedulers llama-ft cannot drive: unknown names, and those needing arguments it does not pass
+    (min_lr, decay steps) or a metric at each step (plateau-style), found by building one on a dummy."""
+    import torch
+    from transformers import SchedulerType, get_scheduler
+
+    schedulers = [s.value for s in SchedulerType]
+    if name not in schedulers:
+        raise UserError(f"--lr_scheduler_type {name!r}: expected one of {', '.join(schedulers)}")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        sched = get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=10)
+        opt.step()
+        sched.step()
+    except (TypeError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise UserError(f"--lr_scheduler_type {name}: needs settings llama-ft does not pass ({why}); use one that "
+                        "needs none: linear, cosine, cosine_with_restarts, polynomial, constant, "
+                        "constant_with_warmup, inverse_sqrt") from None
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:

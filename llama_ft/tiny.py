@@ -3,8 +3,10 @@
 `make_tiny_llama(DIR)` writes what a real Llama 3.1 download looks like, at toy size:
     config.json, generation_config.json           LlamaForCausalLM, grouped-query attention
     model-0000k-of-0000N.safetensors + index       bf16 weights in several shards
-    tokenizer.json, tokenizer_config.json          byte-level BPE that AutoTokenizer loads,
-                                                   with <|begin_of_text|> / <|end_of_text|>
+    tokenizer.json, tokenizer_config.json          byte-level BPE that AutoTokenizer loads, with
+    chat_template.jinja                            Llama 3.1's special tokens (<|begin_of_text|>,
+                                                   <|end_of_text|>, <|start_header_id|>, <|end_header_id|>,
+                                                   <|eot_id|>) and its Instruct chat template
 The tokenizer is trained on the bundled dataset and the alpaca template, so the same
 text always gives the same vocabulary, and the weights come from a fixed seed.
 """
@@ -19,9 +21,13 @@ import torch
 
 from llama_ft.fsutil import atomic_dir
 
-BUNDLED_DATASET = Path(__file__).parent / "assets" / "alpaca_tiny.jsonl"
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_DATASET = ASSETS / "alpaca_tiny.jsonl"
+BUNDLED_CHAT_DATASET = ASSETS / "chat_tiny.jsonl"  # the same tasks as conversations, OpenAI and ShareGPT rows
+LLAMA31_CHAT_TEMPLATE = ASSETS / "llama3.1_chat_template.jinja"  # Meta's Llama 3.1 Instruct template
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -61,7 +67,7 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=[BOS, EOS, PAD],
+        special_tokens=[BOS, EOS, PAD, *CHAT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -70,7 +76,8 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   chat_template=LLAMA31_CHAT_TEMPLATE.read_text())
 
 
 def make_tiny_llama(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
@@ -92,8 +99,10 @@ def make_tiny_llama(out_dir: str | Path, seed: int = 0, overwrite: bool = False)
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # like Llama 3.1 Instruct: generation stops at <|end_of_text|> or at the end of an assistant turn
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")], do_sample=False,
     )
     try:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:

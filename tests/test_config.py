@@ -7,8 +7,8 @@ import json
 import pytest
 
 from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_train_args
+from llama_ft.data import MicroBatches
 from llama_ft.errors import UserError
-from llama_ft.train import MicroBatches
 
 
 def _args(tmp_path, *extra):
@@ -37,6 +37,12 @@ def test_flags_parse_like_snowflake(tmp_path):
     ("--bits", "4", "--bits 4: only 8"),
     ("--fp8_compute", "true", "--fp8_compute needs --quantize"),
     ("--offload_ratio", "0.5", "--offload_ratio 0.5: needs --offload"),
+    # schedulers that need settings we do not pass, refused when the flags are parsed
+    ("--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_type cosine_with_min_lr: needs settings"),
+    ("--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_type warmup_stable_decay: needs settings"),
+    ("--lr_scheduler_type", "reduce_lr_on_plateau", "--lr_scheduler_type reduce_lr_on_plateau: needs settings"),
+    ("--max_seq_len", "1", "--max_seq_len must be an integer >= 2"),
+    ("--chat_template", "/nonexistent/t.jinja", "--chat_template applies to --dataset_format chat"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, flag, value, needle):
     with pytest.raises(UserError, match=needle):

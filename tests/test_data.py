@@ -59,7 +59,7 @@ def user_error(fn, *args, **kwargs) -> str:
 
 
 def test_dataset_formats():
-    assert set(DATASET_FORMATS) == {"alpaca", "input-output", "chip2", "self-instruct", "hh-rlhf", "oasst1"}
+    assert set(DATASET_FORMATS) == {"alpaca", "input-output", "chip2", "self-instruct", "hh-rlhf", "oasst1", "chat"}
 
 
 def test_bundled_dataset_loads_as_alpaca():
@@ -140,15 +140,16 @@ def test_max_samples_keeps_first_rows(tmp_path):
     rows = load_rows(str(BUNDLED_DATASET), "alpaca", max_samples=7)
     assert rows == load_rows(str(BUNDLED_DATASET), "alpaca")[:7]
     assert len(load_rows(str(BUNDLED_DATASET), "alpaca", max_samples=10_000)) == 170
-    # rows after the first N are not read: a bad line 3 does not matter for max_samples=2
+    # datasets reads (and caches) the whole file: a bad line 3 is reported even for max_samples=2
     f = tmp_path / "d.jsonl"
     f.write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\nnot json\n')
-    assert len(load_rows(str(f), "input-output", max_samples=2)) == 2
+    msg = user_error(load_rows, str(f), "input-output", max_samples=2)
+    assert str(f) in msg and "line 3: invalid JSON" in msg
 
 
 @pytest.mark.parametrize("bad", [0, -3])
 def test_max_samples_must_be_positive(bad):
-    assert "--max_samples" in user_error(load_rows, str(BUNDLED_DATASET), "alpaca", max_samples=bad)
+    assert "--max_train_samples" in user_error(load_rows, str(BUNDLED_DATASET), "alpaca", max_samples=bad)
 
 
 def test_unknown_format_lists_accepted():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_ft.train import main as train_main
+from llama_ft.train.recipe import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,8 @@ def _fail(capsys, argv, needle: str) -> str:
     with pytest.raises(SystemExit) as e:
         train_main(argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    # progress log lines may come first; the error is one line, the last, and nothing else is printed
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "[rank 0] INFO" not in ln]
     assert len(err) == 1 and err[0].startswith("llama-ft: error: "), err
     assert needle in err[0], err[0]
     return err[0]
@@ -157,6 +158,25 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert lines == ["llama-ft: error: --lora_r -1: expected an integer > 0"], proc.stderr
 
 
+def test_changed_chat_template_is_refused_on_resume(capsys, tiny_model_dir, tmp_path):
+    """The template is compared by content: the same file path with other text is a different run."""
+    from llama_ft.tiny import BUNDLED_CHAT_DATASET, LLAMA31_CHAT_TEMPLATE
+
+    template = tmp_path / "t.jinja"
+    template.write_text(LLAMA31_CHAT_TEMPLATE.read_text())
+    import hashlib
+
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    saved_sha = hashlib.sha256(b"{{ messages }}").hexdigest()
+    state = {"global_step": 2, "epoch": 0, "micro_index": 2, "world_size": 1, "optimizer_step": 2,
+             "lr_scheduler": {}, "options": {"chat_template_sha256": saved_sha}}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    _fail(capsys, _argv(tiny_model_dir, BUNDLED_CHAT_DATASET, tmp_path / "out", "--dataset_format", "chat",
+                        "--chat_template", str(template), "--resume_from_checkpoint", str(ckpt)),
+          "the chat template (--chat_template or the tokenizer's) differs")
+
+
 def test_unknown_lora_target_caught_before_loading(capsys, tiny_model_dir, data_file, tmp_path):
     msg = _fail(capsys, _argv(tiny_model_dir, data_file, tmp_path / "out", "--lora_target_modules", "q_prj"),
                 "--lora_target_modules")
@@ -172,12 +192,19 @@ def test_dataset_too_small_for_the_batch(capsys, tiny_model_dir, data_file, tmp_
     ({"lora_r": 32}, "--lora_r 32"),
     ({"world_size": 4}, "saved with 4 ranks"),
     ({"drop": "lr_scheduler"}, "missing fields"),
+    ({"learning_rate": 1e-3}, "saved with --learning_rate 0.001, this run has 0.0002"),
+    ({"lora_dropout": 0.0}, "saved with --lora_dropout 0.0, this run has 0.05"),
+    ({"bf16": False}, "saved with --bf16 False, this run has True"),
+    ({"fp8_compute": True}, "saved with --fp8_compute True"),
+    ({"dataset_format": "input-output"}, "saved with --dataset_format 'input-output', this run has 'alpaca'"),
+    ({"max_seq_len": 512}, "saved with --max_seq_len 512, this run has None"),
+    ({"tokenizer_sha256": "0" * 64}, "the tokenizer (--tokenizer_name_or_path) differs from the one the checkpoint"),
 ])
 def test_resume_mismatch_is_refused_before_start(capsys, tiny_model_dir, data_file, tmp_path, saved, needle):
     ckpt = tmp_path / "run" / "checkpoint-2"
     ckpt.mkdir(parents=True)
     options = {"lora_r": 64, "lora_alpha": 16, "seed": 42}
-    options.update({k: v for k, v in saved.items() if k == "lora_r"})
+    options.update({k: v for k, v in saved.items() if k not in ("world_size", "drop")})
     state = {"global_step": 2, "epoch": 0, "micro_index": 2, "world_size": saved.get("world_size", 1),
              "optimizer_step": 2, "lr_scheduler": {}, "options": options}
     state.pop(saved.get("drop", "none"), None)

@@ -43,10 +43,19 @@ from llama_ft.model.lora import LoraSpec
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 STATE_FILE = "trainer_state.json"
-# options a resumed run must share with the saved one to continue exactly
+# options a resumed run must share with the saved one to continue exactly: the model and its adapters,
+# the data stream, and every numeric setting of the update
 RESUME_INVARIANTS = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "seed", "quantize", "dataset", "dataset_format",
-                     "source_max_len", "target_max_len", "train_on_source", "max_train_samples", "eval_dataset_size")
+                     "gradient_accumulation_steps", "seed", "quantize",
+                     # numerics of each step
+                     "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm",
+                     "adam_beta1", "adam_beta2", "adam_epsilon", "lora_dropout", "bf16", "fp8_compute",
+                     # the examples
+                     "dataset", "dataset_format", "chat_template_sha256", "tokenizer_sha256", "source_max_len",
+                     "target_max_len", "max_seq_len", "train_on_source", "max_train_samples", "eval_dataset_size")
+# invariants that are content hashes, not flags: how to name them in the refusal
+_HASHED = {"chat_template_sha256": "the chat template (--chat_template or the tokenizer's)",
+           "tokenizer_sha256": "the tokenizer (--tokenizer_name_or_path)"}
 
 
 def optim_file(rank: int) -> str:
@@ -162,6 +171,9 @@ def check_resumable(ckpt_dir: str | os.PathLike, world: int, options: dict[str, 
                         "(exact resume needs the same)")
     for key in RESUME_INVARIANTS:
         if key in state["options"] and state["options"][key] != options.get(key):
+            if key in _HASHED:
+                raise UserError(f"{flag}: {_HASHED[key]} differs from the one the checkpoint was trained with "
+                                "(exact resume needs the same)")
             raise UserError(f"{flag}: saved with --{key} {state['options'][key]!r}, this run has {options.get(key)!r} "
                             "(exact resume needs the same)")
     missing = [f for r in range(world) for f in (optim_file(r), f"rng_state_{r}.json") if not (ckpt / f).is_file()]

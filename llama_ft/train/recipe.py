@@ -3,17 +3,19 @@
 Launch with the DeepSpeed launcher (run-llama.sh does), e.g.
     deepspeed --num_gpus 8 -m llama_ft.train --model_name_or_path DIR --dataset data.jsonl ...
 Each optimizer step consumes per_device_train_batch_size x gradient_accumulation_steps examples
-on every rank; `--max_steps` optimizer steps are run, epochs wrap around as needed.
+on every rank; `--max_steps` optimizer steps are run, epochs wrap around as needed. The loss is
+nats per trained token over the whole step (train/loss.py); eval loss is the same quantity.
 
 Outputs in --output_dir:
     adapter_config.json, adapter_model.safetensors   final PEFT adapters
-    tokenizer files                                   so the directory serves as is
+    tokenizer files (+ chat_template.jinja)           so the directory serves as is
     checkpoint-STEP/                                  every --save_steps, for --resume_from_checkpoint
     metrics.jsonl, loss.png, train_results.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -21,19 +23,33 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from llama_ft.checkpoint.resume import Progress, check_resumable, load_checkpoint, save_checkpoint
 from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_train_args
+from llama_ft.data import (
+    CHAT,
+    DataOptions,
+    MicroBatches,
+    collate,
+    load_tokenizer,
+    pad_token_id,
+    prepare_examples,
+    train_eval_split,
+    use_chat_template,
+)
+from llama_ft.data.cache import tokenizer_fingerprint
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.metrics import MetricsLog, plot_loss
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
-from llama_ft.resume import Progress, check_resumable, load_checkpoint, save_checkpoint
+from llama_ft.train.loss import LossMeter, backward_scale, global_count, token_nll_sum, trained_count
 
 log = logging.getLogger("llama_ft")
 
@@ -55,81 +71,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class MicroBatches:
-    """Rank `rank`'s stream of micro-batches, deterministic in (seed, epoch, position).
-
-    Epoch e visits the examples in the order of torch.randperm(n, seed + e). Global micro-batch j
-    is perm[j*W*B : (j+1)*W*B] (W ranks, B examples each); rank r takes its r-th block of B.
-    An incomplete last global batch is dropped. (epoch, index) is all a resume needs.
-    """
-
-    def __init__(self, examples: list[dict], world: int, rank: int, batch: int, seed: int, pad_id: int,
-                 epoch: int = 0, index: int = 0) -> None:
-        from llama_ft.data import collate
-
-        self.examples, self.world, self.rank, self.batch = examples, world, rank, batch
-        self.seed, self.pad_id, self.epoch, self.index = seed, pad_id, epoch, index
-        self.collate = collate
-        self.per_epoch = len(examples) // (world * batch)
-        if self.per_epoch == 0:
-            raise UserError(f"--per_device_train_batch_size {batch} x {world} ranks needs at least {world * batch} "
-                            f"training examples; the dataset has {len(examples)}")
-        self._perm_epoch, self._perm = -1, None
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.index >= self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.examples), generator=g).tolist(), self.epoch
-        start = (self.index * self.world + self.rank) * self.batch
-        self.index += 1
-        return self.collate([self.examples[i] for i in self._perm[start:start + self.batch]], self.pad_id)
+def run_options(cfg: TrainConfig, tokenizer) -> dict[str, Any]:
+    """The options a checkpoint records, plus content hashes of what a path alone does not pin down."""
+    template = tokenizer.chat_template if cfg.dataset_format == CHAT else None
+    return {**cfg.to_json(), "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
 
 
-def all_ranks_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def load_training_data(cfg: TrainConfig):
+    """(tokenizer, train examples, eval examples, DataStats): rows -> {"input_ids", "labels"}, tokenized once per node
+    and cached (data/pipeline.py), then the seeded eval split. The tokenizer carries the chat template."""
+    tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    tokenizer = load_tokenizer(tok_path)
+    if cfg.dataset_format == CHAT:
+        use_chat_template(tokenizer, cfg.chat_template, tok_path)  # saved with the tokenizer at the end
+    examples, stats = prepare_examples(DataOptions.from_config(cfg), tokenizer)
+    log.info("data: %s", stats.line(cfg.max_seq_len))
+    train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
+    return tokenizer, train_set, eval_set, stats
 
 
 @torch.no_grad()
-def evaluate(engine, examples: list[dict], batch: int, pad_id: int, world: int, rank: int) -> float:
-    """Token-weighted mean loss over `examples`, computed on all ranks together.
+def evaluate(engine, examples, batch: int, pad_id: int, world: int, rank: int) -> float:
+    """Nats per trained token over `examples`, computed on all ranks together (train/loss.py).
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers are collective); a rank
-    with nothing left repeats an example with weight 0.
+    with nothing left repeats an example and does not count it.
     """
-    from llama_ft.data import IGNORE_INDEX, collate
-
     engine.eval()
-    mine = examples[rank::world]
-    n_batches = math.ceil(math.ceil(len(examples) / world) / batch)
-    loss_sum, tokens = 0.0, 0.0
-    for b in range(n_batches):
-        chunk = mine[b * batch:(b + 1) * batch]
-        weight = 1.0 if chunk else 0.0
-        batch_t = collate(chunk or examples[:1], pad_id)
-        batch_t = {k: v.to(engine.device) for k, v in batch_t.items()}
-        logits = engine(input_ids=batch_t["input_ids"], attention_mask=batch_t["attention_mask"]).logits.float()
-        labels = batch_t["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-            reduction="sum")
-        loss_sum += weight * nll.item()
-        tokens += weight * (labels != IGNORE_INDEX).sum().item()
+    meter = LossMeter(engine.device)
+    mine = list(range(rank, len(examples), world))
+    for b in range(math.ceil(math.ceil(len(examples) / world) / batch)):
+        idx = mine[b * batch:(b + 1) * batch]
+        micro = collate([examples[i] for i in idx or [0]], pad_id)
+        on_dev = to_device(micro, engine.device)
+        logits = engine(input_ids=on_dev["input_ids"], attention_mask=on_dev["attention_mask"]).logits
+        if idx:
+            meter.add(token_nll_sum(logits, on_dev["labels"]), trained_count(micro["labels"]))
     engine.train()
-    loss_sum, tokens = all_ranks_sum([loss_sum, tokens], engine.device)
-    return loss_sum / max(tokens, 1.0)
+    return meter.mean()["loss"]
 
 
 def train(cfg: TrainConfig) -> dict:
     import deepspeed
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
 
     from llama_ft.adapters import save_adapters
-    from llama_ft.data import load_rows, pad_token_id, tokenize_rows, train_eval_split
     from llama_ft.model.build import build_lora_model, inspect_checkpoint, load_llama_config, partition_bytes
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
@@ -142,21 +133,13 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--quantize: FP8 kernels need compute capability 8.9+ (Ada/Hopper); this GPU has "
                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
     ds_config = load_ds_config(cfg.deepspeed)
-    tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tokenizer_name_or_path {tok_path}: no tokenizer found there ({e})") from e
-
-    # --- data: alpaca rows -> token ids with the source masked out of the labels ---
-    rows = load_rows(cfg.dataset, cfg.dataset_format, cfg.max_train_samples)
-    examples = tokenize_rows(rows, tokenizer, cfg.source_max_len, cfg.target_max_len, cfg.train_on_source)
-    train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
+    tokenizer, train_set, eval_set, stats = load_training_data(cfg)  # rows -> examples, once per node
     pad_id = pad_token_id(tokenizer)
     world_env = int(os.environ.get("WORLD_SIZE", 1))
     MicroBatches(train_set, world_env, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id)  # enough data?
+    options = run_options(cfg, tokenizer)
     if cfg.resume_from_checkpoint:
-        check_resumable(cfg.resume_from_checkpoint, world_env, cfg.to_json())
+        check_resumable(cfg.resume_from_checkpoint, world_env, options)
     log.info("data: %d train / %d eval examples from %s", len(train_set), len(eval_set), cfg.dataset)
 
     # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
@@ -167,7 +150,7 @@ def train(cfg: TrainConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same LoRA init everywhere (zero.Init also broadcasts rank 0's)
     out = Path(cfg.output_dir)
     log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
 
@@ -199,9 +182,10 @@ def train(cfg: TrainConfig) -> dict:
         config=ds_config,
         lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler_type, opt, warmup, cfg.max_steps),
     )
+    seed_everything(cfg.seed + rank)  # dropout masks differ per rank
     progress = Progress()
     if cfg.resume_from_checkpoint:
-        progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, cfg.to_json())
+        progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, options)
         log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
     batches = MicroBatches(train_set, world, rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                            progress.epoch, progress.micro_index)
@@ -211,32 +195,40 @@ def train(cfg: TrainConfig) -> dict:
     eval_every = cfg.eval_steps or cfg.save_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_start, last_loss, eval_loss = time.time(), float("nan"), None
+    # DeepSpeed averages gradients over the ranks that reduce them (data x sequence parallel)
+    reduce_world = getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size
+    meter, t_window = LossMeter(engine.device), time.time()
 
     # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
     engine.train()
     while progress.step < cfg.max_steps:
-        t0 = time.time()
-        loss_sum, tokens = 0.0, 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
+        micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+        counts = [trained_count(b["labels"]) for b in micro]  # host tensors: no device sync
+        scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
+        for b, n in zip(micro, counts, strict=True):
+            on_dev = to_device(b, engine.device)
+            logits = engine(input_ids=on_dev["input_ids"], attention_mask=on_dev["attention_mask"]).logits
+            nll = token_nll_sum(logits, on_dev["labels"])
+            engine.backward(nll * scale, scale_wrt_gas=False)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
-            loss_sum += loss.item()
-            tokens += batch["attention_mask"].sum().item()
+            meter.add(nll, n, int(b["attention_mask"].sum()))
         progress.step += 1
         progress.epoch, progress.micro_index = batches.epoch, batches.index
-
-        loss_sum, tokens = all_ranks_sum([loss_sum, tokens], engine.device)
-        last_loss = loss_sum / (world * cfg.gradient_accumulation_steps)
-        lr = scheduler.get_last_lr()[0]
-        record = {"step": progress.step, "loss": last_loss, "lr": lr, "epoch": progress.epoch,
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                  "tokens_per_s": tokens / max(time.time() - t0, 1e-9), "elapsed_s": time.time() - t_start}
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if metrics and (progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps):
-            metrics.write(record)
+
+        if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
+            window = meter.mean()  # one all-reduce and one host sync per logging step
+            elapsed, t_window = time.time() - t_window, time.time()
+            last_loss, lr = window["loss"], scheduler.get_last_lr()[0]
+            record = {"step": progress.step, "loss": last_loss, "lr": lr, "epoch": progress.epoch,
+                      "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                      "trained_tokens": window["trained_tokens"],
+                      "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                      "trained_tokens_per_s": window["trained_tokens"] / max(elapsed, 1e-9),
+                      "elapsed_s": time.time() - t_start}
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if metrics:
+                metrics.write(record)
 
         if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
             eval_loss = evaluate(engine, eval_set, cfg.per_device_train_batch_size, pad_id, world, rank)
@@ -245,7 +237,7 @@ def train(cfg: TrainConfig) -> dict:
                 metrics.write({"step": progress.step, "eval_loss": eval_loss})
         if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
             save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress, out / f"checkpoint-{progress.step}",
-                            cfg.model_name_or_path, cfg.to_json())
+                            cfg.model_name_or_path, options)
     bar.close()
 
     # --- final adapters directly in output_dir, like save_pretrained ---
@@ -253,9 +245,10 @@ def train(cfg: TrainConfig) -> dict:
     held_all = [int(v) for v in all_ranks_sum(list(held.values()), engine.device)]
     results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
                "train_runtime_s": time.time() - t_start, "world_size": world,
+               "data": {"rows": stats.rows, "examples": stats.examples, "cut": stats.cut, "dropped": stats.dropped},
                "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True))}
     if rank == 0:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(out)  # with the chat template the adapters were trained with
         atomic_write_json(out / "train_results.json", results)
         try:
             plot_loss(out / "metrics.jsonl", out / "loss.png")
@@ -264,6 +257,13 @@ def train(cfg: TrainConfig) -> dict:
         log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
     dist.barrier()
     return results
+
+
+def all_ranks_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 @user_errors_exit

@@ -1,0 +1,1 @@
+"""Checkpoints: exact-resume state (resume.py)."""

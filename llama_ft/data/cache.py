@@ -1,0 +1,46 @@
+"""Tokenize once per node: a content key for the tokenized examples, and where they are cached.
+
+The key hashes everything the token ids depend on: the rows (datasets' fingerprint of the source
+file or Hub revision, which changes when the file does), the tokenizer's vocabulary, merges,
+special tokens, pre/post-processing and chat template, the data options, and ENCODING_VERSION
+(bumped whenever this package changes how rows become ids). Same key, same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ENCODING_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """$LLAMA_FT_CACHE/tokenized, else ~/.cache/llama-ft/tokenized (run-llama.sh sets LLAMA_FT_CACHE)."""
+    root = os.environ.get("LLAMA_FT_CACHE") or Path.home() / ".cache" / "llama-ft"
+    return Path(root) / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides a tokenizer's ids and chat rendering (not its file paths)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # per-call settings that tokenizer(...) changes as it runs; they do not change the ids we ask for
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {"special": tokenizer.special_tokens_map, "chat_template": getattr(tokenizer, "chat_template", None)}
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def examples_key(rows_key: str, tokenizer: Any, options: dict[str, Any]) -> str:
+    """The cache key of the tokenized examples (module doc)."""
+    blob = {"v": ENCODING_VERSION, "rows": rows_key, "tokenizer": tokenizer_fingerprint(tokenizer), "options": options}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]

@@ -1,0 +1,53 @@
+"""Collation: right-pad a micro-batch of examples into int64 tensors, and the id to pad with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from llama_ft.data.formats import IGNORE_INDEX
+from llama_ft.errors import UserError
+
+LLAMA3_PAD_TOKEN = "<|finetune_right_pad_id|>"
+"""Llama 3.1's reserved padding token; used when the tokenizer has no pad token set."""
+
+
+def collate(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of examples to its longest one.
+
+    Returns int64 tensors of shape (batch, max_len):
+        input_ids       the ids, then `pad_token_id`
+        attention_mask  1 on real tokens, 0 on padding
+        labels          the labels, then IGNORE_INDEX
+    """
+    if not features:
+        raise ValueError("collate needs at least one example")
+    max_len = max(len(f["input_ids"]) for f in features)
+    batch = len(features)
+    input_ids = torch.full((batch, max_len), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((batch, max_len), dtype=torch.int64)
+    labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.int64)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        if len(f["labels"]) != n:
+            raise ValueError(f"example {i}: {len(f['labels'])} labels for {n} input_ids")
+        input_ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.int64)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.int64)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: tokenizer.pad_token_id if set; else Llama 3.1's "<|finetune_right_pad_id|>"
+    if the vocabulary has it; else eos_token_id. (Padding never reaches the loss: labels are
+    IGNORE_INDEX and attention_mask 0 there.)"""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    vocab = tokenizer.get_vocab()
+    if LLAMA3_PAD_TOKEN in vocab:
+        return int(vocab[LLAMA3_PAD_TOKEN])
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise UserError("the tokenizer has no pad_token, no <|finetune_right_pad_id|> and no eos_token to pad with")

@@ -1,0 +1,146 @@
+"""From the data flags to training examples: read, check, render, tokenize, cut, cache.
+
+    prepare_examples(opts, tokenizer) -> (examples, DataStats)
+
+`examples` is a `datasets.Dataset` (memory-mapped Arrow) whose rows are exactly
+`{"input_ids": [...], "labels": [...]}`, in dataset order: the sequence training consumes
+and `llama-ft data --dump` writes. The first process on a node to get here tokenizes and caches
+(cache.py); the others wait on a file lock and read the cached file, so a second run with the same
+inputs does not tokenize again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from llama_ft.data.cache import default_cache_dir, examples_key
+from llama_ft.data.formats import CHAT, check_format, conversation, source_target
+from llama_ft.data.readers import one_line, quiet_datasets, read_rows
+from llama_ft.data.tokenize import check_lengths, encode_batch
+from llama_ft.errors import UserError
+from llama_ft.fsutil import atomic_write_json, exclusive_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The flags that decide the training examples (shared by `llama-ft train` and `llama-ft data`)."""
+
+    dataset: str
+    dataset_format: str = "alpaca"
+    chat_template: str | None = None
+    source_max_len: int = 1024
+    target_max_len: int = 256
+    max_seq_len: int | None = None
+    train_on_source: bool = False
+    max_train_samples: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DataOptions:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def check(self) -> None:
+        check_format(self.dataset_format)
+        check_lengths(self.source_max_len, self.target_max_len, self.max_seq_len)
+        if self.chat_template and self.dataset_format != CHAT:
+            raise UserError(f"--chat_template applies to --dataset_format chat (this run reads "
+                            f"--dataset_format {self.dataset_format})")
+
+
+@dataclass
+class DataStats:
+    rows: int  # rows read (after --max_train_samples)
+    examples: int  # examples kept
+    cut: int  # examples shortened to --max_seq_len
+    dropped: int  # rows without a token to train on (after truncation)
+    cache_file: str
+    from_cache: bool
+
+    def line(self, max_seq_len: int | None) -> str:
+        cut = f", {self.cut} cut at --max_seq_len {max_seq_len}" if max_seq_len else ""
+        dropped = f", {self.dropped} dropped (no token to train on)" if self.dropped else ""
+        how = "from the cache" if self.from_cache else "tokenized"
+        return f"{self.rows} rows -> {self.examples} examples{cut}{dropped}; {how} ({self.cache_file})"
+
+
+def prepare_examples(opts: DataOptions, tokenizer: Any, cache_dir: str | Path | None = None):
+    """Training examples and counts for `opts` (module doc). The tokenizer must already carry the chat
+    template (chat.use_chat_template) for the chat format. Raises UserError on any bad input."""
+    import datasets
+
+    opts.check()
+    raw = read_rows(opts.dataset, opts.max_train_samples, row_check(opts.dataset_format))
+    options = {k: v for k, v in asdict(opts).items() if k not in ("dataset", "chat_template")}
+    key = examples_key(raw.key, tokenizer, options)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    arrow, meta = folder / f"{key}.arrow", folder / f"{key}.json"
+    # one process per node tokenizes; the others block here, then read its file
+    with exclusive_lock(folder / f"{key}.lock"):
+        from_cache = arrow.is_file() and meta.is_file()
+        if from_cache:
+            examples = datasets.Dataset.from_file(str(arrow))
+            counts = json.loads(meta.read_text())
+        else:
+            features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                          "labels": datasets.Sequence(datasets.Value("int32")),
+                                          "cut": datasets.Value("bool")})
+            log.info("tokenizing %d rows of %s into %s", len(raw.rows), opts.dataset, arrow)
+            with quiet_datasets(progress=sys.stderr.isatty()):  # a bar in a log file is noise
+                examples = raw.rows.map(
+                    encode_batch, batched=True, with_indices=True, remove_columns=raw.rows.column_names,
+                    features=features, cache_file_name=str(arrow), load_from_cache_file=False, new_fingerprint=key,
+                    desc="tokenize", fn_kwargs={
+                        "dataset_format": opts.dataset_format, "tokenizer": tokenizer,
+                        "source_max_len": opts.source_max_len, "target_max_len": opts.target_max_len,
+                        "max_seq_len": opts.max_seq_len, "train_on_source": opts.train_on_source,
+                        "where": raw.where})
+            counts = {"rows": len(raw.rows), "examples": len(examples), "cut": int(sum(examples["cut"])),
+                      "dropped": len(raw.rows) - len(examples)}
+            atomic_write_json(meta, counts)  # written last: an .arrow without it is redone
+    stats = DataStats(cache_file=str(arrow), from_cache=from_cache, **counts)
+    if stats.examples == 0:
+        raise UserError(f"--dataset {opts.dataset}: none of its {stats.rows} rows has a token to train on "
+                        f"(check --target_max_len {opts.target_max_len} / --max_seq_len {opts.max_seq_len})")
+    return examples.remove_columns(["cut"]), stats
+
+
+def row_check(dataset_format: str):
+    """check(row, where) for the format: raises the UserError a bad row gets when it is tokenized."""
+    if dataset_format == CHAT:
+        return conversation
+    return functools.partial(_source_target, dataset_format=dataset_format)
+
+
+def _source_target(row: Any, where: str, dataset_format: str) -> tuple[str, str]:
+    return source_target(row, dataset_format, where)
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer from a local directory (or Hub name), never running code shipped with it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer_name_or_path {path}: no tokenizer found there ({one_line(e)})") from None
+
+
+def load_rows(dataset: str, dataset_format: str, max_samples: int | None = None) -> list[dict[str, str]]:
+    """Single-turn rows as `{"source": prompt_text, "target": response_text}` (formats.source_target),
+    in memory, for tools and tests that want the text rather than the ids."""
+    check_format(dataset_format)
+    if dataset_format == CHAT:
+        raise UserError("load_rows reads single-turn formats; chat rows go through prepare_examples")
+    raw = read_rows(dataset, max_samples)
+    out = []
+    for i, row in enumerate(raw.rows):
+        source, target = source_target(row, dataset_format, raw.where(i))
+        out.append({"source": source, "target": target})
+    return out
