@@ -5,7 +5,8 @@
 #
 # Environment (all optional):
 #   MODEL        model directory (HF safetensors).     Default: the embedded tiny Llama, made on first use
-#   DATA         alpaca .json/.jsonl or HF dataset.    Default: the bundled tiny dataset
+#   DATA         .json/.jsonl/.parquet or HF dataset.  Default: the bundled tiny dataset (with --dataset_format chat
+#                                                      and no DATA: the bundled tiny chat dataset)
 #   OUTPUT_DIR   where adapters/checkpoints go.        Default: ./output
 #   HOSTFILE     DeepSpeed hostfile.                   Default: hostfiles/localhost
 #   DS_CONFIG    DeepSpeed JSON config.                Default: ds_configs/zero3.json
