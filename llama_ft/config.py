@@ -44,6 +44,7 @@ class TrainConfig:
     source_max_len: int = 1024
     target_max_len: int = 256
     max_seq_len: int | None = None
+    packing: bool = False
     train_on_source: bool = False
     max_train_samples: int | None = None
     eval_dataset_size: float = 0
@@ -61,6 +62,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     bf16: bool = True
     gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    loss_chunk_size: int = 1024
     seed: int = 42
     # LoRA
     lora_r: int = 64
@@ -72,6 +75,7 @@ class TrainConfig:
     bits: int = 8
     fp8_compute: bool = False
     loader: str = "stream"
+    init: str = "checkpoint"
     # partial CPU offload of the frozen base weights (Snowflake's --offload --offload_ratio)
     offload: bool = False
     offload_ratio: float | None = None
@@ -105,6 +109,12 @@ _HELP = {
     "source_max_len": "single-turn formats: keep at most this many prompt tokens",
     "target_max_len": "single-turn formats: keep at most this many response tokens",
     "max_seq_len": "cut every example to at most this many tokens, at the end (every format; default: no cap)",
+    "packing": "pack whole examples into rows of --max_seq_len tokens (best-fit decreasing; position_ids restart "
+               "per example, no attention across examples); --per_device_train_batch_size then counts rows",
+    "attn_implementation": "sdpa | eager | flash_attention_2 (GPUs with flash-attn installed; its varlen path "
+                           "when packing)",
+    "loss_chunk_size": "trained tokens per chunk of the LM head + cross-entropy: full-vocabulary logits exist for "
+                       "this many tokens at a time, never for the whole micro-batch",
     "train_on_source": "train on every token, prompts and user turns included (default: responses only)",
     "max_train_samples": "use only the first N rows of the dataset",
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
@@ -114,6 +124,8 @@ _HELP = {
     "eval_steps": "evaluate every N steps (default: --save_steps)",
     "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
     "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
+    "init": "checkpoint: load the weights of --model_name_or_path; random: random weights built straight into "
+            "the partitions, for benchmarks only (the directory needs only config.json and a tokenizer)",
     "loader": "stream: each rank reads only its own partition bytes; hf: rank 0 reads all and scatters",
     "offload": "keep --offload_ratio of the frozen base-weight partitions in host memory (spread evenly over layers)",
     "offload_ratio": "with --offload: fraction in [0, 1] of the frozen base-weight bytes kept on the host "
@@ -123,7 +135,8 @@ _HELP = {
 
 
 DATA_FLAGS = ("model_name_or_path", "tokenizer_name_or_path", "dataset", "dataset_format", "chat_template",
-              "source_max_len", "target_max_len", "max_seq_len", "train_on_source", "max_train_samples")
+              "source_max_len", "target_max_len", "max_seq_len", "train_on_source", "max_train_samples", "packing",
+              "seed")
 """The flags `llama-ft data` shares with training: everything that decides the examples."""
 
 
@@ -191,6 +204,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a count >= 0 or a fraction in (0, 1)")
     if cfg.eval_dataset_size >= 1 and cfg.eval_dataset_size != int(cfg.eval_dataset_size):
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a whole count or a fraction in (0, 1)")
+    if cfg.init not in ("checkpoint", "random"):
+        raise UserError(f"--init {cfg.init!r}: expected 'checkpoint' or 'random' (benchmarks only)")
     if cfg.loader not in ("stream", "hf"):
         raise UserError(f"--loader {cfg.loader!r}: expected 'stream' or 'hf'")
     if cfg.bits != 8:
@@ -203,6 +218,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.fp8_compute and not cfg.quantize:
         raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
     check_scheduler(cfg.lr_scheduler_type)
+    check_attn_implementation(cfg.attn_implementation)
+    if cfg.loss_chunk_size < 1:
+        raise UserError(f"--loss_chunk_size {cfg.loss_chunk_size}: expected an integer >= 1 (tokens per chunk)")
     cfg.lora_target_modules = _split_csv(cfg.lora_target_modules)
     if not cfg.lora_target_modules:
         raise UserError("--lora_target_modules: expected at least one module name")
@@ -231,6 +249,22 @@ def validate_data_options(cfg: Any) -> None:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: expected an integer > 0")
     if cfg.chat_template:
         load_chat_template(cfg.chat_template)  # missing file or bad Jinja: fail before any work
+    if cfg.packing and cfg.max_seq_len is None:
+        raise UserError("--packing needs --max_seq_len N: the length of a packed row")
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"--attn_implementation {name!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("--attn_implementation flash_attention_2: the flash-attn package is not installed "
+                            "(pip install flash-attn on a CUDA machine), or use sdpa")
 
 
 def check_scheduler(name: str) -> None:

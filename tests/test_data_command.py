@@ -141,3 +141,48 @@ def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path, capsys):
         data_main(["--tokenizer_name_or_path", str(tok_dir), "--dataset", str(BUNDLED_CHAT_DATASET),
                    "--dataset_format", "chat"])
     assert f"the tokenizer of {tok_dir} has no chat template; pass --chat_template FILE" in capsys.readouterr().err
+
+
+def test_packed_dump_is_the_first_epoch_of_the_packed_stream(tiny_model_dir, tmp_path, capsys):
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--max_seq_len", "400", "--packing", "--seed", "3"]
+    run(capsys, *flags, "--dump", str(tmp_path / "rows.jsonl"))
+    out = run(capsys, "--model_name_or_path", str(tiny_model_dir), "--max_seq_len", "400", "--dump",
+              str(tmp_path / "examples.jsonl"))
+    assert "wrote 170 examples" in out
+    examples = [json.loads(ln) for ln in (tmp_path / "examples.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    used = []
+    for row in rows:
+        assert len(row["input_ids"]) <= 400 and len(row["labels"]) == len(row["position_ids"]) == len(row["input_ids"])
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        spans = list(zip(starts[:-1], starts[1:], strict=True))
+        assert row["position_ids"] == [p for a, b in spans for p in range(b - a)]
+        for a, b in spans:  # each piece is a whole example, its first label dropped
+            piece = row["input_ids"][a:b]
+            k = next(k for k, e in enumerate(examples) if e["input_ids"] == piece and k not in used)
+            used.append(k)
+            assert row["labels"][a:b] == [IGNORE_INDEX] + examples[k]["labels"][1:]
+    assert sorted(used) == list(range(170))  # every example exactly once, none split
+    cfg = parse_train_args([*flags, "--output_dir", str(tmp_path / "o"), "--per_device_train_batch_size", "1"])
+    tokenizer, train_set, _, _ = load_training_data(cfg)
+    stream = MicroBatches(train_set, 1, 0, 1, 3, pad_token_id(tokenizer), pack_len=400)
+    fed = [next(stream) for _ in range(stream.per_epoch)]
+    assert [{k: b[k][0].tolist() for k in ("input_ids", "labels", "position_ids")} for b in fed] == rows
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--packing"], "--packing needs --max_seq_len N"),
+    (["--max_seq_len", "5000"], "--max_seq_len 5000: above the model's max_position_embeddings 1024"),
+    (["--loss_chunk_size", "0"], "--loss_chunk_size 0: expected an integer >= 1"),
+    (["--attn_implementation", "flash_attention_2"], "flash_attention_2: the flash-attn package is not installed"),
+    (["--attn_implementation", "flash"], "--attn_implementation 'flash': expected one of sdpa, eager"),
+])
+def test_training_refuses_bad_packing_and_loss_flags(tiny_model_dir, tmp_path, capsys, argv, needle):
+    from llama_ft.train.recipe import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), *argv])
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "[rank 0] INFO" not in ln]
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -1,31 +1,100 @@
-"""train/loss.py against float64 arithmetic written out here."""
+"""train/loss.py against float64 arithmetic and autograd written out here."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from torch import nn
 
 from llama_ft.data import IGNORE_INDEX
-from llama_ft.train.loss import LossMeter, backward_scale, token_nll_sum, trained_count
+from llama_ft.train.loss import (
+    ChunkedLMHeadLoss,
+    HiddenStatesHead,
+    LossMeter,
+    backward_scale,
+    lm_head_nll_sum,
+    loss_targets,
+    trained_count,
+    use_chunked_loss,
+)
+
+LABELS = torch.tensor([[3, IGNORE_INDEX, 4, 1, IGNORE_INDEX], [IGNORE_INDEX, 6, 0, IGNORE_INDEX, 2]])
 
 
-def test_token_nll_sum_is_the_shifted_sum_of_token_cross_entropies():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.bfloat16)
-    labels = torch.tensor([[3, IGNORE_INDEX, 4, 1, IGNORE_INDEX], [IGNORE_INDEX, 6, 0, IGNORE_INDEX, 2]])
-    expected, n = 0.0, 0
-    z = logits.double()
-    for b in range(2):
-        for t in range(4):  # token t predicts label t + 1
+def test_targets_are_the_shifted_trained_labels():
+    positions, targets = loss_targets(LABELS)
+    # row 0: t=1 -> 4, t=2 -> 1; row 1: t=0 -> 6, t=1 -> 0, t=3 -> 2 (flat index b*5 + t)
+    assert positions.tolist() == [1, 2, 5, 6, 8] and targets.tolist() == [4, 1, 6, 0, 2]
+    assert trained_count(LABELS) == 5  # label 0 of each row never counts
+
+
+def _reference_sum(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> float:
+    """Token by token in float64: sum over t of logsumexp(h_t W^T) - (h_t W^T)[y_{t+1}]."""
+    total = 0.0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
             y = int(labels[b, t + 1])
             if y == IGNORE_INDEX:
                 continue
-            expected += math.log(sum(math.exp(v) for v in z[b, t].tolist())) - z[b, t, y].item()
-            n += 1
-    got = token_nll_sum(logits, labels)
-    assert got.dtype == torch.float32 and abs(got.item() - expected) < 1e-5 * abs(expected)
-    assert trained_count(labels) == n == 5  # label 0 of each row never counts
+            z = (hidden[b, t].double() @ w.double().T).tolist()
+            total += math.log(sum(math.exp(v) for v in z)) - z[y]
+    return total
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1000])
+def test_chunked_loss_and_gradient_equal_the_full_loss_in_float64(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    positions, targets = loss_targets(LABELS)
+    got = lm_head_nll_sum(hidden, w, positions, targets, chunk)
+    (got * 0.5).backward()  # a scaled loss, as the training step backpropagates S * R / N
+    # the full-logits path, by autograd
+    h2 = hidden.detach().clone().requires_grad_(True)
+    logits = h2 @ w.T
+    full = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), LABELS[:, 1:].reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    (full * 0.5).backward()
+    assert got.dtype == torch.float64
+    assert abs(got.item() - full.item()) < 1e-12 * abs(full.item())
+    assert abs(got.item() - _reference_sum(hidden, w, LABELS)) < 1e-12 * abs(full.item())
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-12, atol=1e-14)
+    assert torch.all(hidden.grad[0, 0] == 0) and torch.all(hidden.grad[0, 3] == 0)  # untrained: no head, no grad
+
+
+def test_chunked_loss_keeps_fp32_sums_for_bf16_inputs_and_no_grad_in_eval():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 8, generator=g).to(torch.bfloat16)
+    w = torch.randn(11, 8, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, 11, (9,), generator=g)
+    s = ChunkedLMHeadLoss.apply(x, w, y, 4)
+    ref = nn.functional.cross_entropy((x @ w.T).float(), y, reduction="sum")
+    assert s.dtype == torch.float32 and abs(s.item() - ref.item()) < 1e-5 * ref.item()
+    assert not s.requires_grad
+
+
+def test_nothing_trained_gives_zero_that_reaches_the_graph():
+    hidden = torch.randn(1, 3, 4, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.int64)
+    s = lm_head_nll_sum(hidden, torch.randn(5, 4), none, none, 8)
+    s.backward()
+    assert s.item() == 0.0 and torch.all(hidden.grad == 0)
+
+
+def test_hidden_states_head_swap():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    full = model(input_ids=ids).logits
+    w = use_chunked_loss(model)
+    assert isinstance(model.lm_head, HiddenStatesHead) and w is model.lm_head.head.weight
+    hidden = model(input_ids=ids).logits
+    assert hidden.shape == (1, 4, 16)
+    torch.testing.assert_close(hidden @ w.T, full)
 
 
 def test_meter_and_scale():

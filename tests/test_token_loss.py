@@ -10,7 +10,8 @@ gradient, and one torch.optim.AdamW step. Checked per world size:
   exp_avg = (1 - beta1) * grad, read back from the checkpoint's per-rank optimizer partitions;
 - the adapters after the step are the AdamW reference step's (LoRA A is unchanged in step 1: B = 0
   makes its gradient exactly zero, so the reference starts from the A the run saved).
-The 3-rank run also resumes from its step-1 checkpoint and must reproduce steps 2-3 bit for bit.
+The 3-rank run also resumes from its step-1 checkpoint and must reproduce steps 2-3 bit for bit, and
+a packed 2-rank run (--packing) must match the same reference and resume exactly too.
 """
 
 from __future__ import annotations
@@ -190,3 +191,18 @@ def test_three_ranks_match_reference_and_resume_exactly(case):
               model=case["model"], nproc=3, LLAMA_FT_CACHE=str(case["cache"]))
     _same_adapters(tmp / "w3", tmp / "w3-resumed")
     assert [r["loss"] for r in _metrics(tmp / "w3-resumed")] == [r["loss"] for r in _metrics(tmp / "w3")][1:]
+
+
+def test_packed_two_ranks_match_reference_and_resume_exactly(case):
+    """--packing: the 12 examples best-fit into 4 rows of 700 tokens (1 row x 2 accumulation steps x 2 ranks),
+    position_ids restarting per example and no attention across examples: the step is the unpacked
+    reference's. Resuming from step 1 reproduces steps 2-3 (each a freshly shuffled and packed epoch)."""
+    tmp = case["tmp"]
+    flags = [*case["flags"], "--packing", "--max_seq_len", "700", "--per_device_train_batch_size", "1",
+             "--gradient_accumulation_steps", "2", "--max_steps", "3"]
+    run_llama(tmp, tmp / "packed", *flags, model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
+    check_against_reference(case, tmp / "packed", 2)
+    run_llama(tmp, tmp / "packed-resumed", *flags, "--resume_from_checkpoint", str(tmp / "packed/checkpoint-1"),
+              model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
+    _same_adapters(tmp / "packed", tmp / "packed-resumed")
+    assert [r["loss"] for r in _metrics(tmp / "packed-resumed")] == [r["loss"] for r in _metrics(tmp / "packed")][1:]

@@ -14,7 +14,7 @@
 
 from llama_ft.data.batches import MicroBatches
 from llama_ft.data.chat import use_chat_template
-from llama_ft.data.collate import collate, pad_token_id
+from llama_ft.data.collate import collate, collate_packed, pad_token_id
 from llama_ft.data.formats import CHAT, DATASET_FORMATS, IGNORE_INDEX, PROMPT_INPUT, PROMPT_NO_INPUT
 from llama_ft.data.pipeline import DataOptions, DataStats, load_rows, load_tokenizer, prepare_examples
 from llama_ft.data.split import train_eval_split
@@ -22,6 +22,6 @@ from llama_ft.data.tokenize import tokenize_rows, trained_tokens
 
 __all__ = [
     "CHAT", "DATASET_FORMATS", "IGNORE_INDEX", "PROMPT_INPUT", "PROMPT_NO_INPUT", "DataOptions", "DataStats",
-    "MicroBatches", "collate", "load_rows", "load_tokenizer", "pad_token_id", "prepare_examples", "tokenize_rows",
-    "train_eval_split", "trained_tokens", "use_chat_template",
+    "MicroBatches", "collate", "collate_packed", "load_rows", "load_tokenizer", "pad_token_id", "prepare_examples",
+    "tokenize_rows", "train_eval_split", "trained_tokens", "use_chat_template",
 ]

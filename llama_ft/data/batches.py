@@ -1,4 +1,8 @@
-"""The training stream: each rank's micro-batches, deterministic in (seed, epoch, position)."""
+"""The training stream: each rank's micro-batches, deterministic in (seed, epoch, position).
+
+A row is one example, or with packing several whole examples filling up to `pack_len` tokens
+(data/packing.py). `--per_device_train_batch_size` counts rows.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,71 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from llama_ft.data.collate import collate
+from llama_ft.data.collate import collate, collate_packed
+from llama_ft.data.packing import pack_best_fit
 from llama_ft.errors import UserError
+
+Example = Mapping[str, Sequence[int]]
+
+
+def example_lengths(examples: Sequence[Example]) -> list[int]:
+    """Token count of every example; read from the Arrow column for a `datasets.Dataset` (no row decoding)."""
+    if hasattr(examples, "with_format"):
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(examples.data.column("input_ids"))  # zero-copy over the whole table
+        if examples._indices is not None:  # a .select() view (the train split): its rows, in its order
+            lengths = lengths.take(examples._indices.column(0))
+        return lengths.to_pylist()
+    return [len(e["input_ids"]) for e in examples]
+
+
+def epoch_rows(lengths: Sequence[int], seed: int, epoch: int, pack_len: int | None) -> list[list[int]]:
+    """The rows of epoch `epoch`, in training order, as lists of example indices.
+
+    The examples are visited in the order of torch.randperm(n, seed + epoch); unpacked, each is a row.
+    Packed, they are best-fit packed in that order (ties keep it), and the rows are then put in the
+    order of a second randperm from the same generator, so long and short rows mix.
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if pack_len is None:
+        return [[i] for i in perm]
+    rows = pack_best_fit(lengths, perm, pack_len)
+    return [rows[j] for j in torch.randperm(len(rows), generator=g).tolist()]
 
 
 class MicroBatches:
-    """Rank `rank`'s stream of right-padded micro-batches of `batch` examples.
+    """Rank `rank`'s stream of micro-batches of `batch` rows.
 
-    Epoch e visits the examples in the order of torch.randperm(n, seed + e). Global micro-batch j
-    is perm[j*W*B : (j+1)*W*B] (W ranks, B examples each); rank r takes its r-th block of B.
-    An incomplete last global batch is dropped. (epoch, index) is all a resume needs.
+    Global micro-batch j of an epoch is rows[j*W*B : (j+1)*W*B] (W ranks, B rows each); rank r takes its
+    r-th block of B. An incomplete last global batch is dropped. (epoch, index) is all a resume needs.
+    Unpacked batches are right-padded (collate); packed ones carry position_ids (collate_packed).
     """
 
-    def __init__(self, examples: Sequence[Mapping[str, Sequence[int]]], world: int, rank: int, batch: int, seed: int,
-                 pad_id: int, epoch: int = 0, index: int = 0) -> None:
+    def __init__(self, examples: Sequence[Example], world: int, rank: int, batch: int, seed: int, pad_id: int,
+                 epoch: int = 0, index: int = 0, pack_len: int | None = None) -> None:
         self.examples, self.world, self.rank, self.batch = examples, world, rank, batch
-        self.seed, self.pad_id, self.epoch, self.index = seed, pad_id, epoch, index
-        self.per_epoch = len(examples) // (world * batch)
-        if self.per_epoch == 0:
+        self.seed, self.pad_id, self.epoch, self.index, self.pack_len = seed, pad_id, epoch, index, pack_len
+        self.lengths = example_lengths(examples)
+        self._rows_epoch, self._rows = -1, []
+        if self.rows_per_epoch(epoch) // (world * batch) == 0:
+            what = "packed rows" if pack_len else "training examples"
             raise UserError(f"--per_device_train_batch_size {batch} x {world} ranks needs at least {world * batch} "
-                            f"training examples; the dataset has {len(examples)}")
-        self._perm_epoch, self._perm = -1, None
+                            f"{what}; the dataset gives {self.rows_per_epoch(epoch)}")
+
+    def rows_per_epoch(self, epoch: int) -> int:
+        self._load(epoch)
+        return len(self._rows)
+
+    @property
+    def per_epoch(self) -> int:
+        """Micro-batches per rank in the current epoch."""
+        return self.rows_per_epoch(self.epoch) // (self.world * self.batch)
+
+    def _load(self, epoch: int) -> None:
+        if self._rows_epoch != epoch:
+            self._rows, self._rows_epoch = epoch_rows(self.lengths, self.seed, epoch, self.pack_len), epoch
 
     def __iter__(self) -> MicroBatches:
         return self
@@ -34,9 +82,10 @@ class MicroBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.examples), generator=g).tolist(), self.epoch
+        self._load(self.epoch)
         start = (self.index * self.world + self.rank) * self.batch
         self.index += 1
-        return collate([self.examples[i] for i in self._perm[start:start + self.batch]], self.pad_id)
+        rows = [[self.examples[i] for i in row] for row in self._rows[start:start + self.batch]]
+        if self.pack_len is None:
+            return collate([row[0] for row in rows], self.pad_id)
+        return collate_packed(rows, self.pad_id)

@@ -51,3 +51,36 @@ def pad_token_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
     raise UserError("the tokenizer has no pad_token, no <|finetune_right_pad_id|> and no eos_token to pad with")
+
+
+def collate_packed(rows: Sequence[Sequence[Mapping[str, Sequence[int]]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows (each a list of whole examples) -> int64 tensors of shape (rows, longest row):
+
+        input_ids       the examples' ids one after the other, then `pad_token_id`
+        position_ids    0, 1, ... restarting at each example; the padding counts 0, 1, ... as its own block
+        labels          the examples' labels with each example's first label IGNORE_INDEX (no label
+                        crosses an example boundary, data/packing.py), then IGNORE_INDEX
+        attention_mask  1 on real tokens, 0 on padding: for counting only. The model must NOT get it:
+                        transformers builds the block-diagonal mask from position_ids only without one.
+    """
+    if not rows or not all(rows):
+        raise ValueError("collate_packed needs rows of at least one example each")
+    lengths = [sum(len(e["input_ids"]) for e in row) for row in rows]
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            if len(e["labels"]) != n:
+                raise ValueError(f"row {r}: an example has {len(e['labels'])} labels for {n} input_ids")
+            input_ids[r, at:at + n] = torch.as_tensor(e["input_ids"], dtype=torch.int64)
+            labels[r, at + 1:at + n] = torch.as_tensor(e["labels"][1:], dtype=torch.int64)
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        attention_mask[r, :at] = 1
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "attention_mask": attention_mask}

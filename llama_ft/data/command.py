@@ -8,7 +8,10 @@ examples it shows are the ones training reads (and it fills the same tokenize ca
 a summary: examples, token-length percentiles, how many were cut, the share of tokens trained.
 `--preview K` prints the first K examples decoded, trained spans marked. `--dump OUT.jsonl` writes
 one line per example, in dataset order: {"input_ids": [...], "labels": [...]}, labels unshifted
-(labels[i] = input_ids[i] where token i is trained, -100 elsewhere), written atomically.
+(labels[i] = input_ids[i] where token i is trained, -100 elsewhere), written atomically. With
+`--packing`, it writes the packed rows of the first epoch instead, in training order for `--seed`, as
+{"input_ids", "labels", "position_ids"} (each example's first label -100, data/packing.py): the rows
+training reads when it has no eval split (--eval_dataset_size 0).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from llama_ft.config import DATA_FLAGS, TrainConfig, add_config_flags, validate_data_options
+from llama_ft.data.batches import epoch_rows, example_lengths
 from llama_ft.data.chat import use_chat_template
+from llama_ft.data.collate import collate_packed, pad_token_id
 from llama_ft.data.formats import CHAT, IGNORE_INDEX
 from llama_ft.data.pipeline import DataOptions, DataStats, load_tokenizer, prepare_examples
 from llama_ft.errors import UserError, user_errors_exit
@@ -111,6 +116,22 @@ def dump(examples, path: Path) -> None:
                 f.write(json.dumps({"input_ids": ids, "labels": labels}, separators=(",", ":")) + "\n")
 
 
+def dump_packed(examples, rows: list[list[int]], pad_id: int, path: Path) -> None:
+    """Each packed row as one JSON line {"input_ids", "labels", "position_ids"}, as collate_packed builds it."""
+    from tqdm import tqdm
+
+    with atomic_write(path) as f:
+        for row in tqdm(rows, desc="dump", unit="row", disable=None):
+            t = collate_packed([[examples[i] for i in row]], pad_id)
+            line = {k: t[k][0].tolist() for k in ("input_ids", "labels", "position_ids")}
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def packing_line(rows: list[list[int]], lengths: list[int], pack_len: int) -> str:
+    fill = 100 * sum(lengths) / (len(rows) * pack_len)
+    return f"packed rows         {len(rows)} rows of {pack_len} tokens for {len(lengths)} examples ({fill:.1f}% filled)"
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -129,9 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = DataOptions.from_config(cfg)
     examples, stats = prepare_examples(opts, tokenizer)
     print(summary(opts, stats, token_stats(examples)))
+    rows = None
+    if cfg.packing:  # epoch 0 of the training stream, all examples
+        lengths = example_lengths(examples)
+        rows = epoch_rows(lengths, cfg.seed, 0, cfg.max_seq_len)
+        print(packing_line(rows, lengths, cfg.max_seq_len))
     if args.preview:
         preview(examples, tokenizer, args.preview, sys.stdout)
-    if args.dump:
+    if args.dump and rows is not None:
+        dump_packed(examples, rows, pad_token_id(tokenizer), Path(args.dump))
+        print(f"\nwrote {len(rows)} packed rows to {args.dump}")
+    elif args.dump:
         dump(examples, Path(args.dump))
         print(f"\nwrote {len(examples)} examples to {args.dump}")
     return 0

@@ -169,6 +169,8 @@ def build_lora_model(
     fp8_compute: bool = False,
     loader: str = "stream",
     offload_ratio: float | None = None,
+    attn_implementation: str = "sdpa",
+    init: str = "checkpoint",
 ) -> tuple[nn.Module, LoadReport]:
     """LlamaForCausalLM from `model_dir` with LoRA on `spec.target_modules`, partitioned by ZeRO-3.
 
@@ -182,10 +184,13 @@ def build_lora_model(
 
     `offload_ratio` (ZeRO-3 only): keep that fraction of the frozen base-weight bytes in host
     memory, spread evenly through the layers (model/offload.py); None keeps them where ZeRO-3 put them.
+    `attn_implementation`: transformers' attention backend (sdpa, eager, flash_attention_2).
+    `init="random"` (benchmarks): no checkpoint is read, only config.json; every partition is filled with
+    random values where it lives (fill_random_partitions).
     """
     from transformers import AutoModelForCausalLM
 
-    ckpt, prequantized = inspect_checkpoint(model_dir, spec, flag)
+    ckpt, prequantized = (None, None) if init == "random" else inspect_checkpoint(model_dir, spec, flag)
     quantize = quantize or prequantized is not None
     offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
@@ -197,13 +202,14 @@ def build_lora_model(
     config = load_llama_config(model_dir)
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     with _zero_init(ds_config, zero3), _skip_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=False)
     # transformers ties lm_head to the embeddings inside its weight init, which _skip_init skips
     model.tie_weights()
     if not zero3:
         model.to(dtype)
     # a pre-quantized checkpoint is always streamed: its FP8 bytes go straight into the FP8 storage
-    streaming = (zero3 and loader == "stream" and not nvme) or prequantized is not None
+    streaming = (zero3 and loader == "stream" and not nvme) or prequantized is not None or init == "random"
     if zero3 and loader == "stream" and nvme:
         log.info("offload_param to NVMe: loading through ZeRO-3 gathers instead of streaming into partitions")
 
@@ -231,7 +237,10 @@ def build_lora_model(
             wrapped = inject_lora(model, spec, make)
         if offload_ratio is not None:  # before loading: the bytes go straight to host memory
             offload = offload_frozen_partitions(model, offload_ratio)
-        report = stream_checkpoint_into_partitions(model, ckpt, prequantized is not None)
+        if init == "random":
+            report = fill_random_partitions(model)
+        else:
+            report = stream_checkpoint_into_partitions(model, ckpt, prequantized is not None)
     else:
         nbytes = load_checkpoint_weights(model, ckpt)
         with _zero_init(ds_config, zero3):
@@ -251,6 +260,40 @@ def build_lora_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model, report
+
+
+def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -> LoadReport:
+    """Random weights written where each rank's partitions live (benchmarks: no checkpoint, no disk).
+
+    Norm weights 1, other bf16/fp32 weights N(0, std^2), FP8 layers e4m3(N(0, 1)) bytes with every block
+    scale `std`. An FP8 scale partition starts at byte rank * partition_size of the flat fp32 bytes, so
+    the bytes of the repeated scale are laid out from that offset. LoRA tensors keep their own init.
+    """
+    from llama_ft.model.lora import LoRALinear
+
+    t0 = time.time()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    scale_names = {f"{path}.weight_scale" for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    scale_pattern = torch.tensor([std], dtype=torch.float32).view(torch.uint8)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        n = t.numel()
+        if name in scale_names:
+            start = rank * n if hasattr(p, "ds_tensor") else 0
+            values = scale_pattern[(start + torch.arange(n)) % 4]
+        elif t.dtype == torch.uint8:
+            values = torch.randn(n, generator=g).to(torch.float8_e4m3fn).view(torch.uint8)
+        elif name.endswith("norm.weight"):
+            values = torch.ones(n)
+        else:
+            values = torch.randn(n, generator=g) * std
+        t.data.view(-1).copy_(values.to(t.dtype))
+    return LoadReport(rank=rank, world_size=dist.get_world_size() if dist.is_initialized() else 1, checkpoint_bytes=0,
+                      bytes_read=0, seconds=time.time() - t0, peak_rss_bytes=peak_rss_bytes(),
+                      extra={"loader": "random init"})
 
 
 def partition_bytes(model: nn.Module) -> dict[str, int]:

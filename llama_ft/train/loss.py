@@ -1,26 +1,32 @@
-"""The loss: nats per trained token over a whole optimizer step (DESIGN.md, "The loss").
+"""The loss: nats per trained token over a whole optimizer step (DESIGN.md, "The loss"), computed in chunks.
 
 For one optimizer step, with micro-batches m = 1..G on each of the R ranks that reduce gradients:
 
-    L = (1/N) * sum_{m, r} S_{m,r},   S_{m,r} = sum_{b, t : y[b, t+1] != IGNORE} -log softmax(z[b, t])[y[b, t+1]]
+    L = (1/N) * sum_{m, r} S_{m,r},   S_{m,r} = sum_{b, t : y[b, t+1] != IGNORE} -log softmax(h[b, t] W^T)[y[b, t+1]]
     N = #{(m, r, b, t) : y[b, t+1] != IGNORE}         (every trained token of the step, counted once)
 
-z: logits (B, T, V); y: labels (B, T), unshifted (token t predicts label t+1). Every token weighs the
-same, whichever micro-batch or rank it lands on; transformers' per-micro-batch mean (then averaged by
-DeepSpeed) weighs a token of a short answer as much as a whole long one.
+h: final hidden states (B, T, H); W: the LM head (V, H); y: labels (B, T), unshifted (token t predicts
+label t+1). Every token weighs the same, whichever micro-batch or rank it lands on; transformers'
+per-micro-batch mean (then averaged by DeepSpeed) weighs a token of a short answer as much as a whole
+long one.
 
 DeepSpeed reduces gradients as a mean over the R ranks. So micro-batch (m, r) backpropagates
 S_{m,r} * R / N with `engine.backward(..., scale_wrt_gas=False)` (no division by G): the reduced
 gradient is then exactly dL/dθ. N is counted from the labels on the host before the step's first
 forward pass and summed with one all-reduce per step; it stays a device tensor (no host sync).
+
+S itself never holds [tokens x vocab] logits: the model's lm_head is swapped for HiddenStatesHead
+(the forward returns h), only the trained positions are gathered (the others skip the head), and
+ChunkedLMHeadLoss runs head + cross-entropy over `chunk` of them at a time.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch import nn
 
+from llama_ft.adapters import gathered
 from llama_ft.data import IGNORE_INDEX
 
 
@@ -29,10 +35,82 @@ def trained_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """S = sum of the token cross-entropies of a micro-batch, in fp32: logits (B, T, V), labels (B, T) -> ()."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) of a host (B, T) label tensor: positions = b*T + t (flat, int64, ascending) of
+    every token t whose next label y[b, t+1] is trained, and targets = those labels. Both of length N."""
+    _, width = labels.shape
+    b, t = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    return b * width + t, labels[b, t + 1]
+
+
+class HiddenStatesHead(nn.Module):
+    """Stands in for `lm_head` while training: the causal LM's forward returns the final hidden states
+    (B, T, H) as its "logits", so [tokens x vocab] logits are never built for the whole batch. The real
+    head stays as the child `.head`; it is never called (so ZeRO-3 never gathers it per call), and
+    lm_head_nll_sum reads its weight."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def use_chunked_loss(model: nn.Module) -> nn.Parameter:
+    """Swap the model's lm_head for HiddenStatesHead (after the checkpoint is loaded: names change);
+    return the head weight (V, H), frozen (LoRA never targets the head)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"chunked loss expects a bias-free nn.Linear lm_head, got {type(head).__name__}")
+    model.lm_head = HiddenStatesHead(head)
+    return head.weight
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """S = sum_i -log softmax(x_i W^T)[y_i] over chunks of `chunk` rows: x (N, H), W (V, H), y (N,) -> ().
+
+    Per chunk c: z = x_c W^T (the model's dtype, then fp32; float64 stays float64), S += sum(lse(z) - z[y]);
+    and when x needs a gradient, at once dS/dx_c = (softmax(z) - onehot(y)) W, in place in z. So the
+    largest temporary is one chunk's logits (chunk x V), W is used only in forward (ZeRO-3 gathers it
+    once per micro-batch), and backward only scales the saved dS/dx by the incoming gradient: exact, no
+    recompute, and no host sync (DeepSpeed's TiledFusedLogitsLoss, the same idea, compares the incoming
+    gradient with 1.0 on the host in its backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=acc, device=x.device)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        for s in range(0, x.shape[0], chunk):
+            xc, yc = x[s:s + chunk], targets[s:s + chunk]
+            z = torch.mm(xc, weight.t()).to(acc)  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+            if dx is not None:
+                z.sub_(lse[:, None]).exp_()  # softmax
+                z[torch.arange(len(yc), device=z.device), yc] -= 1.0  # dS/dz
+                dx[s:s + chunk] = torch.mm(z.to(weight.dtype), weight)
+        ctx.save_for_backward(dx)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dx,) = ctx.saved_tensors
+        return dx * grad.to(dx.dtype), None, None, None
+
+
+def lm_head_nll_sum(hidden: torch.Tensor, weight: nn.Parameter, positions: torch.Tensor, targets: torch.Tensor,
+                    chunk: int) -> torch.Tensor:
+    """S of a micro-batch: hidden (B, T, H) from the model, the head weight (V, H) (a ZeRO-3 parameter or
+    not), positions/targets from loss_targets (on hidden's device). Returns a () tensor in fp32 (float64
+    for float64 inputs) that backpropagates into `hidden`."""
+    if positions.numel() == 0:
+        return hidden.sum() * 0.0  # nothing trained here: a zero that still reaches every parameter
+    x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # untrained positions skip the head
+    with gathered([weight]):  # ZeRO-3: the whole head once per micro-batch, not once per chunk
+        return ChunkedLMHeadLoss.apply(x, weight, targets, chunk)
 
 
 def global_count(local: int, device: torch.device) -> torch.Tensor:

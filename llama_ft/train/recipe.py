@@ -37,19 +37,30 @@ from llama_ft.data import (
     DataOptions,
     MicroBatches,
     collate,
+    collate_packed,
     load_tokenizer,
     pad_token_id,
     prepare_examples,
     train_eval_split,
     use_chat_template,
 )
+from llama_ft.data.batches import example_lengths
 from llama_ft.data.cache import tokenizer_fingerprint
+from llama_ft.data.packing import pack_best_fit
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.metrics import MetricsLog, plot_loss
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
-from llama_ft.train.loss import LossMeter, backward_scale, global_count, token_nll_sum, trained_count
+from llama_ft.train.loss import (
+    LossMeter,
+    backward_scale,
+    global_count,
+    lm_head_nll_sum,
+    loss_targets,
+    trained_count,
+    use_chunked_loss,
+)
 
 log = logging.getLogger("llama_ft")
 
@@ -78,10 +89,6 @@ def run_options(cfg: TrainConfig, tokenizer) -> dict[str, Any]:
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
 
 
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def load_training_data(cfg: TrainConfig):
     """(tokenizer, train examples, eval examples, DataStats): rows -> {"input_ids", "labels"}, tokenized once per node
     and cached (data/pipeline.py), then the seeded eval split. The tokenizer carries the chat template."""
@@ -95,23 +102,42 @@ def load_training_data(cfg: TrainConfig):
     return tokenizer, train_set, eval_set, stats
 
 
+def model_inputs(batch: dict[str, torch.Tensor], packed: bool, device) -> dict[str, torch.Tensor]:
+    """What the model gets. Packed rows: input_ids + position_ids and NO attention_mask (transformers builds
+    the block-diagonal mask from position_ids only without one); padded rows: input_ids + attention_mask."""
+    keys = ("input_ids", "position_ids") if packed else ("input_ids", "attention_mask")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+
+
+def micro_batch_nll(engine, head_weight, batch: dict[str, torch.Tensor], packed: bool, chunk: int) -> torch.Tensor:
+    """S: the summed token cross-entropy of one micro-batch (train/loss.py), chunked over its trained tokens."""
+    positions, targets = loss_targets(batch["labels"])  # host: no sync to find the trained tokens
+    hidden = engine(**model_inputs(batch, packed, engine.device), use_cache=False).logits  # (B, T, H): see loss.py
+    return lm_head_nll_sum(hidden, head_weight, positions.to(engine.device, non_blocking=True),
+                           targets.to(engine.device, non_blocking=True), chunk)
+
+
 @torch.no_grad()
-def evaluate(engine, examples, batch: int, pad_id: int, world: int, rank: int) -> float:
-    """Nats per trained token over `examples`, computed on all ranks together (train/loss.py).
+def evaluate(engine, head_weight, examples, batch: int, pad_id: int, world: int, rank: int,
+             pack_len: int | None, chunk: int) -> float:
+    """Nats per trained token over `examples`, computed on all ranks together (train/loss.py): the same
+    loss packed or not. Packed, the examples are best-fit packed in their order (no shuffle).
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers are collective); a rank
-    with nothing left repeats an example and does not count it.
+    with nothing left repeats a row and does not count it.
     """
     engine.eval()
     meter = LossMeter(engine.device)
-    mine = list(range(rank, len(examples), world))
-    for b in range(math.ceil(math.ceil(len(examples) / world) / batch)):
-        idx = mine[b * batch:(b + 1) * batch]
-        micro = collate([examples[i] for i in idx or [0]], pad_id)
-        on_dev = to_device(micro, engine.device)
-        logits = engine(input_ids=on_dev["input_ids"], attention_mask=on_dev["attention_mask"]).logits
-        if idx:
-            meter.add(token_nll_sum(logits, on_dev["labels"]), trained_count(micro["labels"]))
+    lengths = example_lengths(examples)
+    rows = pack_best_fit(lengths, range(len(lengths)), pack_len) if pack_len else [[i] for i in range(len(lengths))]
+    mine = rows[rank::world]
+    for b in range(math.ceil(math.ceil(len(rows) / world) / batch)):
+        chunk_rows = mine[b * batch:(b + 1) * batch]
+        picked = [[examples[i] for i in row] for row in chunk_rows or rows[:1]]
+        micro = collate_packed(picked, pad_id) if pack_len else collate([r[0] for r in picked], pad_id)
+        nll = micro_batch_nll(engine, head_weight, micro, pack_len is not None, chunk)
+        if chunk_rows:
+            meter.add(nll, trained_count(micro["labels"]))
     engine.train()
     return meter.mean()["loss"]
 
@@ -126,17 +152,28 @@ def train(cfg: TrainConfig) -> dict:
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank)
-    _, prequantized = inspect_checkpoint(cfg.model_name_or_path, cfg.lora_spec)
+    prequantized = None
+    if cfg.init == "checkpoint":
+        _, prequantized = inspect_checkpoint(cfg.model_name_or_path, cfg.lora_spec)
+    else:
+        log.warning("--init random: random weights, for benchmarks only; the adapters are meaningless")
     if prequantized:
         cfg.quantize = True  # the checkpoint holds FP8 layers
     if cfg.quantize and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         raise UserError(f"--quantize: FP8 kernels need compute capability 8.9+ (Ada/Hopper); this GPU has "
                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
     ds_config = load_ds_config(cfg.deepspeed)
+    max_positions = load_llama_config(cfg.model_name_or_path).max_position_embeddings
+    if cfg.max_seq_len and cfg.max_seq_len > max_positions:
+        raise UserError(f"--max_seq_len {cfg.max_seq_len}: above the model's max_position_embeddings "
+                        f"{max_positions} ({cfg.model_name_or_path}/config.json)")
+    if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on CPU ranks")
     tokenizer, train_set, eval_set, stats = load_training_data(cfg)  # rows -> examples, once per node
     pad_id = pad_token_id(tokenizer)
     world_env = int(os.environ.get("WORLD_SIZE", 1))
-    MicroBatches(train_set, world_env, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id)  # enough data?
+    MicroBatches(train_set, world_env, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id,
+                 pack_len=cfg.max_seq_len if cfg.packing else None)  # enough data?
     options = run_options(cfg, tokenizer)
     if cfg.resume_from_checkpoint:
         check_resumable(cfg.resume_from_checkpoint, world_env, options)
@@ -154,17 +191,18 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
 
-    # --- model: built partitioned under zero.Init, checkpoint streamed in, LoRA injected ---
+    # --- model: built partitioned under zero.Init, checkpoint streamed in (or --init random), LoRA injected ---
     hidden_size = load_llama_config(cfg.model_name_or_path).hidden_size
     ds_config = fill_ds_config(ds_config, cfg, world, hidden_size, on_gpu)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model, report = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype,
                                      cfg.gradient_checkpointing, quantize=cfg.quantize, fp8_compute=cfg.fp8_compute,
-                                     loader=cfg.loader,
+                                     loader=cfg.loader, attn_implementation=cfg.attn_implementation, init=cfg.init,
                                      offload_ratio=(1.0 if cfg.offload_ratio is None else cfg.offload_ratio)
                                      if cfg.offload else None)
     report.write(out)
     logging.getLogger("llama_ft.load").info(report.line())
+    head_weight = use_chunked_loss(model)  # the forward now returns hidden states; the loss applies the head
     held = partition_bytes(model)
     log.info("parameter bytes on this rank: frozen linears %.2f MB%s, other frozen %.2f MB, LoRA %.2f MB",
              held["frozen_linear"] / 2**20, " (FP8)" if cfg.quantize else "", held["frozen_other"] / 2**20,
@@ -187,8 +225,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume_from_checkpoint:
         progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, options)
         log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
+    pack_len = cfg.max_seq_len if cfg.packing else None
     batches = MicroBatches(train_set, world, rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
-                           progress.epoch, progress.micro_index)
+                           progress.epoch, progress.micro_index, pack_len)
 
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
         if rank == 0 else None
@@ -206,9 +245,7 @@ def train(cfg: TrainConfig) -> dict:
         counts = [trained_count(b["labels"]) for b in micro]  # host tensors: no device sync
         scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
         for b, n in zip(micro, counts, strict=True):
-            on_dev = to_device(b, engine.device)
-            logits = engine(input_ids=on_dev["input_ids"], attention_mask=on_dev["attention_mask"]).logits
-            nll = token_nll_sum(logits, on_dev["labels"])
+            nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size)
             engine.backward(nll * scale, scale_wrt_gas=False)
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             meter.add(nll, n, int(b["attention_mask"].sum()))
@@ -226,12 +263,14 @@ def train(cfg: TrainConfig) -> dict:
                       "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                       "trained_tokens_per_s": window["trained_tokens"] / max(elapsed, 1e-9),
                       "elapsed_s": time.time() - t_start}
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            trained_tok_s=f"{record['trained_tokens_per_s']:.0f}")
             if metrics:
                 metrics.write(record)
 
         if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
-            eval_loss = evaluate(engine, eval_set, cfg.per_device_train_batch_size, pad_id, world, rank)
+            eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id, world, rank,
+                                 pack_len, cfg.loss_chunk_size)
             log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
             if metrics:
                 metrics.write({"step": progress.step, "eval_loss": eval_loss})
