@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -217,7 +218,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: expected a value in [0, 1]")
     if cfg.fp8_compute and not cfg.quantize:
         raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
-    check_scheduler(cfg.lr_scheduler_type)
+    check_scheduler(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_ratio, cfg.max_steps)
     check_attn_implementation(cfg.attn_implementation)
     if cfg.loss_chunk_size < 1:
         raise UserError(f"--loss_chunk_size {cfg.loss_chunk_size}: expected an integer >= 1 (tokens per chunk)")
@@ -267,18 +268,20 @@ def check_attn_implementation(name: str) -> None:
                             "(pip install flash-attn on a CUDA machine), or use sdpa")
 
 
-def check_scheduler(name: str) -> None:
+def check_scheduler(name: str, lr: float = 1.0, warmup_ratio: float = 0.0, max_steps: int = 10) -> None:
     """Refuse schedulers llama-ft cannot drive: unknown names, and those needing arguments it does not pass
-    (min_lr, decay steps) or a metric at each step (plateau-style), found by building one on a dummy."""
+    (min_lr, decay steps), a metric at each step (plateau-style), or refusing this run's learning rate and
+    steps (polynomial's lr_end), found by building one on a dummy optimizer with the run's values."""
     import torch
     from transformers import SchedulerType, get_scheduler
 
     schedulers = [s.value for s in SchedulerType]
     if name not in schedulers:
         raise UserError(f"--lr_scheduler_type {name!r}: expected one of {', '.join(schedulers)}")
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     try:
-        sched = get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=10)
+        sched = get_scheduler(name, opt, num_warmup_steps=math.ceil(warmup_ratio * max_steps),
+                              num_training_steps=max_steps)
         opt.step()
         sched.step()
     except (TypeError, ValueError) as e:

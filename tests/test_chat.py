@@ -353,3 +353,105 @@ def test_two_processes_tokenize_once(tiny_model_dir, tmp_path):
     with ctx.Pool(2) as pool:
         results = pool.starmap(_prepare_in_child, [(str(tiny_model_dir), str(data), str(tmp_path / "c"))] * 2)
     assert sorted(results) == [False, True]
+
+
+# --------------------------------------------------------------------------- review findings, pinned down
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_labels_with_a_llama3_style_pre_tokenizer(tiny_model_dir):
+    """Llama 3's own split regex + byte-level, as in its tokenizer.json: ids are the template's, labels the
+    offsets reference's."""
+    from tokenizers import Regex, pre_tokenizers
+
+    t = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.chat_template = LLAMA31_TEMPLATE
+    for messages in (CONVO, [{"role": "user", "content": "2+2?\n\n"}, {"role": "assistant", "content": "\n 4 \n"},
+                             {"role": "user", "content": "ok"}, {"role": "assistant", "content": "  it's 4!!  "}]):
+        ids, labels = encode_conversation(t, messages, False, "w")
+        assert ids == t.apply_chat_template(messages, tokenize=True)["input_ids"]
+        assert (ids, labels) == reference_labels(t, messages)
+
+
+CHATML_NO_PROMPT = ("{% for m in messages %}<|start_header_id|>{{ m.role }}\n{{ m.content }}<|eot_id|>\n"
+                    "{% endfor %}")
+
+
+@pytest.mark.parametrize("with_prompt", [True, False])
+def test_header_and_trailing_newline_are_not_trained(tiny_model_dir, with_prompt):
+    """A ChatML-like template: the newline after the end token is not trained; and when the template ignores
+    add_generation_prompt, the assistant header inside the turn is not trained either."""
+    t = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t.chat_template = CHATML_NO_PROMPT.replace(
+        "{% endfor %}", "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant\n{% endif %}"
+    ) if with_prompt else CHATML_NO_PROMPT
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello friend"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "bye now"}]
+    ids, labels = encode_conversation(t, messages, False, "w")
+    assert t.decode([x for x in labels if x != IGNORE_INDEX]) == "hello friend<|eot_id|>bye now<|eot_id|>"
+
+
+def test_cache_key_follows_content_and_tokenizer_settings(tok, tmp_path):
+    import os
+
+    f = write_rows(tmp_path / "a.jsonl", [{"instruction": "Say it.", "output": "castle silver quiet"}])
+    opts = DataOptions(dataset=str(f), source_max_len=4, target_max_len=3)
+    first, stats = prepare_examples(opts, tok, cache_dir=tmp_path / "c")
+    # the same size and mtime, other bytes: still a different dataset
+    st = f.stat()
+    f.write_text(f.read_text().replace("castle", "meadow"))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    second, stats = prepare_examples(opts, tok, cache_dir=tmp_path / "c")
+    assert not stats.from_cache and list(second) != list(first)
+    # a Python-side tokenizer setting that changes the ids changes the key
+    tok.truncation_side = "left"
+    try:
+        left, stats = prepare_examples(opts, tok, cache_dir=tmp_path / "c")
+    finally:
+        tok.truncation_side = "right"
+    assert not stats.from_cache and left[0]["input_ids"] != second[0]["input_ids"]
+
+
+def test_row_locations_are_built_only_for_errors(tok, tmp_path, monkeypatch):
+    """Naming a row's line costs nothing unless a row is bad (it used to re-read the file for every row)."""
+    from llama_ft.data.readers import Locator
+
+    f = write_rows(tmp_path / "c.jsonl", [{"messages": CONVO}] * 300)
+
+    def never(*a, **k):
+        raise AssertionError("a location was built without an error")
+
+    monkeypatch.setattr(Locator, "describe", never)
+    examples, _ = prepare_examples(DataOptions(dataset=str(f), dataset_format="chat"), tok, cache_dir=tmp_path / "c")
+    assert len(examples) == 300
+
+
+def test_text_that_looks_like_a_date_stays_text(tok, tmp_path):
+    f = write_rows(tmp_path / "a.jsonl", [{"instruction": "When?", "input": "2024-01-02", "output": "2024-01-01"}] * 3)
+    examples, _ = prepare_examples(DataOptions(dataset=str(f)), tok, cache_dir=tmp_path / "c")
+    assert tok.decode([x for x in examples[0]["labels"] if x != IGNORE_INDEX]) == "2024-01-01<|end_of_text|>"
+
+
+@pytest.mark.parametrize("name,raw,needle", [
+    ("latin.jsonl", b'{"instruction": "caf\xe9", "output": "x"}\n', "not UTF-8 text"),
+    ("pretty.jsonl", b'{"instruction": "a", "output": "b"}\n{\n  "instruction": "c",\n  "output": "d"\n}\n',
+     "pretty.jsonl: line 2: invalid JSON"),
+])
+def test_bad_bytes_one_line(tok, tmp_path, name, raw, needle):
+    f = tmp_path / name
+    f.write_bytes(raw)
+    with pytest.raises(UserError, match=needle):
+        prepare_examples(DataOptions(dataset=str(f)), tok, cache_dir=tmp_path / "c")
+
+
+def test_unusable_cache_dir_is_one_line(tok, tmp_path):
+    f = write_rows(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}])
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(UserError, match="tokenize cache .*cannot use it.*LLAMA_FT_CACHE"):
+        prepare_examples(DataOptions(dataset=str(f)), tok, cache_dir=tmp_path / "file" / "sub")

@@ -49,6 +49,13 @@ def test_bad_flags_name_the_flag(tmp_path, flag, value, needle):
         parse_train_args(_args(tmp_path, flag, value))
 
 
+def test_scheduler_checked_with_the_runs_learning_rate(tmp_path):
+    """polynomial decays to lr_end=1e-7: a learning rate below it fails in transformers; refused at parse time."""
+    with pytest.raises(UserError, match="--lr_scheduler_type polynomial: needs settings"):
+        parse_train_args(_args(tmp_path, "--lr_scheduler_type", "polynomial", "--learning_rate", "1e-8"))
+    assert parse_train_args(_args(tmp_path, "--lr_scheduler_type", "polynomial")).lr_scheduler_type == "polynomial"
+
+
 def test_non_empty_output_dir_needs_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")

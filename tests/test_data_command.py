@@ -131,6 +131,15 @@ def test_bad_input_one_line_no_dump(tiny_model_dir, tmp_path, capsys, content, e
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_dump_never_overwrites_the_dataset(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(SystemExit):
+        data_main(["--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--dump", str(data)])
+    assert "is the dataset itself" in capsys.readouterr().err
+    assert data.read_text() == '{"instruction": "a", "output": "b"}\n'
+
+
 def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path, capsys):
     tok_dir = tmp_path / "tok"
     t = AutoTokenizer.from_pretrained(tiny_model_dir)

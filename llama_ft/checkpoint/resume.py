@@ -47,16 +47,19 @@ STATE_FILE = "trainer_state.json"
 # the data stream, and every numeric setting of the update
 RESUME_INVARIANTS = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "seed", "quantize",
-                     # numerics of each step
-                     "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm",
+                     # numerics of each step (max_steps sets the warmup length and the decay horizon)
+                     "learning_rate", "lr_scheduler_type", "warmup_ratio", "max_steps", "weight_decay", "max_grad_norm",
+                     "ds_config_sha256",
                      "adam_beta1", "adam_beta2", "adam_epsilon", "lora_dropout", "bf16", "fp8_compute",
                      "loss_chunk_size", "attn_implementation", "packing",
                      # the examples
-                     "dataset", "dataset_format", "chat_template_sha256", "tokenizer_sha256", "source_max_len",
+                     "data_sha256", "dataset_format", "chat_template_sha256", "tokenizer_sha256", "source_max_len",
                      "target_max_len", "max_seq_len", "train_on_source", "max_train_samples", "eval_dataset_size")
 # invariants that are content hashes, not flags: how to name them in the refusal
 _HASHED = {"chat_template_sha256": "the chat template (--chat_template or the tokenizer's)",
-           "tokenizer_sha256": "the tokenizer (--tokenizer_name_or_path)"}
+           "tokenizer_sha256": "the tokenizer (--tokenizer_name_or_path)",
+           "data_sha256": "the dataset's content (--dataset)",
+           "ds_config_sha256": "the DeepSpeed optimizer, clipping or precision settings (--deepspeed, as filled)"}
 
 
 def optim_file(rank: int) -> str:

@@ -8,7 +8,7 @@ end-of-turn token that closes it (Llama 3.1: `content|trim + "<|eot_id|>"`). Its
 template itself, so any template works that renders earlier turns the same once later turns follow:
 
     start = len(render(messages[:i], add_generation_prompt=True))   # ends with the assistant header
-    end   = len(render(messages[:i + 1]))                           # ends with the end-of-turn token
+    end   = len(render(messages[:i + 1]).rstrip())                  # ends with the end-of-turn token
 
 A token is trained when its character range (the fast tokenizer's offsets into the rendered text)
 overlaps a span, the rule transformers uses for `return_assistant_tokens_mask`. System and user
@@ -67,33 +67,58 @@ def use_chat_template(tokenizer: Any, template_file: str | None, source: str) ->
                         "--chat_template FILE (a Jinja template, e.g. the Llama 3.1 Instruct one)")
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, **kw) -> str:
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: object, **kw) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
     except Exception as e:  # jinja2 raise_exception() in a template, undefined variables, ...
         raise UserError(f"{where}: the chat template cannot render this conversation ({one_line(e)})") from None
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], rendered: str, where: str) -> list[tuple[int, int]]:
-    """Character ranges [start, end) of each assistant message's rendering in `rendered` (see module doc)."""
+_PROMPTS_ASSISTANT: dict[str, bool] = {}
+
+
+def prompts_assistant(tokenizer: Any) -> bool:
+    """Whether the chat template honours add_generation_prompt (renders the assistant header for it).
+    Checked once per template on a one-message probe."""
+    key = repr(tokenizer.chat_template)
+    if key not in _PROMPTS_ASSISTANT:
+        probe = [{"role": "user", "content": "x"}]
+        _PROMPTS_ASSISTANT[key] = _render(tokenizer, probe, "the chat template", add_generation_prompt=True) != \
+            _render(tokenizer, probe, "the chat template")
+    return _PROMPTS_ASSISTANT[key]
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], rendered: str,
+                    where: object) -> list[tuple[int, int]]:
+    """Character ranges [start, end) of each assistant message's rendering in `rendered` (see module doc).
+
+    Whitespace the template puts after the end-of-turn token (ChatML's newline) is left out. A template
+    that ignores add_generation_prompt renders the assistant header inside the turn: the span then
+    starts at the (trimmed) content, its last occurrence in the turn.
+    """
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        if i == 0:
-            raise UserError(f"{where}: the conversation opens with an assistant message; it needs a system or user "
-                            "message before the first assistant reply")
         head = _render(tokenizer, messages[:i], where, add_generation_prompt=True)
         turn = _render(tokenizer, messages[: i + 1], where)
         if not (rendered.startswith(turn) and turn.startswith(head)):
             raise UserError(f"{where}: the chat template renders message {i} differently once later messages follow, "
                             "so its assistant tokens cannot be located (use a template that renders turns in order)")
-        spans.append((len(head), len(turn)))
+        start, end = len(head), len(turn.rstrip())
+        if not prompts_assistant(tokenizer):
+            content = m["content"].strip()
+            at = turn.rfind(content, start, end) if content else -1
+            if at < 0:
+                raise UserError(f"{where}: the chat template ignores add_generation_prompt and message {i}'s content "
+                                "is not in its rendering, so its assistant tokens cannot be located")
+            start = at
+        spans.append((start, max(start, end)))
     return spans
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], train_on_source: bool,
-                        where: str) -> tuple[list[int], list[int]]:
+                        where: object) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation, both of length T (labels unshifted)."""
     rendered = _render(tokenizer, messages, where)
     try:

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--preview {args.preview}: expected a number of examples >= 0")
     if args.dump and Path(args.dump).is_dir():
         raise UserError(f"--dump {args.dump}: is a directory (expected a .jsonl file path)")
+    if args.dump and Path(args.dump).resolve() == Path(cfg.dataset).expanduser().resolve():
+        raise UserError(f"--dump {args.dump}: is the dataset itself; write the dump elsewhere")
     tokenizer = load_tokenizer(tok_path)
     if cfg.dataset_format == CHAT:
         use_chat_template(tokenizer, cfg.chat_template, tok_path)

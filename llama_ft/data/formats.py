@@ -15,7 +15,8 @@ from either form of a row:
     {"messages": [{"role": ..., "content": ...}, ...]}       OpenAI
     {"conversations": [{"from": ..., "value": ...}, ...]}    ShareGPT: human -> user, gpt -> assistant
 
-Every check raises `UserError("<where>: ...")`, `where` naming the file and line (readers.Locator).
+Every check raises `UserError("<where>: ...")`, `where` naming the file and line (anything that
+formats as that text: readers.RowRef builds it only when an error needs it).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ _REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "hh-rlhf": ("chosen",),  # Anthropic/hh-rlhf: source "", target = chosen dialogue
     "oasst1": ("text",),  # timdettmers/openassistant-guanaco: source "", target = text
 }
+
+ROW_FIELDS: dict[str, tuple[str, ...]] = {**_REQUIRED_FIELDS, "alpaca": ("instruction", "input", "output")}
+"""The fields a checked single-turn row keeps (typed_row), all strings."""
 
 CHAT = "chat"
 DATASET_FORMATS: tuple[str, ...] = (*_REQUIRED_FIELDS, CHAT)
@@ -91,12 +95,12 @@ _TO_SOURCE_TARGET: dict[str, Callable[[Mapping[str, Any]], tuple[str, str]]] = {
 }
 
 
-def _check_object(row: Any, where: str) -> None:
+def _check_object(row: Any, where: object) -> None:
     if not isinstance(row, Mapping):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
 
 
-def source_target(row: Any, dataset_format: str, where: str) -> tuple[str, str]:
+def source_target(row: Any, dataset_format: str, where: object) -> tuple[str, str]:
     """`(source, target)` of a single-turn row; UserError unless it carries the fields the format needs."""
     _check_object(row, where)
     for field in _REQUIRED_FIELDS[dataset_format]:
@@ -117,7 +121,7 @@ def source_target(row: Any, dataset_format: str, where: str) -> tuple[str, str]:
     return _TO_SOURCE_TARGET[dataset_format](row)
 
 
-def conversation(row: Any, where: str) -> list[dict[str, str]]:
+def conversation(row: Any, where: object) -> list[dict[str, str]]:
     """The messages of a chat row as `[{"role", "content"}]`, roles system/user/assistant.
 
     OpenAI rows (`messages`: role/content) pass through; ShareGPT rows (`conversations`: from/value)
@@ -140,18 +144,32 @@ def conversation(row: Any, where: str) -> list[dict[str, str]]:
         raise UserError(f"{where}: '{field}' is empty (expected at least one message and an assistant reply)")
     out: list[dict[str, str]] = []
     for k, msg in enumerate(items):
-        at = f"{where}: {field}[{k}]"
+        at = f"{{}}: {field}[{k}]"  # formatted with `where` only on an error (its location may cost a lookup)
         if not isinstance(msg, Mapping):
-            raise UserError(f"{at}: expected an object with '{role_key}' and '{content_key}', got {type(msg).__name__}")
+            raise UserError(f"{at.format(where)}: expected an object with '{role_key}' and '{content_key}', "
+                            f"got {type(msg).__name__}")
         role = msg.get(role_key)
         if role not in roles:
             shown = "missing" if role is None else repr(role)
-            raise UserError(f"{at}: unknown {role_key} {shown} (expected one of: {', '.join(roles)})")
+            raise UserError(f"{at.format(where)}: unknown {role_key} {shown} (expected one of: {', '.join(roles)})")
         content = msg.get(content_key)
         if not isinstance(content, str):
             got = "missing" if content is None else type(content).__name__
-            raise UserError(f"{at}: '{content_key}' must be a string, got {got}")
+            raise UserError(f"{at.format(where)}: '{content_key}' must be a string, got {got}")
         out.append({"role": roles[role], "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: the conversation has no assistant message (nothing to train on)")
+    if out[0]["role"] == "assistant":
+        raise UserError(f"{where}: the conversation opens with an assistant message; it needs a system or user "
+                        "message before the first assistant reply")
     return out
+
+
+def typed_row(row: Any, dataset_format: str, where: object) -> dict[str, Any]:
+    """The row checked (source_target / conversation) and cut down to what its format reads, all strings:
+    the ROW_FIELDS of a single-turn format (a missing or null alpaca input becomes ""), or `messages`
+    as role/content pairs for chat (ShareGPT rows converted)."""
+    if dataset_format == CHAT:
+        return {"messages": conversation(row, where)}
+    source_target(row, dataset_format, where)
+    return {name: row.get(name) or "" for name in ROW_FIELDS[dataset_format]}

@@ -11,7 +11,6 @@ inputs does not tokenize again.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_ft.data.cache import default_cache_dir, examples_key
-from llama_ft.data.formats import CHAT, check_format, conversation, source_target
-from llama_ft.data.readers import one_line, quiet_datasets, read_rows
+from llama_ft.data.formats import CHAT, check_format, source_target
+from llama_ft.data.readers import LINE, RowRef, one_line, open_source, quiet_datasets, read_rows
 from llama_ft.data.tokenize import check_lengths, encode_batch
 from llama_ft.errors import UserError
 from llama_ft.fsutil import atomic_write_json, exclusive_lock
@@ -62,6 +61,7 @@ class DataStats:
     dropped: int  # rows without a token to train on (after truncation)
     cache_file: str
     from_cache: bool
+    rows_key: str = ""  # the content key of the rows read (readers.Source.key)
 
     def line(self, max_seq_len: int | None) -> str:
         cut = f", {self.cut} cut at --max_seq_len {max_seq_len}" if max_seq_len else ""
@@ -72,54 +72,52 @@ class DataStats:
 
 def prepare_examples(opts: DataOptions, tokenizer: Any, cache_dir: str | Path | None = None):
     """Training examples and counts for `opts` (module doc). The tokenizer must already carry the chat
-    template (chat.use_chat_template) for the chat format. Raises UserError on any bad input."""
+    template (chat.use_chat_template) for the chat format. `cache_dir` is the cache root (default
+    cache.default_cache_dir()): checked rows under rows/, examples under tokenized/. Raises UserError
+    on any bad input."""
     import datasets
 
     opts.check()
-    raw = read_rows(opts.dataset, opts.max_train_samples, row_check(opts.dataset_format))
+    source = open_source(opts.dataset)
     options = {k: v for k, v in asdict(opts).items() if k not in ("dataset", "chat_template")}
-    key = examples_key(raw.key, tokenizer, options)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = examples_key(source.key, tokenizer, options)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / "tokenized"
     arrow, meta = folder / f"{key}.arrow", folder / f"{key}.json"
-    # one process per node tokenizes; the others block here, then read its file
-    with exclusive_lock(folder / f"{key}.lock"):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{key}.lock").touch()
+    except OSError as e:
+        raise UserError(f"tokenize cache {folder}: cannot use it ({one_line(e)}); set LLAMA_FT_CACHE to a writable "
+                        "directory") from None
+    with exclusive_lock(folder / f"{key}.lock"):  # one process per node tokenizes; the others wait, then read
         from_cache = arrow.is_file() and meta.is_file()
         if from_cache:
             examples = datasets.Dataset.from_file(str(arrow))
             counts = json.loads(meta.read_text())
         else:
+            rows, where = read_rows(source, opts.dataset_format, opts.max_train_samples, root)
             features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                           "labels": datasets.Sequence(datasets.Value("int32")),
                                           "cut": datasets.Value("bool")})
-            log.info("tokenizing %d rows of %s into %s", len(raw.rows), opts.dataset, arrow)
+            log.info("tokenizing %d rows of %s into %s", len(rows), opts.dataset, arrow)
             with quiet_datasets(progress=sys.stderr.isatty()):  # a bar in a log file is noise
-                examples = raw.rows.map(
-                    encode_batch, batched=True, with_indices=True, remove_columns=raw.rows.column_names,
+                examples = rows.map(
+                    encode_batch, batched=True, with_indices=True, remove_columns=rows.column_names,
                     features=features, cache_file_name=str(arrow), load_from_cache_file=False, new_fingerprint=key,
                     desc="tokenize", fn_kwargs={
                         "dataset_format": opts.dataset_format, "tokenizer": tokenizer,
                         "source_max_len": opts.source_max_len, "target_max_len": opts.target_max_len,
-                        "max_seq_len": opts.max_seq_len, "train_on_source": opts.train_on_source,
-                        "where": raw.where})
-            counts = {"rows": len(raw.rows), "examples": len(examples), "cut": int(sum(examples["cut"])),
-                      "dropped": len(raw.rows) - len(examples)}
+                        "max_seq_len": opts.max_seq_len, "train_on_source": opts.train_on_source, "where": where})
+            counts = {"rows": len(rows), "examples": len(examples), "cut": int(sum(examples["cut"])),
+                      "dropped": len(rows) - len(examples)}
             atomic_write_json(meta, counts)  # written last: an .arrow without it is redone
-    stats = DataStats(cache_file=str(arrow), from_cache=from_cache, **counts)
+    stats = DataStats(cache_file=str(arrow), from_cache=from_cache, rows_key=source.key, **counts)
     if stats.examples == 0:
-        raise UserError(f"--dataset {opts.dataset}: none of its {stats.rows} rows has a token to train on "
-                        f"(check --target_max_len {opts.target_max_len} / --max_seq_len {opts.max_seq_len})")
+        hint = (f"check the chat template and --max_seq_len {opts.max_seq_len}" if opts.dataset_format == CHAT
+                else f"check --target_max_len {opts.target_max_len} and --max_seq_len {opts.max_seq_len}")
+        raise UserError(f"--dataset {opts.dataset}: none of its {stats.rows} rows has a token to train on ({hint})")
     return examples.remove_columns(["cut"]), stats
-
-
-def row_check(dataset_format: str):
-    """check(row, where) for the format: raises the UserError a bad row gets when it is tokenized."""
-    if dataset_format == CHAT:
-        return conversation
-    return functools.partial(_source_target, dataset_format=dataset_format)
-
-
-def _source_target(row: Any, where: str, dataset_format: str) -> tuple[str, str]:
-    return source_target(row, dataset_format, where)
 
 
 def load_tokenizer(path: str):
@@ -138,9 +136,9 @@ def load_rows(dataset: str, dataset_format: str, max_samples: int | None = None)
     check_format(dataset_format)
     if dataset_format == CHAT:
         raise UserError("load_rows reads single-turn formats; chat rows go through prepare_examples")
-    raw = read_rows(dataset, max_samples)
+    rows, where = read_rows(open_source(dataset), dataset_format, max_samples, default_cache_dir())
     out = []
-    for i, row in enumerate(raw.rows):
-        source, target = source_target(row, dataset_format, raw.where(i))
+    for i, row in enumerate(rows):
+        source, target = source_target(row, dataset_format, RowRef(where, i, row.get(LINE)))
         out.append({"source": source, "target": target})
     return out

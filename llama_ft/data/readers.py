@@ -1,27 +1,38 @@
-"""Read a dataset's raw rows with `datasets`: local .json / .jsonl / .parquet files or a Hub dataset name.
+"""Read a dataset's rows into a memory-mapped Arrow table (`datasets.Dataset`), checked against its format.
 
-    read_rows(dataset, max_samples) -> RawRows(rows: datasets.Dataset, where: Locator, key: str)
+    open_source(dataset)                              -> Source: what it is, and a key of its content
+    read_rows(source, dataset_format, max_samples, cache_root) -> (rows, Locator)
 
-`datasets` turns the file into a memory-mapped Arrow table once and caches it; nothing here holds
-the rows in Python lists. When `datasets` cannot read a local JSON file, the file is scanned again
-line by line only to name the exact line that is wrong (`datasets` reports "An error occurred while
-generating the dataset"). `Locator(i)` names row i as a user would find it: `FILE: line N` for JSON
-lines (blank lines counted), `FILE: row i` for a JSON list or Parquet, `--dataset NAME: row i`.
+Local JSON (a `.json` list of objects or JSON lines, a `.jsonl` file) is parsed here, one line at a
+time, and every row is checked by its format (formats.typed_row) as it is read, then written through
+`Dataset.from_generator` with a fixed schema of strings. So an error names its exact line, text that
+merely looks like a date stays text (Arrow's JSON reader would turn it into a timestamp), and no
+Python list of rows is ever held. Only the first `max_samples` rows are read.
+
+Parquet files are memory-mapped with pyarrow (typed already); Hub names go through
+`datasets.load_dataset(name, split="train")`. Their rows are checked as they are tokenized, and named
+`FILE: row i` / `--dataset NAME: row i`.
+
+The content key is the sha256 of a local file's bytes (not its path or mtime: a copy that keeps the
+mtime but not the bytes is still a different dataset), or datasets' fingerprint of a Hub revision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_ft.data.formats import CHAT, typed_row
 from llama_ft.errors import UserError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+LINE = "_line"  # column of JSON rows: their line in the file (JSON lines) or index in the list (.json list)
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +43,39 @@ def one_line(text: object) -> str:
 
 @dataclass(frozen=True)
 class Locator:
-    """Names row `i` of a source for error messages. Picklable (datasets.map workers carry it)."""
+    """Names a row for error messages. Picklable (datasets.map workers carry it)."""
 
     source: str
-    kind: str  # "jsonl" | "json" | "parquet" | "hub"
+    kind: str  # "lines" (JSON lines: LINE is the line) | "list" (a .json list) | "parquet" | "hub"
 
-    def __call__(self, i: int) -> str:
-        if self.kind == "jsonl":
-            return f"{self.source}: line {_line_of_row(Path(self.source), i)}"
+    def describe(self, index: int, line: int | None = None) -> str:
+        if self.kind == "lines":
+            return f"{self.source}: line {line}"
         if self.kind == "hub":
-            return f"--dataset {self.source}: row {i}"
-        return f"{self.source}: row {i}"
+            return f"--dataset {self.source}: row {index}"
+        return f"{self.source}: row {index if line is None else line}"
+
+
+class RowRef:
+    """A row's location, formatted only when an error message uses it (f"{where}: ..."): building
+    every row's location up front would cost a string per row for nothing."""
+
+    def __init__(self, locator: Locator, index: int, line: int | None = None) -> None:
+        self.locator, self.index, self.line = locator, index, line
+
+    def __str__(self) -> str:
+        return self.locator.describe(self.index, self.line)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 @dataclass
-class RawRows:
-    rows: object  # datasets.Dataset
-    where: Locator
-    key: str  # identifies the rows' content for caches: datasets' fingerprint of the source
+class Source:
+    dataset: str  # as the user gave it
+    path: Path | None  # local file, or None for a Hub name
+    key: str  # content key (module doc)
+    hub_rows: Any = None  # the loaded Hub dataset
 
 
 @contextlib.contextmanager
@@ -70,73 +96,27 @@ def quiet_datasets(progress: bool = False) -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def _line_of_row(path: Path, i: int) -> int:
-    """1-based line number of the i-th non-blank line of a JSON-lines file (what datasets calls row i)."""
-    seen = -1
-    with open(path, encoding="utf-8", newline="") as f:
-        # split on "\n" only: str.splitlines would also break on U+2028 etc., which JSON strings may hold raw
-        for lineno, line in enumerate(f.read().split("\n"), start=1):
-            if line.strip():
-                seen += 1
-                if seen == i:
-                    return lineno
-    return i + 1
-
-
 def _looks_like_path(dataset: str) -> bool:
     return dataset.endswith(LOCAL_SUFFIXES) or dataset.startswith(("/", "./", "../", "~"))
 
 
-RowCheck = Callable[[Any, str], object]
-"""check(row, where): raises UserError naming `where` when the row does not fit the dataset format."""
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _check_json_text(path: Path, check: RowCheck | None = None) -> None:
-    """Raise the UserError that says what is wrong with a JSON / JSON-lines file `datasets` refused:
-    its syntax, or the first row `check` refuses (arrow cannot hold fields whose types differ by row)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"dataset file {path}: not UTF-8 text ({one_line(e)})") from None
-    if not text.strip():
-        raise UserError(f"dataset file {path} is empty (expected at least one row)")
+def open_source(dataset: str) -> Source:
+    """Check that `dataset` exists (a local file of a known type, else a reachable Hub name) and key it.
 
-    def lines() -> None:
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(value, dict):
-                raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(value).__name__}")
-            if check is not None:
-                check(value, f"{path}: line {lineno}")
-
-    if path.suffix == ".jsonl":
-        lines()
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            lines()  # JSON lines saved as .json (datasets reads both)
-            return
-        raise UserError(f"dataset file {path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
-    if isinstance(data, list):
-        if not data:
-            raise UserError(f"dataset file {path} holds no rows (expected a JSON list of objects)")
-        for index, value in enumerate(data):
-            if not isinstance(value, dict):
-                raise UserError(f"{path}: row {index}: expected a JSON object, got {type(value).__name__}")
-            if check is not None:
-                check(value, f"{path}: row {index}")
-
-
-def _read_local(path: Path, check: RowCheck | None):
-    import datasets
-
+    A name that ends in .json/.jsonl/.parquet or starts with / ./ ../ ~ is always a local path.
+    """
+    path = Path(dataset).expanduser()
+    if not (path.exists() or _looks_like_path(dataset)):
+        rows = _load_hub(dataset)
+        return Source(dataset, None, f"hub:{dataset}:{rows._fingerprint}", rows)
     if path.is_dir():
         raise UserError(f"dataset {path} is a directory (expected a .json, .jsonl or .parquet file or a hub dataset "
                         "name)")
@@ -146,30 +126,12 @@ def _read_local(path: Path, check: RowCheck | None):
     if path.suffix not in LOCAL_SUFFIXES:
         raise UserError(f"dataset file {path}: unsupported file type '{path.suffix}' (expected .json, .jsonl or "
                         ".parquet)")
-    builder = "parquet" if path.suffix == ".parquet" else "json"
-    if builder == "json":
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
-        if head[:1] not in (b"{", b"["):
-            _check_json_text(path)  # names the problem: empty, not UTF-8, not JSON
-    try:
-        with quiet_datasets():
-            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps arrow's and json's errors in its own types
-        if builder == "json":
-            _check_json_text(path, check)
-        raise UserError(f"dataset file {path}: datasets cannot read it ({one_line(e.__cause__ or e)})") from None
-    if len(rows) == 0:
-        raise UserError(f"dataset file {path} holds no rows (expected at least one)")
-    kind = "parquet" if builder == "parquet" else ("jsonl" if _is_json_lines(path, head) else "json")
-    return rows, Locator(str(path), kind)
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file {path} is empty (expected at least one row)")
+    return Source(dataset, path, f"sha256:{file_sha256(path)}")
 
 
-def _is_json_lines(path: Path, head: bytes) -> bool:
-    return path.suffix == ".jsonl" or head[:1] == b"{"
-
-
-def _read_hub(name: str):
+def _load_hub(name: str):
     import datasets
 
     try:
@@ -184,27 +146,106 @@ def _read_hub(name: str):
         raise UserError(f"--dataset {name}: cannot load its 'train' split ({one_line(e)})") from None
     if len(rows) == 0:
         raise UserError(f"--dataset {name}: its 'train' split holds no rows")
-    return rows, Locator(name, "hub")
+    return rows
 
 
-def read_rows(dataset: str, max_samples: int | None = None, check: RowCheck | None = None) -> RawRows:
-    """The raw rows of `dataset`, the first `max_samples` of them if given.
+def _json_values(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(where, line or index, value) of each row of a JSON-lines file or a .json list; blank lines skipped."""
+    try:
+        if path.suffix == ".json":
+            text = path.read_text(encoding="utf-8")
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg == "Extra data" and text.lstrip().startswith("{"):
+                    data = None  # JSON lines saved as .json
+                else:
+                    raise UserError(f"dataset file {path}: invalid JSON at line {e.lineno} column {e.colno} "
+                                    f"({e.msg})") from None
+            if data is not None:
+                if not isinstance(data, list):
+                    raise UserError(f"dataset file {path}: expected a JSON list of objects (or JSON lines), got a "
+                                    f"JSON {type(data).__name__}")
+                for index, value in enumerate(data):
+                    yield f"{path}: row {index}", index, value
+                return
+        with open(path, encoding="utf-8", newline="") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                yield f"{path}: line {lineno}", lineno, value
+    except UnicodeDecodeError as e:
+        raise UserError(f"dataset file {path}: not UTF-8 text ({one_line(e)})") from None
 
-    `dataset` is an existing local `.json` (a JSON list of objects, or JSON lines), `.jsonl` or
-    `.parquet` file, else a Hugging Face Hub dataset name (its "train" split). A name that ends in
-    one of those suffixes or starts with / ./ ../ ~ is always a local path and must exist.
-    Raises UserError naming the file and line, or the flag; `check` names the row that made a JSON file
-    unreadable for `datasets` (rows are otherwise checked as they are tokenized).
-    """
+
+def _typed_json_rows(path: str, dataset_format: str, max_samples: int | None, content_key: str) -> Iterator[dict]:
+    """The `Dataset.from_generator` generator: checked rows of a local JSON file (content_key keys its cache)."""
+    n = 0
+    for where, line, value in _json_values(Path(path)):
+        yield {**typed_row(value, dataset_format, where), LINE: line}
+        n += 1
+        if n == max_samples:
+            return  # the rest of the file is not read
+    if n == 0:
+        raise UserError(f"dataset file {path} holds no rows (expected at least one)")
+
+
+def row_features(dataset_format: str):
+    """The fixed Arrow schema of checked rows: the format's fields as strings (chat: role/content lists)."""
+    import datasets
+
+    from llama_ft.data.formats import ROW_FIELDS
+
+    string = datasets.Value("string")
+    if dataset_format == CHAT:
+        fields = {"messages": [{"role": string, "content": string}]}  # a list of structs
+    else:
+        fields = {name: string for name in ROW_FIELDS[dataset_format]}
+    return datasets.Features({**fields, LINE: datasets.Value("int64")})
+
+
+def read_rows(source: Source, dataset_format: str, max_samples: int | None, cache_root: Path):
+    """(rows, Locator) of `source`: a `datasets.Dataset`, the first `max_samples` rows if given (module doc)."""
+    import datasets
+
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0
     ):
         raise UserError(f"--max_train_samples must be a positive integer, got {max_samples!r}")
-    path = Path(dataset).expanduser()
-    if path.exists() or _looks_like_path(dataset):
-        rows, where = _read_local(path, check)
+    if source.path is None:
+        rows, where = source.hub_rows, Locator(source.dataset, "hub")
+    elif source.path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(source.path, memory_map=True)
+        except Exception as e:  # pyarrow raises its own types for files that are not Parquet
+            raise UserError(f"dataset file {source.path}: not a readable Parquet file ({one_line(e)})") from None
+        rows, where = datasets.Dataset(table), Locator(str(source.path), "parquet")
+        if len(rows) == 0:
+            raise UserError(f"dataset file {source.path} holds no rows (expected at least one)")
     else:
-        rows, where = _read_hub(dataset)
+        lines = source.path.suffix == ".jsonl" or _starts_with_object(source.path)
+        where = Locator(str(source.path), "lines" if lines else "list")
+        try:
+            with quiet_datasets():
+                return datasets.Dataset.from_generator(
+                    _typed_json_rows, features=row_features(dataset_format), cache_dir=str(cache_root / "rows"),
+                    gen_kwargs={"path": str(source.path), "dataset_format": dataset_format,
+                                "max_samples": max_samples, "content_key": source.key}), where
+        except datasets.exceptions.DatasetGenerationError as e:
+            if isinstance(e.__cause__, UserError):
+                raise e.__cause__ from None
+            raise UserError(f"dataset file {source.path}: cannot be read ({one_line(e.__cause__ or e)})") from None
     if max_samples is not None and max_samples < len(rows):
         rows = rows.select(range(max_samples))
-    return RawRows(rows, where, rows._fingerprint)
+    return rows, where
+
+
+def _starts_with_object(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip()[:1] == b"{"

@@ -14,11 +14,12 @@ label 0 never counts, and `trained_tokens(labels) = #{t >= 1 : labels[t] != IGNO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from llama_ft.data.chat import encode_conversation
 from llama_ft.data.formats import CHAT, IGNORE_INDEX, conversation, source_target
+from llama_ft.data.readers import LINE, Locator, RowRef
 from llama_ft.errors import UserError
 
 
@@ -69,18 +70,20 @@ def tokenize_rows(rows: Iterable[Mapping[str, str]], tokenizer: Any, source_max_
 
 def encode_batch(batch: dict[str, list], indices: list[int], *, dataset_format: str, tokenizer: Any,
                  source_max_len: int, target_max_len: int, max_seq_len: int | None, train_on_source: bool,
-                 where: Callable[[int], str]) -> dict[str, list]:
-    """The `datasets.map(batched=True, with_indices=True)` function: raw rows -> examples.
+                 where: Locator) -> dict[str, list]:
+    """The `datasets.map(batched=True, with_indices=True)` function: rows -> examples.
 
     Returns columns input_ids, labels and `cut` (True where `max_seq_len` shortened the example);
-    examples without a trained token are left out (so the output may have fewer rows).
+    examples without a trained token are left out (so the output may have fewer rows). A row's
+    location (for errors) is its LINE column where the reader recorded one, else its index.
     """
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    refs = [RowRef(where, i, row.get(LINE)) for row, i in zip(rows, indices, strict=True)]
     if dataset_format == CHAT:
-        pairs = [encode_conversation(tokenizer, conversation(row, where(i)), train_on_source, where(i))
-                 for row, i in zip(rows, indices, strict=True)]
+        pairs = [encode_conversation(tokenizer, conversation(row, ref), train_on_source, ref)
+                 for row, ref in zip(rows, refs, strict=True)]
     else:
-        st = [source_target(row, dataset_format, where(i)) for row, i in zip(rows, indices, strict=True)]
+        st = [source_target(row, dataset_format, ref) for row, ref in zip(rows, refs, strict=True)]
         pairs = encode_source_target([s for s, _ in st], [t for _, t in st], tokenizer, source_max_len,
                                      target_max_len, train_on_source)
     out: dict[str, list] = {"input_ids": [], "labels": [], "cut": []}

@@ -16,6 +16,7 @@ Outputs in --output_dir:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -82,11 +83,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_options(cfg: TrainConfig, tokenizer) -> dict[str, Any]:
-    """The options a checkpoint records, plus content hashes of what a path alone does not pin down."""
+def run_options(cfg: TrainConfig, tokenizer, rows_key: str, ds_config: dict) -> dict[str, Any]:
+    """The options a checkpoint records, plus content hashes of what a path alone does not pin down:
+    the data rows, the tokenizer, the chat template, and the DeepSpeed settings that change the numbers
+    (optimizer, clipping, precision; not offload or logging, which do not)."""
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
     template = tokenizer.chat_template if cfg.dataset_format == CHAT else None
-    return {**cfg.to_json(), "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
+    return {**cfg.to_json(), "data_sha256": sha(rows_key), "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "chat_template_sha256": sha(template) if template else None,
+            "ds_config_sha256": sha(json.dumps({k: ds_config.get(k) for k in ("optimizer", "scheduler",
+                                                                              "gradient_clipping", "bf16", "fp16")},
+                                               sort_keys=True))}
 
 
 def load_training_data(cfg: TrainConfig):
@@ -163,7 +172,8 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--quantize: FP8 kernels need compute capability 8.9+ (Ada/Hopper); this GPU has "
                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
     ds_config = load_ds_config(cfg.deepspeed)
-    max_positions = load_llama_config(cfg.model_name_or_path).max_position_embeddings
+    llama_config = load_llama_config(cfg.model_name_or_path)
+    max_positions = llama_config.max_position_embeddings
     if cfg.max_seq_len and cfg.max_seq_len > max_positions:
         raise UserError(f"--max_seq_len {cfg.max_seq_len}: above the model's max_position_embeddings "
                         f"{max_positions} ({cfg.model_name_or_path}/config.json)")
@@ -174,13 +184,14 @@ def train(cfg: TrainConfig) -> dict:
     world_env = int(os.environ.get("WORLD_SIZE", 1))
     MicroBatches(train_set, world_env, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                  pack_len=cfg.max_seq_len if cfg.packing else None)  # enough data?
-    options = run_options(cfg, tokenizer)
+    on_gpu = torch.cuda.is_available()
+    ds_config = fill_ds_config(ds_config, cfg, world_env, llama_config.hidden_size, on_gpu)
+    options = run_options(cfg, tokenizer, stats.rows_key, ds_config)
     if cfg.resume_from_checkpoint:
         check_resumable(cfg.resume_from_checkpoint, world_env, options)
     log.info("data: %d train / %d eval examples from %s", len(train_set), len(eval_set), cfg.dataset)
 
     # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
-    on_gpu = torch.cuda.is_available()
     prepare_ops(ds_config, on_gpu)  # DeepSpeed's JIT ops, compiled by one process at a time
     check_master_reachable()  # a wrong MASTER_ADDR fails in seconds with its name, not after torch's 30 min
     deepspeed.init_distributed()
@@ -192,8 +203,8 @@ def train(cfg: TrainConfig) -> dict:
     log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
 
     # --- model: built partitioned under zero.Init, checkpoint streamed in (or --init random), LoRA injected ---
-    hidden_size = load_llama_config(cfg.model_name_or_path).hidden_size
-    ds_config = fill_ds_config(ds_config, cfg, world, hidden_size, on_gpu)
+    if world != world_env:
+        raise UserError(f"WORLD_SIZE={world_env} but torch.distributed counts {world} ranks")
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model, report = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype,
                                      cfg.gradient_checkpointing, quantize=cfg.quantize, fp8_compute=cfg.fp8_compute,
