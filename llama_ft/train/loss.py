@@ -113,9 +113,17 @@ def lm_head_nll_sum(hidden: torch.Tensor, weight: nn.Parameter, positions: torch
         return ChunkedLMHeadLoss.apply(x, weight, targets, chunk)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: a copy from pinned memory is truly
+    asynchronous (from pageable memory the copy would wait for the work queued before it)."""
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def global_count(local: int, device: torch.device) -> torch.Tensor:
     """N: the sum of `local` over all ranks, as an int64 tensor on `device` (one all-reduce)."""
-    n = torch.tensor(local, dtype=torch.int64, device=device)
+    n = to_device(torch.tensor(local, dtype=torch.int64), device)
     if dist.is_initialized():
         dist.all_reduce(n)
     return n

@@ -59,6 +59,7 @@ from llama_ft.train.loss import (
     global_count,
     lm_head_nll_sum,
     loss_targets,
+    to_device,
     trained_count,
     use_chunked_loss,
 )
@@ -115,15 +116,15 @@ def model_inputs(batch: dict[str, torch.Tensor], packed: bool, device) -> dict[s
     """What the model gets. Packed rows: input_ids + position_ids and NO attention_mask (transformers builds
     the block-diagonal mask from position_ids only without one); padded rows: input_ids + attention_mask."""
     keys = ("input_ids", "position_ids") if packed else ("input_ids", "attention_mask")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+    return {k: to_device(batch[k], device) for k in keys}
 
 
 def micro_batch_nll(engine, head_weight, batch: dict[str, torch.Tensor], packed: bool, chunk: int) -> torch.Tensor:
     """S: the summed token cross-entropy of one micro-batch (train/loss.py), chunked over its trained tokens."""
     positions, targets = loss_targets(batch["labels"])  # host: no sync to find the trained tokens
     hidden = engine(**model_inputs(batch, packed, engine.device), use_cache=False).logits  # (B, T, H): see loss.py
-    return lm_head_nll_sum(hidden, head_weight, positions.to(engine.device, non_blocking=True),
-                           targets.to(engine.device, non_blocking=True), chunk)
+    return lm_head_nll_sum(hidden, head_weight, to_device(positions, engine.device), to_device(targets, engine.device),
+                           chunk)
 
 
 @torch.no_grad()
