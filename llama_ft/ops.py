@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -82,9 +83,24 @@ def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_AFTER_S, poll
         time.sleep(poll_s)
 
 
+def prefer_this_pythons_tools() -> None:
+    """Put this interpreter's bin/ first on PATH when it has a `ninja`.
+
+    torch builds ops with the first `ninja` on PATH, and rebuilds an op (about 35 s for shm_comm) whenever
+    the ninja that wrote its build files changes. A venv's pip-installed ninja and the system's differ in
+    version, so runs started with and without the venv on PATH would rebuild each other's ops forever.
+    """
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(bindir) / "ninja").exists() and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 def prepare_ops(ds_config: dict, on_gpu: bool) -> None:
     """Compile (or just load) the ops this run needs, serialised across processes."""
     from deepspeed.accelerator import get_accelerator
+
+    prefer_this_pythons_tools()
 
     names = needed_builders(ds_config, on_gpu)
     builders = [b for b in (get_accelerator().create_op_builder(n) for n in names) if b is not None]

@@ -91,3 +91,144 @@ def test_load_benchmark_smoke(tmp_path):
     assert rows[("hf", 0)]["bytes_read"] >= 0.99 * ckpt  # transformers 5: rank 0 reads every tensor
     for r in report["rows"]:
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["partition_bytes"] > 0
+
+
+# --- benchmarks/train_throughput.py and benchmarks/loss_memory.py: structure and consistency, not speed ---
+
+TPUT = REPO / "benchmarks" / "train_throughput.py"
+LOSS_MEM = REPO / "benchmarks" / "loss_memory.py"
+TPUT_METHODS = ["ours_unpacked", "ours_packed", "hf", "trl_packed"]
+
+
+def _bench_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
+    return env
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(tmp_path):
+    """--smoke: llama-ft unpacked and packed, HF Trainer (and TRL where it imports) train the tiny shape on 2 ranks;
+    every method is measured or says why not, and the figures are consistent with each other."""
+    import importlib.util
+
+    out = tmp_path / "tput.json"
+    proc = run_job([sys.executable, str(TPUT), "--smoke", "--dir", str(tmp_path / "work"), "--json", str(out)],
+                   timeout=600, cwd=REPO, env=_bench_env())  # kills the launchers' ranks too on a timeout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    head, cfg, data = report["header"], report["config"], report["data"]
+    for key in ("device", "date", "torch", "deepspeed", "transformers", "peft", "trl", "command"):
+        assert head[key], key
+    assert cfg["shape"] == "tiny" and cfg["steps"] > cfg["warmup"] >= 1
+    assert data["examples"] > 0 and 0.3 <= data["trained_share"] <= 0.6 and data["max"] <= cfg["seq"]
+    assert list(report["methods"]) == TPUT_METHODS == list(report["method_labels"])
+
+    measured = {}
+    for name, res in report["methods"].items():
+        assert "failed" not in res, (name, res)
+        if "unavailable" in res:
+            assert isinstance(res["unavailable"], str) and res["unavailable"], name
+            continue
+        measured[name] = res
+        for key in ("trained_tokens_per_s", "tokens_per_s", "step_time_s", "tokens_per_step",
+                    "trained_tokens_per_step", "peak_memory_bytes", "wall_s"):
+            assert _positive(res[key]), (name, key, res[key])
+        assert 0 <= res["padding_share"] < 1, name
+        assert res["trained_tokens_per_s"] < res["tokens_per_s"], name
+        assert res["measured_steps"] == [cfg["warmup"] + 1, cfg["steps"]]
+        assert len(res["steps"]) == cfg["steps"]
+        for step in res["steps"]:  # per optimizer step, all ranks: trained <= non-pad <= all tokens
+            assert 0 < step["trained"] <= step["nonpad"] <= step["tokens"] and step["time_s"] > 0, (name, step)
+        steps = res["steps"][cfg["warmup"]:]
+        seconds = sum(s["time_s"] for s in steps)
+        assert res["trained_tokens_per_s"] == pytest.approx(sum(s["trained"] for s in steps) / seconds)
+        assert res["padding_share"] == pytest.approx(1 - sum(s["nonpad"] for s in steps) /
+                                                     sum(s["tokens"] for s in steps))
+        assert len(res["peak_memory_bytes_per_rank"]) == cfg["nproc"]
+        assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
+    # llama-ft and the HF Trainer always run here; TRL only where it imports
+    assert {"ours_unpacked", "ours_packed", "hf"} <= set(measured), report["methods"]
+    unpacked, packed = measured["ours_unpacked"], measured["ours_packed"]
+    assert packed["padding_share"] < unpacked["padding_share"]
+    if "trl_packed" in measured:
+        assert measured["trl_packed"]["padding_share"] < unpacked["padding_share"]
+    elif importlib.util.find_spec("trl") is None:  # not a llama-ft dependency: the row says so
+        assert "trl is not installed" in report["methods"]["trl_packed"]["unavailable"]
+
+    ratios = report["ratios"]
+    assert ratios["packed_vs_unpacked"] == pytest.approx(packed["trained_tokens_per_s"] /
+                                                         unpacked["trained_tokens_per_s"])
+    assert ratios["ours_packed_vs_hf"] == pytest.approx(packed["trained_tokens_per_s"] /
+                                                        measured["hf"]["trained_tokens_per_s"])
+    assert len(report["goals"]) == 3
+    for goal in report["goals"]:
+        assert goal["holds"] is None if goal["ratio"] is None else goal["holds"] == (goal["ratio"] >= goal["target"])
+
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(TPUT_METHODS) and "trained tok/s" in rows[0] and "padding share" in rows[0]
+    for label in report["method_labels"].values():
+        assert any(row.startswith(f"| {label} |") for row in rows), label
+    assert head["torch"] in proc.stdout.splitlines()[0] and head["command"] in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
+def test_train_throughput_8b_needs_cuda(tmp_path):
+    proc = subprocess.run([sys.executable, str(TPUT), "--shape", "8b", "--dir", str(tmp_path)], cwd=REPO,
+                          env=_bench_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert "--shape 8b needs a CUDA GPU" in lines[-1]
+    assert sum("CUDA" in line for line in lines) == 1
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    (TPUT, ["--steps", "0"], "--steps 0"),
+    (TPUT, ["--steps", "3", "--warmup", "3"], "--warmup 3"),
+    (TPUT, ["--methods", "ours,hf"], "--methods"),
+    (LOSS_MEM, ["--tokens", "1"], "--tokens 1"),
+    (LOSS_MEM, ["--paths", "full,tiled"], "--paths"),
+])
+def test_benchmark_bad_input(script, args, expect):
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=_bench_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "error" in lines[0], proc.stderr
+
+
+def test_loss_memory_smoke(tmp_path):
+    """--smoke: both loss paths run in their own process on the same inputs, agree, and the chunked one peaks lower."""
+    out = tmp_path / "loss.json"
+    proc = subprocess.run([sys.executable, str(LOSS_MEM), "--smoke", "--json", str(out)], cwd=REPO, env=_bench_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("device", "date", "torch", "transformers", "command", "measure"):
+        assert report["header"][key], key
+    paths = report["paths"]
+    assert set(paths) == {"full", "chunked"} == set(report["labels"])
+    for name, res in paths.items():
+        assert "failed" not in res, (name, res)
+        if "unavailable" in res:
+            assert res["unavailable"], name
+            continue
+        for key in ("peak_bytes", "seconds", "loss", "grad_norm"):
+            assert _positive(res[key]), (name, key, res[key])
+    assert "peak_bytes" in paths["chunked"]  # ours always runs
+    if "peak_bytes" in paths["full"]:
+        full, chunked = paths["full"], paths["chunked"]
+        assert report["agree"] is True
+        assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-3)
+        assert report["ratio"] == pytest.approx(chunked["peak_bytes"] / full["peak_bytes"])
+        assert chunked["peak_bytes"] < full["peak_bytes"]
+        assert report["goal_holds"] == (report["ratio"] <= 1 / 8)
+        # the full path holds at least the T x V fp32 logits; the chunked one far less
+        assert full["peak_bytes"] >= report["full_logits_fp32_bytes"]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(paths) and "peak above baseline" in rows[0]

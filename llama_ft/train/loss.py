@@ -71,8 +71,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     """S = sum_i -log softmax(x_i W^T)[y_i] over chunks of `chunk` rows: x (N, H), W (V, H), y (N,) -> ().
 
     Per chunk c: z = x_c W^T (the model's dtype, then fp32; float64 stays float64), S += sum(lse(z) - z[y]);
-    and when x needs a gradient, at once dS/dx_c = (softmax(z) - onehot(y)) W, in place in z. So the
-    largest temporary is one chunk's logits (chunk x V), W is used only in forward (ZeRO-3 gathers it
+    and when x needs a gradient, at once dS/dx_c = (softmax(z) - onehot(y)) W. logsumexp and softmax are
+    computed in place in z, so the largest temporary is one chunk's logits (chunk x V) in fp32 (plus its
+    cast to the model's dtype for the last product). W is used only in forward (ZeRO-3 gathers it
     once per micro-batch), and backward only scales the saved dS/dx by the incoming gradient: exact, no
     recompute, and no host sync (DeepSpeed's TiledFusedLogitsLoss, the same idea, compares the incoming
     gradient with 1.0 on the host in its backward).
@@ -86,12 +87,16 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         for s in range(0, x.shape[0], chunk):
             xc, yc = x[s:s + chunk], targets[s:s + chunk]
             z = torch.mm(xc, weight.t()).to(acc)  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+            # logsumexp in place (torch.logsumexp would allocate a second (c, V) buffer): z becomes exp(z - max)
+            target = z.gather(1, yc[:, None]).squeeze(1)
+            top = z.amax(dim=-1, keepdim=True)
+            denom = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top + denom.log()).squeeze(1).sub(target).sum()
             if dx is not None:
-                z.sub_(lse[:, None]).exp_()  # softmax
+                z.div_(denom)  # softmax
                 z[torch.arange(len(yc), device=z.device), yc] -= 1.0  # dS/dz
                 dx[s:s + chunk] = torch.mm(z.to(weight.dtype), weight)
+            del z  # before the next chunk's product, not after it: one (c, V) buffer at a time
         ctx.save_for_backward(dx)
         return total
 

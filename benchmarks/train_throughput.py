@@ -1,0 +1,882 @@
+"""Training throughput on long-tailed data: llama-ft (unpacked, packed) vs HF Trainer + PEFT vs TRL SFTTrainer.
+
+    python benchmarks/train_throughput.py --json tput.json                     # CPU: small Llama shape, 2 ranks, fp32
+    python benchmarks/train_throughput.py --shape 8b --json tput-8b.json       # GPU: Llama 3.1 8B shape, all GPUs, bf16
+    python benchmarks/train_throughput.py --smoke --json /tmp/smoke.json       # a minute-long check of the script
+    python benchmarks/train_throughput.py --trl-python /tmp/bench/venv-trl/bin/python ...   # TRL from another env
+
+TRL is not a llama-ft dependency; to add it without touching the project's environment (trl 1.16 was used):
+    python3 -m venv /tmp/bench/venv-trl
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/bench/venv-trl/lib/python3.11/site-packages/main.pth
+    /tmp/bench/venv-trl/bin/pip install --no-deps trl
+
+One run trains the same model shape (random weights: `--init random` for llama-ft, `from_config` under
+zero.Init for the peers), on the same tokenized examples, with the same ranks, batch flag, sequence
+length, LoRA (r, alpha, dropout 0.05 on q,k,v,o,gate,up,down), optimizer and DeepSpeed ZeRO-3 config
+(ds_configs/zero3.json with its "auto" fields filled by llama-ft's own `fill_ds_config`), for --steps
+optimizer steps, once per method, one method at a time:
+
+    ours_unpacked  `bash run-llama.sh` (deepspeed launcher, `python -m llama_ft.train`): right-padded
+                   micro-batches of --batch examples, the chunked token-weighted loss
+    ours_packed    the same with `--packing --max_seq_len SEQ`: --batch rows of up to SEQ tokens, whole
+                   examples best-fit packed, position_ids restart per example, no padding inside a row
+    hf             transformers Trainer + PEFT `get_peft_model` + the same ZeRO-3 dict through transformers'
+                   own DeepSpeed integration (`TrainingArguments(deepspeed=dict)`), launched with torchrun,
+                   DataCollatorForSeq2Seq (right padding), no length grouping (transformers 5:
+                   train_sampling_strategy "random"): what users run today. On CPU ranks the Trainer needs
+                   use_cpu=True (accelerate runs DeepSpeed only on an accelerator) and deepspeed.init_distributed()
+                   first; the worker checks after training that every parameter is a ZeRO-3 one
+    trl_packed     TRL `SFTTrainer(packing=True)` (its default "bfd" strategy, padding-free: the rows of a
+                   micro-batch are concatenated into one sequence with position_ids), same ZeRO-3 dict, torchrun.
+                   TRL is not a llama-ft dependency: it runs where `--trl-python` (default: this interpreter)
+                   imports `trl`; otherwise the row says why not
+
+The peers run as `python benchmarks/train_throughput.py --worker hf|trl --config FILE` on every rank; a
+Trainer subclass records each micro-batch's tokens and a TrainerCallback each optimizer step's end time,
+and each rank writes them as JSON. llama-ft's figures come from its own metrics.jsonl (logging every step:
+the step's trained tokens and wall time), and the tokens of its micro-batches (padding included) from its
+own deterministic batch stream (`llama_ft.data.MicroBatches`), checked against metrics.jsonl.
+
+Data: --examples synthetic input-output rows written from --seed: lengths lognormal (median 150 tokens,
+sigma 0.75, clipped to [16, min(1000, SEQ)]: like alpaca, long-tailed), 30-60% of each example's tokens
+in the response (trained), texts built from words the tiny byte-level BPE tokenizer (llama-ft make-tiny, 384
+tokens) encodes as one token each, so every example has exactly its drawn length. All methods get the same
+examples: the ones llama-ft tokenizes (BOS + prompt, response + EOS, labels -100 on the prompt).
+
+Measured per method over steps W+1..N (the first --warmup W steps excluded, the same for every method):
+    trained tok/s   tokens with a label (label != -100 after the shift: the tokens the loss trains), all
+                    ranks, divided by the wall time of those steps
+    all tok/s       non-pad tokens (prompt + response), all ranks, per second
+    step s          mean wall time of one optimizer step (rank 0: end of step to end of step)
+    padding share   pad tokens / all tokens of the micro-batches (input_ids.numel())
+    peak memory     per rank: peak host RSS of the rank's process (getrusage, whole run) on CPU;
+                    torch.cuda.max_memory_allocated on GPU. Recorded at exit by a probe (a sitecustomize
+                    module put on the ranks' PYTHONPATH), the same way for every method
+Goals (issue): packed >= 2x unpacked trained tok/s on this data; ours (packed) >= 1.5x HF's (the unpacked ratio
+is printed too); ours packed >= TRL packed. The figures are whatever is measured; nothing is tuned per method.
+
+Shapes: tiny (hidden 64, 2 layers; --smoke), small (hidden 512, 4 layers, 8/2 heads, intermediate 1536, vocab 384:
+the CPU run, fp32), 8b (Llama 3.1 8B: hidden 4096, 32 layers, 32/8 heads, intermediate 14336, vocab 128256;
+needs CUDA, bf16). Output: a markdown table on stdout (progress and logs on stderr), --json everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run from anywhere without installing
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=4096),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, max_position_embeddings=131072, vocab_size=128256),
+}
+METHODS = {
+    "ours_unpacked": "llama-ft, unpacked (right-padded)",
+    "ours_packed": "llama-ft, packed (--packing)",
+    "hf": "HF Trainer + PEFT + ZeRO-3 (DataCollatorForSeq2Seq)",
+    "trl_packed": "TRL SFTTrainer, packing=True",
+}
+OURS = ("ours_unpacked", "ours_packed")
+DEFAULTS = dict(steps=12, warmup=2, batch=4, seq=1024, grad_accum=1, lora_r=64, lora_alpha=16.0, timeout=1800)
+SMOKE_DEFAULTS = dict(shape="tiny", steps=4, warmup=2, batch=2, seq=256, lora_r=8, lora_alpha=16.0, timeout=300)
+LORA_DROPOUT = 0.05
+LEARNING_RATE = 1e-4
+WARMUP_RATIO = 0.03
+MEDIAN_TOKENS, SIGMA, MIN_TOKENS, MAX_TOKENS = 150, 0.75, 16, 1000
+TRAINED_SHARE = (0.3, 0.6)
+# Candidate words; those the tokenizer encodes as exactly one token (with their leading space) build the texts.
+WORDS = ("the", "of", "and", "in", "is", "an", "has", "sum", "two", "three", "five", "six", "times", "number",
+         "numbers", "word", "words", "letters", "answer", "capital", "color", "opposite")
+PROBE_ENV = "LLAMA_FT_BENCH_PROBE"
+PROBE_SOURCE = '''"""llama-ft benchmark probe (benchmarks/train_throughput.py): peak memory of a rank, at exit."""
+import atexit
+import json
+import os
+import resource
+import sys
+
+_out = os.environ.get("PROBE_ENV")
+if _out and "RANK" in os.environ:
+    def _llama_ft_bench_probe():
+        rec = {"rank": int(os.environ["RANK"]), "pid": os.getpid(), "argv0": sys.argv[0] if sys.argv else "",
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        torch = sys.modules.get("torch")
+        try:
+            if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                rec["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        except Exception:  # noqa: BLE001 - a probe never fails the run
+            pass
+        with open(os.path.join(_out, "rank{}-pid{}.json".format(rec["rank"], rec["pid"])), "w") as f:
+            json.dump(rec, f)
+
+    atexit.register(_llama_ft_bench_probe)
+
+# Run a sitecustomize this one shadows, if any.
+_here = os.path.dirname(os.path.abspath(__file__))
+for _entry in sys.path:
+    _path = os.path.join(_entry or os.curdir, "sitecustomize.py")
+    if os.path.abspath(_entry or os.curdir) != _here and os.path.isfile(_path):
+        with open(_path) as _f:
+            exec(compile(_f.read(), _path, "exec"), {"__name__": "_shadowed_sitecustomize", "__file__": _path})
+        break
+'''.replace("PROBE_ENV", PROBE_ENV)
+
+
+class Unavailable(Exception):
+    """A method that cannot run here; the message is the reason shown in its row."""
+
+
+def die(msg: str) -> None:
+    """Bad input: one line, exit code 2."""
+    print(f"train_throughput.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def log(msg: str) -> None:
+    print(f"[train_throughput] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model directory and data
+
+
+def write_model_dir(out: Path, shape: str, dtype: str) -> dict[str, Any]:
+    """config.json of `shape` + the tiny byte-level BPE tokenizer: what `--init random` and `from_config` need."""
+    from transformers import LlamaConfig
+
+    from llama_ft.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    dims = dict(SHAPES[shape])
+    dims.setdefault("vocab_size", len(tok))
+    if dims["vocab_size"] < len(tok):
+        raise RuntimeError(f"vocab_size {dims['vocab_size']} < tokenizer length {len(tok)}")
+    config = LlamaConfig(**dims, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dtype=dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return dims
+
+
+def parameter_count(dims: dict[str, Any]) -> int:
+    h, i, layers, v = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"], dims["vocab_size"]
+    kv = dims["num_key_value_heads"] * (h // dims["num_attention_heads"])
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return layers * per_layer + 2 * v * h + h
+
+
+def single_token_words(tokenizer: Any) -> list[str]:
+    """WORDS that encode as exactly one token with a leading space (so a text of n of them is n tokens)."""
+    words = [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    if len(words) < 4:
+        raise RuntimeError(f"the tokenizer encodes only {words} of {WORDS} as one token each")
+    return words
+
+
+def write_dataset(path: Path, tokenizer: Any, n: int, seed: int, max_tokens: int) -> None:
+    """`n` input-output rows (module doc): example i has exactly its drawn number of tokens under llama-ft's
+    tokenization (BOS + input, output + EOS); checked by tokenizing every text."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = single_token_words(tokenizer)
+    total = np.clip(np.rint(rng.lognormal(math.log(MEDIAN_TOKENS), SIGMA, n)), MIN_TOKENS, max_tokens).astype(int)
+    share = rng.uniform(*TRAINED_SHARE, n)
+    target = np.clip(np.rint(total * share), 2, total - 2).astype(int)
+    source = total - target
+    rows = []
+    for s, t in zip(source.tolist(), target.tolist(), strict=True):
+        pick = rng.integers(0, len(words), s - 1 + t - 1).tolist()  # BOS and EOS are the other two tokens
+        text = [" " + words[k] for k in pick]
+        rows.append({"input": "".join(text[:s - 1]), "output": "".join(text[s - 1:])})
+    got_s = [len(ids) for ids in tokenizer([r["input"] for r in rows])["input_ids"]]
+    got_t = [len(ids) for ids in tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]]
+    if got_s != source.tolist() or [g + 1 for g in got_t] != target.tolist():
+        raise RuntimeError("synthetic texts do not tokenize to their drawn lengths")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def percentile(values: list[int], q: float) -> float:
+    s = sorted(values)
+    return float(s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launching jobs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, cwd: Path) -> tuple[int, float]:
+    """Run a (multi-process) job in its own session, stdout + stderr to `log_path`; on a timeout kill the whole
+    process group. Returns (exit code, wall seconds); exit code 124 on a timeout."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = 124
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C: take the ranks down too
+            proc.wait()
+            raise
+    return rc, time.perf_counter() - t0
+
+
+def failure_reason(rc: int, log_path: Path, timeout: float) -> str:
+    """One line for a failed job: the first exception a rank raised, else the last line that mentions an error."""
+    if rc == 124:
+        return f"timed out after {timeout:.0f} s (log: {log_path})"
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [re.sub(r"^\[(default)?rank\d+\]:\s*", "", ln) for ln in lines]  # torchrun's per-rank prefixes
+    raised = [ln for ln in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b.*:", ln)
+              and "ChildFailedError" not in ln]  # a rank's exception, not the launcher's summary of it
+    said = [ln for ln in lines if "error" in ln.lower()]
+    line = (raised or said or lines or ["no output"])[0 if raised else -1]
+    return f"exit {rc}: {line[:300]} (log: {log_path})"
+
+
+def base_env(args: argparse.Namespace, probe_dir: Path, probe_out: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # This interpreter's bin first, for every method: DeepSpeed's JIT op build runs the first `ninja` on PATH, and
+    # two ninja versions (pip's, the system's) do not read each other's build log, so alternating them rebuilds.
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+    for k in ("TRITON_INTERPRET", "DATA", "MODEL", "MERGE_DIR", "DS_CONFIG", "HOSTFILE", "NODE_RANK", "INCLUDE",
+              "EXCLUDE", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env[PROBE_ENV] = str(probe_out)
+    env["LLAMA_FT_CACHE"] = str(args.dir / "cache")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not args.cuda:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // args.nproc))
+    return env
+
+
+def read_probes(probe_out: Path, nproc: int) -> list[dict[str, Any]]:
+    """Per rank, the probe record of its largest process (the rank itself, not a helper it spawned)."""
+    best: dict[int, dict[str, Any]] = {}
+    for f in probe_out.glob("rank*-pid*.json"):
+        rec = json.loads(f.read_text())
+        if rec["rank"] not in best or rec["peak_rss_bytes"] > best[rec["rank"]]["peak_rss_bytes"]:
+            best[rec["rank"]] = rec
+    if sorted(best) != list(range(nproc)):
+        raise RuntimeError(f"memory probe: records for ranks {sorted(best)}, expected 0..{nproc - 1}")
+    return [best[r] for r in range(nproc)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama-ft runs
+
+
+def ours_flags(args: argparse.Namespace, packed: bool) -> list[str]:
+    """Training flags of both llama-ft runs (after run-llama.sh's defaults: they override them)."""
+    flags = ["--dataset_format", "input-output", "--source_max_len", str(args.seq), "--target_max_len", str(args.seq),
+             "--max_seq_len", str(args.seq), "--per_device_train_batch_size", str(args.batch),
+             "--gradient_accumulation_steps", str(args.grad_accum), "--max_steps", str(args.steps),
+             "--save_steps", str(args.steps), "--logging_steps", "1", "--eval_dataset_size", "0",
+             "--bf16", str(args.bf16).lower(), "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
+             "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha), "--lora_dropout", str(LORA_DROPOUT),
+             "--learning_rate", str(LEARNING_RATE), "--lr_scheduler_type", "linear", "--warmup_ratio",
+             str(WARMUP_RATIO), "--max_grad_norm", "0.3", "--attn_implementation", args.attn, "--init", "random",
+             "--seed", str(args.seed), "--overwrite_output_dir"]
+    return flags + (["--packing"] if packed else [])
+
+
+def ours_batches(examples: Any, args: argparse.Namespace, pad_id: int, packed: bool) -> list[dict[str, int]]:
+    """Per optimizer step, summed over ranks and accumulation: tokens (input_ids.numel()), non-pad and trained
+    tokens of the micro-batches llama-ft trains on (its own deterministic stream, data/batches.py)."""
+    from llama_ft.data import MicroBatches
+    from llama_ft.train.loss import trained_count
+
+    streams = [MicroBatches(examples, args.nproc, r, args.batch, args.seed, pad_id,
+                            pack_len=args.seq if packed else None) for r in range(args.nproc)]
+    steps = []
+    for _ in range(args.steps):
+        s = {"tokens": 0, "nonpad": 0, "trained": 0}
+        for stream in streams:
+            for _ in range(args.grad_accum):
+                b = next(stream)
+                s["tokens"] += b["input_ids"].numel()
+                s["nonpad"] += int(b["attention_mask"].sum())
+                s["trained"] += trained_count(b["labels"])
+        steps.append(s)
+    return steps
+
+
+def deepspeed_launcher(scratch: Path) -> str:
+    """The `deepspeed` launcher of this interpreter's environment; where it has none (an environment layered on
+    another one), a two-line script that runs deepspeed.launcher.runner with this interpreter."""
+    script = Path(sys.executable).parent / "deepspeed"
+    if script.is_file():
+        return str(script)
+    wrapper = scratch / "deepspeed-launcher"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m deepspeed.launcher.runner "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    packed = method == "ours_packed"
+    run_dir = args.dir / "runs" / method
+    shutil.rmtree(run_dir, ignore_errors=True)
+    probe_out = run_dir / "probe"
+    probe_out.mkdir(parents=True)
+    env = base_env(args, ctx["probe_dir"], probe_out)
+    env.update(MODEL=str(ctx["model_dir"]), DATA=str(ctx["data_file"]), OUTPUT_DIR=str(run_dir / "output"),
+               NPROC=str(args.nproc), PYTHON=sys.executable, DEEPSPEED=deepspeed_launcher(args.dir),
+               MASTER_PORT=str(free_port()))
+    cmd = ["bash", str(REPO / "run-llama.sh"), *ours_flags(args, packed)]
+    log(f"{method}: {' '.join(cmd[:2])} {' '.join(cmd[2:])}")
+    rc, wall = run_job(cmd, env, run_dir / "log.txt", args.timeout, cwd=run_dir)
+    if rc != 0:
+        raise RuntimeError(failure_reason(rc, run_dir / "log.txt", args.timeout))
+    rows = [json.loads(ln) for ln in (run_dir / "output" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "trained_tokens" in r]
+    if [r["step"] for r in rows] != list(range(1, args.steps + 1)):
+        raise RuntimeError(f"metrics.jsonl: steps {[r['step'] for r in rows]}, expected 1..{args.steps}")
+    batches = ours_batches(ctx["examples"], args, ctx["pad_id"], packed)
+    steps = []
+    for r, b in zip(rows, batches, strict=True):
+        window = r["trained_tokens"] / r["trained_tokens_per_s"]  # the recipe's own logging window: one step
+        nonpad_logged = r["tokens_per_s"] * window
+        if r["trained_tokens"] != b["trained"] or abs(nonpad_logged - b["nonpad"]) > 1e-6 * b["nonpad"] + 1:
+            raise RuntimeError(f"step {r['step']}: metrics.jsonl counts {r['trained_tokens']} trained / "
+                               f"{nonpad_logged:.0f} tokens, the batch stream {b['trained']} / {b['nonpad']}")
+        steps.append({"time_s": window, **b})
+    return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall,
+            "command": f"{env_prefix(env)} bash run-llama.sh {' '.join(cmd[2:])}"}
+
+
+def env_prefix(env: dict[str, str]) -> str:
+    keys = ("MODEL", "DATA", "OUTPUT_DIR", "NPROC", "OMP_NUM_THREADS")
+    return " ".join(f"{k}={env[k]}" for k in keys if k in env)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF / TRL runs (the parent side)
+
+
+def peer_config(method: str, args: argparse.Namespace, ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Everything a --worker needs: the filled ZeRO-3 dict (llama-ft's fill_ds_config over the same flags)."""
+    from llama_ft.config import fill_ds_config, load_ds_config, parse_train_args
+
+    flags = ours_flags(args, packed=False)
+    cfg = parse_train_args(["--model_name_or_path", str(ctx["model_dir"]), "--dataset", str(ctx["data_file"]),
+                            "--output_dir", str(run_dir / "ds-config-check"), "--deepspeed",
+                            str(REPO / "ds_configs" / "zero3.json"), *flags])
+    ds = fill_ds_config(load_ds_config(cfg.deepspeed), cfg, args.nproc, ctx["dims"]["hidden_size"], args.cuda)
+    return {"method": method, "model_dir": str(ctx["model_dir"]), "examples": str(ctx["examples_file"]),
+            "output_dir": str(run_dir / "output"), "stats_dir": str(run_dir / "stats"), "ds_config": ds,
+            "batch": args.batch, "grad_accum": args.grad_accum, "steps": args.steps, "seq": args.seq,
+            "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": LORA_DROPOUT,
+            "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+            "adam_beta1": cfg.adam_beta1, "adam_beta2": cfg.adam_beta2, "adam_epsilon": cfg.adam_epsilon,
+            "warmup_steps": math.ceil(WARMUP_RATIO * args.steps), "seed": args.seed, "cuda": args.cuda}
+
+
+def trl_unavailable(python: str, env: dict[str, str]) -> str | None:
+    """Why TRL cannot run with `python`, or None."""
+    try:
+        probe = subprocess.run([python, "-c", "import trl, sys; from trl import SFTConfig, SFTTrainer; "
+                                "sys.stdout.write(trl.__version__)"], env=env, capture_output=True, text=True,
+                               timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"--trl-python {python}: cannot run it ({type(e).__name__}: {e})"
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
+    if "No module named 'trl'" in last:
+        return f"trl is not installed for {python} (pip install trl, or --trl-python PYTHON)"
+    return f"trl does not import with {python}: {last[:200]}"
+
+
+def run_peer(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    run_dir = args.dir / "runs" / method
+    shutil.rmtree(run_dir, ignore_errors=True)
+    probe_out = run_dir / "probe"
+    probe_out.mkdir(parents=True)
+    env = base_env(args, ctx["probe_dir"], probe_out)
+    python = args.trl_python if method == "trl_packed" else sys.executable
+    if method == "trl_packed":
+        why = trl_unavailable(python, {k: v for k, v in env.items() if k != PROBE_ENV})
+        if why:
+            raise Unavailable(why)
+    conf = peer_config(method, args, ctx, run_dir)
+    (run_dir / "stats").mkdir()
+    (run_dir / "worker.json").write_text(json.dumps(conf, indent=1))
+    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker",
+           "hf" if method == "hf" else "trl", "--config", str(run_dir / "worker.json")]
+    log(f"{method}: {' '.join(cmd)}")
+    rc, wall = run_job(cmd, env, run_dir / "log.txt", args.timeout, cwd=run_dir)
+    if rc != 0:
+        raise Unavailable(failure_reason(rc, run_dir / "log.txt", args.timeout))
+    ranks = [json.loads((run_dir / "stats" / f"rank{r}.json").read_text()) for r in range(args.nproc)]
+    steps = []
+    for k in range(args.steps):
+        per_rank = [rk["steps"][k] for rk in ranks]
+        steps.append({"time_s": per_rank[0]["time_s"], **{key: sum(p[key] for p in per_rank)
+                                                          for key in ("tokens", "nonpad", "trained")}})
+    return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall,
+            "versions": ranks[0].get("versions", {}),
+            "command": f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {' '.join(cmd)}".strip()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the worker (every rank of the hf / trl runs)
+
+
+def worker(kind: str, config_path: str) -> None:
+    """One rank of the HF Trainer (kind "hf") or TRL SFTTrainer (kind "trl") run; writes stats/rank{R}.json."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+
+    conf = json.loads(Path(config_path).read_text())
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # CPU ranks: accelerate runs DeepSpeed only on an accelerator, so the Trainer goes the use_cpu way (gloo);
+        # DeepSpeed's own comm must then be initialized first, or zero.Init and its config see one rank.
+        import deepspeed
+
+        deepspeed.init_distributed()
+    transformers.logging.set_verbosity_warning()
+    datasets.disable_progress_bars()
+    rows = [json.loads(ln) for ln in Path(conf["examples"]).read_text().splitlines()]
+    common = dict(output_dir=conf["output_dir"], per_device_train_batch_size=conf["batch"],
+                  gradient_accumulation_steps=conf["grad_accum"], max_steps=conf["steps"],
+                  learning_rate=conf["learning_rate"], weight_decay=conf["weight_decay"],
+                  adam_beta1=conf["adam_beta1"], adam_beta2=conf["adam_beta2"], adam_epsilon=conf["adam_epsilon"],
+                  max_grad_norm=conf["max_grad_norm"], lr_scheduler_type="linear", warmup_steps=conf["warmup_steps"],
+                  logging_steps=1, save_strategy="no", report_to="none", bf16=conf["bf16"], fp16=False,
+                  deepspeed=conf["ds_config"], train_sampling_strategy="random", dataloader_num_workers=0,
+                  gradient_checkpointing=conf["gradient_checkpointing"], seed=conf["seed"], disable_tqdm=True,
+                  use_cpu=not cuda)  # CPU ranks: accelerate's gloo process group (its DeepSpeed path needs a GPU)
+    lora = peft.LoraConfig(r=conf["lora_r"], lora_alpha=conf["lora_alpha"], lora_dropout=conf["lora_dropout"],
+                           target_modules=LINEARS, bias="none", task_type="CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(conf["model_dir"])
+    versions = {"transformers": transformers.__version__, "peft": peft.__version__}
+    if kind == "hf":
+        from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+        targs = TrainingArguments(**common, remove_unused_columns=False)  # before the model: ZeRO-3 is on
+        base = Trainer
+        dataset = datasets.Dataset.from_list([{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])
+        extra: dict[str, Any] = dict(data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                                           label_pad_token_id=-100))
+    else:
+        import trl
+        from trl import SFTConfig, SFTTrainer
+
+        versions["trl"] = trl.__version__
+        targs = SFTConfig(**common, packing=True, max_length=conf["seq"])
+        base = SFTTrainer
+        dataset = datasets.Dataset.from_list(rows)  # input_ids + labels: TRL keeps the labels, packs them (bfd)
+        extra = dict(peft_config=lora)
+    dtype = torch.bfloat16 if conf["bf16"] else torch.float32
+    config = AutoConfig.from_pretrained(conf["model_dir"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=conf["attn"])  # zero.Init
+    model.config.use_cache = False
+    if kind == "hf":
+        model = peft.get_peft_model(model, lora)
+    micro: list[dict[str, int]] = []
+    ends: list[float] = []
+
+    class Counting(base):  # type: ignore[valid-type, misc]
+        """Records the tokens of every micro-batch the rank trains on, as the model gets it."""
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+            ids, labels = inputs["input_ids"], inputs["labels"]
+            mask = inputs.get("attention_mask")
+            micro.append({"tokens": ids.numel(), "nonpad": int(mask.sum()) if mask is not None else ids.numel(),
+                          "trained": int((labels[:, 1:] != -100).sum())})
+            return super().training_step(model, inputs, *rest, **kw)
+
+    class StepTimes(TrainerCallback):
+        """The end time of every optimizer step (after the optimizer's update), and the start of training."""
+
+        def on_train_begin(self, *a: Any, **kw: Any) -> None:
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *a: Any, **kw: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    trainer = Counting(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
+                       callbacks=[StepTimes()], **extra)
+    trainer.train()
+    partitioned = [hasattr(p, "ds_id") for p in trainer.model.parameters()]
+    if not all(partitioned):  # the comparison is ZeRO-3 against ZeRO-3
+        raise RuntimeError(f"{partitioned.count(False)} of {len(partitioned)} parameters are not ZeRO-3 parameters")
+    ga = conf["grad_accum"]
+    if len(ends) != conf["steps"] + 1 or len(micro) != ga * conf["steps"]:
+        raise RuntimeError(f"recorded {len(ends) - 1} steps and {len(micro)} micro-batches, expected "
+                           f"{conf['steps']} and {ga * conf['steps']}")
+    steps = [{"time_s": ends[k + 1] - ends[k], **{key: sum(m[key] for m in micro[k * ga:(k + 1) * ga])
+                                                  for key in ("tokens", "nonpad", "trained")}}
+             for k in range(conf["steps"])]
+    rank = int(os.environ.get("RANK", 0))
+    out = Path(conf["stats_dir"]) / f"rank{rank}.json"
+    out.write_text(json.dumps({"rank": rank, "steps": steps, "versions": versions}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summary and table
+
+
+def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Figures over the measured steps (warmup + 1 .. steps) of one method's raw per-step records."""
+    steps = raw["steps"][args.warmup:]
+    t = sum(s["time_s"] for s in steps)
+    tokens, nonpad, trained = (sum(s[k] for s in steps) for k in ("tokens", "nonpad", "trained"))
+    mem_key = "cuda_max_allocated_bytes" if args.cuda else "peak_rss_bytes"
+    peaks = [p.get(mem_key, 0) for p in raw["probes"]]
+    return {
+        "measured_steps": [args.warmup + 1, args.steps],
+        "trained_tokens_per_s": trained / t, "tokens_per_s": nonpad / t, "step_time_s": t / len(steps),
+        "padding_share": (tokens - nonpad) / tokens, "trained_share": trained / nonpad,
+        "tokens_per_step": tokens / len(steps), "nonpad_tokens_per_step": nonpad / len(steps),
+        "trained_tokens_per_step": trained / len(steps), "peak_memory_kind": mem_key,
+        "peak_memory_bytes_per_rank": peaks, "peak_memory_bytes": max(peaks),
+        "peak_rss_bytes_per_rank": [p["peak_rss_bytes"] for p in raw["probes"]],
+        "wall_s": raw["wall_s"], "command": raw["command"], "steps": raw["steps"],
+    }
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    def tps(name: str) -> float | None:
+        m = results.get(name, {})
+        return m["trained_tokens_per_s"] if "trained_tokens_per_s" in m else None
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = tps(a), tps(b)
+        return x / y if x is not None and y else None
+
+    return {"packed_vs_unpacked": ratio("ours_packed", "ours_unpacked"),
+            "ours_packed_vs_hf": ratio("ours_packed", "hf"), "ours_unpacked_vs_hf": ratio("ours_unpacked", "hf"),
+            "ours_packed_vs_trl_packed": ratio("ours_packed", "trl_packed")}
+
+
+GOALS = [("packed_vs_unpacked", 2.0, "llama-ft packed >= 2x unpacked trained tok/s"),
+         ("ours_packed_vs_hf", 1.5, "llama-ft (packed) >= 1.5x HF Trainer trained tok/s"),
+         ("ours_packed_vs_trl_packed", 1.0, "llama-ft packed >= TRL packed trained tok/s")]
+
+
+def goals(r: dict[str, float | None]) -> list[dict[str, Any]]:
+    return [{"goal": text, "ratio": r[key], "target": target,
+             "holds": None if r[key] is None else r[key] >= target} for key, target, text in GOALS]
+
+
+def fmt_int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    h, c, d = report["header"], report["config"], report["data"]
+    mem = "peak GPU mem / rank GiB (max_memory_allocated)" if c["cuda"] else "peak RSS / rank GiB"
+    out = [f"Training throughput: {h['device']}; {c['nproc']} ranks; {h['date']}; torch {h['torch']}, "
+           f"deepspeed {h['deepspeed']}, transformers {h['transformers']}, peft {h['peft']}, trl {h['trl']}",
+           f"`{h['command']}`",
+           f"shape {c['shape']} (hidden {c['dims']['hidden_size']}, {c['dims']['num_hidden_layers']} layers, "
+           f"{c['dims']['num_attention_heads']}/{c['dims']['num_key_value_heads']} heads, intermediate "
+           f"{c['dims']['intermediate_size']}, vocab {c['dims']['vocab_size']}, {c['params'] / 1e6:.1f}M params), "
+           f"{c['dtype']}, LoRA r={c['lora_r']} alpha={c['lora_alpha']:g} on q,k,v,o,gate,up,down, ZeRO-3, "
+           f"batch {c['batch']} per rank (examples unpacked, rows of <= {c['seq']} tokens packed), accumulation "
+           f"{c['grad_accum']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
+           f"attention {c['attn']}; {c['steps']} steps, measured {c['warmup'] + 1}..{c['steps']}",
+           f"data: {d['examples']} synthetic input-output examples, tokens per example median {d['median']:.0f}, "
+           f"p90 {d['p90']:.0f}, p99 {d['p99']:.0f}, max {d['max']:.0f}; {100 * d['trained_share']:.0f}% trained",
+           "",
+           f"| method | trained tok/s | vs HF | all tok/s | step s | tokens / step (all ranks) | padding share | "
+           f"{mem} |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    hf = report["methods"]["hf"].get("trained_tokens_per_s")
+    notes: list[str] = []
+    for name, label in METHODS.items():
+        res = report["methods"][name]
+        if "trained_tokens_per_s" not in res:
+            why = res.get("unavailable") or res.get("failed") or "?"
+            notes.append(why)
+            kind = "failed" if "failed" in res else "n/a"
+            out.append(f"| {label} | {kind} [{len(notes)}] | | | | | | |")
+            continue
+        peaks = ", ".join(f"{b / 2**30:.2f}" for b in res["peak_memory_bytes_per_rank"])
+        vs = f"{res['trained_tokens_per_s'] / hf:.2f}x" if hf else ""
+        out.append(f"| {label} | {fmt_int(res['trained_tokens_per_s'])} | {vs} | {fmt_int(res['tokens_per_s'])} | "
+                   f"{res['step_time_s']:.2f} | {fmt_int(res['tokens_per_step'])} | {res['padding_share']:.3f} | "
+                   f"{peaks} |")
+    if notes:
+        out += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    out.append("")
+    for g in report["goals"]:
+        if g["ratio"] is None:
+            out.append(f"- {g['goal']}: not measured")
+        else:
+            out.append(f"- {g['goal']}: {g['ratio']:.2f}x, {'holds' if g['holds'] else 'does not hold'}")
+    r = report["ratios"]
+    if r["ours_unpacked_vs_hf"] is not None:
+        same = report["hf_batches_equal_ours_unpacked"]
+        out.append(f"- (llama-ft unpacked vs HF Trainer, both padded: {r['ours_unpacked_vs_hf']:.2f}x; "
+                   f"{'the same' if same else 'different'} micro-batches, token for token)")
+    return "\n".join(out)
+
+
+def version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version(dist)
+    except PackageNotFoundError:
+        return "n/a"
+
+
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.cuda:
+        device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    else:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        device = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU)"
+    return dict(device=device, torch=torch.__version__, deepspeed=version("deepspeed"),
+                transformers=version("transformers"), peft=version("peft"), trl="n/a", python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments and main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="model shape; default small (tiny with --smoke)")
+    ap.add_argument("--steps", type=int, help=f"optimizer steps per method; default {DEFAULTS['steps']}")
+    ap.add_argument("--warmup", type=int, help=f"first steps left out of the figures; default {DEFAULTS['warmup']}")
+    ap.add_argument("--batch", type=int, help=f"per-rank batch: examples unpacked, rows packed; default "
+                                              f"{DEFAULTS['batch']}")
+    ap.add_argument("--grad-accum", type=int, help="gradient accumulation steps; default 1")
+    ap.add_argument("--seq", type=int, help=f"--max_seq_len / packed row length; default {DEFAULTS['seq']}")
+    ap.add_argument("--methods", help=f"comma list of {','.join(METHODS)}; default all")
+    ap.add_argument("--nproc", type=int, help="ranks; default: all GPUs, or 2 CPU ranks")
+    ap.add_argument("--examples", type=int, help="synthetic examples; default: enough for one packed pass")
+    ap.add_argument("--seed", type=int, default=42, help="data and training seed; default 42")
+    ap.add_argument("--lora-r", type=int, help=f"LoRA rank; default {DEFAULTS['lora_r']}")
+    ap.add_argument("--lora-alpha", type=float, help=f"LoRA alpha; default {DEFAULTS['lora_alpha']:g}")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="for every method; default off")
+    ap.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
+                    help="attention implementation for every method; default sdpa")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/llama-ft-trainbench"), help="scratch directory")
+    ap.add_argument("--trl-python", default=sys.executable, help="interpreter whose environment has trl")
+    ap.add_argument("--timeout", type=float, help="seconds per method before it is killed")
+    ap.add_argument("--json", type=Path, help="write the report here")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, few short steps: a check of the script")
+    ap.add_argument("--worker", choices=["hf", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return args
+    defaults = {**DEFAULTS, **(SMOKE_DEFAULTS if args.smoke else {"shape": "small"})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.grad_accum is None:
+        args.grad_accum = 1
+    for key in ("steps", "batch", "grad_accum", "seq", "lora_r", "timeout"):
+        if getattr(args, key) <= 0:
+            die(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a number > 0")
+    if args.lora_alpha <= 0:
+        die(f"--lora-alpha {args.lora_alpha}: expected a number > 0")
+    if not 0 <= args.warmup < args.steps:
+        die(f"--warmup {args.warmup}: expected 0 <= warmup < --steps {args.steps} (at least one measured step)")
+    if args.seq < 2 * MIN_TOKENS:
+        die(f"--seq {args.seq}: expected at least {2 * MIN_TOKENS} tokens")
+    if args.seq > SHAPES[args.shape]["max_position_embeddings"]:
+        die(f"--seq {args.seq}: above the {args.shape} shape's max_position_embeddings "
+            f"{SHAPES[args.shape]['max_position_embeddings']}")
+    names = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        die(f"--methods {args.methods!r}: expected a comma list of {', '.join(METHODS)}")
+    args.methods = [m for m in METHODS if m in names]
+    if args.examples is not None and args.examples < 1:
+        die(f"--examples {args.examples}: expected a number > 0")
+    return args
+
+
+def device_setup(args: argparse.Namespace) -> None:
+    """CUDA or CPU, ranks, dtype; refuses (exit 2) what cannot run here."""
+    import torch
+
+    args.cuda = torch.cuda.is_available()
+    if args.shape == "8b" and not args.cuda:
+        die("--shape 8b needs a CUDA GPU (none found); on CPU use --shape small (or --smoke)")
+    if args.attn == "flash_attention_2" and not args.cuda:
+        die("--attn flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+    gpus = torch.cuda.device_count() if args.cuda else 0
+    if args.nproc is None:
+        args.nproc = gpus or 2
+    if args.nproc <= 0 or (args.cuda and args.nproc > gpus):
+        die(f"--nproc {args.nproc}: expected 1..{gpus or 'any'} ranks")
+    args.bf16 = args.cuda  # fp32 on CPU: bf16 matmuls are slow on CPUs without AMX
+
+
+def examples_needed(args: argparse.Namespace) -> int:
+    """Enough examples that the packed runs need about one pass (and never fewer than 1000)."""
+    mean = MEDIAN_TOKENS * math.exp(SIGMA**2 / 2)
+    rows = args.steps * args.grad_accum * args.batch * args.nproc
+    return max(1000, math.ceil(1.2 * rows * args.seq / mean))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send stdout (Python's and fd 1) to stderr, so that stdout carries only the table: DeepSpeed's logger
+    writes to the sys.stdout of its import."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        if not args.config:
+            die("--worker needs --config")
+        worker(args.worker, args.config)
+        return 0
+    with stdout_to_stderr():
+        report = run(args)
+    print(markdown(report), flush=True)
+    return 1 if any("failed" in m for m in report["methods"].values()) else 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark (module doc); returns the report, written to --json too."""
+    device_setup(args)
+    args.dir = args.dir.resolve()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    head = header(args)
+    log(f"{head['device']}, shape {args.shape}, {args.nproc} ranks, scratch {args.dir}")
+
+    from llama_ft.data import DataOptions, load_tokenizer, pad_token_id, prepare_examples
+
+    model_dir = args.dir / f"model-{args.shape}"
+    dims = write_model_dir(model_dir, args.shape, "bfloat16" if args.bf16 else "float32")
+    tokenizer = load_tokenizer(str(model_dir))
+    n = args.examples or examples_needed(args)
+    data_file = args.dir / f"data-seed{args.seed}-n{n}-max{min(MAX_TOKENS, args.seq)}.jsonl"
+    if not data_file.exists():
+        write_dataset(data_file, tokenizer, n, args.seed, min(MAX_TOKENS, args.seq))
+    os.environ["LLAMA_FT_CACHE"] = str(args.dir / "cache")  # the ranks then find the examples tokenized
+    examples, _ = prepare_examples(DataOptions(dataset=str(data_file), dataset_format="input-output",
+                                               source_max_len=args.seq, target_max_len=args.seq,
+                                               max_seq_len=args.seq), tokenizer)
+    examples_file = args.dir / f"examples-{data_file.stem}.jsonl"
+    ids, labels = examples["input_ids"], examples["labels"]
+    examples_file.write_text("".join(json.dumps({"input_ids": i, "labels": lb}) + "\n"
+                                     for i, lb in zip(ids, labels, strict=True)))
+    lengths = [len(i) for i in ids]
+    trained = sum(sum(1 for x in lb[1:] if x != -100) for lb in labels)
+    data = {"file": str(data_file), "examples": len(lengths), "median": statistics.median(lengths),
+            "p90": percentile(lengths, 90), "p99": percentile(lengths, 99), "max": max(lengths),
+            "mean": statistics.fmean(lengths), "trained_share": trained / sum(lengths)}
+    probe_dir = args.dir / "probe-site"
+    probe_dir.mkdir(exist_ok=True)
+    (probe_dir / "sitecustomize.py").write_text(PROBE_SOURCE)
+    ctx = {"model_dir": model_dir, "data_file": data_file, "examples_file": examples_file, "examples": examples,
+           "pad_id": pad_token_id(tokenizer), "dims": dims, "probe_dir": probe_dir}
+
+    methods: dict[str, dict[str, Any]] = {}
+    for name in METHODS:
+        if name not in args.methods:
+            methods[name] = {"unavailable": "not run (--methods)"}
+            continue
+        try:
+            raw = run_ours(name, args, ctx) if name in OURS else run_peer(name, args, ctx)
+            methods[name] = summarize(raw, args)
+            if raw.get("versions", {}).get("trl"):
+                head["trl"] = raw["versions"]["trl"]
+            log(f"{name}: {methods[name]['trained_tokens_per_s']:,.0f} trained tok/s")
+        except Unavailable as e:
+            methods[name] = {"unavailable": str(e)}
+            log(f"{name}: unavailable: {e}")
+        except Exception as e:  # noqa: BLE001 - ours failing is a result too; the exit code says so
+            methods[name] = {"failed": f"{type(e).__name__}: {e}"}
+            log(f"{name}: FAILED: {e}")
+    r = ratios(methods)
+    same = None
+    if "steps" in methods["hf"] and "steps" in methods["ours_unpacked"]:
+        def counts(name: str) -> list[tuple[int, int, int]]:
+            return [(s["tokens"], s["nonpad"], s["trained"]) for s in methods[name]["steps"]]
+
+        same = counts("hf") == counts("ours_unpacked")  # the same examples in the same micro-batches?
+    config = {"shape": args.shape, "dims": dims, "params": parameter_count(dims), "nproc": args.nproc,
+              "cuda": args.cuda, "dtype": "bf16" if args.bf16 else "fp32", "batch": args.batch,
+              "grad_accum": args.grad_accum, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+              "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": LORA_DROPOUT,
+              "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn, "methods": args.methods}
+    report = {"header": head, "config": config, "data": data, "method_labels": METHODS, "methods": methods,
+              "ratios": r, "goals": goals(r), "hf_batches_equal_ours_unpacked": same}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
