@@ -103,9 +103,35 @@ fi
 "$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" ${CHECK[@]+"${CHECK[@]}"} >/dev/null
 
 echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
-"$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
+# The launcher runs in a session of its own, so a terminal's Ctrl-C reaches only this script, which passes
+# it on to the ranks (below) instead of also setting off DeepSpeed's 30-second kill.
+SETSID=()
+command -v setsid >/dev/null && SETSID=(setsid)
+${SETSID[@]+"${SETSID[@]}"} "$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
     --model_name_or_path "$MODEL" --output_dir "$OUTPUT_DIR" --deepspeed "$DS_CONFIG" --bf16 \
-    ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" "$@"
+    ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" "$@" &
+RUNNER=$!
+# SIGTERM/SIGINT to this script (a scheduler's preemption, Ctrl-C) go to the ranks themselves: they finish
+# the step, save a checkpoint and exit 128+signal; a second one aborts. Left to DeepSpeed, a signal sent to
+# its local launcher alone is not passed on, and its per-node process SIGKILLs a rank 30 s after forwarding
+# one. With ssh (pdsh) the ranks are remote: the launcher's own handler signals them on every host.
+forward() {
+    if [ -z "${NODE_RANK:-}" ] && [ "${#HOSTS[@]}" -gt 1 ]; then
+        kill -"$1" "$RUNNER" 2>/dev/null || true
+        return
+    fi
+    local node
+    for node in $(pgrep -P "$RUNNER"); do pkill -"$1" -P "$node" 2>/dev/null || true; done
+}
+trap 'forward TERM' TERM HUP
+trap 'forward INT' INT
+while true; do
+    STATUS=0
+    wait "$RUNNER" || STATUS=$?
+    kill -0 "$RUNNER" 2>/dev/null || break  # done, not just woken by a signal
+done
+trap - TERM HUP INT
+[ "$STATUS" -eq 0 ] || exit "$STATUS"
 
 if [ -n "${MERGE_DIR:-}" ]; then
     # Replace MERGE_DIR only if it holds an earlier merge output; anything else is refused by the merge.

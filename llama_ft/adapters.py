@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from llama_ft.errors import UserError
+from llama_ft.errors import EXIT_USER_ERROR, StopRun, UserError
+from llama_ft.fsutil import default_mode, disk_full_message, fsync_path, is_disk_full
+from llama_ft.hostcomm import from_rank0
 from llama_ft.model.lora import LoraSpec, lora_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -85,21 +88,45 @@ def write_adapter_config(out_dir: Path, spec: LoraSpec, base_model: str) -> None
     cfg.save_pretrained(str(out_dir))
 
 
+def write_adapter_files(state: dict[str, torch.Tensor], out_dir: Path, spec: LoraSpec, base_model: str) -> None:
+    """adapter_model.safetensors and adapter_config.json into `out_dir`, each through a temporary name,
+    fsynced, then renamed: a reader never sees a half file. Not collective (rank 0 calls it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+        default_mode(tmp)
+        fsync_path(tmp)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".adapter_config.") as cfg_dir:
+            write_adapter_config(Path(cfg_dir), spec, base_model)
+            fsync_path(Path(cfg_dir) / ADAPTER_CONFIG)
+            os.replace(Path(cfg_dir) / ADAPTER_CONFIG, out_dir / ADAPTER_CONFIG)
+        os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
+        fsync_path(out_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_adapters(model: nn.Module, out_dir: str | os.PathLike, spec: LoraSpec, base_model: str) -> None:
     """Save PEFT-format adapters from a (partitioned) model. Collective: every rank calls it.
 
-    Each file is written under a temporary name and renamed, so a reader never sees a half file.
+    Rank 0 writes (write_adapter_files). A full disk is one line from rank 0 and a quiet stop on the
+    others (the files already there stay as they were), never a hang at the barrier.
     """
     out_dir = Path(out_dir)
     state = gather_lora_state(model)
+    failure = None
     if _rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / ADAPTER_WEIGHTS)
-        write_adapter_config(out_dir, spec, base_model)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            write_adapter_files(state, out_dir, spec, base_model)
+        except Exception as e:  # reported below, after every rank knows
+            failure = e
+    if from_rank0([int(failure is not None)])[0] and failure is None:
+        raise StopRun(EXIT_USER_ERROR)
+    if failure is not None:
+        if is_disk_full(failure):
+            raise UserError(disk_full_message(out_dir / ADAPTER_WEIGHTS)) from None
+        raise failure
 
 
 def read_adapter_tensors(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from llama_ft.checkpoint.layout import STATE_FILE, resolve_checkpoint
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
@@ -84,9 +85,12 @@ class TrainConfig:
     output_dir: str = "./output"
     overwrite_output_dir: bool = False
     save_steps: int = 250
+    save_total_limit: int | None = None
     eval_steps: int | None = None
     logging_steps: int = 1
     resume_from_checkpoint: str | None = None
+    nan_policy: str = "stop"
+    dist_timeout: int = 1800
     deepspeed: str = DEFAULT_DS_CONFIG
     local_rank: int = -1
 
@@ -121,7 +125,12 @@ _HELP = {
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
     "lora_target_modules": "linear layer names to adapt",
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
-    "resume_from_checkpoint": "a checkpoint-STEP directory written by an earlier run",
+    "resume_from_checkpoint": "a checkpoint-STEP directory written by an earlier run; 'latest': the newest complete "
+                              "checkpoint in --output_dir; 'auto': the same, or a fresh start when there is none",
+    "save_total_limit": "keep only the newest N checkpoints (default: all)",
+    "nan_policy": "a NaN/inf loss or gradient norm: 'stop' keeps the last good checkpoint and exits naming the "
+                  "step and its examples; 'skip' drops that update and counts it",
+    "dist_timeout": "seconds a collective may wait before the run is ended (a rank that died or hung)",
     "eval_steps": "evaluate every N steps (default: --save_steps)",
     "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
     "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
@@ -219,22 +228,34 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.fp8_compute and not cfg.quantize:
         raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
     check_scheduler(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_ratio, cfg.max_steps)
+    if cfg.attn_implementation == "flash_attention_2" and not cfg.bf16:
+        raise UserError("--attn_implementation flash_attention_2 runs in bf16 only: drop --bf16 false, or use sdpa")
     check_attn_implementation(cfg.attn_implementation)
     if cfg.loss_chunk_size < 1:
         raise UserError(f"--loss_chunk_size {cfg.loss_chunk_size}: expected an integer >= 1 (tokens per chunk)")
     cfg.lora_target_modules = _split_csv(cfg.lora_target_modules)
     if not cfg.lora_target_modules:
         raise UserError("--lora_target_modules: expected at least one module name")
-    if cfg.resume_from_checkpoint is not None:
-        state = Path(cfg.resume_from_checkpoint) / "trainer_state.json"
-        if not state.is_file():
-            raise UserError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no trainer_state.json there "
-                            "(expected a checkpoint-STEP directory written by llama-ft train)")
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise UserError(f"--nan_policy {cfg.nan_policy!r}: expected 'stop' or 'skip'")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise UserError(f"--save_total_limit {cfg.save_total_limit}: expected an integer >= 1 (or leave it out)")
+    if cfg.dist_timeout < 1:
+        raise UserError(f"--dist_timeout {cfg.dist_timeout}: expected seconds >= 1")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out}: exists and is not a directory")
+    asked = cfg.resume_from_checkpoint
+    cfg.resume_from_checkpoint = resolve_checkpoint(asked, out)
+    if cfg.resume_from_checkpoint is not None:
+        state = Path(cfg.resume_from_checkpoint) / STATE_FILE
+        if not state.is_file():
+            raise UserError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no {STATE_FILE} there "
+                            "(expected a checkpoint-STEP directory written by llama-ft train)")
+    # `auto` with no checkpoint yet starts afresh, in the folder of the run it would have resumed
+    fresh_auto = asked == "auto" and (out / ".llama-ft").is_dir()
     if (out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir
-            and cfg.resume_from_checkpoint is None):
+            and cfg.resume_from_checkpoint is None and not fresh_auto):
         raise UserError(f"--output_dir {out}: exists and is not empty (pass --overwrite_output_dir, "
                         "or --resume_from_checkpoint to continue a run)")
     return cfg

@@ -17,18 +17,35 @@ class UserError(Exception):
     """A mistake in what the user handed us (flag, file, field). Printed as one line, never a traceback."""
 
 
+class StopRun(Exception):
+    """End the run with exit `code`, printing `message` as one line if there is one. Ranks with nothing to
+    add stop quietly while the one that knows what happened says it (preemption, a NaN, a failed save)."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message or "")
+        self.code, self.message = code, message
+
+
+def _prefix() -> str:
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return f"[rank {os.environ.get('RANK')}] " if multi else ""
+
+
 def user_errors_exit(fn: F) -> F:
-    """Wrap a CLI entry point: a UserError becomes `llama-ft: error: ...` on stderr and exit code 2."""
+    """Wrap a CLI entry point: a UserError becomes `llama-ft: error: ...` on stderr and exit code 2;
+    a StopRun its message (if any) and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-            prefix = f"[rank {os.environ.get('RANK')}] " if multi else ""
             msg = " ".join(str(e).split("\n"))
-            print(f"{prefix}llama-ft: error: {msg}", file=sys.stderr, flush=True)
+            print(f"{_prefix()}llama-ft: error: {msg}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        except StopRun as e:
+            if e.message:
+                print(f"{_prefix()}llama-ft: {' '.join(e.message.split())}", file=sys.stderr, flush=True)
+            sys.exit(e.code)
 
     return wrapper  # type: ignore[return-value]

@@ -13,6 +13,13 @@ again after an interruption fetches only what is missing. In huggingface_hub 2.x
 off is not continued across runs: its temporary file is removed and the re-run fetches that file
 again from its first byte; within one run a dropped connection is retried with a Range request.
 
+Durability: huggingface_hub writes each file as `.cache/huggingface/download/*.incomplete` and renames it
+into place, so a cut-off file never sits under its final name while the command runs; it does not fsync.
+When the transfer ends (finished or not), every selected file under its final name, its download
+metadata and their directories are fsynced, so what the command reports as done survives a power cut.
+A file that a crash left under its final name with the wrong size is deleted before the next transfer,
+so it is fetched again instead of being trusted by huggingface_hub's metadata.
+
 Afterwards: every selected file has the size the hub listed, every safetensors file has a readable
 header, and a whole checkpoint (config + index + all its shards) goes through `open_checkpoint`, the
 check the loader and the merge use. Then the parameter count (the model built from config.json on the
@@ -32,15 +39,15 @@ mode, a full disk, an interrupted transfer, a damaged file) is one `llama-ft: er
 from __future__ import annotations
 
 import argparse
-import errno
 import glob
 import json
 import os
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib.metadata import PackageNotFoundError, version
@@ -49,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_ft.errors import UserError, user_errors_exit
+from llama_ft.fsutil import fsync_path, is_disk_full
 
 if TYPE_CHECKING:  # llama_ft.shards imports torch: not needed for the errors that end a run early
     from llama_ft.shards import Checkpoint
@@ -146,6 +154,7 @@ class Where:
     endpoint: str
     has_token: bool
     transferring: bool = False  # True once files are being written: a re-run resumes
+    still_needed: int | None = None  # bytes not yet under their final names when the transfer stopped
 
 
 def _first_line(e: BaseException) -> str:
@@ -232,10 +241,18 @@ def explain(exc: BaseException, w: Where) -> UserError:
                          "run the same command again to resume (finished files are kept)")
     if isinstance(exc, HFValidationError):
         return UserError(f"REPO_ID {repo!r}: not a valid repo id ({_first_line(exc)})")
+    if is_disk_full(exc):  # OSError ENOSPC/EDQUOT, or hf_xet's Rust I/O error text
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "No space left on device"
+        sizes = ""
+        if w.still_needed is not None:
+            try:
+                free = f", {_human(free_bytes(w.local_dir))} free"
+            except OSError:
+                free = ""
+            sizes = f": {_bytes(w.still_needed)} still to fetch{free}"
+        return UserError(f"--local-dir {w.local_dir}: disk full while downloading ({why}){sizes}; free some "
+                         "space and run the same command again to resume (finished files are kept)")
     if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return UserError(f"--local-dir {w.local_dir}: disk full while downloading ({exc.strerror}); free some "
-                             "space and run the same command again to resume (finished files are kept)")
         if exc.errno is None and "Consistency check failed" in str(exc):
             # http_get's check that the bytes received match the announced size.
             return UserError(f"download of {repo} interrupted ({_first_line(exc)}); run the same command "
@@ -360,9 +377,53 @@ def fetch(repo_id: str, sha: str, local_dir: Path, selected: dict[str, int], tok
 
     # Exact names (escaped for fnmatch) so what was sized and checked is what is fetched.
     patterns = [glob.escape(name) for name in selected]
-    with _stop_on_ctrl_c() as tqdm_class:
+    with _stop_on_ctrl_c() as tqdm_class, warnings.catch_warnings():
+        # huggingface_hub warns per file when the free space looks short; the space was checked before the
+        # transfer, and a disk that fills up during it ends the run with one disk-full line instead.
+        warnings.filterwarnings("ignore", message="Not enough free disk space to download the file")
         snapshot_download(repo_id, revision=sha, local_dir=local_dir, allow_patterns=patterns, token=token,
                           tqdm_class=tqdm_class)
+
+
+def drop_wrong_sized(local_dir: Path, selected: dict[str, int]) -> list[str]:
+    """Delete selected files whose size differs from the hub's listing; return their names.
+
+    huggingface_hub renames a finished download into place without an fsync, so after a power cut the
+    name can hold a short file, and its metadata (commit + etag) makes a re-run trust it. Deleted, the
+    file is fetched again. A file of the right size is left to huggingface_hub's own etag check.
+    """
+    dropped = []
+    for name, size in sorted(selected.items()):
+        p = local_dir / name
+        if p.is_file() and not p.is_symlink() and p.stat().st_size != size:
+            p.unlink()
+            dropped.append(name)
+    return dropped
+
+
+def fsync_download(local_dir: Path, selected: dict[str, int]) -> None:
+    """fsync every selected file now under its final name, its huggingface_hub metadata, and the
+    directories holding them (deepest first, then --local-dir's parent, which gained --local-dir)."""
+    meta_root = local_dir / ".cache" / "huggingface" / "download"
+    dirs: set[Path] = set()
+    for name in selected:
+        for p, root in ((local_dir / name, local_dir), (meta_root / f"{name}.metadata", meta_root)):
+            if not p.is_file():
+                continue
+            fsync_path(p)
+            d = p.parent
+            while d != root and root in d.parents:
+                dirs.add(d)
+                d = d.parent
+            dirs.add(root)
+    if dirs:
+        dirs.update(meta_root.parents[:3])  # .cache/huggingface, .cache, --local-dir
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        if d.is_dir():
+            fsync_path(d)
+    if dirs:
+        with suppress(OSError):  # a parent we may not read: its entry for --local-dir is older
+            fsync_path(local_dir.absolute().parent)
 
 
 # ----------------------------------------------------------------------------------------- after the transfer
@@ -485,8 +546,14 @@ def download(repo_id: str, local_dir: Path, revision: str | None = None, include
     print(f"{PROG}: transfer: {transfer}", flush=True)
     w.transferring = True
     try:
+        drop_wrong_sized(local_dir, selected)
         fetch(repo_id, sha, local_dir, selected, token)
+        fsync_download(local_dir, selected)
     except (Exception, KeyboardInterrupt) as e:
+        with suppress(Exception):  # keep what finished, durably; the error below is the news
+            fsync_download(local_dir, selected)
+        with suppress(OSError):
+            w.still_needed = bytes_to_fetch(local_dir, selected)
         raise explain(e, w) from e
 
     ckpt = verify_download(local_dir, selected, listed)

@@ -17,7 +17,13 @@ file name and tensor set, is written with `safetensors.torch.save_file` and drop
 next shard is read. Peak memory is about one shard + the adapter tensors + one fp32 row block:
 the whole model is never held. Everything (shards, index, config, tokenizer and other
 non-weight files) is written into `atomic_dir(output)`, so a failure leaves nothing under the
-final name.
+final name, and every file is fsynced before the rename.
+
+Disk space: the output's size is known from the headers (each tensor at its output dtype, plus the
+side files) and checked against the free space before any shard is read; if the disk still fills up
+(another writer, a quota), the ENOSPC becomes one `llama-ft: error: OUTPUT: disk full ...` line and
+the temporary directory is removed. A run killed outright leaves its `.OUT.tmp-<host>-<pid>-*`
+directory behind; the next run for the same --output removes it (fsutil.remove_stale_temps).
 
 Everything a user can get wrong (paths, adapter format, keys that do not fit the base) is
 checked from the safetensors headers and the (small) adapter file *before* any shard is read.
@@ -43,13 +49,14 @@ import torch
 from safetensors.torch import load_file
 
 from llama_ft.errors import UserError, user_errors_exit
-from llama_ft.fsutil import atomic_dir, is_within
+from llama_ft.fsutil import atomic_dir, disk_full_is_user_error, is_within, remove_stale_temps
 from llama_ft.shards import (
     CONFIG_NAME,
     INDEX_NAME,
     ST_DTYPES,
     Checkpoint,
     copy_side_files,
+    non_weight_bytes,
     open_checkpoint,
     rewrite_shards,
 )
@@ -238,6 +245,19 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def output_bytes(ckpt: Checkpoint, target_dtype: torch.dtype | None) -> int:
+    """About the size of the merged checkpoint: every tensor at its output dtype (as merge_one casts it),
+    plus the non-weight files. Shard headers (a few KB each) are left out."""
+    total = 0
+    for info in ckpt.tensors.values():
+        dt = ST_DTYPES.get(info.dtype)
+        if target_dtype is not None and dt is not None and dt.is_floating_point:
+            total += math.prod(info.shape) * target_dtype.itemsize
+        else:
+            total += info.nbytes
+    return total + non_weight_bytes(ckpt.root)
+
+
 def _check_output(base: Path, adapter: Path, output: Path, overwrite: bool) -> None:
     if is_within(output, base):
         raise UserError(f"--output {output}: is inside --base {base} (choose a directory outside the base model)")
@@ -288,8 +308,12 @@ def merge_adapters(
             return {name: merge_weight(t, pair, keep)}
         return {name: t.to(keep) if keep != t.dtype else t}
 
-    # an existing empty --output is replaced (it was checked above)
-    with atomic_dir(output, overwrite=True) as tmp:
+    # An existing empty --output is replaced (it was checked above). The space check and the ENOSPC mapping
+    # come from the output size; atomic_dir removes its temporary before the disk-full error is raised.
+    needed = output_bytes(ckpt, target_dtype)
+    for leftover in remove_stale_temps(output):  # atomic_dir would remove them too; said here, not silently
+        print(f"llama-ft merge: removed {leftover} (the temporary output of a run that was killed)", file=sys.stderr)
+    with disk_full_is_user_error(output, needed), atomic_dir(output, overwrite=True, needed=needed) as tmp:
         weight_map, total_size = rewrite_shards(ckpt, tmp, merge_one, "merging shards", progress)
         if sharded:
             metadata = dict(ckpt.index_metadata)

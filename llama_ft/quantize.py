@@ -13,13 +13,20 @@ Only the linear layers named by --target_modules (by default all seven LoRA targ
 quantized; embeddings, norms and lm_head stay as they are. The quantization is exactly the one
 `--quantize` applies on load (format.py), so training from this checkpoint equals training from
 the bf16 one with --quantize. Works shard by shard (peak memory about one shard), written under
-a temporary name and renamed at the end.
+a temporary name, every file fsynced, and renamed at the end (fsutil.atomic_dir).
+
+Disk space: the output size (1 byte per quantized weight plus its float32 block scales, the rest as
+it is) is checked against the free space first; an ENOSPC that still happens is one
+`llama-ft: error: OUTPUT: disk full ...` line with nothing left under the final name or a temporary
+one. A killed run's `.OUT.tmp-<host>-<pid>-*` directory is removed by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,9 +34,17 @@ import torch
 
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fp8.format import BLOCK, FP8
-from llama_ft.fsutil import atomic_dir, is_within
+from llama_ft.fsutil import atomic_dir, disk_full_is_user_error, is_within, remove_stale_temps
 from llama_ft.model.lora import LLAMA_LINEAR_NAMES
-from llama_ft.shards import CONFIG_NAME, INDEX_NAME, Checkpoint, copy_side_files, open_checkpoint, rewrite_shards
+from llama_ft.shards import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    Checkpoint,
+    copy_side_files,
+    non_weight_bytes,
+    open_checkpoint,
+    rewrite_shards,
+)
 
 SCALE_SUFFIX = "_scale_inv"
 
@@ -75,6 +90,20 @@ def check_prequantized(ckpt: Checkpoint, targets: list[str]) -> None:
                             f"(block size {BLOCK}x{BLOCK} layout)")
 
 
+def output_bytes(ckpt: Checkpoint, targets: tuple[str, ...] | list[str]) -> int:
+    """About the size of the FP8 checkpoint: a quantized weight is 1 byte per value plus a float32 scale per
+    BLOCK x BLOCK block, every other tensor keeps its bytes; plus the non-weight files."""
+    total = 0
+    for name, info in ckpt.tensors.items():
+        if not is_target(name, targets):
+            total += info.nbytes
+            continue
+        total += math.prod(info.shape)
+        if len(info.shape) == 2:
+            total += -(-info.shape[0] // BLOCK) * -(-info.shape[1] // BLOCK) * 4
+    return total + non_weight_bytes(ckpt.root)
+
+
 def quantize_checkpoint(model: Path, output: Path, targets: tuple[str, ...] = LLAMA_LINEAR_NAMES,
                         overwrite: bool = False, progress: bool = True) -> dict:
     from llama_ft.fp8 import quantize_fp8
@@ -86,7 +115,10 @@ def quantize_checkpoint(model: Path, output: Path, targets: tuple[str, ...] = LL
         raise UserError(f"--model {model}: already quantized")
     if is_within(output, model):
         raise UserError(f"--output {output}: inside --model {model} (expected a separate directory)")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+    if output.exists() and not output.is_dir():
+        # --overwrite would swap a file for the new directory and leave the file under a temporary name
+        raise UserError(f"--output {output}: exists and is not a directory")
+    if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"--output {output}: exists and is not empty (pass --overwrite)")
     found = {n.split(".")[-2] for n in ckpt.tensors if is_target(n, targets)}
     if set(targets) - found:
@@ -103,7 +135,12 @@ def quantize_checkpoint(model: Path, output: Path, targets: tuple[str, ...] = LL
         quantized += 1
         return {name: q.view(FP8).cpu(), name + SCALE_SUFFIX: s.cpu()}  # scales beside their weight
 
-    with atomic_dir(output, overwrite=True) as tmp:
+    needed = output_bytes(ckpt, targets)
+    for leftover in remove_stale_temps(output):  # atomic_dir would remove them too; said here, not silently
+        print(f"llama-ft quantize: removed {leftover} (the temporary output of a run that was killed)",
+              file=sys.stderr)
+    # atomic_dir checks the space and removes its temporary before a disk-full error becomes one line
+    with disk_full_is_user_error(output, needed), atomic_dir(output, overwrite=True, needed=needed) as tmp:
         weight_map, total = rewrite_shards(ckpt, tmp, quantize_one, "quantizing shards", progress)
         config = dict(ckpt.config)
         config["quantization_config"] = {

@@ -199,20 +199,35 @@ def open_checkpoint(path: str | Path, flag: str = "--model_name_or_path") -> Che
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def copy_side_files(base: Path, out: Path) -> list[str]:
-    """Copy every top-level non-weight file but config.json (tokenizer, generation config, chat template...)."""
-    import shutil
-
-    copied = []
+def side_files(base: Path) -> list[Path]:
+    """Every top-level non-weight file but config.json (tokenizer, generation config, chat template...)."""
+    found = []
     for p in sorted(base.iterdir()):
         name = p.name
         if not p.is_file() or name.startswith(".") or name == CONFIG_NAME:
             continue
         if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
-        shutil.copy2(p, out / name)  # follows symlinks (HF cache snapshots)
-        copied.append(name)
+        found.append(p)
+    return found
+
+
+def copy_side_files(base: Path, out: Path) -> list[str]:
+    """Copy the side_files of `base` into `out`."""
+    import shutil
+
+    copied = []
+    for p in side_files(base):
+        shutil.copy2(p, out / p.name)  # follows symlinks (HF cache snapshots)
+        copied.append(p.name)
     return copied
+
+
+def non_weight_bytes(base: Path) -> int:
+    """Bytes of what a rewritten checkpoint copies or rewrites besides the tensors: the side files, config.json
+    and the index (their sizes in `base`; part of the output size that merge and quantize check ahead)."""
+    extra = [base / CONFIG_NAME, base / INDEX_NAME]
+    return sum(p.stat().st_size for p in [*side_files(base), *extra] if p.is_file())
 
 
 def rewrite_shards(

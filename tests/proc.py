@@ -2,14 +2,31 @@
 
 `subprocess.run(timeout=...)` kills only the direct child: the DeepSpeed launcher's or
 torchrun's ranks would live on, holding ports and cores for the rest of the suite. The job
-gets its own session here, and the whole process group is killed when time is up.
+gets its own session here, and when time is up its whole process tree is killed (run-llama.sh
+starts the launcher in a session of its own, so the process group alone is not enough).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every descendant (children first listed, then killed)."""
+    import psutil
+
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def run_job(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -18,7 +35,7 @@ def run_job(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedPro
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             out, err = proc.communicate()
             raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... timed out after {timeout} s; "
                                  f"stderr tail:\n{err[-4000:]}") from None

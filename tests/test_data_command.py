@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -183,7 +184,11 @@ def test_packed_dump_is_the_first_epoch_of_the_packed_stream(tiny_model_dir, tmp
     (["--packing"], "--packing needs --max_seq_len N"),
     (["--max_seq_len", "5000"], "--max_seq_len 5000: above the model's max_position_embeddings 1024"),
     (["--loss_chunk_size", "0"], "--loss_chunk_size 0: expected an integer >= 1"),
-    (["--attn_implementation", "flash_attention_2"], "flash_attention_2: the flash-attn package is not installed"),
+    pytest.param(["--attn_implementation", "flash_attention_2"],
+                 "flash_attention_2: the flash-attn package is not installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None,
+                                          reason="flash-attn is installed here")),
+    (["--attn_implementation", "flash_attention_2", "--bf16", "false"], "runs in bf16 only"),
     (["--attn_implementation", "flash"], "--attn_implementation 'flash': expected one of sdpa, eager"),
 ])
 def test_training_refuses_bad_packing_and_loss_flags(tiny_model_dir, tmp_path, capsys, argv, needle):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from proc import run_job
+from proc import kill_tree, run_job
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -301,7 +301,7 @@ def test_two_nodes_without_ssh_match_one_node(default_run, tmp_path):
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, 9)
+                kill_tree(p.pid)
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-5000:]
     assert json.loads((out / "train_results.json").read_text())["world_size"] == 2

@@ -283,13 +283,49 @@ def test_default_patterns_skip_pickles_and_original():
 
 
 def test_disk_full_during_the_transfer_is_one_line(tmp_path):
-    """ENOSPC cannot be provoked on a normal test filesystem: the message is checked on the exception itself."""
+    """The mapping of each form of a full disk; a real ENOSPC on a small tmpfs, through this fake hub, is
+    tests/test_tool_faults.py::test_download_disk_full_then_resume."""
     from llama_ft import hub as hubmod
 
     w = hubmod.Where(REPO, None, tmp_path / "out", "http://hub", has_token=False, transferring=True)
     msg = str(hubmod.explain(OSError(errno.ENOSPC, "No space left on device", "x.incomplete"), w))
     assert msg.startswith(f"--local-dir {tmp_path / 'out'}: disk full while downloading (No space left on device)")
     assert "run the same command again to resume" in msg and "\n" not in msg
+    # with what is still missing, and as hf_xet's Rust writer reports it (text, no errno)
+    w.local_dir, w.still_needed = tmp_path, 5 * 2**20
+    for exc in (OSError(errno.EDQUOT, "Disk quota exceeded"),
+                RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")):
+        msg = str(hubmod.explain(exc, w))
+        assert msg.startswith(f"--local-dir {tmp_path}: disk full while downloading ("), msg
+        assert ": 5,242,880 bytes (5.0 MiB) still to fetch, " in msg and " free; free some space" in msg
+        assert "\n" not in msg
+
+
+def test_finished_files_are_fsynced_and_short_ones_dropped(tmp_path, monkeypatch):
+    """What the transfer left is fsynced: files under their final names, their metadata, then their
+    directories; a file shorter than listed (a crash after huggingface_hub's rename) is deleted."""
+    from llama_ft import hub as hubmod
+
+    meta = tmp_path / ".cache" / "huggingface" / "download"
+    for p, data in {tmp_path / "a.safetensors": b"a" * 10, tmp_path / "original" / "params.json": b"{}",
+                    meta / "a.safetensors.metadata": b"m", meta / "original" / "params.json.metadata": b"m",
+                    tmp_path / "short.json": b"{", tmp_path / "unrelated.txt": b"u"}.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    selected = {"a.safetensors": 10, "original/params.json": 2, "short.json": 2, "not-yet.json": 5}
+    assert hubmod.drop_wrong_sized(tmp_path, selected) == ["short.json"]
+    assert not (tmp_path / "short.json").exists() and (tmp_path / "a.safetensors").exists()
+
+    synced: list[Path] = []
+    monkeypatch.setattr(hubmod, "fsync_path", lambda p: synced.append(Path(p)))
+    hubmod.fsync_download(tmp_path, selected)
+    files = [tmp_path / "a.safetensors", tmp_path / "original" / "params.json", meta / "a.safetensors.metadata",
+             meta / "original" / "params.json.metadata"]
+    dirs = [tmp_path / "original", meta / "original", meta, meta.parent, meta.parent.parent, tmp_path,
+            tmp_path.parent]
+    assert sorted(synced) == sorted(files + dirs)
+    assert max(synced.index(f) for f in files) < min(synced.index(d) for d in dirs)  # names after contents
+    assert synced.index(tmp_path / "original") < synced.index(tmp_path)  # deepest first
 
 
 # ------------------------------------------------------------------------------------------- interrupted transfers

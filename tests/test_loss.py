@@ -64,15 +64,25 @@ def test_chunked_loss_and_gradient_equal_the_full_loss_in_float64(chunk):
     assert torch.all(hidden.grad[0, 0] == 0) and torch.all(hidden.grad[0, 3] == 0)  # untrained: no head, no grad
 
 
-def test_chunked_loss_keeps_fp32_sums_for_bf16_inputs_and_no_grad_in_eval():
+def test_chunked_loss_in_bf16_sums_in_fp32_and_scales_the_gradient_in_fp32():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 8, generator=g).to(torch.bfloat16)
+    x = torch.randn(9, 8, generator=g).to(torch.bfloat16).requires_grad_(True)
     w = torch.randn(11, 8, generator=g).to(torch.bfloat16)
     y = torch.randint(0, 11, (9,), generator=g)
     s = ChunkedLMHeadLoss.apply(x, w, y, 4)
-    ref = nn.functional.cross_entropy((x @ w.T).float(), y, reduction="sum")
-    assert s.dtype == torch.float32 and abs(s.item() - ref.item()) < 1e-5 * ref.item()
-    assert not s.requires_grad
+    x64 = x.detach().double().requires_grad_(True)
+    ref = nn.functional.cross_entropy(x64 @ w.double().T, y, reduction="sum")
+    assert s.dtype == torch.float32 and abs(s.item() - ref.item()) < 1e-2 * ref.item()  # bf16 logits
+    scale = 1 / 203  # R/N: not a bf16 number
+    (s * scale).backward()
+    (ref * scale).backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=1e-4)
+    # the scale enters in fp32: the gradient is not off by bf16(1/203) / (1/203) = 0.9974 as a whole
+    ratio = (x.grad.double() * x64.grad).sum() / (x64.grad * x64.grad).sum()
+    assert abs(ratio.item() - 1) < 2e-3
+    with torch.no_grad():
+        assert not ChunkedLMHeadLoss.apply(x, w, y, 4).requires_grad  # eval: no gradient work
 
 
 def test_nothing_trained_gives_zero_that_reaches_the_graph():

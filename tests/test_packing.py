@@ -138,6 +138,44 @@ def test_packed_logits_equal_separate_logits(fp32_model, attn):
         assert (leaky[0, n0:] - packed[0, n0:]).abs().max() > 1e-3
 
 
+def test_flash_inputs_are_one_sequence_with_host_boundaries():
+    """Packed rows under flash_attention_2: one (1, B*T) sequence and cu_seq_lens where position_ids restart."""
+    from llama_ft.train.recipe import model_inputs
+
+    b = collate_packed([[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}],
+                        [{"input_ids": [1], "labels": [1]}]], pad_token_id=0)
+    got = model_inputs(b, packed=True, flash=True, device=torch.device("cpu"))
+    assert got["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 0, 0, 0, 0]]
+    assert got["cu_seq_lens_q"].tolist() == got["cu_seq_lens_k"].tolist() == [0, 3, 5, 6, 10]  # + the padding block
+    assert got["cu_seq_lens_q"].dtype == torch.int32 and got["max_length_q"] == got["max_length_k"] == 4
+    assert "attention_mask" not in got and set(model_inputs(b, True, False, "cpu")) == {"input_ids", "position_ids"}
+
+
+def test_eval_ranks_run_as_many_forwards_and_count_only_their_rows(fp32_model):
+    """3 examples on 2 ranks, batch 1: rank 1 has one row and repeats it once without counting it."""
+    _, tok = fp32_model
+    calls = []
+
+    class Counting(_Engine):
+        def __call__(self, **kw):
+            calls.append(kw["input_ids"].shape)
+            return super().__call__(**kw)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    head = use_chunked_loss(model)
+    examples = _examples(tok, 3)
+    for rank in (0, 1):
+        calls.clear()
+        loss = evaluate(Counting(model), head, examples, 1, tok.pad_token_id, 2, rank, None, 16)
+        assert len(calls) == 2  # the same number of forwards on every rank: ZeRO-3 gathers are collective
+        mine = examples[rank::2]
+        alone = evaluate(_Engine(model), head, mine, 1, tok.pad_token_id, 1, 0, None, 16)
+        assert abs(loss - alone) < 1e-6  # the repeated row is not counted
+
+
 class _Engine:
     """What evaluate() needs of a DeepSpeed engine, around a plain module (one process, no ZeRO)."""
 

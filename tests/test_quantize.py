@@ -109,3 +109,12 @@ def test_quantize_cli(tiny_model_dir, tmp_path):
     assert twice.returncode == 2 and "already quantized" in twice.stderr
     typo = run("--model", str(tiny_model_dir), "--output", str(tmp_path / "q3"), "--target_modules", "q_prj")
     assert typo.returncode == 2 and "q_prj" in typo.stderr and not (tmp_path / "q3").exists()
+
+
+def test_output_that_is_a_file_is_refused(tiny_model_dir, tmp_path):
+    # --overwrite must not swap a file for the new directory (the file would stay behind under a temporary name)
+    out = tmp_path / "q"
+    out.write_text("mine")
+    with pytest.raises(UserError, match=r"--output .*q: exists and is not a directory"):
+        quantize_checkpoint(tiny_model_dir, out, overwrite=True, progress=False)
+    assert out.read_text() == "mine" and not list(tmp_path.glob(".q.tmp-*"))

@@ -194,12 +194,12 @@ def test_three_ranks_match_reference_and_resume_exactly(case):
 
 
 def test_packed_two_ranks_match_reference_and_resume_exactly(case):
-    """--packing: the 12 examples best-fit into 4 rows of 700 tokens (1 row x 2 accumulation steps x 2 ranks),
-    position_ids restarting per example and no attention across examples: the step is the unpacked
-    reference's. Resuming from step 1 reproduces steps 2-3 (each a freshly shuffled and packed epoch)."""
+    """--packing: the 12 examples best-fit into 4 rows of 700 tokens (2 rows of different lengths per micro-batch,
+    so padding blocks, x 2 ranks), position_ids restarting per example and no attention across examples: the
+    step is the unpacked reference's. Resuming from step 1 reproduces steps 2-3 (each a reshuffled epoch)."""
     tmp = case["tmp"]
-    flags = [*case["flags"], "--packing", "--max_seq_len", "700", "--per_device_train_batch_size", "1",
-             "--gradient_accumulation_steps", "2", "--max_steps", "3"]
+    flags = [*case["flags"], "--packing", "--max_seq_len", "700", "--per_device_train_batch_size", "2",
+             "--gradient_accumulation_steps", "1", "--max_steps", "3"]
     run_llama(tmp, tmp / "packed", *flags, model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
     check_against_reference(case, tmp / "packed", 2)
     run_llama(tmp, tmp / "packed-resumed", *flags, "--resume_from_checkpoint", str(tmp / "packed/checkpoint-1"),

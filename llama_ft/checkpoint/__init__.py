@@ -1,1 +1,1 @@
-"""Checkpoints: exact-resume state (resume.py)."""
+"""Checkpoints: where they live and which to resume from (layout.py), exact-resume state (resume.py)."""

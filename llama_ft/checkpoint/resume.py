@@ -7,6 +7,10 @@
                                 Adam moments (DeepSpeed's tensor-fragment API, local variants)
       trainer_state.json        step, data position, optimizer step, LR scheduler state, options
       rng_state_RANK.json       each rank's torch / python / numpy RNG state (dropout draws)
+    latest                      the name of the newest complete checkpoint (written after it)
+
+A checkpoint is written as `.checkpoint-STEP.tmp`, fsynced, and renamed when every rank's files are in
+(save_checkpoint); so a folder named checkpoint-STEP is always complete (checkpoint/layout.py).
 
 Each rank saves and restores only its own partitions: no rank ever holds all optimizer state
 (about 30 GB for 405B at r=64), and nothing depends on sizes dividing the world size. The
@@ -21,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +42,29 @@ from deepspeed.utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama_ft.adapters import lora_named_parameters, save_adapters
-from llama_ft.errors import UserError
+from llama_ft.adapters import gather_lora_state, lora_named_parameters, write_adapter_files
+from llama_ft.checkpoint.layout import LATEST, STATE_FILE, complete_checkpoints
+from llama_ft.errors import EXIT_USER_ERROR, StopRun, UserError
+from llama_ft.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    default_mode,
+    default_modes,
+    disk_full_message,
+    fsync_path,
+    fsync_tree,
+    is_disk_full,
+    replace_dir,
+)
+from llama_ft.hostcomm import any_rank, from_rank0
 from llama_ft.model.lora import LoraSpec
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-STATE_FILE = "trainer_state.json"
+
 # options a resumed run must share with the saved one to continue exactly: the model and its adapters,
 # the data stream, and every numeric setting of the update
 RESUME_INVARIANTS = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "seed", "quantize",
+                     "gradient_accumulation_steps", "seed", "quantize", "init",
                      # numerics of each step (max_steps sets the warmup length and the decay horizon)
                      "learning_rate", "lr_scheduler_type", "warmup_ratio", "max_steps", "weight_decay", "max_grad_norm",
                      "ds_config_sha256",
@@ -116,17 +134,29 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 def save_checkpoint(
     engine, model, scheduler, spec: LoraSpec, progress: Progress, out_dir: Path, base_model: str,
-    options: dict[str, Any],
+    options: dict[str, Any], save_total_limit: int | None = None,
 ) -> None:
-    """Write checkpoint-STEP atomically (a temporary sibling renamed by rank 0). Collective."""
+    """Write checkpoint-STEP atomically and durably. Collective.
+
+    Every rank writes its files into `.checkpoint-STEP.tmp` and fsyncs them; only when all succeeded does
+    rank 0 fsync the folder and put it under its name (an existing copy of that step is exchanged, then
+    removed), then write the `latest` marker, then drop all but the newest `save_total_limit` checkpoints.
+    A rank that fails (a full disk) says so in one line; the others stop quietly; the temporary folder is
+    removed and every earlier checkpoint and `latest` stay as they were.
+    """
     world = dist.get_world_size() if dist.is_initialized() else 1
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    failure: BaseException | None = None
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way leaves one
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failure = e
+    if from_rank0([int(failure is not None)])[0]:
+        _fail_save(failure, tmp)
 
-    save_adapters(model, tmp, spec, base_model)
+    lora = gather_lora_state(model)  # collective: every rank takes part, rank 0 keeps the tensors
     has_moments = _optimizer_step(engine) > 0  # Adam creates its moments at the first step
     tensors: dict[str, torch.Tensor] = {}
     for key, p in lora_named_parameters(model):
@@ -134,25 +164,64 @@ def save_checkpoint(
         for k in ADAM_KEYS:
             t = safe_get_local_optimizer_state(p, k) if has_moments else torch.zeros_like(tensors[f"{key}::fp32"])
             tensors[f"{key}::{k}"] = t.detach().float().cpu().contiguous()
-    save_file(tensors, str(tmp / optim_file(_rank())), metadata={"format": "pt"})
-    (tmp / f"rng_state_{_rank()}.json").write_text(json.dumps(_rng_state()))
+    try:
+        if _rank() == 0:
+            write_adapter_files(lora, tmp, spec, base_model)
+            state = {
+                "global_step": progress.step,
+                "epoch": progress.epoch,
+                "micro_index": progress.micro_index,
+                "optimizer_step": _optimizer_step(engine),
+                "world_size": world,
+                "lr_scheduler": scheduler.state_dict(),
+                "options": options,
+            }
+            atomic_write_json(tmp / STATE_FILE, state)
+        save_file(tensors, str(tmp / optim_file(_rank())), metadata={"format": "pt"})
+        default_mode(tmp / optim_file(_rank()))  # safetensors writes 0600
+        fsync_path(tmp / optim_file(_rank()))
+        atomic_write_json(tmp / f"rng_state_{_rank()}.json", _rng_state())
+        _test_pause_in_save(tmp)
+    except Exception as e:  # reported below, once every rank knows
+        failure = e
+    if any_rank(failure is not None):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fail_save(failure, tmp)
     if _rank() == 0:
-        state = {
-            "global_step": progress.step,
-            "epoch": progress.epoch,
-            "micro_index": progress.micro_index,
-            "optimizer_step": _optimizer_step(engine),
-            "world_size": world,
-            "lr_scheduler": scheduler.state_dict(),
-            "options": options,
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    _barrier()
-    if _rank() == 0:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    _barrier()
+        default_modes(tmp)  # safetensors writes 0600; a checkpoint is for whoever may read OUTPUT_DIR
+        fsync_tree(tmp)
+        replace_dir(tmp, out_dir)
+        atomic_write_text(out_dir.parent / LATEST, out_dir.name + "\n")  # last: it names a complete checkpoint
+        if save_total_limit:
+            for old in complete_checkpoints(out_dir.parent)[:-save_total_limit]:
+                if old != out_dir:
+                    shutil.rmtree(old, ignore_errors=True)
+    any_rank(False)  # a barrier: nobody goes on before the checkpoint is in place
+
+
+def _fail_save(failure: BaseException | None, tmp: Path) -> None:
+    """Stop every rank after a failed save: the rank that failed in one line, the others quietly."""
+    if failure is None:
+        raise StopRun(EXIT_USER_ERROR)
+    final = tmp.with_name(tmp.name[1:-len(".tmp")])
+    if is_disk_full(failure):
+        raise UserError(f"saving {final}: {disk_full_message(tmp.parent)}; the earlier checkpoints are intact") \
+            from None
+    if isinstance(failure, OSError):
+        raise UserError(f"saving {final}: {failure.strerror or failure} ({failure.filename or tmp}); the earlier "
+                        "checkpoints are intact") from None
+    raise failure
+
+
+def _test_pause_in_save(tmp: Path) -> None:
+    """Test hook: LLAMA_FT_TEST_PAUSE_IN_SAVE=S sleeps S seconds with the files written but not yet in place
+    (tests kill a rank there to show that an interrupted save loses nothing)."""
+    pause = float(os.environ.get("LLAMA_FT_TEST_PAUSE_IN_SAVE", "0") or 0)
+    if pause > 0:
+        (tmp / ".paused").touch()
+        time.sleep(pause)
+        (tmp / ".paused").unlink(missing_ok=True)
 
 
 def check_resumable(ckpt_dir: str | os.PathLike, world: int, options: dict[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class MicroBatches:
         self.seed, self.pad_id, self.epoch, self.index, self.pack_len = seed, pad_id, epoch, index, pack_len
         self.lengths = example_lengths(examples)
         self._rows_epoch, self._rows = -1, []
+        self.last_examples: list[int] = []  # indices (into `examples`) of the last micro-batch's examples
         if self.rows_per_epoch(epoch) // (world * batch) == 0:
             what = "packed rows" if pack_len else "training examples"
             raise UserError(f"--per_device_train_batch_size {batch} x {world} ranks needs at least {world * batch} "
@@ -85,7 +86,9 @@ class MicroBatches:
         self._load(self.epoch)
         start = (self.index * self.world + self.rank) * self.batch
         self.index += 1
-        rows = [[self.examples[i] for i in row] for row in self._rows[start:start + self.batch]]
+        picked = self._rows[start:start + self.batch]
+        self.last_examples = [i for row in picked for i in row]
+        rows = [[self.examples[i] for i in row] for row in picked]
         if self.pack_len is None:
             return collate([row[0] for row in rows], self.pad_id)
         return collate_packed(rows, self.pad_id)

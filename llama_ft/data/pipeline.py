@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class DataStats:
     cache_file: str
     from_cache: bool
     rows_key: str = ""  # the content key of the rows read (readers.Source.key)
+    train_index: list[int] = field(default_factory=list)  # training's examples -> their index in all examples
 
     def line(self, max_seq_len: int | None) -> str:
         cut = f", {self.cut} cut at --max_seq_len {max_seq_len}" if max_seq_len else ""

@@ -17,21 +17,13 @@ def take(examples: Sequence[Any], indices: list[int]) -> Sequence[Any]:
     return [examples[i] for i in indices]
 
 
-def train_eval_split(examples: Sequence[Any], eval_dataset_size: int | float, seed: int) -> tuple[Sequence, Sequence]:
-    """Split `examples` into (train, eval), disjoint, together all of them.
-
-    eval_dataset_size: 0 -> no eval set; an int N >= 1 (or an integral float such as 200.0) -> N
-    examples; a float in (0, 1) -> ceil(fraction * len(examples)) examples (so at least 1).
-    The eval examples are the first ones of `random.Random(seed).shuffle` over the indices, so the
-    same seed gives the same split; both keep the original order of `examples`.
-    UserError (naming --eval_dataset_size) if the size is negative or eval would take every example.
-    """
-    n = len(examples)
+def split_indices(n: int, eval_dataset_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) indices into n examples, each ascending; see train_eval_split."""
     size = eval_dataset_size
     if isinstance(size, bool) or not isinstance(size, int | float) or not math.isfinite(size) or size < 0:
         raise UserError(f"--eval_dataset_size must be 0, an integer >= 1 or a fraction in (0, 1), got {size!r}")
     if size == 0:
-        return examples if hasattr(examples, "select") else list(examples), []
+        return list(range(n)), []
     if isinstance(size, int) or float(size).is_integer():
         n_eval = int(size)
     else:
@@ -46,4 +38,19 @@ def train_eval_split(examples: Sequence[Any], eval_dataset_size: int | float, se
     order = list(range(n))
     random.Random(seed).shuffle(order)
     eval_idx = set(order[:n_eval])
-    return take(examples, [i for i in range(n) if i not in eval_idx]), take(examples, sorted(eval_idx))
+    return [i for i in range(n) if i not in eval_idx], sorted(eval_idx)
+
+
+def train_eval_split(examples: Sequence[Any], eval_dataset_size: int | float, seed: int) -> tuple[Sequence, Sequence]:
+    """Split `examples` into (train, eval), disjoint, together all of them.
+
+    eval_dataset_size: 0 -> no eval set; an int N >= 1 (or an integral float such as 200.0) -> N
+    examples; a float in (0, 1) -> ceil(fraction * len(examples)) examples (so at least 1).
+    The eval examples are the first ones of `random.Random(seed).shuffle` over the indices, so the
+    same seed gives the same split; both keep the original order of `examples`.
+    UserError (naming --eval_dataset_size) if the size is negative or eval would take every example.
+    """
+    train_idx, eval_idx = split_indices(len(examples), eval_dataset_size, seed)
+    if not eval_idx:
+        return examples if hasattr(examples, "select") else list(examples), []
+    return take(examples, train_idx), take(examples, eval_idx)

@@ -195,6 +195,9 @@ def build_lora_model(
     offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
     nvme = offload_param == "nvme"
+    if init == "random" and nvme:
+        raise UserError("--init random cannot fill NVMe-offloaded partitions (offload_param.device 'nvme': they "
+                        "live in swap files); use ds_configs/zero3.json or zero3_offload.json for benchmarks")
     if prequantized is not None and nvme:
         raise UserError(f"{flag} {model_dir}: a pre-quantized FP8 checkpoint cannot be loaded into NVMe-offloaded "
                         "partitions (offload_param.device 'nvme'); use the bf16 checkpoint with --quantize, or "

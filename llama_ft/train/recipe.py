@@ -15,12 +15,14 @@ Outputs in --output_dir:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from llama_ft.checkpoint.layout import remove_stale_temporaries, resolve_checkpoint
 from llama_ft.checkpoint.resume import Progress, check_resumable, load_checkpoint, save_checkpoint
 from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_train_args
 from llama_ft.data import (
@@ -48,11 +51,14 @@ from llama_ft.data import (
 from llama_ft.data.batches import example_lengths
 from llama_ft.data.cache import tokenizer_fingerprint
 from llama_ft.data.packing import pack_best_fit
-from llama_ft.errors import UserError, user_errors_exit
+from llama_ft.data.split import split_indices
+from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
+from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
 from llama_ft.metrics import MetricsLog, plot_loss
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
+from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import (
     LossMeter,
     backward_scale,
@@ -65,6 +71,7 @@ from llama_ft.train.loss import (
 )
 
 log = logging.getLogger("llama_ft")
+EXIT_DIVERGED = 3  # --nan_policy stop
 
 
 def setup_logging(rank: int) -> None:
@@ -109,27 +116,45 @@ def load_training_data(cfg: TrainConfig):
     examples, stats = prepare_examples(DataOptions.from_config(cfg), tokenizer)
     log.info("data: %s", stats.line(cfg.max_seq_len))
     train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
+    stats.train_index = split_indices(len(examples), cfg.eval_dataset_size, cfg.seed)[0]  # -> dump line numbers
     return tokenizer, train_set, eval_set, stats
 
 
-def model_inputs(batch: dict[str, torch.Tensor], packed: bool, device) -> dict[str, torch.Tensor]:
-    """What the model gets. Packed rows: input_ids + position_ids and NO attention_mask (transformers builds
-    the block-diagonal mask from position_ids only without one); padded rows: input_ids + attention_mask."""
-    keys = ("input_ids", "position_ids") if packed else ("input_ids", "attention_mask")
-    return {k: to_device(batch[k], device) for k in keys}
+def model_inputs(batch: dict[str, torch.Tensor], packed: bool, flash: bool, device) -> dict[str, Any]:
+    """What the model gets. Padded rows: input_ids + attention_mask. Packed rows: input_ids + position_ids
+    and NO attention_mask (sdpa/eager: transformers builds the block-diagonal mask from position_ids only
+    without one). Packed rows under flash_attention_2: the B rows as ONE sequence (1, B*T) with the
+    varlen boundaries given (cu_seq_lens: where position_ids restart, the padding blocks included), since
+    transformers takes flash's varlen path from position_ids only at batch size 1; built on the host, so
+    flash never has to find them on the device. Flattening keeps the row-major token order, which is how
+    loss_targets indexes the hidden states."""
+    if not packed:
+        return {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
+    if not flash:
+        return {k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}
+    positions = batch["position_ids"].reshape(1, -1)
+    starts = torch.nonzero(positions[0] == 0).flatten()
+    bounds = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    cu = to_device(bounds, device)
+    return {"input_ids": to_device(batch["input_ids"].reshape(1, -1), device),
+            "position_ids": to_device(positions, device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
 
 
-def micro_batch_nll(engine, head_weight, batch: dict[str, torch.Tensor], packed: bool, chunk: int) -> torch.Tensor:
+def micro_batch_nll(engine, head_weight, batch: dict[str, torch.Tensor], packed: bool, chunk: int,
+                    flash: bool = False) -> torch.Tensor:
     """S: the summed token cross-entropy of one micro-batch (train/loss.py), chunked over its trained tokens."""
     positions, targets = loss_targets(batch["labels"])  # host: no sync to find the trained tokens
-    hidden = engine(**model_inputs(batch, packed, engine.device), use_cache=False).logits  # (B, T, H): see loss.py
+    inputs = model_inputs(batch, packed, flash, engine.device)
+    hidden = engine(**inputs, use_cache=False).logits  # (B, T, H), or (1, B*T, H) flattened: see loss.py
     return lm_head_nll_sum(hidden, head_weight, to_device(positions, engine.device), to_device(targets, engine.device),
                            chunk)
 
 
 @torch.no_grad()
 def evaluate(engine, head_weight, examples, batch: int, pad_id: int, world: int, rank: int,
-             pack_len: int | None, chunk: int) -> float:
+             pack_len: int | None, chunk: int, flash: bool = False) -> float:
     """Nats per trained token over `examples`, computed on all ranks together (train/loss.py): the same
     loss packed or not. Packed, the examples are best-fit packed in their order (no shuffle).
 
@@ -145,11 +170,47 @@ def evaluate(engine, head_weight, examples, batch: int, pad_id: int, world: int,
         chunk_rows = mine[b * batch:(b + 1) * batch]
         picked = [[examples[i] for i in row] for row in chunk_rows or rows[:1]]
         micro = collate_packed(picked, pad_id) if pack_len else collate([r[0] for r in picked], pad_id)
-        nll = micro_batch_nll(engine, head_weight, micro, pack_len is not None, chunk)
+        nll = micro_batch_nll(engine, head_weight, micro, pack_len is not None, chunk, flash)
         if chunk_rows:
             meter.add(nll, trained_count(micro["labels"]))
     engine.train()
     return meter.mean()["loss"]
+
+
+def stopped_line(signum: int, step: int, out: Path) -> str:
+    """The one line a preempted run ends with: what stopped it, where the checkpoint is, how to resume."""
+    ckpt = resolve_checkpoint("auto", out)
+    where = f"checkpoint {ckpt}" if ckpt else "no checkpoint (no step had finished)"
+    return (f"stopped by {signal.Signals(signum).name} after step {step}; {where}; to continue, run the same "
+            f"command with --resume_from_checkpoint latest (OUTPUT_DIR {out})")
+
+
+def nonfinite_step(policy: str, step: int, examples: list[int], last_good: str | None) -> None:
+    """A step whose gradient norm was NaN or inf (DeepSpeed dropped its update): stop, naming the step and its
+    examples (line numbers of `llama-ft data --dump`, from every rank), or count it and go on."""
+    everyone: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, examples, group=host_group())
+    else:
+        everyone = [examples]
+    shown = "; ".join(f"rank {r}: {ex}" for r, ex in enumerate(everyone))
+    what = (f"step {step}: the loss or gradient norm is NaN or inf (its update was dropped); its examples, by rank: "
+            f"{shown}")
+    if policy == "skip":
+        log.warning("%s; skipped (--nan_policy skip)", what)
+        return
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
+    raise StopRun(EXIT_DIVERGED, f"error: {what}; {kept} (--nan_policy stop)"
+                  if not dist.is_initialized() or dist.get_rank() == 0 else None)
+
+
+def test_nan_hook(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Test hook: LLAMA_FT_TEST_NAN_AT_STEP=K turns rank 0's loss of step K into NaN. And
+    LLAMA_FT_TEST_STEP_SLEEP=S makes every step take S seconds longer (tests signal a run mid-way)."""
+    time.sleep(float(os.environ.get("LLAMA_FT_TEST_STEP_SLEEP", "0") or 0))
+    if rank == 0 and os.environ.get("LLAMA_FT_TEST_NAN_AT_STEP") == str(step):
+        return nll * float("nan")
+    return nll
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -178,8 +239,15 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.max_seq_len and cfg.max_seq_len > max_positions:
         raise UserError(f"--max_seq_len {cfg.max_seq_len}: above the model's max_position_embeddings "
                         f"{max_positions} ({cfg.model_name_or_path}/config.json)")
-    if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
-        raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on CPU ranks")
+    if cfg.attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not torch.cuda.is_available():
+            raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa on CPU ranks")
+        if not is_flash_attn_2_available():
+            raise UserError("--attn_implementation flash_attention_2: flash-attn is installed but not usable here "
+                            f"(GPU compute capability {torch.cuda.get_device_capability()}, or a broken install); "
+                            "use sdpa")
     tokenizer, train_set, eval_set, stats = load_training_data(cfg)  # rows -> examples, once per node
     pad_id = pad_token_id(tokenizer)
     world_env = int(os.environ.get("WORLD_SIZE", 1))
@@ -195,13 +263,17 @@ def train(cfg: TrainConfig) -> dict:
     # --- distributed set-up: gloo on CPU ranks, NCCL on GPUs (DeepSpeed picks) ---
     prepare_ops(ds_config, on_gpu)  # DeepSpeed's JIT ops, compiled by one process at a time
     check_master_reachable()  # a wrong MASTER_ADDR fails in seconds with its name, not after torch's 30 min
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=cfg.dist_timeout))  # a dead peer: no 30-min hang
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     seed_everything(cfg.seed)  # the same LoRA init everywhere (zero.Init also broadcasts rank 0's)
     out = Path(cfg.output_dir)
     log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
+    register_ranks(out, rank, world)  # every rank must see one OUTPUT_DIR (checkpoints are written together)
+    if rank == 0:
+        remove_stale_temporaries(out)  # saves killed half-way
+    watch = PeerWatch(out, rank, world).start()  # a local rank that dies ends this one too, with its name
 
     # --- model: built partitioned under zero.Init, checkpoint streamed in (or --init random), LoRA injected ---
     if world != world_env:
@@ -238,11 +310,16 @@ def train(cfg: TrainConfig) -> dict:
         progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, options)
         log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
     pack_len = cfg.max_seq_len if cfg.packing else None
+    flash = cfg.attn_implementation == "flash_attention_2"
     batches = MicroBatches(train_set, world, rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                            progress.epoch, progress.micro_index, pack_len)
 
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
         if rank == 0 else None
+    stop = StopSignals().install()  # SIGTERM/SIGINT: finish the step, save, exit (a second one aborts)
+    last_saved = progress.step if cfg.resume_from_checkpoint else None
+    watch.last_checkpoint = lambda: resolve_checkpoint("auto", out)
+    skipped = engine.skipped_steps  # DeepSpeed drops an update whose gradient norm is not finite
     eval_every = cfg.eval_steps or cfg.save_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_start, last_loss, eval_loss = time.time(), float("nan"), None
@@ -252,43 +329,58 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
     engine.train()
-    while progress.step < cfg.max_steps:
-        micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-        counts = [trained_count(b["labels"]) for b in micro]  # host tensors: no device sync
-        scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
-        for b, n in zip(micro, counts, strict=True):
-            nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size)
-            engine.backward(nll * scale, scale_wrt_gas=False)
-            engine.step()  # DeepSpeed updates only at the accumulation boundary
-            meter.add(nll, n, int(b["attention_mask"].sum()))
-        progress.step += 1
-        progress.epoch, progress.micro_index = batches.epoch, batches.index
-        bar.update(1)
+    with watch.collective_failures():  # a rank lost mid-collective: one line, not a hang or a traceback
+        while progress.step < cfg.max_steps:
+            signum = max_over_ranks(stop.requested or 0)  # one host all-reduce per step: a signal on any rank
+            if signum:
+                if last_saved != progress.step and progress.step > 0:
+                    save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress,
+                                    out / f"checkpoint-{progress.step}", cfg.model_name_or_path, options,
+                                    cfg.save_total_limit)
+                raise StopRun(128 + signum, stopped_line(signum, progress.step, out) if rank == 0 else None)
+            micro, step_examples = [], []
+            for _ in range(cfg.gradient_accumulation_steps):
+                micro.append(next(batches))
+                step_examples += [stats.train_index[i] for i in batches.last_examples]  # dump line numbers
+            counts = [trained_count(b["labels"]) for b in micro]  # host tensors: no device sync
+            scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
+            for b, n in zip(micro, counts, strict=True):
+                nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size, flash)
+                engine.backward(test_nan_hook(nll, progress.step + 1, rank) * scale, scale_wrt_gas=False)
+                engine.step()  # DeepSpeed updates only at the accumulation boundary
+                meter.add(nll, n, int(b["attention_mask"].sum()))
+            progress.step += 1
+            progress.epoch, progress.micro_index = batches.epoch, batches.index
+            bar.update(1)
+            if engine.skipped_steps > skipped:  # the update was dropped: its gradient norm was NaN or inf
+                skipped = engine.skipped_steps
+                nonfinite_step(cfg.nan_policy, progress.step, step_examples, resolve_checkpoint("auto", out))
 
-        if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
-            window = meter.mean()  # one all-reduce and one host sync per logging step
-            elapsed, t_window = time.time() - t_window, time.time()
-            last_loss, lr = window["loss"], scheduler.get_last_lr()[0]
-            record = {"step": progress.step, "loss": last_loss, "lr": lr, "epoch": progress.epoch,
-                      "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                      "trained_tokens": window["trained_tokens"],
-                      "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                      "trained_tokens_per_s": window["trained_tokens"] / max(elapsed, 1e-9),
-                      "elapsed_s": time.time() - t_start}
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            trained_tok_s=f"{record['trained_tokens_per_s']:.0f}")
-            if metrics:
-                metrics.write(record)
+            if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
+                window = meter.mean()  # one all-reduce and one host sync per logging step
+                elapsed, t_window = time.time() - t_window, time.time()
+                last_loss, lr = window["loss"], scheduler.get_last_lr()[0]
+                record = {"step": progress.step, "loss": last_loss, "lr": lr, "epoch": progress.epoch,
+                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                          "trained_tokens": window["trained_tokens"],
+                          "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                          "trained_tokens_per_s": window["trained_tokens"] / max(elapsed, 1e-9),
+                          "skipped_steps": engine.skipped_steps, "elapsed_s": time.time() - t_start}
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                trained_tok_s=f"{record['trained_tokens_per_s']:.0f}")
+                if metrics:
+                    metrics.write(record)
 
-        if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
-            eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id, world, rank,
-                                 pack_len, cfg.loss_chunk_size)
-            log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
-            if metrics:
-                metrics.write({"step": progress.step, "eval_loss": eval_loss})
-        if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
-            save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress, out / f"checkpoint-{progress.step}",
-                            cfg.model_name_or_path, options)
+            if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
+                eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id, world,
+                                     rank, pack_len, cfg.loss_chunk_size, flash)
+                log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
+                if metrics:
+                    metrics.write({"step": progress.step, "eval_loss": eval_loss})
+            if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
+                save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress, out / f"checkpoint-{progress.step}",
+                                cfg.model_name_or_path, options, cfg.save_total_limit)
+                last_saved = progress.step
     bar.close()
 
     # --- final adapters directly in output_dir, like save_pretrained ---
@@ -306,7 +398,8 @@ def train(cfg: TrainConfig) -> dict:
         except (OSError, ValueError) as e:  # the adapters are saved; a missing plot must not hang the other ranks
             log.warning("could not draw loss.png: %s", e)
         log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
-    dist.barrier()
+    any_rank(False)  # a barrier on the host group
+    watch.stop()  # from here ranks exit one by one; that is not a death
     return results
 
 
