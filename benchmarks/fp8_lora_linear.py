@@ -40,41 +40,21 @@ Output: one markdown table on stdout (progress on stderr); --json PATH writes ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send stdout (Python's and fd 1, for compiler subprocesses) to stderr: stdout carries only the table.
-
-    DeepSpeed's logger writes to the sys.stdout of its import, and its op builder's JIT compile to fd 1.
-    """
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
+from bench_common import stdout_to_stderr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 with stdout_to_stderr():  # llama_ft.fp8 imports deepspeed

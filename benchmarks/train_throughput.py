@@ -63,7 +63,6 @@ needs CUDA, bf16). Output: a markdown table on stdout (progress and logs on stde
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -77,9 +76,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bench_common import stdout_to_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -774,22 +774,6 @@ def examples_needed(args: argparse.Namespace) -> int:
     mean = MEDIAN_TOKENS * math.exp(SIGMA**2 / 2)
     rows = args.steps * args.grad_accum * args.batch * args.nproc
     return max(1000, math.ceil(1.2 * rows * args.seq / mean))
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send stdout (Python's and fd 1) to stderr, so that stdout carries only the table: DeepSpeed's logger
-    writes to the sys.stdout of its import."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
