@@ -48,7 +48,6 @@ from llama_ft.errors import EXIT_USER_ERROR, StopRun, UserError
 from llama_ft.fsutil import (
     atomic_write_json,
     atomic_write_text,
-    default_mode,
     default_modes,
     disk_full_message,
     fsync_path,
@@ -178,7 +177,6 @@ def save_checkpoint(
             }
             atomic_write_json(tmp / STATE_FILE, state)
         save_file(tensors, str(tmp / optim_file(_rank())), metadata={"format": "pt"})
-        default_mode(tmp / optim_file(_rank()))  # safetensors writes 0600
         fsync_path(tmp / optim_file(_rank()))
         atomic_write_json(tmp / f"rng_state_{_rank()}.json", _rng_state())
         _test_pause_in_save(tmp)

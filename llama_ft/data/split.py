@@ -50,7 +50,14 @@ def train_eval_split(examples: Sequence[Any], eval_dataset_size: int | float, se
     same seed gives the same split; both keep the original order of `examples`.
     UserError (naming --eval_dataset_size) if the size is negative or eval would take every example.
     """
+    train, evals, _ = split_examples(examples, eval_dataset_size, seed)
+    return train, evals
+
+
+def split_examples(examples: Sequence[Any], eval_dataset_size: int | float,
+                   seed: int) -> tuple[Sequence, Sequence, list[int]]:
+    """train_eval_split, plus the index in `examples` of each training example."""
     train_idx, eval_idx = split_indices(len(examples), eval_dataset_size, seed)
     if not eval_idx:
-        return examples if hasattr(examples, "select") else list(examples), []
-    return take(examples, train_idx), take(examples, eval_idx)
+        return (examples if hasattr(examples, "select") else list(examples)), [], train_idx
+    return take(examples, train_idx), take(examples, eval_idx), train_idx

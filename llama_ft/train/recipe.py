@@ -45,13 +45,12 @@ from llama_ft.data import (
     load_tokenizer,
     pad_token_id,
     prepare_examples,
-    train_eval_split,
     use_chat_template,
 )
 from llama_ft.data.batches import example_lengths
 from llama_ft.data.cache import tokenizer_fingerprint
 from llama_ft.data.packing import pack_best_fit
-from llama_ft.data.split import split_indices
+from llama_ft.data.split import split_examples
 from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
@@ -115,8 +114,8 @@ def load_training_data(cfg: TrainConfig):
         use_chat_template(tokenizer, cfg.chat_template, tok_path)  # saved with the tokenizer at the end
     examples, stats = prepare_examples(DataOptions.from_config(cfg), tokenizer)
     log.info("data: %s", stats.line(cfg.max_seq_len))
-    train_set, eval_set = train_eval_split(examples, cfg.eval_dataset_size, cfg.seed)
-    stats.train_index = split_indices(len(examples), cfg.eval_dataset_size, cfg.seed)[0]  # -> dump line numbers
+    # train_index: each training example's index among all examples (a `llama-ft data --dump` line number)
+    train_set, eval_set, stats.train_index = split_examples(examples, cfg.eval_dataset_size, cfg.seed)
     return tokenizer, train_set, eval_set, stats
 
 
@@ -204,7 +203,7 @@ def nonfinite_step(policy: str, step: int, examples: list[int], last_good: str |
                   if not dist.is_initialized() or dist.get_rank() == 0 else None)
 
 
-def test_nan_hook(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+def apply_test_hooks(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     """Test hook: LLAMA_FT_TEST_NAN_AT_STEP=K turns rank 0's loss of step K into NaN. And
     LLAMA_FT_TEST_STEP_SLEEP=S makes every step take S seconds longer (tests signal a run mid-way)."""
     time.sleep(float(os.environ.get("LLAMA_FT_TEST_STEP_SLEEP", "0") or 0))
@@ -320,6 +319,11 @@ def train(cfg: TrainConfig) -> dict:
     last_saved = progress.step if cfg.resume_from_checkpoint else None
     watch.last_checkpoint = lambda: resolve_checkpoint("auto", out)
     skipped = engine.skipped_steps  # DeepSpeed drops an update whose gradient norm is not finite
+
+    def save() -> None:  # collective: checkpoint-STEP of the current step, then `latest`
+        save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress, out / f"checkpoint-{progress.step}",
+                        cfg.model_name_or_path, options, cfg.save_total_limit)
+
     eval_every = cfg.eval_steps or cfg.save_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_start, last_loss, eval_loss = time.time(), float("nan"), None
@@ -334,9 +338,7 @@ def train(cfg: TrainConfig) -> dict:
             signum = max_over_ranks(stop.requested or 0)  # one host all-reduce per step: a signal on any rank
             if signum:
                 if last_saved != progress.step and progress.step > 0:
-                    save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress,
-                                    out / f"checkpoint-{progress.step}", cfg.model_name_or_path, options,
-                                    cfg.save_total_limit)
+                    save()
                 raise StopRun(128 + signum, stopped_line(signum, progress.step, out) if rank == 0 else None)
             micro, step_examples = [], []
             for _ in range(cfg.gradient_accumulation_steps):
@@ -346,7 +348,7 @@ def train(cfg: TrainConfig) -> dict:
             scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
             for b, n in zip(micro, counts, strict=True):
                 nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size, flash)
-                engine.backward(test_nan_hook(nll, progress.step + 1, rank) * scale, scale_wrt_gas=False)
+                engine.backward(apply_test_hooks(nll, progress.step + 1, rank) * scale, scale_wrt_gas=False)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
                 meter.add(nll, n, int(b["attention_mask"].sum()))
             progress.step += 1
@@ -378,8 +380,7 @@ def train(cfg: TrainConfig) -> dict:
                 if metrics:
                     metrics.write({"step": progress.step, "eval_loss": eval_loss})
             if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
-                save_checkpoint(engine, model, scheduler, cfg.lora_spec, progress, out / f"checkpoint-{progress.step}",
-                                cfg.model_name_or_path, options, cfg.save_total_limit)
+                save()
                 last_saved = progress.step
     bar.close()
 
