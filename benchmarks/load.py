@@ -154,8 +154,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     t0 = time.perf_counter()
     if args.loader == "stream":
+        from llama_ft.lora import LoraSpec
         from llama_ft.model.build import build_lora_model
-        from llama_ft.model.lora import LoraSpec
 
         model, report = build_lora_model(args.model, LoraSpec(16, 32), DS_CONFIG, torch.bfloat16, loader="stream")
         counter[0] = report.bytes_read

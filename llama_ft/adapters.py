@@ -27,7 +27,7 @@ from torch import nn
 from llama_ft.errors import EXIT_USER_ERROR, StopRun, UserError
 from llama_ft.fsutil import default_mode, disk_full_message, fsync_path, is_disk_full
 from llama_ft.hostcomm import from_rank0
-from llama_ft.model.lora import LoraSpec, lora_modules
+from llama_ft.lora import LoraSpec, lora_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

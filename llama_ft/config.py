@@ -19,7 +19,7 @@ from llama_ft.checkpoint.layout import STATE_FILE, resolve_checkpoint
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
-from llama_ft.model.lora import LLAMA_LINEAR_NAMES, LoraSpec
+from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

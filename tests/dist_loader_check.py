@@ -4,22 +4,62 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from llama_ft.fp8 import quantize_fp8_reference, scales_to_bytes
 from llama_ft.fp8.module import FP8LoRALinear
+from llama_ft.lora import LoraSpec
 from llama_ft.model.build import build_lora_model
-from llama_ft.model.lora import LoraSpec
+from llama_ft.model.meter import BuildMeter
 from llama_ft.ops import prepare_ops
 
 DS = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+class AllocationLog(TorchDispatchMode):
+    """Every non-meta tensor an aten op creates during the build, as (phase, dtype, numel); the phase
+    index advances each time the build closes a phase (BuildMeter.phase: skeleton, partitions, load)."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = 0
+        self.events: list[tuple[int, torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
+        for t in tree_flatten(out)[0]:  # new storage only: a view of an input allocates nothing
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.untyped_storage().data_ptr() not in inputs:
+                self.events.append((self.phase, t.dtype, t.untyped_storage().nbytes() // t.element_size()))
+        return out
+
+
+@contextlib.contextmanager
+def logging_allocations():
+    log = AllocationLog()
+    original = BuildMeter.phase
+
+    def phase(self, name):
+        original(self, name)
+        log.phase += 1
+
+    BuildMeter.phase = phase
+    try:
+        with log:
+            yield log
+    finally:
+        BuildMeter.phase = original
 
 
 def gathered(p: torch.nn.Parameter) -> torch.Tensor:
@@ -45,7 +85,17 @@ def main() -> None:
     modes = ("bf16", "fp8", "prequantized") if args.prequantized else ("bf16", "fp8")
     for mode in modes:
         src = args.prequantized if mode == "prequantized" else args.model
-        model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode == "fp8")
+        with logging_allocations() as allocs:
+            model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode == "fp8")
+        # floating tensors created before the load phase: the partitions themselves (and small scratch)
+        before_load = [(d, n) for ph, d, n in allocs.events if ph < 2 and d.is_floating_point]
+        # what a build at the final format must allocate in floating point: the floating partitions, and
+        # LoRA's A and B whole (they are initialised whole, broadcast, then partitioned)
+        float_partitions = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters()
+                               if p.dtype.is_floating_point and not p.requires_grad)
+        lora_whole = sum(p.ds_numel * p.element_size() for p in model.parameters() if p.requires_grad)
+        fp8_partition_numels = sorted({m.weight.ds_tensor.numel() for m in model.modules()
+                                       if isinstance(m, FP8LoRALinear)})
         mismatched = []
         checked = 0
         for name, p in model.named_parameters():
@@ -65,7 +115,12 @@ def main() -> None:
         dist.all_reduce(totals)
         verdict[mode] = {"checked": checked, "mismatched": mismatched, "bytes_read_rank": report.bytes_read,
                          "bytes_read_total": int(totals.item()), "checkpoint_bytes": report.checkpoint_bytes,
-                         "fp8_layers": report.fp8_layers}
+                         "fp8_layers": report.fp8_layers, "build": report.build,
+                         "float_bytes_before_load": sum(n * d.itemsize for d, n in before_load),
+                         "float_partition_bytes": float_partitions, "lora_bytes": lora_whole,
+                         "largest_float_before_load": max((n for _, n in before_load), default=0),
+                         "smallest_fp8_partition": fp8_partition_numels[0] if fp8_partition_numels else None,
+                         "partition_bytes": report.partition_bytes_host + report.partition_bytes_gpu}
     gathered_verdicts = [None] * dist.get_world_size()
     dist.all_gather_object(gathered_verdicts, verdict)
     if rank == 0:

@@ -225,8 +225,8 @@ def test_disk_full_writing_the_final_adapters(tiny_model_dir, tmpfs):
     are not half-overwritten."""
     from llama_ft.adapters import ADAPTER_WEIGHTS, save_adapters
     from llama_ft.errors import UserError
+    from llama_ft.lora import LoraSpec
     from llama_ft.model.build import build_lora_model
-    from llama_ft.model.lora import LoraSpec
 
     spec = LoraSpec(r=8, alpha=16)
     model, _ = build_lora_model(tiny_model_dir, spec, None, torch.float32)

@@ -17,7 +17,7 @@ from llama_ft.fp8 import (
     scales_from_bytes,
     scales_to_bytes,
 )
-from llama_ft.model.lora import LoraSpec
+from llama_ft.lora import LoraSpec
 
 SHAPES = [(1, 1), (127, 129), (130, 200), (256, 384), (64, 300)]
 E4M3_GRID = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()

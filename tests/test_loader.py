@@ -71,6 +71,17 @@ def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_mod
         assert v["fp8"]["fp8_layers"] == 14
         # FP8 on load widens each rank's rows to whole 128-row block stripes: never more than all of W twice
         assert v["fp8"]["bytes_read_total"] <= 2 * ckpt_bytes
+        for mode in ("bf16", "fp8", "prequantized"):
+            m = v[mode]
+            # built at the final format: before the load, the only floating tensors created are the floating
+            # partitions and LoRA's A and B (whole once, then their partitions); no bf16 partition (or whole
+            # weight) of an FP8 layer, which would add 2 bytes per weight of the FP8 layers
+            assert m["float_bytes_before_load"] <= m["float_partition_bytes"] + 1.5 * m["lora_bytes"] + 1024, m
+            # nothing is broadcast but LoRA's init (and the FP8 block scales' max-reduce): no full-model traffic
+            assert m["build"]["comm_bytes"] <= m["lora_bytes"] + 1024, m["build"]
+            phases = [p["phase"] for p in m["build"]["phases"]]
+            assert phases == ["skeleton (meta device)", "partitions (final format, empty)", "load"], phases
+        assert v["fp8"]["float_partition_bytes"] < v["bf16"]["float_partition_bytes"] / 2
         pre = v["prequantized"]  # FP8 bytes and scales copied as stored: each byte read once
         assert pre["checkpoint_bytes"] == fp8_bytes and pre["bytes_read_total"] <= 1.05 * fp8_bytes
         assert pre["fp8_layers"] == 14 and 0.35 * fp8_bytes <= pre["bytes_read_rank"] <= 0.65 * fp8_bytes

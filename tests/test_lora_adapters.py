@@ -20,8 +20,8 @@ from llama_ft.adapters import (
     save_adapters,
 )
 from llama_ft.errors import UserError
+from llama_ft.lora import LLAMA_LINEAR_NAMES, LoRALinear, LoraSpec, inject_lora
 from llama_ft.model.build import build_lora_model
-from llama_ft.model.lora import LLAMA_LINEAR_NAMES, LoRALinear, LoraSpec, inject_lora
 
 
 def test_lora_linear_matches_float64_reference():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_ft.model.lora import LoRALinear, LoraSpec
-from llama_ft.model.offload import frozen_base_params, offload_frozen_partitions, spread_evenly
+from llama_ft.lora import LoRALinear, LoraSpec
+from llama_ft.model.offload import choose_offloaded, frozen_base_params, spread_evenly
 
 # Llama 3.1 8B linear weight sizes of one block, in model order: q, k, v, o, gate, up, down
 LAYER_8B = [4096 * 4096, 1024 * 4096, 1024 * 4096, 4096 * 4096, 14336 * 4096, 14336 * 4096, 4096 * 14336]
@@ -33,13 +33,15 @@ def test_equal_sizes_pick_every_kth():
     assert len(idx) == 4 and {b - a for a, b in zip(idx, idx[1:], strict=False)} == {4}
 
 
-def test_offload_reports_the_chosen_bytes_on_an_unpartitioned_model():
+def test_offload_reports_the_chosen_partition_bytes():
     spec = LoraSpec(2, 4)
     model = torch.nn.Sequential(*[LoRALinear(torch.nn.Parameter(torch.randn(8, 8)), 8, 8, spec) for _ in range(4)])
     assert [n for n, _ in frozen_base_params(model)] == [f"{i}.weight" for i in range(4)]
-    got = offload_frozen_partitions(model, 0.5)
+    ids, got = choose_offloaded(model, 0.5)
     assert got["frozen_base_bytes"] == 4 * 64 * 4 and got["offloaded_bytes"] == 2 * 64 * 4
-    assert got["offloaded_tensors"] == 2 and got["moved_tensors"] == 0  # not partitioned: nothing to move
+    assert got["offloaded_tensors"] == 2 and len(ids) == 2
+    # over 3 ranks each partition is ceil(64 / 3) = 22 elements of 4 bytes
+    assert choose_offloaded(model, 0.5, world_size=3)[1]["frozen_base_bytes"] == 4 * 22 * 4
 
 
 @pytest.mark.gpu

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 from llama_ft.errors import UserError
 from llama_ft.fp8 import quantize_fp8_reference, scales_from_bytes
 from llama_ft.fp8.module import FP8LoRALinear
+from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.model.build import build_lora_model
-from llama_ft.model.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.quantize import quantize_checkpoint
 from llama_ft.shards import open_checkpoint
 

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from llama_ft.data import IGNORE_INDEX
 from llama_ft.data.command import main as data_main
-from llama_ft.model.lora import LLAMA_LINEAR_NAMES
+from llama_ft.lora import LLAMA_LINEAR_NAMES
 
 pytestmark = pytest.mark.slow
 LR, BETA1, BETA2, EPS, R, ALPHA = 1e-3, 0.9, 0.999, 1e-8, 8, 16

@@ -56,7 +56,7 @@ from llama_ft.fsutil import (
     replace_dir,
 )
 from llama_ft.hostcomm import any_rank, from_rank0
-from llama_ft.model.lora import LoraSpec
+from llama_ft.lora import LoraSpec
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 

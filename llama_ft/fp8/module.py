@@ -23,7 +23,7 @@ from torch import nn
 from llama_ft.fp8 import kernels
 from llama_ft.fp8.autograd import fp8_lora_linear
 from llama_ft.fp8.format import num_blocks, quantize_fp8_reference, scales_to_bytes
-from llama_ft.model.lora import LoRALinear, LoraSpec
+from llama_ft.lora import LoRALinear, LoraSpec
 
 
 @contextlib.contextmanager
@@ -37,6 +37,12 @@ def _outside_zero_init() -> Iterator[None]:
         yield
     finally:
         pp.restore_init_context()
+
+
+def quantize_device() -> torch.device:
+    """Where weights are quantized: this rank's GPU (Triton) when there is one, even for a stripe whose
+    partition lives in host memory (copied over and back), else the CPU (PyTorch reference)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,32 +1,40 @@
-"""Build a Llama for ZeRO-3 training: construct partitioned, load the checkpoint, inject LoRA.
+"""Build a Llama with LoRA for ZeRO-3 training: meta skeleton, final-format partitions, checkpoint.
 
-No rank ever holds the whole model: modules are created under `deepspeed.zero.Init`, which
-partitions each parameter as soon as its module's `__init__` returns, and checkpoint tensors
-are then written into those partitions one parameter at a time.
+No rank ever holds more than its share of the final model: the model is built on the meta device
+with LoRA (and FP8) layers already in place, each parameter then gets only this rank's partition in
+its final format and place (model/partition.py), and the checkpoint is written into those
+partitions (model/loader.py streams each rank's own bytes).
 
 Flow of one weight (the first three of the four files a reader follows):
     shards.py       header/index lookup of `model.layers.0.self_attn.q_proj.weight`
     model/build.py  `load_checkpoint_weights`: read it, write it into its ZeRO-3 partitions
-    model/lora.py   `LoRALinear.base_matmul`: the matmul that uses it
+    lora.py         `LoRALinear.forward`: the matmul that uses it
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from safetensors import safe_open
 from torch import nn
 
 from llama_ft.errors import UserError
-from llama_ft.model.loader import LoadReport, peak_rss_bytes, stream_checkpoint_into_partitions
-from llama_ft.model.lora import LoraSpec, inject_lora
-from llama_ft.model.offload import offload_frozen_partitions
+from llama_ft.fp8.checkpoint import check_prequantized, is_target, prequantized_targets
+from llama_ft.fp8.format import scales_to_bytes
+from llama_ft.fp8.module import FP8LoRALinear, quantize_device, quantize_fp8
+from llama_ft.lora import LoRALinear, LoraSpec, inject_lora, lora_modules
+from llama_ft.model.loader import LoadReport, fp8_modules, stream_checkpoint_into_partitions
+from llama_ft.model.meter import BuildMeter
+from llama_ft.model.offload import choose_offloaded
+from llama_ft.model.partition import DirectPartitioner, materialize_unpartitioned
 from llama_ft.shards import ST_DTYPES, Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,10 +50,6 @@ def _skip_init():
         except ImportError:
             return contextlib.nullcontext()
     return no_init_weights()
-
-
-def _zero_init(ds_config: dict, enabled: bool):
-    return deepspeed.zero.Init(config_dict_or_path=ds_config) if enabled else contextlib.nullcontext()
 
 
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:
@@ -84,8 +88,6 @@ def inspect_checkpoint(model_dir: str | Path, spec: LoraSpec,
     Returns the checkpoint and, for one written by `llama-ft quantize`, its FP8 module names
     (which must be the LoRA targets: each FP8 layer is an FP8LoRALinear).
     """
-    from llama_ft.quantize import check_prequantized, is_target, prequantized_targets
-
     ckpt = open_checkpoint(model_dir, flag)
     pre = prequantized_targets(ckpt, flag)
     if pre is not None:
@@ -128,14 +130,17 @@ def load_llama_config(model_dir: str | Path):
 
 
 def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
-    """Write every checkpoint tensor into the model's (possibly partitioned) parameters.
+    """`--loader hf`: write every checkpoint tensor into the model's (possibly partitioned) parameters.
 
     Rank 0 reads each tensor once and ZeRO-3 scatters it into the ranks' partitions
-    (`GatheredParameters(modifier_rank=0)`); one parameter is whole at a time. Returns bytes read.
-    The caller checks first that the checkpoint fits (`check_checkpoint_fits`).
+    (`GatheredParameters(modifier_rank=0)`); one parameter is whole at a time. An FP8 layer's
+    bf16 weight is quantized by rank 0 (on its GPU when it has one) and only the FP8 bytes and
+    scales are scattered. Returns bytes read. The caller checks first that the checkpoint fits
+    (`check_checkpoint_fits`).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = dict(model.named_parameters(remove_duplicate=True))
+    fp8 = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, FP8LoRALinear)}
 
     nbytes = 0
     for shard in ckpt.shards:
@@ -144,18 +149,48 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
             continue
         with safe_open(ckpt.shard_path(shard), framework="pt") as f:
             for name in wanted:
-                p = params[name]
-                if hasattr(p, "ds_id"):
-                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                        if rank == 0:
-                            t = f.get_tensor(name)
-                            p.data.copy_(t)
-                            nbytes += t.numel() * t.element_size()
-                else:
-                    t = f.get_tensor(name)
-                    p.data.copy_(t)
-                    nbytes += t.numel() * t.element_size()
+                m = fp8.get(name)
+                targets = [m.weight, m.weight_scale] if m is not None else [params[name]]
+                z3 = hasattr(targets[0], "ds_id")
+                with deepspeed.zero.GatheredParameters(targets, modifier_rank=0, enabled=z3):
+                    if rank == 0 or not z3:
+                        t = f.get_tensor(name)
+                        nbytes += t.numel() * t.element_size()
+                        if m is None:
+                            targets[0].data.copy_(t)
+                        else:
+                            q, scales = quantize_fp8(t.to(quantize_device()))
+                            m.weight.data.copy_(q)
+                            m.weight_scale.data.copy_(scales_to_bytes(scales))
     return nbytes
+
+
+def build_skeleton(config, spec: LoraSpec, dtype: torch.dtype, quantize: bool, fp8_compute: bool,
+                   attn_implementation: str) -> tuple[nn.Module, list[str]]:
+    """The model on the meta device (shapes and dtypes, no storage) with its final layer classes: every
+    targeted linear is already a LoRALinear or, with `quantize`, an FP8LoRALinear with uint8 storage."""
+    from transformers import AutoModelForCausalLM
+
+    def make_fp8(lin: nn.Linear, spec: LoraSpec) -> nn.Module:
+        return FP8LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype, fp8_compute)
+
+    with torch.device("meta"), _skip_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=False)
+        model.tie_weights()  # transformers ties lm_head to the embeddings inside its weight init, which is skipped
+        wrapped = inject_lora(model, spec, make_fp8 if quantize else None)
+    return model, wrapped
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """The rotary embedding's inv_freq is computed in its __init__, which ran on the meta device."""
+    for path, module in model.named_modules():
+        if any(b is not None and b.is_meta for b in module._buffers.values()):
+            if "RotaryEmbedding" not in type(module).__name__:
+                raise RuntimeError(f"{path}: meta buffers of {type(module).__name__} have no known initialiser")
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    type(module)(config=module.config).to(device))
 
 
 def build_lora_model(
@@ -176,55 +211,38 @@ def build_lora_model(
 
     `ds_config` is the resolved DeepSpeed config; None builds an ordinary (unpartitioned)
     model, used by single-process tools and tests. Only A and B require grad afterwards.
-    With `quantize`, every targeted linear becomes an FP8LoRALinear (e4m3, 128x128 block scales).
+    With `quantize`, every targeted linear is an FP8LoRALinear (e4m3, 128x128 block scales).
+
+    The build never holds more than the final model: the skeleton is built on the meta device with
+    the final layer classes, each parameter then gets only this rank's partition, in its final
+    format (FP8 bytes for FP8 layers: no bf16 copy of them ever exists) and place (model/partition.py),
+    and the loader writes the checkpoint into those partitions.
 
     Loaders (ZeRO-3): "stream" (default) fills each rank's partitions from the bytes it owns
     (model/loader.py), quantizing FP8 layers on load; "hf" is the Hugging Face way, rank 0 reads
-    every tensor and ZeRO-3 scatters it, kept as a reference and a fallback.
+    every tensor and ZeRO-3 scatters it, kept as a reference and a fallback (and used for NVMe-offloaded
+    partitions, which live in swap files).
 
     `offload_ratio` (ZeRO-3 only): keep that fraction of the frozen base-weight bytes in host
-    memory, spread evenly through the layers (model/offload.py); None keeps them where ZeRO-3 put them.
+    memory, spread evenly through the layers (model/offload.py); None keeps them where ZeRO-3 puts them.
     `attn_implementation`: transformers' attention backend (sdpa, eager, flash_attention_2).
     `init="random"` (benchmarks): no checkpoint is read, only config.json; every partition is filled with
     random values where it lives (fill_random_partitions).
-    """
-    from transformers import AutoModelForCausalLM
 
+    The report carries the build's peak memory per phase and the bytes its collectives moved (model/meter.py).
+    """
     ckpt, prequantized = (None, None) if init == "random" else inspect_checkpoint(model_dir, spec, flag)
     quantize = quantize or prequantized is not None
     offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
-    # NVMe-offloaded partitions live in swap files, not in ds_tensor: load those the HF way
-    nvme = offload_param == "nvme"
-    if init == "random" and nvme:
-        raise UserError("--init random cannot fill NVMe-offloaded partitions (offload_param.device 'nvme': they "
-                        "live in swap files); use ds_configs/zero3.json or zero3_offload.json for benchmarks")
-    if prequantized is not None and nvme:
-        raise UserError(f"{flag} {model_dir}: a pre-quantized FP8 checkpoint cannot be loaded into NVMe-offloaded "
-                        "partitions (offload_param.device 'nvme'); use the bf16 checkpoint with --quantize, or "
-                        "offload_param to 'cpu'")
+    nvme = offload_param == "nvme"  # partitions live in swap files, not in ds_tensor: loaded the HF way
+    if nvme and (init == "random" or prequantized is not None or quantize):
+        what = ("--init random cannot fill" if init == "random" else
+                f"{flag} {model_dir}: a pre-quantized FP8 checkpoint cannot be loaded into" if prequantized is not None
+                else "--quantize: FP8 layers cannot live in")
+        raise UserError(f"{what} NVMe-offloaded partitions (offload_param.device 'nvme': DeepSpeed's NVMe swapper "
+                        "keeps partitions in the training dtype); use ds_configs/zero3.json or zero3_offload.json")
     config = load_llama_config(model_dir)
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    with _zero_init(ds_config, zero3), _skip_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=False)
-    # transformers ties lm_head to the embeddings inside its weight init, which _skip_init skips
-    model.tie_weights()
-    if not zero3:
-        model.to(dtype)
-    # a pre-quantized checkpoint is always streamed: its FP8 bytes go straight into the FP8 storage
-    streaming = (zero3 and loader == "stream" and not nvme) or prequantized is not None or init == "random"
-    if zero3 and loader == "stream" and nvme:
-        log.info("offload_param to NVMe: loading through ZeRO-3 gathers instead of streaming into partitions")
-
-    make = None
-    if quantize:
-        from llama_ft.fp8 import FP8LoRALinear
-
-        def make(lin, spec):
-            if streaming:  # storage only: the loader quantizes into the partitions
-                return FP8LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype, fp8_compute)
-            return FP8LoRALinear.from_linear(lin, spec, fp8_compute)
-
     if offload_ratio is not None and offload_param not in (None, "none"):
         log.info("offload_param to %s keeps every partition off the GPU: --offload_ratio has no further effect",
                  offload_param)
@@ -232,28 +250,45 @@ def build_lora_model(
     if offload_ratio is not None and not zero3:
         log.info("--offload_ratio: no effect without ZeRO-3 partitions (the model is not partitioned)")
         offload_ratio = None
-    offload = {}
+    if zero3 and loader == "stream" and nvme:
+        log.info("offload_param to NVMe: loading through ZeRO-3 gathers instead of streaming into partitions")
+    # a pre-quantized checkpoint is always streamed: its FP8 bytes go straight into the FP8 storage
+    streaming = (loader == "stream" and not nvme) or prequantized is not None
 
-    t0 = time.time()
-    if streaming:
-        with _zero_init(ds_config, zero3):
-            wrapped = inject_lora(model, spec, make)
-        if offload_ratio is not None:  # before loading: the bytes go straight to host memory
-            offload = offload_frozen_partitions(model, offload_ratio)
+    meter = BuildMeter()
+    with meter.measure():
+        model, wrapped = build_skeleton(config, spec, dtype, quantize, fp8_compute, attn_implementation)
+        meter.phase("skeleton (meta device)")
+        device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))) if zero3 \
+            else torch.device("cpu")
+        for m in lora_modules(model).values():
+            m.init_lora_parameters(device)
+        _materialize_buffers(model, device)
+        offload = {}
+        if zero3:
+            world = dist.get_world_size()
+            host = set()
+            if offload_ratio is not None:
+                host, offload = choose_offloaded(model, offload_ratio, world)
+            DirectPartitioner(ds_config, host).partition_model(model)
+        else:
+            materialize_unpartitioned(model)
+        meter.phase("partitions (final format, empty)")
+        t0 = time.time()
         if init == "random":
             report = fill_random_partitions(model)
-        else:
+        elif streaming:
             report = stream_checkpoint_into_partitions(model, ckpt, prequantized is not None)
-    else:
-        nbytes = load_checkpoint_weights(model, ckpt)
-        with _zero_init(ds_config, zero3):
-            wrapped = inject_lora(model, spec, make)
-        if offload_ratio is not None:
-            offload = offload_frozen_partitions(model, offload_ratio)
-        report = LoadReport(rank=dist.get_rank() if dist.is_initialized() else 0,
-                            world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                            checkpoint_bytes=ckpt.total_bytes(), bytes_read=nbytes, seconds=time.time() - t0,
-                            peak_rss_bytes=peak_rss_bytes(), extra={"loader": "hf"})
+        else:
+            nbytes = load_checkpoint_weights(model, ckpt)
+            report = LoadReport(rank=dist.get_rank() if dist.is_initialized() else 0,
+                                world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                                checkpoint_bytes=ckpt.total_bytes(), bytes_read=nbytes, seconds=time.time() - t0,
+                                peak_rss_bytes=0, fp8_layers=len(fp8_modules(model)), extra={"loader": "hf"})
+        meter.phase("load" if init == "checkpoint" else "random fill")
+    report.set_partition_bytes(model)
+    report.build = meter.summary()
+    report.peak_rss_bytes = report.build["peak_rss_bytes"]
     if offload:
         report.extra["offload"] = {"ratio": offload_ratio, **offload}
     missing = sorted(set(spec.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
@@ -272,8 +307,6 @@ def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -
     scale `std`. An FP8 scale partition starts at byte rank * partition_size of the flat fp32 bytes, so
     the bytes of the repeated scale are laid out from that offset. LoRA tensors keep their own init.
     """
-    from llama_ft.model.lora import LoRALinear
-
     t0 = time.time()
     rank = dist.get_rank() if dist.is_initialized() else 0
     g = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -295,15 +328,13 @@ def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -
             values = torch.randn(n, generator=g) * std
         t.data.view(-1).copy_(values.to(t.dtype))
     return LoadReport(rank=rank, world_size=dist.get_world_size() if dist.is_initialized() else 1, checkpoint_bytes=0,
-                      bytes_read=0, seconds=time.time() - t0, peak_rss_bytes=peak_rss_bytes(),
+                      bytes_read=0, seconds=time.time() - t0, peak_rss_bytes=0, fp8_layers=len(fp8_modules(model)),
                       extra={"loader": "random init"})
 
 
 def partition_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of parameter storage this rank holds, by role: frozen linear weights (incl. FP8
     scales), other frozen weights, and LoRA. Under ZeRO-3 these are the rank's partitions."""
-    from llama_ft.model.lora import LoRALinear
-
     linear_ids = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
                   for n, p in m.named_parameters(recurse=False) if not n.startswith("lora_")}
     out = {"frozen_linear": 0, "frozen_other": 0, "lora": 0}

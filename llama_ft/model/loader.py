@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llama_ft.fp8.format import BLOCK, num_blocks, quantize_fp8_reference, scales_to_bytes
+from llama_ft.fp8.checkpoint import SCALE_SUFFIX
+from llama_ft.fp8.format import BLOCK, num_blocks, scales_to_bytes
+from llama_ft.fp8.module import FP8LoRALinear, quantize_device, quantize_fp8
 from llama_ft.shards import Checkpoint, ShardReader
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,27 @@ class LoadReport:
     tensors: int = 0
     fp8_layers: int = 0
     extra: dict = field(default_factory=dict)
+    # the whole build (model/meter.py): phases with seconds and peak memory, bytes of collectives
+    build: dict = field(default_factory=dict)
 
     def line(self) -> str:
+        gpu_peak = self.build.get("max_memory_allocated")
         return (f"load: read {self.bytes_read / 2**20:.1f} MiB of {self.checkpoint_bytes / 2**20:.1f} MiB "
-                f"in {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB, partitions "
+                f"in {self.seconds:.1f} s, build peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+                + (f", GPU peak {gpu_peak / 2**20:.0f} MiB" if gpu_peak is not None else "")
+                + f", {self.build.get('comm_bytes', 0) / 2**20:.1f} MiB communicated; partitions "
                 f"{self.partition_bytes_gpu / 2**20:.1f} MiB on GPU / {self.partition_bytes_host / 2**20:.1f} MiB host")
+
+    def set_partition_bytes(self, model: nn.Module) -> None:
+        """Bytes of this rank's parameter storage on the accelerator and in host memory."""
+        self.partition_bytes_gpu = self.partition_bytes_host = 0
+        for p in model.parameters():
+            part = owned_range(p)[2]
+            nbytes = part.numel() * part.element_size()
+            if part.device.type == "cpu":
+                self.partition_bytes_host += nbytes
+            else:
+                self.partition_bytes_gpu += nbytes
 
     def write(self, out_dir: str | os.PathLike) -> Path:
         path = Path(out_dir) / f"load_report_rank{self.rank}.json"
@@ -63,8 +80,9 @@ class LoadReport:
         return path
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def fp8_modules(model: nn.Module) -> dict[str, FP8LoRALinear]:
+    """Weight name -> FP8 layer, in model order."""
+    return {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, FP8LoRALinear)}
 
 
 def owned_range(p: nn.Parameter) -> tuple[int, int, torch.Tensor]:
@@ -95,9 +113,9 @@ def _fill_fp8(m: nn.Module, reader: ShardReader, name: str) -> None:
     if q_end > q_start:
         r0, r1 = q_start // k, -(-q_end // k)
         b0, b1 = r0 // BLOCK, num_blocks(r1)
-        w = reader.read_rows(name, b0 * BLOCK, min(b1 * BLOCK, n)).to(q_part.device)
-        q, s = _quantize(w)
-        scales[b0:b1] = s
+        w = reader.read_rows(name, b0 * BLOCK, min(b1 * BLOCK, n)).to(quantize_device())
+        q, s = quantize_fp8(w)
+        scales[b0:b1] = s.to(scales.device)
         off = q_start - b0 * BLOCK * k
         q_part.data[: q_end - q_start].copy_(q.reshape(-1)[off: off + q_end - q_start])
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -114,8 +132,6 @@ def _fill_fp8(m: nn.Module, reader: ShardReader, name: str) -> None:
 
 def _fill_fp8_prequantized(m: nn.Module, reader: ShardReader, name: str) -> None:
     """Copy this rank's FP8 bytes and scale bytes from a `llama-ft quantize` checkpoint: no math."""
-    from llama_ft.quantize import SCALE_SUFFIX
-
     q_start, q_end, q_part = owned_range(m.weight)
     if q_end > q_start:
         q_part.data[: q_end - q_start].copy_(reader.read_flat(name, q_start, q_end).view(torch.uint8))
@@ -126,20 +142,12 @@ def _fill_fp8_prequantized(m: nn.Module, reader: ShardReader, name: str) -> None
         s_part.data[: s_end - s_start].copy_(raw[s_start - 4 * e0: s_end - 4 * e0])
 
 
-def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from llama_ft.fp8 import quantize_fp8
-
-    return quantize_fp8(w) if w.is_cuda else quantize_fp8_reference(w)
-
-
 def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint, prequantized: bool = False) -> LoadReport:
     """Fill every ZeRO-3 partition of `model` from `ckpt`, reading only this rank's bytes. Collective
     for models with FP8 layers (one scale all-reduce per layer, in model order on every rank)."""
-    from llama_ft.fp8.module import FP8LoRALinear
-
     t0 = time.time()
     reader = ShardReader(ckpt)
-    fp8 = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, FP8LoRALinear)}
+    fp8 = fp8_modules(model)
     fp8_params = {id(p) for m in fp8.values() for p in (m.weight, m.weight_scale)}
     tensors = 0
     try:
@@ -153,18 +161,9 @@ def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint, prequa
             tensors += 1
     finally:
         reader.close()
-    gpu = host = 0
-    for p in model.parameters():
-        part = owned_range(p)[2]
-        nbytes = part.numel() * part.element_size()
-        if part.is_cuda:
-            gpu += nbytes
-        else:
-            host += nbytes
     return LoadReport(
         rank=dist.get_rank() if dist.is_initialized() else 0,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,
         checkpoint_bytes=ckpt.total_bytes(), bytes_read=reader.bytes_read, seconds=time.time() - t0,
-        peak_rss_bytes=peak_rss_bytes(), partition_bytes_gpu=gpu, partition_bytes_host=host,
-        tensors=tensors, fp8_layers=len(fp8),
+        peak_rss_bytes=0, tensors=tensors, fp8_layers=len(fp8),
     )

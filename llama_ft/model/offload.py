@@ -10,8 +10,8 @@ brought over before the layer runs; nothing is gathered into host memory.
 Which weights: chosen by error diffusion over the model order, so the offloaded bytes are spread
 evenly through the depth (R = 0.25 offloads about one weight in four in every block), not the
 first R of the layers (a first-R split makes the early layers slow and the rest idle on the
-link). Partitions are moved before the checkpoint is streamed in, so the loader writes them
-straight into host memory.
+link). The choice is made on the meta skeleton, so the chosen partitions are created in host
+memory and the loader writes them there: none is ever allocated on the GPU.
 
 R = 0 keeps everything on the GPU, R = 1 offloads every frozen base linear. On CPU ranks every
 partition is in host memory anyway: the choice is made and reported, nothing moves. With a
@@ -25,6 +25,8 @@ import logging
 
 import torch
 from torch import nn
+
+from llama_ft.lora import LoRALinear
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ def spread_evenly(sizes: list[int], ratio: float) -> list[bool]:
 
 def frozen_base_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every frozen base-weight tensor of the LoRA layers, in model order."""
-    from llama_ft.model.lora import LoRALinear
-
     out = []
     for path, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -57,33 +57,21 @@ def frozen_base_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _partition_nbytes(p: nn.Parameter) -> int:
-    t = p.ds_tensor if hasattr(p, "ds_tensor") else p
-    return t.numel() * t.element_size()
+def choose_offloaded(model: nn.Module, ratio: float, world_size: int = 1) -> tuple[set[int], dict[str, int]]:
+    """Which frozen base tensors keep their partitions in host memory: ids of about `ratio` of the
+    frozen base bytes of this rank, spread evenly through the depth. Decided on the meta skeleton,
+    before any partition exists, so the chosen partitions are created in host memory
+    (model/partition.py) and the loader writes them there.
 
-
-def offload_frozen_partitions(model: nn.Module, ratio: float) -> dict[str, int]:
-    """Move the partitions of about `ratio` of the frozen base bytes to host memory.
-
-    Returns {"offloaded_bytes", "frozen_base_bytes", "offloaded_tensors"} for this rank.
+    Partition bytes: ceil(numel / world_size) x element size (ZeRO-3 pads to a multiple of the ranks).
+    Returns (ids, {"offloaded_bytes", "frozen_base_bytes", "offloaded_tensors"}) for this rank.
     """
     params = frozen_base_params(model)
-    sizes = [_partition_nbytes(p) for _, p in params]
+    sizes = [-(-p.numel() // world_size) * p.element_size() for _, p in params]
     chosen = spread_evenly(sizes, ratio)
-    pin = torch.cuda.is_available()
-    moved = 0
-    for (_, p), take in zip(params, chosen, strict=True):
-        if not take or not hasattr(p, "ds_tensor"):
-            continue
-        part = p.ds_tensor
-        if part.device.type != "cpu":
-            host = torch.empty(part.shape, dtype=part.dtype, device="cpu", pin_memory=pin)
-            host.copy_(part.data)
-            part.data = host  # keeps the tensor object and the ds_* attributes ZeRO-3 put on it
-            moved += 1
+    ids = {id(p) for (_, p), take in zip(params, chosen, strict=True) if take}
     offloaded = sum(s for s, take in zip(sizes, chosen, strict=True) if take)
     log.info("offload: %d of %d frozen base tensors (%.1f of %.1f MiB on this rank) in host memory%s",
              sum(chosen), len(params), offloaded / 2**20, sum(sizes) / 2**20,
-             "" if pin else " (CPU ranks: all partitions are host memory already)")
-    return {"offloaded_bytes": offloaded, "frozen_base_bytes": sum(sizes), "offloaded_tensors": sum(chosen),
-            "moved_tensors": moved}
+             "" if torch.cuda.is_available() else " (CPU ranks: all partitions are host memory already)")
+    return ids, {"offloaded_bytes": offloaded, "frozen_base_bytes": sum(sizes), "offloaded_tensors": sum(chosen)}

@@ -65,6 +65,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def init_lora_parameters(self, device: torch.device | str) -> None:
+        """Give A and B storage on `device` and PEFT's init (the layer was built on the meta device)."""
+        self.lora_A = nn.Parameter(torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.lora_B.shape, dtype=self.lora_B.dtype, device=device))
+        self.reset_lora_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight) + self.scaling * lora
