@@ -8,6 +8,7 @@ launches the same 2-rank job (torchrun, DeepSpeed's CPU or CUDA accelerator) onc
 
     stream  llama-ft `build_lora_model(loader="stream")`: every rank reads only its own
             partition bytes straight into `ds_tensor` (counted by the loader's reader)
+    fp8     the same with --quantize: FP8 layers quantized on load (not a default run: --loaders fp8)
     hf      transformers `from_pretrained` under ZeRO-3 (`HfDeepSpeedConfig`, zero.Init):
             bytes counted as what the ranks pull out of safetensors (`get_tensor` / slices)
 
@@ -153,12 +154,15 @@ def worker(args: argparse.Namespace) -> None:
     counter = [0]
     dist.barrier()
     t0 = time.perf_counter()
-    if args.loader == "stream":
+    build = {}
+    if args.loader in ("stream", "fp8"):
         from llama_ft.lora import LoraSpec
         from llama_ft.model.build import build_lora_model
 
-        model, report = build_lora_model(args.model, LoraSpec(16, 32), DS_CONFIG, torch.bfloat16, loader="stream")
+        model, report = build_lora_model(args.model, LoraSpec(16, 32), DS_CONFIG, torch.bfloat16, loader="stream",
+                                         quantize=args.loader == "fp8")
         counter[0] = report.bytes_read
+        build = getattr(report, "build", {})  # the build's own account (absent before the meta-device build)
     else:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -170,7 +174,8 @@ def worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters() if hasattr(p, "ds_tensor"))
     row = {"loader": args.loader, "rank": rank, "world_size": world, "seconds": seconds, "bytes_read": counter[0],
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "partition_bytes": held}
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "partition_bytes": held,
+           "build": build}
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
 
@@ -215,7 +220,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llama-ft-loadbench"), help="where the checkpoint goes")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--loaders", nargs="+", default=["stream", "hf"], choices=["stream", "hf"])
+    ap.add_argument("--loaders", nargs="+", default=["stream", "hf"], choices=["stream", "fp8", "hf"])
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loader", help=argparse.SUPPRESS)

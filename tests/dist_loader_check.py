@@ -82,11 +82,12 @@ def main() -> None:
     ref_params = dict(ref.named_parameters())
     verdict: dict = {"world_size": dist.get_world_size()}
     spec = LoraSpec(4, 8)
-    modes = ("bf16", "fp8", "prequantized") if args.prequantized else ("bf16", "fp8")
+    modes = ("bf16", "fp8", "fp8-hf", "prequantized") if args.prequantized else ("bf16", "fp8", "fp8-hf")
     for mode in modes:
         src = args.prequantized if mode == "prequantized" else args.model
         with logging_allocations() as allocs:
-            model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode == "fp8")
+            model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode.startswith("fp8"),
+                                             loader="hf" if mode == "fp8-hf" else "stream")
         # floating tensors created before the load phase: the partitions themselves (and small scratch)
         before_load = [(d, n) for ph, d, n in allocs.events if ph < 2 and d.is_floating_point]
         # what a build at the final format must allocate in floating point: the floating partitions, and
