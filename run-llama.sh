@@ -17,7 +17,11 @@
 #                its NODE_RANK and the same MASTER_ADDR); unset: the launcher reaches the hosts by ssh/pdsh
 #   MERGE_DIR    if set, merge the final adapters into a full checkpoint there after training
 #   LLAMA_FT_CACHE  cache for the tiny model and compiled ops. Default: ~/.cache/llama-ft
+#   LLAMA_FT_GPU_MEMORY_GB / LLAMA_FT_HOST_MEMORY_GB  memory the pre-launch plan assumes (GiB) instead of
+#                nvidia-smi's / /proc/meminfo's; the GPU one also plans for GPUs on a machine without them
 # Extra arguments are appended after the defaults, so they override them (last flag wins).
+# Before launching, `llama-ft plan` checks that the run fits in GPU (or, for CPU ranks, host) memory and
+# stops with its numbers when it does not (exit 1); `--force` launches anyway (it is not passed on to training).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -101,6 +105,50 @@ else
 fi
 # The rank request must fit the slots (e.g. NPROC above a host's slots, an --include of an unknown host).
 "$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" ${CHECK[@]+"${CHECK[@]}"} >/dev/null
+
+# The memory plan (llama-ft plan) of this launch: every rank's GPU memory, or on CPU ranks the host's.
+FORCE=0
+TRAIN_ARGS=()
+for arg in "$@"; do
+    if [ "$arg" = "--force" ]; then FORCE=1; else TRAIN_ARGS+=("$arg"); fi
+done
+set -- ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+PLAN=(--hostfile "$HOSTFILE" --brief)
+[ -n "${INCLUDE:-}" ] && PLAN+=(--include "$INCLUDE")
+[ -n "${EXCLUDE:-}" ] && PLAN+=(--exclude "$EXCLUDE")
+[[ " ${CHECK[*]-} " == *" --num_gpus "* ]] && PLAN+=(--gpus_per_node "$NPROC")
+HOST_GB="${LLAMA_FT_HOST_MEMORY_GB:-$(awk '/^MemTotal:/ {printf "%.2f", $2 / 1048576}' /proc/meminfo 2>/dev/null)}"
+[ -n "$HOST_GB" ] && PLAN+=(--host_memory_gb "$HOST_GB")
+if [ -n "${LLAMA_FT_GPU_MEMORY_GB:-}" ]; then
+    PLAN+=(--gpu_memory_gb "$LLAMA_FT_GPU_MEMORY_GB")
+elif [ "$NGPU" -gt 0 ]; then
+    PLAN+=(--gpu_memory_gb "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | sort -n | head -1 |
+                              awk '{printf "%.2f", $1 / 1024}')")
+else
+    PLAN+=(--device cpu)
+fi
+# The report goes to stderr; the plan's own error lines are captured (fd 3: this script's stderr).
+PLAN_STATUS=0
+exec 3>&2
+PLAN_ERR=$("$PYTHON" -m llama_ft.cli plan "${PLAN[@]}" -- --model_name_or_path "$MODEL" --deepspeed "$DS_CONFIG" \
+    --bf16 "${DEFAULTS[@]}" "$@" 2>&1 1>&3) || PLAN_STATUS=$?
+exec 3>&-
+if [ "$PLAN_STATUS" -eq 1 ] && [[ "$PLAN_ERR" == "llama-ft plan: "* ]]; then  # the verdict, not a crash
+    echo "$PLAN_ERR" >&2
+    if [ "$FORCE" -ne 1 ]; then
+        echo "run-llama.sh: error: stopped before launching: the run does not fit (the memory plan above);" \
+             "pass --force to launch anyway" >&2
+        exit 1
+    fi
+    echo "run-llama.sh: --force: launching although the memory plan says the run does not fit" >&2
+elif [ "$PLAN_STATUS" -ne 0 ]; then
+    # Not a verdict: flags or files the plan cannot read (training checks them itself and names the problem),
+    # or the planner failed: say so in one line and launch.
+    echo "run-llama.sh: note: no memory plan before launching ($(echo "${PLAN_ERR##*llama-ft plan: error: }" |
+        tail -1))" >&2
+elif [ -n "$PLAN_ERR" ]; then
+    echo "$PLAN_ERR" >&2
+fi
 
 echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
 # The launcher runs in a session of its own, so a terminal's Ctrl-C reaches only this script, which passes

@@ -79,7 +79,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import stdout_to_stderr
+from bench_common import PROBE_ENV, PROBE_SOURCE, read_probes, stdout_to_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -111,39 +111,6 @@ TRAINED_SHARE = (0.3, 0.6)
 # Candidate words; those the tokenizer encodes as exactly one token (with their leading space) build the texts.
 WORDS = ("the", "of", "and", "in", "is", "an", "has", "sum", "two", "three", "five", "six", "times", "number",
          "numbers", "word", "words", "letters", "answer", "capital", "color", "opposite")
-PROBE_ENV = "LLAMA_FT_BENCH_PROBE"
-PROBE_SOURCE = '''"""llama-ft benchmark probe (benchmarks/train_throughput.py): peak memory of a rank, at exit."""
-import atexit
-import json
-import os
-import resource
-import sys
-
-_out = os.environ.get("PROBE_ENV")
-if _out and "RANK" in os.environ:
-    def _llama_ft_bench_probe():
-        rec = {"rank": int(os.environ["RANK"]), "pid": os.getpid(), "argv0": sys.argv[0] if sys.argv else "",
-               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        torch = sys.modules.get("torch")
-        try:
-            if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-                rec["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
-        except Exception:  # noqa: BLE001 - a probe never fails the run
-            pass
-        with open(os.path.join(_out, "rank{}-pid{}.json".format(rec["rank"], rec["pid"])), "w") as f:
-            json.dump(rec, f)
-
-    atexit.register(_llama_ft_bench_probe)
-
-# Run a sitecustomize this one shadows, if any.
-_here = os.path.dirname(os.path.abspath(__file__))
-for _entry in sys.path:
-    _path = os.path.join(_entry or os.curdir, "sitecustomize.py")
-    if os.path.abspath(_entry or os.curdir) != _here and os.path.isfile(_path):
-        with open(_path) as _f:
-            exec(compile(_f.read(), _path, "exec"), {"__name__": "_shadowed_sitecustomize", "__file__": _path})
-        break
-'''.replace("PROBE_ENV", PROBE_ENV)
 
 
 class Unavailable(Exception):
@@ -292,18 +259,6 @@ def base_env(args: argparse.Namespace, probe_dir: Path, probe_out: Path) -> dict
     if not args.cuda:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // args.nproc))
     return env
-
-
-def read_probes(probe_out: Path, nproc: int) -> list[dict[str, Any]]:
-    """Per rank, the probe record of its largest process (the rank itself, not a helper it spawned)."""
-    best: dict[int, dict[str, Any]] = {}
-    for f in probe_out.glob("rank*-pid*.json"):
-        rec = json.loads(f.read_text())
-        if rec["rank"] not in best or rec["peak_rss_bytes"] > best[rec["rank"]]["peak_rss_bytes"]:
-            best[rec["rank"]] = rec
-    if sorted(best) != list(range(nproc)):
-        raise RuntimeError(f"memory probe: records for ranks {sorted(best)}, expected 0..{nproc - 1}")
-    return [best[r] for r in range(nproc)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`llama-ft` command line: train | data | merge | quantize | download | hostfile | make-tiny.
+"""`llama-ft` command line: train | data | merge | quantize | download | hostfile | plan | make-tiny.
 
     llama-ft train ...        one process (no launcher); for several ranks use run-llama.sh
     llama-ft data ...         what training will read: summary, --preview K, --dump OUT.jsonl
@@ -7,6 +7,7 @@
     llama-ft download REPO --local-dir DIR
                               fetch a checkpoint from the Hugging Face Hub, checked before and after
     llama-ft hostfile check F validate a DeepSpeed hostfile before launching
+    llama-ft plan MODEL ...   memory per GPU / per host, the verdict, the smallest offload ratio
     llama-ft make-tiny DIR    write the embedded tiny Llama + tokenizer (the default model)
 """
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "quantize": "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint for faster loading",
     "download": "download a safetensors checkpoint + tokenizer from the Hugging Face Hub (resumable, verified)",
     "hostfile": "check a DeepSpeed hostfile (syntax, duplicates, slots, the ranks asked for)",
+    "plan": "memory per GPU and per host of a run, whether it fits, the smallest --offload_ratio that does",
     "make-tiny": "write the embedded tiny Llama checkpoint and tokenizer to a directory",
 }
 
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from llama_ft import hostfile
 
         return hostfile.main(rest)
+    if cmd == "plan":
+        from llama_ft.plan import command as plan_command
+
+        return plan_command.main(rest)
     return _make_tiny(rest)
 
 

@@ -31,21 +31,25 @@ def _prefix() -> str:
     return f"[rank {os.environ.get('RANK')}] " if multi else ""
 
 
-def user_errors_exit(fn: F) -> F:
+def user_errors_exit(fn: F | None = None, *, prog: str = "llama-ft") -> F | Callable[[F], F]:
     """Wrap a CLI entry point: a UserError becomes `llama-ft: error: ...` on stderr and exit code 2;
-    a StopRun its message (if any) and its exit code."""
+    a StopRun its message (if any) and its exit code. `@user_errors_exit(prog="llama-ft plan")` names
+    the command in the error line instead."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            msg = " ".join(str(e).split("\n"))
-            print(f"{_prefix()}llama-ft: error: {msg}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
-        except StopRun as e:
-            if e.message:
-                print(f"{_prefix()}llama-ft: {' '.join(e.message.split())}", file=sys.stderr, flush=True)
-            sys.exit(e.code)
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                msg = " ".join(str(e).split("\n"))
+                print(f"{_prefix()}{prog}: error: {msg}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_USER_ERROR)
+            except StopRun as e:
+                if e.message:
+                    print(f"{_prefix()}{prog}: {' '.join(e.message.split())}", file=sys.stderr, flush=True)
+                sys.exit(e.code)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(fn) if fn is not None else decorate

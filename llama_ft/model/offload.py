@@ -27,23 +27,9 @@ import torch
 from torch import nn
 
 from llama_ft.lora import LoRALinear
+from llama_ft.plan.planner import spread_evenly  # torch-free: the planner makes the same choice
 
 log = logging.getLogger(__name__)
-
-
-def spread_evenly(sizes: list[int], ratio: float) -> list[bool]:
-    """Pick items so their total size is about `ratio` of the whole, spread evenly in order.
-
-    Error diffusion: item i is picked when that brings the picked total closer to
-    ratio x (size of items 0..i). The picked total ends within half an item of ratio x total.
-    """
-    picked, seen, chosen = 0, 0, []
-    for s in sizes:
-        seen += s
-        take = abs(picked + s - ratio * seen) <= abs(picked - ratio * seen)
-        chosen.append(take)
-        picked += s if take else 0
-    return chosen
 
 
 def frozen_base_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -1,0 +1,468 @@
+"""The plan: every term per GPU (or per CPU rank) and per host, the verdict, and the smallest offload ratio.
+
+Memory of one rank at its peak = what lives for the whole run + the largest of three moments:
+
+    resident   base partitions on the device, small parameters ZeRO-3 keeps whole (persistent), the
+               LoRA partitions, the optimizer buffers on the device, the reduce bucket
+    moments    loss      (end of forward): saved activations (or checkpoint boundaries), the final norm's,
+                         the chunked loss's temporaries, the parameters gathered then
+               backward  (the last layer's backward): saved activations or boundaries + one recomputed
+                         layer, its backward gradients, the parameters gathered then
+               step      the optimizer step's temporary fp32 copy
+    + the fragmentation margin on the moment's bytes, + the CUDA context (GPU) or the process baseline (CPU)
+
+Offload (--offload --offload_ratio R, llama_ft/model/offload.py) moves the partitions of about R (by
+bytes) of the LoRA layers' frozen base weights to pinned host memory, chosen by error diffusion over
+the model order (`spread_evenly`, the same function). Each offloaded partition crosses PCIe every
+time ZeRO-3 gathers its module: once in forward, once more in backward (with gradient checkpointing
+the recompute's gather also serves the backward as long as stage3_max_reuse_distance covers a layer),
+and only once for the last layers, which stay gathered from forward into backward. The lower bound on
+step time is those bytes over the per-GPU PCIe bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llama_ft.errors import UserError
+from llama_ft.plan import activations as act
+from llama_ft.plan.shape import ModelShape, Param, check_targets, model_params, shape_from_config
+from llama_ft.plan.zero import (
+    Trace,
+    ZeroSettings,
+    build_trace,
+    gathered_at,
+    gathers_per_micro_batch,
+    is_persistent,
+    modules_in_order,
+    optimizer_bytes,
+    part,
+    partition_bytes,
+    pinned,
+    zero_settings,
+)
+
+GiB = 2**30
+
+CUDA_CONTEXT_BYTES = int(1.5 * GiB)
+"""Per GPU, outside PyTorch's allocator: the CUDA context with the kernels loaded lazily (CUDA 12:
+~0.5 GiB on an H100 after the first matmul), cuBLAS/cuBLASLt workspaces (~0.1 GiB), and NCCL's
+communicator buffers (0.3-1 GiB with 8 GPUs; NVLS on H100/H200 takes the upper end). An estimate from
+those published figures, not measured by this project: no GPU was available when it was written."""
+
+FRAGMENTATION = 0.10
+"""Margin on the bytes allocated and freed within a step (activations, gathered parameters, loss
+temporaries, optimizer temporaries): PyTorch's caching allocator keeps freed blocks in 2 MiB-rounded
+segments that later requests of other sizes cannot always reuse; reserved exceeds allocated by 5-15%
+in LLM training, and ZeRO-3's gathers of differently sized parameters are on the high side."""
+
+CPU_RANK_BASELINE_BYTES = int(0.68 * GiB)
+"""Peak RSS of a CPU rank besides the planned terms: torch, transformers, datasets and deepspeed imported
+(0.24 GiB), the gloo process group and a ZeRO-3 engine step (0.45 GiB), and the rest of a real run: data
+pipeline, tokenizer, checkpoint save, the loss plot on rank 0. Measured with `python
+benchmarks/plan_vs_measured.py --baseline` on the development machine (2 cores, torch 2.13 CPU, deepspeed
+0.19.8, transformers 5.24): the embedded tiny model's run on 2 ranks peaked at 0.675 GiB (rank 0), less the
+plan's 0.014 GiB of model terms: 0.66 GiB; an earlier 3-step run of it peaked at 0.70 GiB. The mean, 0.68."""
+
+GPU_RANK_HOST_BASELINE_BYTES = int(3.0 * GiB)
+"""Host RSS of a GPU rank besides its offloaded buffers: the CPU baseline plus the CUDA libraries the
+process maps and touches (libtorch_cuda, cuBLAS, cuDNN, NCCL: ~1.5-2 GiB resident). An estimate."""
+
+DEFAULT_PCIE_GBPS = 25.0
+"""Effective host-to-device GB/s per GPU while all GPUs of a node copy at once: PCIe Gen5 x16 is 64 GB/s
+raw per direction and ~50 GB/s for one pinned copy on an idle link, but 8 GPUs share the CPUs' memory
+bandwidth and PCIe switches (often two GPUs behind one switch), so about half of that each."""
+
+RATIO_STEP = 0.01
+"""Resolution of the smallest offload ratio (what a user types as --offload_ratio)."""
+
+
+class TrainOptions(Protocol):
+    """The TrainConfig fields the plan reads (a TrainConfig, or the planner's own parsed flags)."""
+
+    quantize: bool
+    lora_r: int
+    lora_target_modules: list[str]
+    max_seq_len: int | None
+    source_max_len: int
+    target_max_len: int
+    per_device_train_batch_size: int
+    gradient_checkpointing: bool
+    packing: bool
+    loss_chunk_size: int
+
+
+@dataclass(frozen=True)
+class Options:
+    """The training options as the plan uses them (validated)."""
+
+    quantize: bool
+    lora_r: int
+    targets: tuple[str, ...]
+    lora_dropout: float
+    seq_len: int
+    seq_note: str
+    rows: int
+    grad_accum: int
+    checkpointing: bool
+    packing: bool
+    loss_chunk_size: int
+    dtype_bytes: int
+    offload_ratio: float | str | None  # None: no offload; "auto": the smallest that fits
+    attn_implementation: str = "sdpa"
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"--{name} {value}: expected an integer > 0")
+    return value
+
+
+def _csv(values: Any) -> list[str]:
+    items = [values] if isinstance(values, str) else list(values)
+    return [x for v in items for x in str(v).split(",") if x]
+
+
+def sequence_length(cfg: Any, shape: ModelShape) -> tuple[int, str]:
+    """The longest row a micro-batch can have, and how it follows from the flags."""
+    max_seq = getattr(cfg, "max_seq_len", None)
+    if max_seq is not None:
+        _positive("max_seq_len", max_seq)
+        if max_seq > shape.max_position_embeddings:
+            raise UserError(f"--max_seq_len {max_seq}: above the model's max_position_embeddings "
+                            f"{shape.max_position_embeddings}")
+    if getattr(cfg, "packing", False):
+        if max_seq is None:
+            raise UserError("--packing needs --max_seq_len N: the length of a packed row")
+        return max_seq, f"packed rows of --max_seq_len {max_seq}"
+    if getattr(cfg, "dataset_format", "alpaca") == "chat":
+        if max_seq is None:
+            longest = shape.max_position_embeddings
+            return longest, f"chat data without --max_seq_len: max_position_embeddings {longest}, the longest possible"
+        return max_seq, f"--max_seq_len {max_seq}"
+    src, tgt = _positive("source_max_len", cfg.source_max_len), _positive("target_max_len", cfg.target_max_len)
+    if max_seq is not None and max_seq < src + tgt:
+        return max_seq, f"--max_seq_len {max_seq}"
+    return src + tgt, f"--source_max_len {src} + --target_max_len {tgt}"
+
+
+def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
+    """Validate and normalize the training options (UserError naming the flag)."""
+    ratio: Any = getattr(cfg, "offload_ratio", None)
+    if ratio is None and getattr(cfg, "offload", False):
+        ratio = 1.0  # --offload alone: the recipe's default ratio
+    if isinstance(ratio, str) and ratio != "auto":
+        try:
+            ratio = float(ratio)
+        except ValueError:
+            raise UserError(f"--offload_ratio {ratio!r}: expected a fraction in [0, 1] or 'auto'") from None
+    if ratio is not None and ratio != "auto" and not 0 <= ratio <= 1:
+        raise UserError(f"--offload_ratio {ratio}: expected a fraction in [0, 1] or 'auto'")
+    sp = getattr(cfg, "sequence_parallel_size", 1) or 1
+    if sp != 1:
+        raise UserError(f"--sequence_parallel_size {sp}: the planner does not cover sequence parallelism yet (use 1)")
+    chunk = _positive("loss_chunk_size", cfg.loss_chunk_size)
+    dropout = float(getattr(cfg, "lora_dropout", 0.05))
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora_dropout {dropout}: expected a value in [0, 1)")
+    seq, note = sequence_length(cfg, shape)
+    attn = getattr(cfg, "attn_implementation", "sdpa")
+    if attn not in ("sdpa", "eager", "flash_attention_2"):
+        raise UserError(f"--attn_implementation {attn!r}: expected one of sdpa, eager, flash_attention_2")
+    return Options(quantize=bool(cfg.quantize) or shape.prequantized, lora_r=_positive("lora_r", cfg.lora_r),
+                   targets=check_targets(_csv(cfg.lora_target_modules)), lora_dropout=dropout, seq_len=seq,
+                   seq_note=note, rows=_positive("per_device_train_batch_size", cfg.per_device_train_batch_size),
+                   grad_accum=_positive("gradient_accumulation_steps", getattr(cfg, "gradient_accumulation_steps", 1)),
+                   checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.packing), loss_chunk_size=chunk,
+                   dtype_bytes=2 if getattr(cfg, "bf16", True) else 4, offload_ratio=ratio, attn_implementation=attn)
+
+
+@dataclass(frozen=True)
+class Machine:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_bytes: int | None
+    host_memory_bytes: int | None
+    device: str = "cuda"
+    pcie_gbps: float = DEFAULT_PCIE_GBPS
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def check_machine(m: Machine) -> None:
+    for name, value in (("nodes", m.nodes), ("gpus_per_node", m.gpus_per_node)):
+        _positive(name, value)
+    if m.device not in ("cuda", "cpu"):
+        raise UserError(f"--device {m.device!r}: expected cuda or cpu")
+    for flag, value in (("--gpu_memory_gb", m.gpu_memory_bytes), ("--host_memory_gb", m.host_memory_bytes)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} {value / GiB:g}: expected a size > 0 (GiB)")
+    if m.device == "cuda" and m.gpu_memory_bytes is None:
+        raise UserError("--gpu_memory_gb: needed to plan for GPUs (the memory of one GPU in GiB, e.g. 79.6 for an "
+                        "H100 80GB as nvidia-smi reports it), or --device cpu for CPU ranks")
+    if m.device == "cpu" and m.host_memory_bytes is None:
+        raise UserError("--host_memory_gb: needed with --device cpu (the host's memory in GiB)")
+    if not m.pcie_gbps > 0:
+        raise UserError(f"--pcie_gbps {m.pcie_gbps}: expected a bandwidth > 0 (GB/s)")
+
+
+def spread_evenly(sizes: list[int], ratio: float) -> list[bool]:
+    """Pick items so their total size is about `ratio` of the whole, spread evenly in order: which frozen
+    base tensors --offload_ratio keeps in host memory (llama_ft/model/offload.py uses this one).
+
+    Error diffusion: item i is picked when that brings the picked total closer to ratio x (size of
+    items 0..i). The picked total ends within half an item of ratio x total.
+    """
+    picked, seen, chosen = 0, 0, []
+    for s in sizes:
+        seen += s
+        take = abs(picked + s - ratio * seen) <= abs(picked - ratio * seen)
+        chosen.append(take)
+        picked += s if take else 0
+    return chosen
+
+
+@dataclass
+class Model:
+    """Everything about the model and run that does not depend on the offload ratio."""
+
+    shape: ModelShape
+    opts: Options
+    zero: ZeroSettings
+    machine: Machine
+    params: list[Param]
+    moments: dict[str, dict[str, int]] = field(default_factory=dict)
+    gathers: dict[str, int] = field(default_factory=dict)
+
+
+def build_model(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: Machine) -> Model:
+    params = model_params(shape, opts.targets, opts.lora_r, opts.quantize, opts.dtype_bytes)
+    model = Model(shape, opts, zero, machine, params)
+    modules = modules_in_order(params, zero)
+    trace = build_trace(modules, shape.num_hidden_layers, opts.checkpointing)
+    model.gathers = {modules[i].name: n for i, n in gathers_per_micro_batch(trace, zero).items()}
+    model.moments = micro_batch_moments(model, trace)
+    return model
+
+
+def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]:
+    """The transient terms at the loss, at the last layer's backward and at the optimizer step."""
+    shape, o = model.shape, model.opts
+    mb = act.MicroBatch(o.rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
+                        o.attn_implementation, model.machine.device)
+    layers = shape.num_hidden_layers
+    layer = sum(act.layer_saved(shape, mb).values())
+    kept_for_backward = layers * (act.checkpoint_boundary(shape, mb) if o.checkpointing else layer)
+    shared = act.shared_inputs(shape, mb)
+    recompute = layer if o.checkpointing else 0
+    opt = optimizer_bytes([p for p in model.params if p.kind == "lora"], model.machine.world, o.dtype_bytes,
+                          model.zero, pin=model.machine.device == "cuda")
+    return {
+        "loss": {"activations": kept_for_backward + shared + act.final_norm(shape, mb),
+                 "gathered": gathered_at(trace, trace.forward_end, model.zero)[0],
+                 "loss": sum(act.loss_temporaries(shape, mb, o.loss_chunk_size).values())},
+        "backward": {"activations": kept_for_backward + shared + recompute + act.layer_backward_transient(shape, mb),
+                     "gathered": gathered_at(trace, trace.first_backward, model.zero)[0]},
+        "optimizer step": {"optimizer step": opt.step_transient_device},
+    }
+
+
+def _offloaded(model: Model, ratio: float) -> set[str]:
+    """Names of the target partitions --offload_ratio moves to host memory (none on CPU ranks or when
+    DeepSpeed offloads every parameter anyway)."""
+    if model.machine.device == "cpu" or model.zero.offload_param != "none" or ratio <= 0:
+        return set()
+    targets = [p for p in model.params if p.kind == "target"]
+    chosen = spread_evenly([partition_bytes(p, model.machine.world) for p in targets], ratio)
+    return {p.name for p, take in zip(targets, chosen, strict=True) if take}
+
+
+def _on_host(model: Model, p: Param, offloaded: set[str]) -> bool:
+    """Whether p's partition lives in host memory on a GPU machine: chosen by --offload_ratio, or any under
+    DeepSpeed's offload_param; a persistent parameter's partition stays on the GPU either way
+    (model/partition.py, like zero.Init)."""
+    return not is_persistent(p, model.zero) and (p.name in offloaded or model.zero.offload_param != "none")
+
+
+def evaluate(model: Model, ratio: float) -> dict[str, Any]:
+    """Per-GPU (per-rank) and per-host bytes, the verdict and the PCIe cost at one offload ratio."""
+    m, z, o = model.machine, model.zero, model.opts
+    world, cpu = m.world, m.device == "cpu"
+    offloaded = _offloaded(model, ratio)
+    pin = not cpu
+    frozen = [p for p in model.params if p.kind != "lora"]
+    lora = [p for p in model.params if p.kind == "lora"]
+    opt = optimizer_bytes(lora, world, o.dtype_bytes, z, pin=pin)
+
+    def host_alloc(nbytes: int, pinned_by: bool) -> int:  # pinned allocations take a power of two
+        return pinned(nbytes) if pin and pinned_by else nbytes
+
+    dev = {
+        "base_partitions_bytes": sum(partition_bytes(p, world) for p in frozen
+                                     if cpu or not _on_host(model, p, offloaded)),
+        "persistent_bytes": sum(p.nbytes for p in model.params if is_persistent(p, z)),
+        "lora_bytes": sum(partition_bytes(p, world) for p in lora if cpu or not _on_host(model, p, offloaded)),
+        "optimizer_bytes": sum(opt.device.values()) + (sum(opt.host.values()) if cpu else 0),
+        "comm_bytes": z.reduce_bucket_size * (z.comm_bytes or o.dtype_bytes) if z.contiguous_gradients else 0,
+    }
+    host_base = 0 if cpu else sum(host_alloc(partition_bytes(p, world), p.name in offloaded or z.offload_param_pin)
+                                  for p in frozen if _on_host(model, p, offloaded))
+    if z.offload_param == "nvme" and not cpu:  # partitions in swap files; pinned swap buffers instead
+        host_base = z.nvme_buffer_count * pinned(z.nvme_buffer_size * o.dtype_bytes)
+    # offload_param: one flat host buffer holds the LoRA partitions (stage3.py param_groups_fp16_flat_cpu_memory)
+    host_lora = 0 if cpu or z.offload_param == "none" else \
+        host_alloc(sum(partition_bytes(p, world) for p in lora), z.offload_param_pin)
+    peak_name, peak = max(model.moments.items(), key=lambda kv: sum(kv[1].values()))
+    transient = {"activations_bytes": peak.get("activations", 0), "gathered_bytes": peak.get("gathered", 0),
+                 "loss_bytes": peak.get("loss", 0), "optimizer_step_bytes": peak.get("optimizer step", 0)}
+    dev.update(transient)
+    dev["fragmentation_bytes"] = int(FRAGMENTATION * sum(transient.values()))
+    if cpu:
+        dev["process_baseline_bytes"] = CPU_RANK_BASELINE_BYTES
+    else:
+        dev["cuda_context_bytes"] = CUDA_CONTEXT_BYTES
+    dev["total_bytes"] = sum(dev.values())
+    ranks = m.gpus_per_node
+    if cpu:
+        host = {"base_partitions_bytes": ranks * dev["base_partitions_bytes"], "lora_bytes": ranks * dev["lora_bytes"],
+                "optimizer_bytes": ranks * dev["optimizer_bytes"], "ranks_bytes": ranks * dev["total_bytes"]}
+        host["total_bytes"] = host["ranks_bytes"]
+    else:
+        host = {"base_partitions_bytes": ranks * host_base, "lora_bytes": ranks * host_lora,
+                "optimizer_bytes": ranks * sum(opt.host.values()),
+                "process_baseline_bytes": ranks * GPU_RANK_HOST_BASELINE_BYTES}
+        host["total_bytes"] = sum(host.values())
+    h2d = h2d_bytes(model, offloaded)
+    return {"offload_ratio": ratio, "peak_at": peak_name, "per_gpu": dev, "per_host": host,
+            "offloaded_bytes_per_gpu": sum(partition_bytes(p, world) for p in frozen if _on_host(model, p, offloaded)),
+            **h2d, **verdict(model, dev, host)}
+
+
+def h2d_bytes(model: Model, offloaded: set[str]) -> dict[str, Any]:
+    """Bytes each GPU copies from host memory per micro-batch and per optimizer step, and the step time
+    that takes at --pcie_gbps at least."""
+    m, o = model.machine, model.opts
+    if m.device == "cpu":
+        per_mb = 0
+        opt_h2d = 0
+    else:
+        per_mb = sum(partition_bytes(p, m.world) * model.gathers.get(p.module, 0) for p in model.params
+                     if _on_host(model, p, offloaded))
+        # offload_optimizer: the updated LoRA partitions come back once per step
+        lora_part = sum(part(p.numel, m.world) for p in model.params if p.kind == "lora")
+        opt_h2d = lora_part * o.dtype_bytes if model.zero.offload_optimizer != "none" else 0
+    per_step = per_mb * o.grad_accum + opt_h2d
+    return {"h2d_bytes_per_micro_batch": per_mb, "h2d_bytes_per_step": per_step,
+            "step_time_lower_bound_s": per_step / (m.pcie_gbps * 1e9)}
+
+
+def verdict(model: Model, dev: dict[str, int], host: dict[str, int]) -> dict[str, Any]:
+    m = model.machine
+    host_fits = None if m.host_memory_bytes is None else host["total_bytes"] <= m.host_memory_bytes
+    if m.device == "cpu":
+        return {"gpu_fits": None, "host_fits": host_fits, "fits": bool(host_fits)}
+    gpu_fits = dev["total_bytes"] <= m.gpu_memory_bytes
+    return {"gpu_fits": gpu_fits, "host_fits": host_fits, "fits": gpu_fits and host_fits is not False}
+
+
+def dominant_term(terms: dict[str, int]) -> str:
+    """The largest term of a breakdown (not its total)."""
+    return max((k for k in terms if k != "total_bytes"), key=lambda k: terms[k])
+
+
+def min_offload_ratio(model: Model) -> float | None:
+    """The smallest ratio on a RATIO_STEP grid at which the plan fits (None if none does). Offload
+    changes nothing on CPU ranks or with DeepSpeed's offload_param: then 0 if it fits."""
+    if model.machine.device == "cpu" or model.zero.offload_param != "none":
+        return 0.0 if evaluate(model, 0.0)["fits"] else None
+    steps = round(1 / RATIO_STEP)
+    for k in range(steps + 1):
+        if evaluate(model, k / steps)["fits"]:
+            return k / steps
+    return None
+
+
+def cannot_fit(model: Model) -> dict[str, Any]:
+    """Where a plan that fits at no ratio falls short, at the most offload it can have: the side (per GPU
+    or per host), its total and capacity, and its largest term."""
+    offload_applies = model.machine.device == "cuda" and model.zero.offload_param == "none"
+    most = evaluate(model, 1.0 if offload_applies else 0.0)
+    side = "per_host" if most["gpu_fits"] is not False else "per_gpu"
+    m = model.machine
+    capacity = m.gpu_memory_bytes if side == "per_gpu" else m.host_memory_bytes
+    terms = most["per_gpu"] if m.device == "cpu" else most[side]  # CPU ranks: the largest term of one rank
+    term = dominant_term(terms)
+    return {"offload_ratio": most["offload_ratio"], "offload_applies": offload_applies, "where": side,
+            "total_bytes": most[side]["total_bytes"], "capacity_bytes": capacity, "term": term,
+            "term_bytes": terms[term]}
+
+
+def plan(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: Machine) -> dict[str, Any]:
+    """The plan object (`llama-ft plan --json`)."""
+    check_machine(machine)
+    model = build_model(shape, opts, zero, machine)
+    best = min_offload_ratio(model)
+    if opts.offload_ratio == "auto":
+        ratio = 1.0 if best is None else best
+    else:
+        ratio = float(opts.offload_ratio or 0.0)
+    result = evaluate(model, ratio)
+    result["min_offload_ratio"] = best
+    short_of_host = machine.device == "cuda" and result["gpu_fits"] and result["host_fits"] is False
+    result["dominant_term"] = dominant_term(result["per_host"] if short_of_host else result["per_gpu"])
+    if best is None:
+        result["cannot_fit"] = cannot_fit(model)
+    result["moments"] = model.moments
+    result["inputs"] = inputs_echo(model)
+    result["constants"] = {"cuda_context_bytes": CUDA_CONTEXT_BYTES, "fragmentation": FRAGMENTATION,
+                           "cpu_rank_baseline_bytes": CPU_RANK_BASELINE_BYTES,
+                           "gpu_rank_host_baseline_bytes": GPU_RANK_HOST_BASELINE_BYTES,
+                           "pcie_gbps": machine.pcie_gbps, "ratio_step": RATIO_STEP}
+    return result
+
+
+def inputs_echo(model: Model) -> dict[str, Any]:
+    s, o, z, m = model.shape, model.opts, model.zero, model.machine
+    lora_numel = sum(p.numel for p in model.params if p.kind == "lora")
+    return {"model": {"name": s.name, "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
+                      "num_hidden_layers": s.num_hidden_layers, "num_attention_heads": s.num_attention_heads,
+                      "num_key_value_heads": s.num_key_value_heads, "head_dim": s.head_dim, "vocab_size": s.vocab_size,
+                      "tie_word_embeddings": s.tie_word_embeddings, "parameters": s.parameter_count(),
+                      "lora_parameters": lora_numel},
+            "training": {"quantize": o.quantize, "lora_r": o.lora_r, "lora_target_modules": list(o.targets),
+                         "lora_dropout": o.lora_dropout, "seq_len": o.seq_len, "seq_len_from": o.seq_note,
+                         "per_device_train_batch_size": o.rows, "gradient_accumulation_steps": o.grad_accum,
+                         "gradient_checkpointing": o.checkpointing, "packing": o.packing,
+                         "loss_chunk_size": o.loss_chunk_size, "dtype": "bf16" if o.dtype_bytes == 2 else "fp32",
+                         "attn_implementation": o.attn_implementation,
+                         "offload_ratio": o.offload_ratio},
+            "deepspeed": {"reduce_bucket_size": z.reduce_bucket_size, "prefetch_bucket_size": z.prefetch_bucket_size,
+                          "param_persistence_threshold": z.param_persistence_threshold,
+                          "max_live_parameters": z.max_live_parameters, "max_reuse_distance": z.max_reuse_distance,
+                          "sub_group_size": z.sub_group_size, "offload_param": z.offload_param,
+                          "offload_optimizer": z.offload_optimizer},
+            "machine": {"nodes": m.nodes, "gpus_per_node": m.gpus_per_node, "world_size": m.world, "device": m.device,
+                        "gpu_memory_bytes": m.gpu_memory_bytes, "host_memory_bytes": m.host_memory_bytes,
+                        "pcie_gbps": m.pcie_gbps}}
+
+
+def plan_training(cfg: TrainOptions, ds_config: dict, llama_config: Any, nodes: int, gpus_per_node: int,
+                  gpu_memory_bytes: int | None, host_memory_bytes: int | None, device: str = "cuda",
+                  pcie_gbps: float = DEFAULT_PCIE_GBPS) -> dict[str, Any]:
+    """The `llama-ft plan --json` object for a training config.
+
+    cfg: a TrainConfig (or anything with its fields); cfg.offload_ratio None (no offload, unless
+    cfg.offload: 1.0), a float, or "auto" (evaluate at the smallest ratio that fits). ds_config: the
+    DeepSpeed config (resolved by fill_ds_config, or raw: "auto" bucket sizes are filled the same way).
+    llama_config: a transformers LlamaConfig (or a ModelShape). Memory sizes in bytes; gpu_memory_bytes
+    is required for device "cuda", host_memory_bytes for "cpu". Raises UserError on bad input.
+    """
+    shape = shape_from_config(llama_config)
+    opts = options_from(cfg, shape)
+    zero = zero_settings(ds_config, shape.hidden_size)
+    return plan(shape, opts, zero, Machine(nodes, gpus_per_node, gpu_memory_bytes, host_memory_bytes, device,
+                                           pcie_gbps))
+

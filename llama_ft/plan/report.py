@@ -1,0 +1,160 @@
+"""The plan as text: a breakdown per GPU (or CPU rank) and per host, the offload and PCIe lines, the verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_ft.plan.planner import FRAGMENTATION, GiB
+
+GPU_LABELS = {
+    "base_partitions_bytes": "base weight partitions (frozen)",
+    "persistent_bytes": "small parameters kept whole (norms, scales)",
+    "lora_bytes": "LoRA partitions",
+    "optimizer_bytes": "optimizer: fp32 master, Adam m/v, gradients",
+    "comm_bytes": "gradient reduce bucket",
+    "activations_bytes": "activations",
+    "gathered_bytes": "ZeRO-3 gathered parameters",
+    "loss_bytes": "LM head gathered + chunked loss",
+    "optimizer_step_bytes": "optimizer step temporaries",
+    "fragmentation_bytes": f"fragmentation margin ({FRAGMENTATION:.0%} of the step's allocations)",
+    "cuda_context_bytes": "CUDA context, cuBLAS, NCCL",
+    "process_baseline_bytes": "process baseline (imports, DeepSpeed engine)",
+}
+HOST_LABELS = {
+    "base_partitions_bytes": "offloaded base partitions (pinned)",
+    "lora_bytes": "LoRA partitions (offload_param)",
+    "optimizer_bytes": "optimizer states (offload_optimizer)",
+    "process_baseline_bytes": "rank processes (CUDA libraries, imports)",
+}
+CPU_HOST_LABELS = {"ranks_bytes": "the CPU ranks, each as above"}
+MOMENTS = {"loss": "at the loss, end of forward", "backward": "in the last layer's backward",
+           "optimizer step": "at the optimizer step"}
+HINTS = {
+    ("per_gpu", "base_partitions_bytes"): "more GPUs, --quantize (FP8: half the bytes) or --offload --offload_ratio",
+    ("per_gpu", "activations_bytes"): "--gradient_checkpointing, a smaller --per_device_train_batch_size or "
+                                      "--max_seq_len",
+    ("per_gpu", "loss_bytes"): "a smaller --loss_chunk_size (the whole LM head is gathered regardless)",
+    ("per_gpu", "optimizer_bytes"): "a smaller --lora_r, fewer --lora_target_modules, more GPUs, or offload_optimizer "
+                                    "in the DeepSpeed config",
+    ("per_gpu", "lora_bytes"): "a smaller --lora_r or more GPUs",
+    ("per_gpu", "gathered_bytes"): "smaller stage3_prefetch_bucket_size, stage3_max_live_parameters or "
+                                   "stage3_max_reuse_distance",
+    ("per_gpu", "comm_bytes"): "a smaller reduce_bucket_size",
+    ("per_gpu", "cuda_context_bytes"): "a GPU with more memory",
+    ("per_gpu", "process_baseline_bytes"): "more host memory",
+    ("per_host", "base_partitions_bytes"): "a smaller --offload_ratio, more host memory or more nodes",
+    ("per_host", "optimizer_bytes"): "more nodes or no offload_optimizer",
+    ("per_host", "process_baseline_bytes"): "fewer ranks per host",
+}
+
+
+def gib(nbytes: float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / GiB:.2f}"
+
+
+def _table(title: str, terms: dict[str, int], labels: dict[str, str], capacity: int | None,
+           ok: bool | None) -> list[str]:
+    lines = [f"{title:<58}{'GiB':>9}"]
+    for key, label in labels.items():
+        if key in terms:
+            lines.append(f"  {label:<56}{gib(terms[key]):>9}")
+    verdict = "not checked" if ok is None else "fits" if ok else "DOES NOT FIT"
+    of = f" of {gib(capacity)}" if capacity is not None else ""
+    lines.append(f"  {'total':<56}{gib(terms['total_bytes']):>9}{of}  {verdict}")
+    return lines
+
+
+def count(n: int) -> str:
+    """1.24B, 828.0M, 12.3K."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
+
+
+def header(r: dict[str, Any]) -> list[str]:
+    i = r["inputs"]
+    mo, t, z, m = i["model"], i["training"], i["deepspeed"], i["machine"]
+    base = "FP8 base weights" if t["quantize"] else f"{t['dtype']} base weights"
+    lora = f"LoRA r={t['lora_r']} on {','.join(n.removesuffix('_proj') for n in t['lora_target_modules'])}"
+    unit = "GPUs" if m["device"] == "cuda" else "CPU ranks"
+    mem = f"GPU {gib(m['gpu_memory_bytes'])} GiB, " if m["device"] == "cuda" else ""
+    host = "not given" if m["host_memory_bytes"] is None else f"{gib(m['host_memory_bytes'])} GiB"
+    return [f"{mo['name'] or 'model'}: {count(mo['parameters'])} parameters, {base}; {lora} "
+            f"({count(mo['lora_parameters'])} trainable, {t['dtype']})",
+            f"  {m['nodes']} node(s) x {m['gpus_per_node']} {unit} = {m['world_size']} rank(s); {mem}host {host}",
+            f"  micro-batch {t['per_device_train_batch_size']} x {t['seq_len']} tokens ({t['seq_len_from']}), "
+            f"{t['attn_implementation']}, gradient checkpointing {'on' if t['gradient_checkpointing'] else 'off'}, "
+            f"loss chunk {t['loss_chunk_size']}, accumulation {t['gradient_accumulation_steps']}",
+            f"  ZeRO-3 ({z.get('config', 'config')}): reduce bucket {count(z['reduce_bucket_size'])}, prefetch "
+            f"{count(z['prefetch_bucket_size'])}, persistence <= {count(z['param_persistence_threshold'])}, max live "
+            f"{count(z['max_live_parameters'])}, reuse distance {count(z['max_reuse_distance'])} elements; "
+            f"offload_param {z['offload_param']}, offload_optimizer {z['offload_optimizer']}"]
+
+
+def report(r: dict[str, Any], brief: bool = False) -> str:
+    """The plan as text (`brief`: the verdict line only)."""
+    if brief:
+        return summary_line(r)
+    m = r["inputs"]["machine"]
+    cpu = m["device"] == "cpu"
+    gpu_title = f"per {'CPU rank (host memory)' if cpu else 'GPU'}, peak {MOMENTS[r['peak_at']]}"
+    lines = header(r) + [""]
+    lines += _table(gpu_title, r["per_gpu"], GPU_LABELS, None if cpu else m["gpu_memory_bytes"],
+                    None if cpu else r["gpu_fits"])
+    ranks = m["gpus_per_node"]
+    lines += [""] + _table(f"per host ({ranks} rank{'s' if ranks != 1 else ''})", r["per_host"],
+                           CPU_HOST_LABELS if cpu else HOST_LABELS, m["host_memory_bytes"], r["host_fits"])
+    if cpu:
+        lines += ["", "offload: CPU ranks hold every partition in host memory; --offload_ratio moves nothing"]
+    else:
+        lines += ["", offload_line(r), pcie_line(r)]
+    lines.append(summary_line(r))
+    return "\n".join(lines)
+
+
+def offload_line(r: dict[str, Any]) -> str:
+    return (f"offload: --offload_ratio {r['offload_ratio']:.2f} evaluated ({gib(r['offloaded_bytes_per_gpu'])} GiB of "
+            f"base partitions per GPU in host memory); smallest ratio that fits: {ratio_text(r['min_offload_ratio'])}")
+
+
+def pcie_line(r: dict[str, Any]) -> str:
+    pcie = r["inputs"]["machine"]["pcie_gbps"]
+    return (f"PCIe: {gib(r['h2d_bytes_per_step'])} GiB host-to-device per GPU per optimizer step "
+            f"({gib(r['h2d_bytes_per_micro_batch'])} per micro-batch) -> a step takes at least "
+            f"{r['step_time_lower_bound_s']:.2f} s at {pcie:g} GB/s per GPU")
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "none" if ratio is None else f"{ratio:.2f}"
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    m = r["inputs"]["machine"]
+    side = "per_host" if m["device"] == "cpu" else "per_gpu"
+    cap = m["host_memory_bytes"] if side == "per_host" else m["gpu_memory_bytes"]
+    where = "per host" if side == "per_host" else "per GPU"
+    state = "fits" if r["fits"] else "does not fit"
+    return (f"verdict: {state}: {gib(r[side]['total_bytes'])} of {gib(cap)} GiB {where} at --offload_ratio "
+            f"{r['offload_ratio']:.2f} (largest term: {r['dominant_term'].removesuffix('_bytes')}); smallest "
+            f"--offload_ratio that fits: {ratio_text(r['min_offload_ratio'])}")
+
+
+def not_fit_line(r: dict[str, Any]) -> str:
+    """One line for a plan that does not fit: at this ratio (and which ratio would), or at none."""
+    bad = r.get("cannot_fit")
+    if bad is None:
+        side = "per_host" if r["gpu_fits"] is not False else "per_gpu"
+        m = r["inputs"]["machine"]
+        cap = m["host_memory_bytes"] if side == "per_host" else m["gpu_memory_bytes"]
+        term = r["dominant_term"]
+        where = "per host" if side == "per_host" else "per GPU"
+        return (f"does not fit: {gib(r[side]['total_bytes'])} GiB {where} of {gib(cap)} at "
+                f"--offload_ratio {r['offload_ratio']:.2f} (largest term: {term.removesuffix('_bytes')} "
+                f"{gib(r[side][term])} GiB); --offload --offload_ratio {ratio_text(r['min_offload_ratio'])} fits")
+    hint = HINTS.get((bad["where"], bad["term"])) or HINTS.get(("per_gpu", bad["term"]), "more memory")
+    where = "per host" if bad["where"] == "per_host" else "per GPU"
+    at = (f"at any --offload_ratio: at {bad['offload_ratio']:.2f}," if bad["offload_applies"] else
+          "(offload moves nothing here: CPU ranks, or offload_param keeps every partition on the host already):")
+    return (f"error: does not fit {at} {gib(bad['total_bytes'])} GiB {where} of {gib(bad['capacity_bytes'])}; the "
+            f"largest term is {bad['term'].removesuffix('_bytes')} ({gib(bad['term_bytes'])} GiB): try {hint}")

@@ -1,0 +1,507 @@
+"""`llama-ft plan`: the arithmetic against hand-computed cases, the search for the smallest offload ratio, the
+model the plan assumes against what llama-ft and transformers really build and save, the command line's
+errors and exit codes, and run-llama.sh stopping a launch that does not fit. No training runs here (the plan
+against measured runs: benchmarks/plan_vs_measured.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llama_ft.plan import command, plan_training
+from llama_ft.plan.activations import MicroBatch, layer_saved
+from llama_ft.plan.planner import GiB
+from llama_ft.plan.shape import ALIASES, LLAMA_LINEAR_NAMES, ModelShape, Param, model_params, shape_from_dir
+from llama_ft.plan.zero import (
+    ZeroSettings,
+    build_trace,
+    gathered_at,
+    gathers_per_micro_batch,
+    modules_in_order,
+    pinned,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = list(LLAMA_LINEAR_NAMES)
+# hidden 320 (5 heads of 64, 1 kv head), intermediate 832, vocab 1000: no size divides by 3 ranks or by 128
+SMALL = ModelShape(hidden_size=320, intermediate_size=832, num_hidden_layers=1, num_attention_heads=5,
+                   num_key_value_heads=1, head_dim=64, vocab_size=1000, name="small")
+
+
+def ceil3(n: int) -> int:
+    return -(-n // 3)
+
+
+def ds(**zero) -> dict:
+    """ZeRO-3 config with explicit sizes (no persistence unless asked)."""
+    z = {"stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 0,
+         "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 10**9,
+         "stage3_max_reuse_distance": 10**9}
+    z.update(zero)
+    return {"zero_optimization": z}
+
+
+def cfg(**kw) -> SimpleNamespace:
+    d = dict(command.TRAINING_DEFAULTS)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def small_plan(world: int = 3, device: str = "cuda", **kw) -> dict:
+    zero = kw.pop("zero", {})
+    return plan_training(cfg(**kw), ds(**zero), SMALL, 1, world, 80 * GiB, 1000 * GiB, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# partitions, LoRA, optimizer: by hand
+
+
+def test_bf16_base_partitions_over_3_ranks_with_padding():
+    # every frozen tensor in bf16, ceil(n / 3) elements of it on each rank: embed and lm_head (1000 x 320),
+    # 3 norms (320), q and o (320 x 320), k and v (64 x 320), gate, up, down (832 x 320)
+    expected = 2 * (2 * ceil3(1000 * 320) + 3 * ceil3(320) + 2 * ceil3(320 * 320) + 2 * ceil3(64 * 320)
+                    + 3 * ceil3(832 * 320))
+    assert expected == 2 * (2 * 106667 + 3 * 107 + 2 * 34134 + 2 * 6827 + 3 * 88747) == 1123636
+    p = small_plan(lora_r=8)
+    assert p["per_gpu"]["base_partitions_bytes"] == expected
+    assert p["per_gpu"]["persistent_bytes"] == 0
+
+
+def test_fp8_base_partitions_with_block_scales():
+    # targets: uint8 weights (1 byte each) + fp32 scales as bytes, ceil(out/128) x ceil(in/128) x 4:
+    # q, o (320 x 320): 3 x 3 x 4 = 36;  k, v (64 x 320): 1 x 3 x 4 = 12;  gate, up (832 x 320): 7 x 3 x 4 = 84;
+    # down (320 x 832): 3 x 7 x 4 = 84.  Embeddings, head and norms stay bf16.
+    weights = 2 * ceil3(320 * 320) + 2 * ceil3(64 * 320) + 3 * ceil3(832 * 320)
+    scales = 2 * ceil3(36) + 2 * ceil3(12) + 3 * ceil3(84)
+    bf16 = 2 * (2 * ceil3(1000 * 320) + 3 * ceil3(320))
+    assert (weights, scales, bf16) == (348163, 116, 427310)
+    p = small_plan(lora_r=8, quantize=True)
+    assert p["per_gpu"]["base_partitions_bytes"] == weights + scales + bf16 == 775589
+
+
+def test_lora_partitions_and_optimizer_states():
+    # r = 8: A (8, in) and B (out, 8) per target, ceil(n / 3) each on a rank
+    parts = (2 * (ceil3(8 * 320) + ceil3(320 * 8))  # q, o
+             + 2 * (ceil3(8 * 320) + ceil3(64 * 8))  # k, v
+             + 2 * (ceil3(8 * 320) + ceil3(832 * 8))  # gate, up
+             + ceil3(8 * 832) + ceil3(320 * 8))  # down
+    assert parts == 14685
+    p = small_plan(lora_r=8)
+    assert p["per_gpu"]["lora_bytes"] == 2 * parts  # bf16
+    # fp32 master 4 + Adam m, v 8 + fp32 gradient 4 (one sub-group) + bf16 gradient partitions 2, per element
+    assert p["per_gpu"]["optimizer_bytes"] == 18 * parts
+    # fp32 training: the master is the parameter itself; fp32 gradient partitions
+    p32 = small_plan(lora_r=8, bf16=False)
+    assert p32["per_gpu"]["lora_bytes"] == 4 * parts and p32["per_gpu"]["optimizer_bytes"] == (8 + 4 + 4) * parts
+    # offload_optimizer: all of it in host memory, the pinned buffers (gradients) rounded up to powers of two
+    off = small_plan(lora_r=8, zero={"offload_optimizer": {"device": "cpu", "pin_memory": True}})
+    assert off["per_gpu"]["optimizer_bytes"] == 0
+    assert off["per_host"]["optimizer_bytes"] == 3 * (12 * parts + pinned(4 * parts) + pinned(2 * parts))
+    assert pinned(4 * parts) == 65536 and pinned(2 * parts) == 32768
+
+
+def test_persistent_parameters_are_whole_on_every_rank():
+    # threshold 400: the norms (320) and the k/v LoRA B (64 x 8 = 512 > 400: no) -> 3 norms whole, in bf16
+    p = small_plan(lora_r=8, zero={"stage3_param_persistence_threshold": 400})
+    assert p["per_gpu"]["persistent_bytes"] == 3 * 320 * 2
+
+
+def test_405b_fp8_on_one_8_gpu_node():
+    # per layer: q, o 16384 x 16384; k, v 1024 x 16384; gate, up, down 53248 x 16384 (1 byte each, / 8 ranks);
+    # scales: q, o 128 x 128 x 4; k, v 8 x 128 x 4; gate, up, down 416 x 128 x 4 (/ 8)
+    layer = (2 * 16384 * 16384 + 2 * 1024 * 16384 + 3 * 53248 * 16384) // 8 \
+        + (2 * 128 * 128 * 4 + 2 * 8 * 128 * 4 + 3 * 416 * 128 * 4) // 8
+    norms = (2 * 126 + 1) * 16384 * 2 // 8
+    embed_and_head = 2 * 128256 * 16384 * 2 // 8
+    expected = 126 * layer + norms + embed_and_head
+    assert expected == 51_269_785_600  # about 405e9 / 8 bytes + 1.05 GB of bf16 embeddings and head
+    p = plan_training(cfg(quantize=True, gradient_checkpointing=True), json.loads((REPO / "ds_configs/zero3.json")
+                      .read_text()), ALIASES["405b"], 1, 8, int(79.6 * GiB), None)
+    assert p["per_gpu"]["base_partitions_bytes"] == expected
+    assert p["inputs"]["model"]["parameters"] == 405_853_388_800
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gathered working set and the PCIe crossings, on a hand-made trace
+
+
+def _toy_modules(z: ZeroSettings):
+    params = [Param("model.embed_tokens.weight", "model.embed_tokens", 10, 1, "frozen")]
+    params += [Param(f"model.layers.{i}.mlp.down_proj.weight", f"model.layers.{i}.mlp.down_proj", 100, 1, "target")
+               for i in range(3)]
+    params.append(Param("model.norm.weight", "model.norm", 1, 2, "frozen"))
+    return modules_in_order(params, z)
+
+
+def test_trace_keeps_what_is_reused_within_the_reuse_distance():
+    z = ZeroSettings(prefetch_bucket_size=0, param_persistence_threshold=0, max_reuse_distance=250)
+    mods = _toy_modules(z)
+    # forward E L0 L1 L2 N, backward N L2 L1 L0. Between a layer's forward and backward use: L2 -> N, N (2
+    # elements: kept); L1 -> L2, N, N, L2 (202: kept); L0 -> 402 elements (released, gathered again)
+    trace = build_trace(mods, 3, checkpointing=False)
+    short = {"model.embed_tokens": "E", "model.norm": "N", **{f"model.layers.{i}.mlp.down_proj": f"L{i}"
+                                                               for i in range(3)}}
+    assert [short[mods[i].name] for i in trace.order] == ["E", "L0", "L1", "L2", "N", "N", "L2", "L1", "L0"]
+    gathers = {mods[i].name: n for i, n in gathers_per_micro_batch(trace, z).items()}
+    assert [gathers[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == [2, 1, 1]
+    # at the loss: the norm (2 bytes) and the kept L1, L2 (100 bytes each)
+    assert gathered_at(trace, trace.forward_end, z) == (202, 201)
+    # prefetch 100 elements: L0, the next one not gathered in the backward order
+    z2 = ZeroSettings(prefetch_bucket_size=100, param_persistence_threshold=0, max_reuse_distance=250)
+    assert gathered_at(build_trace(_toy_modules(z2), 3, False), 4, z2) == (302, 301)
+    # checkpointing: L2's forward gather lasts into its recompute (2 apart), L1's does not (L2, N, N, L2, L2 = 302);
+    # each recompute gather serves its backward (0 apart)
+    ckpt = build_trace(mods, 3, checkpointing=True)
+    gathers = {mods[i].name: n for i, n in gathers_per_micro_batch(ckpt, z).items()}
+    assert [gathers[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == [2, 2, 1]
+    none_kept = ZeroSettings(param_persistence_threshold=0, max_reuse_distance=0)
+    gathers = {mods[i].name: n for i, n in gathers_per_micro_batch(ckpt, none_kept).items()}
+    assert [gathers[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == [3, 3, 3]
+
+
+def test_h2d_bytes_and_step_time():
+    # one rank, everything offloaded, nothing kept between uses: each target partition crosses in forward and
+    # backward, and a third time with checkpointing; FP8 bytes + scales (above), 4 micro-batches per step
+    fp8 = (2 * 320 * 320 + 2 * 64 * 320 + 3 * 832 * 320) + (2 * 36 + 2 * 12 + 3 * 84)
+    zero = {"stage3_max_reuse_distance": 0}
+    for ckpt, crossings in ((False, 2), (True, 3)):
+        p = small_plan(world=1, quantize=True, offload_ratio=1.0, gradient_checkpointing=ckpt,
+                       gradient_accumulation_steps=4, zero=zero)
+        assert p["h2d_bytes_per_micro_batch"] == crossings * fp8
+        assert p["h2d_bytes_per_step"] == 4 * crossings * fp8
+        assert p["step_time_lower_bound_s"] == pytest.approx(4 * crossings * fp8 / 25e9)
+    # the offloaded partitions are pinned host memory: each rounded up to a power of two, per rank
+    host = (2 * pinned(320 * 320) + 2 * pinned(64 * 320) + 3 * pinned(832 * 320)
+            + 2 * pinned(36) + 2 * pinned(12) + 3 * pinned(84))
+    assert host == 2 * 131072 + 2 * 32768 + 3 * 524288 + 2 * 64 + 2 * 16 + 3 * 128
+    assert p["per_host"]["base_partitions_bytes"] == host
+    assert p["offloaded_bytes_per_gpu"] == fp8
+    assert small_plan(world=1, quantize=True, offload_ratio=0.0)["h2d_bytes_per_step"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offload: monotone, and the smallest ratio that fits
+
+
+def _70b_one_gpu(ratio, gpu_gb: float = 79.6) -> dict:
+    c = cfg(quantize=True, gradient_checkpointing=True, max_seq_len=2048, offload=True, offload_ratio=ratio)
+    return plan_training(c, json.loads((REPO / "ds_configs/zero3.json").read_text()), ALIASES["70b"], 1, 1,
+                         int(gpu_gb * GiB), 1000 * GiB)
+
+
+def test_more_offload_means_less_gpu_and_more_host_memory():
+    plans = [_70b_one_gpu(k / 10) for k in range(11)]
+    gpu = [p["per_gpu"]["total_bytes"] for p in plans]
+    host = [p["per_host"]["total_bytes"] for p in plans]
+    h2d = [p["h2d_bytes_per_step"] for p in plans]
+    assert all(gpu[k] > gpu[k + 1] and host[k] < host[k + 1] and h2d[k] < h2d[k + 1] for k in range(10))
+    assert gpu[0] - gpu[10] == pytest.approx(plans[10]["offloaded_bytes_per_gpu"], rel=1e-9)
+
+
+def test_min_offload_ratio_is_the_smallest_that_fits():
+    auto = _70b_one_gpu("auto")
+    best = auto["min_offload_ratio"]
+    assert 0 < best < 1 and auto["offload_ratio"] == best and auto["fits"]
+    assert _70b_one_gpu(best)["fits"]
+    assert not _70b_one_gpu(round(best - 0.01, 2))["fits"]
+    assert _70b_one_gpu(0.0)["min_offload_ratio"] == best  # the same answer whatever ratio is evaluated
+    # a GPU too small for anything: no ratio, and the term that is too large named
+    tiny_gpu = _70b_one_gpu("auto", gpu_gb=10)
+    assert tiny_gpu["min_offload_ratio"] is None and not tiny_gpu["fits"]
+    assert tiny_gpu["cannot_fit"]["where"] == "per_gpu"
+    assert tiny_gpu["cannot_fit"]["term"] == "optimizer_bytes"  # 828M LoRA parameters x 18 bytes on one GPU
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the plan assumes against what the code base does
+
+
+def test_auto_values_and_training_defaults_match_config_py():
+    from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config
+    from llama_ft.plan.zero import zero3_auto_values
+
+    filled = fill_ds_config(load_ds_config("ds_configs/zero3.json"), TrainConfig(model_name_or_path="m"), 8, 4096,
+                            on_gpu=True)["zero_optimization"]
+    assert {k: filled[k] for k in zero3_auto_values(4096)} == zero3_auto_values(4096)
+    defaults = TrainConfig()
+    shared = [k for k in command.TRAINING_DEFAULTS if hasattr(defaults, k)]
+    assert len(shared) >= len(command.TRAINING_DEFAULTS) - 1  # all but sequence_parallel_size (not in training yet)
+    for k in shared:
+        assert command.TRAINING_DEFAULTS[k] == getattr(defaults, k), k
+
+
+def test_api_as_the_recipe_calls_it_equals_the_command(capsys, tiny_model_dir):
+    """plan_training(TrainConfig, the filled DeepSpeed config, transformers' LlamaConfig, ...) gives the object
+    `llama-ft plan --json` prints for the same flags."""
+    from transformers import AutoConfig
+
+    from llama_ft.config import fill_ds_config, load_ds_config, parse_train_args
+
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--lora_r", "8", "--packing", "--max_seq_len", "128",
+             "--per_device_train_batch_size", "3", "--gradient_checkpointing", "--quantize", "--offload",
+             "--offload_ratio", "0.5", "--output_dir", str(Path(tiny_model_dir).parent / "unused-out")]
+    train_cfg = parse_train_args(flags)
+    ds_config = fill_ds_config(load_ds_config(train_cfg.deepspeed), train_cfg, 4, 64, on_gpu=True)
+    api = plan_training(train_cfg, ds_config, AutoConfig.from_pretrained(tiny_model_dir), 2, 2, 8 * GiB, 64 * GiB)
+    rc, out, _ = _main(capsys, "--nodes", "2", "--gpus_per_node", "2", "--gpu_memory_gb", "8", "--host_memory_gb",
+                       "64", "--json", "--", *flags)
+    cli = json.loads(out)
+    assert rc == 0 and api["offload_ratio"] == 0.5
+    for key in ("per_gpu", "per_host", "moments", "fits", "min_offload_ratio", "h2d_bytes_per_step"):
+        assert api[key] == cli[key], key
+
+
+def test_config_json_is_read_as_autoconfig_reads_it(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from llama_ft.plan.shape import shape_from_config
+
+    minimal = tmp_path / "minimal"
+    minimal.mkdir()
+    (minimal / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 256,
+                                                     "num_attention_heads": 8, "num_hidden_layers": 3}))
+    for d in (Path(tiny_model_dir), minimal):
+        ours = shape_from_dir(d)
+        theirs = shape_from_config(AutoConfig.from_pretrained(d, trust_remote_code=False))
+        fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
+        assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields], d
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_parameters_are_those_llama_ft_builds(quantize):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_ft.lora import LoraSpec, inject_lora
+
+    config = LlamaConfig(hidden_size=320, intermediate_size=832, num_hidden_layers=2, num_attention_heads=5,
+                         num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=False)
+    spec = LoraSpec(8, 16, 0.05, ("q_proj", "v_proj", "down_proj"))
+    make = None
+    if quantize:
+        from llama_ft.fp8 import FP8LoRALinear
+
+        def make(lin, s):
+            return FP8LoRALinear.empty(lin.in_features, lin.out_features, s, torch.bfloat16)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        inject_lora(model, spec, make)
+    built = {n: (p.numel(), p.element_size(), p.requires_grad) for n, p in model.named_parameters()}
+    shape = ModelShape(320, 832, 2, 5, 1, 64, 1000)
+    params = model_params(shape, spec.target_modules, 8, quantize, 2)
+    planned = {p.name.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"):
+               (p.numel, p.itemsize, p.kind == "lora") for p in params}
+    assert planned == built
+
+
+@pytest.mark.parametrize("rows,dropout,mask,attn,dtype", [
+    (2, 0.05, True, "sdpa", "bf16"), (2, 0.0, True, "sdpa", "bf16"), (1, 0.05, False, "sdpa", "bf16"),
+    (1, 0.0, False, "sdpa", "bf16"), (2, 0.05, True, "eager", "bf16"), (2, 0.05, True, "sdpa", "fp32")])
+def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dtype):
+    """One Llama decoder layer with LoRA on all seven linears, forward on CPU: the bytes of every tensor
+    autograd saves (parameters and the shared RoPE tables and mask aside) equal the plan's per-layer figure."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from llama_ft.lora import LoraSpec, inject_lora
+
+    tdtype, seq = (torch.bfloat16 if dtype == "bf16" else torch.float32), 96
+    config = LlamaConfig(hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=1000)
+    config._attn_implementation = attn
+    layer = LlamaDecoderLayer(config, 0).to(tdtype)
+    inject_lora(layer, LoraSpec(16, 32, dropout))
+    layer.train()
+    x = torch.randn(rows, seq, 256, dtype=tdtype, requires_grad=True)
+    positions = torch.arange(seq)[None].expand(rows, seq)
+    cos, sin = LlamaRotaryEmbedding(config)(x, positions)
+    attn_mask = None
+    if mask:
+        attn_mask = torch.ones(rows, 1, seq, seq, dtype=torch.bool).tril()
+        if attn == "eager":
+            attn_mask = torch.zeros(rows, 1, seq, seq, dtype=tdtype).masked_fill(~attn_mask, -1e4)
+    skip = {p.data_ptr() for p in layer.parameters()} | {cos.data_ptr(), sin.data_ptr()}
+    skip |= {attn_mask.data_ptr()} if attn_mask is not None else set()
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in skip:
+            saved[t.data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=attn_mask, position_embeddings=(cos, sin), position_ids=positions)
+    # a mask is what the plan assumes for packed rows (and padded batches of > 1 row)
+    mb = MicroBatch(rows, seq, tdtype.itemsize, 16, tuple(ALL), dropout, packing=mask, attn_implementation=attn,
+                    device="cpu")
+    assert sum(saved.values()) == sum(layer_saved(ModelShape(256, 768, 1, 8, 2, 32, 1000), mb).values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        rc = command.main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("llama-ft plan: error: "), lines[0]
+    return lines[0]
+
+
+def test_bad_inputs_are_one_line_and_exit_2(capsys, tmp_path):
+    bad_host = tmp_path / "hosts"
+    bad_host.write_text("node1 slots=8\nnode2 slots=x\n")
+    cases = [
+        (["99b", "--gpu_memory_gb", "80"], "MODEL '99b'"),
+        (["8b", "--hostfile", str(bad_host), "--gpu_memory_gb", "80"], f"{bad_host}:2: slots=x"),
+        (["8b", "--hostfile", str(tmp_path / "nope"), "--gpu_memory_gb", "80"], "file not found"),
+        (["8b", "--gpu_memory_gb", "0"], "--gpu_memory_gb 0"),
+        (["8b", "--gpu_memory_gb", "-3"], "--gpu_memory_gb -3"),
+        (["8b", "--gpu_memory_gb", "80", "--host_memory_gb", "0"], "--host_memory_gb 0"),
+        (["8b", "--device", "cpu"], "--host_memory_gb"),
+        (["8b"], "--gpu_memory_gb"),
+        (["8b", "--gpu_memory_gb", "80", "--lora_target_modules", "q_proj,qkv"], "--lora_target_modules"),
+        (["8b", "--gpu_memory_gb", "80", "--offload_ratio", "1.5"], "--offload_ratio"),
+        (["8b", "--gpu_memory_gb", "80", "--deepspeed", str(tmp_path / "none.json")], "--deepspeed"),
+        (["8b", "--gpu_memory_gb", "80", "--packing"], "--packing needs --max_seq_len"),
+        ([str(tmp_path), "--gpu_memory_gb", "80"], "no config.json"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = _main(capsys, *argv)
+        assert rc == 2, (argv, rc, err)
+        assert needle in _one_error_line(err), (argv, err)
+
+
+def test_does_not_fit_exits_1_with_the_numbers(capsys):
+    # 70B FP8 on one 80 GB GPU: fits only with part of the base offloaded
+    argv = ["70b", "--quantize", "--nodes", "1", "--gpus_per_node", "1", "--gpu_memory_gb", "79.6", "--max_seq_len",
+            "2048", "--gradient_checkpointing"]
+    rc, out, err = _main(capsys, *argv)
+    assert rc == 1 and "DOES NOT FIT" in out and "base weight partitions" in out
+    assert err.startswith("llama-ft plan: does not fit: ") and "--offload --offload_ratio 0." in err
+    rc, out, _ = _main(capsys, *argv, "--offload_ratio", "auto")
+    assert rc == 0 and "verdict: fits" in out
+    # at no ratio: one error line naming the term too large
+    rc, out, err = _main(capsys, "8b", "--gpu_memory_gb", "3", "--gpus_per_node", "1")
+    assert rc == 1 and "total" in out
+    line = _one_error_line(err)
+    assert "does not fit at any --offload_ratio" in line and "largest term is" in line and "try " in line
+
+
+def test_json_object(capsys):
+    rc, out, _ = _main(capsys, "405b", "--quantize", "--gradient_checkpointing", "--gpu_memory_gb", "79.6",
+                       "--host_memory_gb", "2000", "--json")
+    assert rc == 0
+    p = json.loads(out)
+    for key in ("base_partitions_bytes", "lora_bytes", "optimizer_bytes", "activations_bytes", "total_bytes"):
+        assert isinstance(p["per_gpu"][key], int), key
+    assert isinstance(p["per_host"]["base_partitions_bytes"], int) and isinstance(p["per_host"]["total_bytes"], int)
+    assert p["fits"] is True and p["min_offload_ratio"] == 0.0
+    assert p["per_gpu"]["total_bytes"] == sum(v for k, v in p["per_gpu"].items() if k != "total_bytes")
+    for key in ("h2d_bytes_per_step", "step_time_lower_bound_s", "inputs", "constants", "moments", "peak_at"):
+        assert key in p
+    assert p["inputs"]["machine"]["world_size"] == 8
+
+
+def test_cpu_ranks_hold_every_term_in_host_memory(capsys):
+    gpu = small_plan(world=2, lora_r=8)
+    cpu = small_plan(world=2, device="cpu", lora_r=8)
+    assert "cuda_context_bytes" not in cpu["per_gpu"] and cpu["per_gpu"]["process_baseline_bytes"] > 0
+    assert cpu["per_host"]["total_bytes"] == 2 * cpu["per_gpu"]["total_bytes"]
+    assert cpu["h2d_bytes_per_step"] == 0 and cpu["gpu_fits"] is None
+    for key in ("base_partitions_bytes", "lora_bytes", "optimizer_bytes", "activations_bytes"):
+        assert cpu["per_gpu"][key] == gpu["per_gpu"][key] or key == "activations_bytes"
+
+
+def test_hostfile_gives_nodes_and_ranks(capsys, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nnode1 slots=8\nnode2 slots=8\n")
+    rc, out, _ = _main(capsys, "8b", "--hostfile", str(hosts), "--gpu_memory_gb", "79.6", "--json")
+    assert rc == 0 and json.loads(out)["inputs"]["machine"]["world_size"] == 16
+    rc, out, _ = _main(capsys, "8b", "--hostfile", str(hosts), "--exclude", "node2", "--gpu_memory_gb", "79.6",
+                       "--json")
+    assert json.loads(out)["inputs"]["machine"]["world_size"] == 8
+
+
+def test_training_command_line_after_double_dash(capsys, tiny_model_dir):
+    # run-llama.sh hands over a whole training command line; the flags the plan does not use are skipped
+    rc, out, _ = _main(capsys, "--device", "cpu", "--host_memory_gb", "16", "--gpus_per_node", "2", "--json", "--",
+                       "--model_name_or_path", str(tiny_model_dir), "--learning_rate", "1e-3", "--lora_r", "16",
+                       "--lora_target_modules", "q_proj", "v_proj", "--output_dir", "out", "--gradient_checkpointing",
+                       "--overwrite_output_dir", "--max_steps", "5", "--lora_r", "4")
+    assert rc == 0
+    t = json.loads(out)["inputs"]["training"]
+    assert t["lora_r"] == 4 and t["lora_target_modules"] == ["q_proj", "v_proj"] and t["gradient_checkpointing"]
+
+
+def test_the_command_is_fast_and_imports_no_torch():
+    code = ("import sys; from llama_ft.plan.command import make_plan; "
+            "make_plan(['405b', '--quantize', '--gpu_memory_gb', '79.6', '--offload_ratio', 'auto']); "
+            "heavy = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "llama_ft.cli", "plan", "99b", "--gpu_memory_gb", "80"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "llama-ft plan: error: MODEL '99b': not a model alias (8b, 70b, 405b) nor a model directory"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run-llama.sh: the plan before the launch
+
+
+def _fake_launch(tmp_path: Path, tiny_model_dir, *args: str, **env_extra: str) -> tuple[subprocess.CompletedProcess,
+                                                                                        str | None]:
+    launcher = tmp_path / "deepspeed"
+    record = tmp_path / "launched.txt"
+    record.unlink(missing_ok=True)
+    launcher.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{record}"\n')
+    launcher.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_FT_") and k not in (
+        "NPROC", "HOSTFILE", "NODE_RANK", "INCLUDE", "EXCLUDE", "DS_CONFIG", "MERGE_DIR")}
+    env.update(MODEL=str(tiny_model_dir), OUTPUT_DIR=str(tmp_path / "out"), PYTHON=sys.executable,
+               DEEPSPEED=str(launcher), LLAMA_FT_CACHE=str(tmp_path / "cache"), **env_extra)
+    proc = subprocess.run(["bash", str(REPO / "run-llama.sh"), *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    return proc, record.read_text() if record.exists() else None
+
+
+def test_run_llama_stops_a_launch_that_does_not_fit(tmp_path, tiny_model_dir):
+    # CPU ranks here: planned in host memory, which the tiny model fits
+    proc, launched = _fake_launch(tmp_path, tiny_model_dir, "--max_steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert launched is not None and "verdict: fits" in proc.stderr
+    # a fake 1 GiB GPU: the CUDA context alone does not fit; stopped before the launcher runs, with the numbers
+    proc, launched = _fake_launch(tmp_path, tiny_model_dir, "--max_steps", "3", LLAMA_FT_GPU_MEMORY_GB="1")
+    assert proc.returncode == 1 and launched is None
+    assert "DOES NOT FIT" in proc.stderr and "CUDA context" in proc.stderr and "--force" in proc.stderr
+    # --force: launched anyway, and --force is not a training flag
+    proc, launched = _fake_launch(tmp_path, tiny_model_dir, "--max_steps", "3", "--force", LLAMA_FT_GPU_MEMORY_GB="1")
+    assert proc.returncode == 0, proc.stderr
+    args = launched.split("\n")
+    assert "--force" not in args and args[args.index("--max_steps", args.index("--max_steps") + 1) + 1] == "3"
+    # host memory too small for CPU ranks
+    proc, launched = _fake_launch(tmp_path, tiny_model_dir, LLAMA_FT_HOST_MEMORY_GB="0.5")
+    assert proc.returncode == 1 and launched is None and "per host" in proc.stderr
+    # a flag the plan cannot read is not a verdict: training gets it and names the problem itself
+    proc, launched = _fake_launch(tmp_path, tiny_model_dir, "--lora_r", "0")
+    assert proc.returncode == 0 and launched is not None
+    assert "note: no memory plan before launching (--lora_r 0: expected an integer > 0)" in proc.stderr
