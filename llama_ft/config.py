@@ -19,20 +19,12 @@ from llama_ft.checkpoint.layout import STATE_FILE, resolve_checkpoint
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
+from llama_ft.flags import float_or_auto, str2bool
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
-
-
-def str2bool(v: str) -> bool:
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
 @dataclass
@@ -80,7 +72,7 @@ class TrainConfig:
     init: str = "checkpoint"
     # partial CPU offload of the frozen base weights (Snowflake's --offload --offload_ratio)
     offload: bool = False
-    offload_ratio: float | None = None
+    offload_ratio: float | str | None = None  # a fraction, or "auto": the smallest that fits (llama-ft plan)
     # outputs and schedule of side work
     output_dir: str = "./output"
     overwrite_output_dir: bool = False
@@ -139,7 +131,7 @@ _HELP = {
     "loader": "stream: each rank reads only its own partition bytes; hf: rank 0 reads all and scatters",
     "offload": "keep --offload_ratio of the frozen base-weight partitions in host memory (spread evenly over layers)",
     "offload_ratio": "with --offload: fraction in [0, 1] of the frozen base-weight bytes kept on the host "
-                     "(default 1.0)",
+                     "(default 1.0), or auto: the smallest fraction with which the run fits (llama-ft plan)",
     "fp8_compute": "with --quantize: also quantize activations per 1x128 tile and multiply on fp8 tensor cores",
 }
 
@@ -172,6 +164,8 @@ def add_config_flags(p: argparse.ArgumentParser, names: list[str] | tuple[str, .
             kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
         elif f.type.startswith("int"):
             kw["type"] = int
+        elif f.type.startswith("float | str"):
+            kw["type"] = float_or_auto
         elif f.type.startswith("float"):
             kw["type"] = float
         elif f.type.startswith("list"):
@@ -223,7 +217,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.offload_ratio is not None:
         if not cfg.offload:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: needs --offload")
-        if not 0 <= cfg.offload_ratio <= 1:
+        if cfg.offload_ratio != "auto" and not 0 <= cfg.offload_ratio <= 1:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: expected a value in [0, 1]")
     if cfg.fp8_compute and not cfg.quantize:
         raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")

@@ -218,6 +218,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from llama_ft.adapters import save_adapters
     from llama_ft.model.build import build_lora_model, inspect_checkpoint, load_llama_config, partition_bytes
+    from llama_ft.train.memory_plan import resolve_offload_ratio
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank = int(os.environ.get("RANK", 0))
@@ -254,6 +255,7 @@ def train(cfg: TrainConfig) -> dict:
                  pack_len=cfg.max_seq_len if cfg.packing else None)  # enough data?
     on_gpu = torch.cuda.is_available()
     ds_config = fill_ds_config(ds_config, cfg, world_env, llama_config.hidden_size, on_gpu)
+    offload_ratio = resolve_offload_ratio(cfg, ds_config, llama_config, world_env)  # "auto": llama-ft plan
     options = run_options(cfg, tokenizer, stats.rows_key, ds_config)
     if cfg.resume_from_checkpoint:
         check_resumable(cfg.resume_from_checkpoint, world_env, options)
@@ -281,8 +283,7 @@ def train(cfg: TrainConfig) -> dict:
     model, report = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype,
                                      cfg.gradient_checkpointing, quantize=cfg.quantize, fp8_compute=cfg.fp8_compute,
                                      loader=cfg.loader, attn_implementation=cfg.attn_implementation, init=cfg.init,
-                                     offload_ratio=(1.0 if cfg.offload_ratio is None else cfg.offload_ratio)
-                                     if cfg.offload else None)
+                                     offload_ratio=offload_ratio)
     report.write(out)
     logging.getLogger("llama_ft.load").info(report.line())
     head_weight = use_chunked_loss(model)  # the forward now returns hidden states; the loss applies the head
