@@ -74,6 +74,12 @@ def test_prequantized_cannot_go_to_nvme_partitions(fp8_dir):
         build_lora_model(fp8_dir, LoraSpec(4, 8), ds, torch.bfloat16)
 
 
+def test_quantize_on_load_cannot_go_to_nvme_partitions(tiny_model_dir):
+    ds = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}
+    with pytest.raises(UserError, match="--quantize: FP8 layers cannot live in NVMe-offloaded partitions"):
+        build_lora_model(tiny_model_dir, LoraSpec(4, 8), ds, torch.bfloat16, quantize=True)
+
+
 def test_prequantized_needs_matching_lora_targets(fp8_dir):
     with pytest.raises(UserError, match="--lora_target_modules .*quantized for"):
         build_lora_model(fp8_dir, LoraSpec(4, 8, target_modules=("q_proj",)), None, torch.float32)
