@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch  # noqa: E402,I001
 
@@ -30,3 +31,30 @@ def tiny_model_dir(tmp_path_factory):
     from llama_ft.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def _unmapped_deepspeed_shm() -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers (/dev/shm/deepspeed_*, 2 x 64 MiB per job) that no live process
+    maps: what a killed rank leaves behind (it never unlinks them)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return []
+    found = list(shm.glob("deepspeed_*"))
+    if not found:
+        return []
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/deepspeed_" in line)
+        except OSError:
+            continue
+    return [p for p in found if str(p) not in mapped]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_leaked_shm_buffers():
+    """The fault tests kill ranks on purpose; without this their shared-memory buffers pile up in RAM
+    (tmpfs) over a suite run. Only buffers no process maps are removed."""
+    yield
+    for p in _unmapped_deepspeed_shm():
+        p.unlink(missing_ok=True)
