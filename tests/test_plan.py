@@ -25,6 +25,7 @@ from llama_ft.plan.zero import (
     gathers_per_micro_batch,
     modules_in_order,
     pinned,
+    simulate_gathered,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +166,28 @@ def test_trace_keeps_what_is_reused_within_the_reuse_distance():
     assert [gathers[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == [3, 3, 3]
 
 
+def test_coordinator_prefetch_runs_ahead_and_keeps_what_it_passed():
+    # DeepSpeed's coordinator with a complete trace, by hand. E(10) L0 L1 L2(100 each) N(1 element, 2 bytes),
+    # forward E L0 L1 L2 N, backward N L2 L1 L0; calls E - L0 - L1 - L2 - N - N - L2 - L1 - L0 - (one call without
+    # parameters after each use, numbered 0..17). No reuse distance, prefetch bucket 1 element (each call
+    # prefetches the next parameter not gathered), at most 250 elements live.
+    #   c0 E: gather E, prefetch L0 (110 bytes live); release E.   c1: prefetch L1.   c2 L0: prefetch L2 (300);
+    #   release L0.   c3: prefetch N (201 elements).   c4 L1: 49 elements of room: the queue's N(10), L2(12),
+    #   L1(14) are gathered already, popped for free and marked with those steps; L0(16) is gathered (302 bytes).
+    #   Release L1? Its most recent fetch step, 14, lies ahead: kept. c6 L2: kept likewise (12 > 8). c8 N: its
+    #   step 10 <= 10: released, gathered again at c10. Then the backward releases L2, L1, L0 after their use.
+    z = ZeroSettings(prefetch_bucket_size=1, param_persistence_threshold=0, max_live_parameters=250,
+                     max_reuse_distance=0)
+    trace = build_trace(_toy_modules(z), 3, checkpointing=False)
+    assert simulate_gathered(trace, z) == [110, 300, 302, 302, 302, 302, 300, 200, 100]
+    # the static rule kept nothing at the loss with no reuse distance; the coordinator holds L0-L2 there
+    assert gathered_at(trace, trace.forward_end, z)[0] == 2 + 100
+    # no prefetch (bucket 0): only the reuse distance keeps anything, as in the static rule
+    z0 = ZeroSettings(prefetch_bucket_size=0, param_persistence_threshold=0, max_reuse_distance=250)
+    t0 = build_trace(_toy_modules(z0), 3, checkpointing=False)
+    assert simulate_gathered(t0, z0)[t0.forward_end] == gathered_at(t0, t0.forward_end, z0)[0] == 202
+
+
 def test_h2d_bytes_and_step_time():
     # one rank, everything offloaded, nothing kept between uses: each target partition crosses in forward and
     # backward, and a third time with checkpointing; FP8 bytes + scales (above), 4 micro-batches per step
@@ -183,6 +206,11 @@ def test_h2d_bytes_and_step_time():
     assert p["per_host"]["base_partitions_bytes"] == host
     assert p["offloaded_bytes_per_gpu"] == fp8
     assert small_plan(world=1, quantize=True, offload_ratio=0.0)["h2d_bytes_per_step"] == 0
+    # with a prefetch bucket, the coordinator's prefetch runs ahead (within max_live_parameters: the whole
+    # one-layer model) and passes over every backward use while the parameter is held: one crossing each
+    p = small_plan(world=1, quantize=True, offload_ratio=1.0, gradient_accumulation_steps=4,
+                   zero={"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 10**6})
+    assert p["h2d_bytes_per_micro_batch"] == fp8
 
 
 # ---------------------------------------------------------------------------------------------------------------

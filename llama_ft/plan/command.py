@@ -25,6 +25,7 @@ from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.flags import float_or_auto, str2bool
 from llama_ft.hostfile import active_slots, parse_hostfile
 from llama_ft.plan.planner import (
+    CPU_HEAP_RETENTION,
     CPU_RANK_BASELINE_BYTES,
     CUDA_CONTEXT_BYTES,
     DEFAULT_PCIE_GBPS,
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Memory per GPU and per host of a LoRA run under ZeRO-3, whether it fits, the smallest "
                             "--offload_ratio that does, and what the offload costs on PCIe.",
                 epilog=f"Constants: CUDA context + NCCL {CUDA_CONTEXT_BYTES / GiB:.1f} GiB per GPU, fragmentation "
-                       f"margin {FRAGMENTATION:.0%} of the bytes allocated within a step, CPU rank baseline "
+                       f"margin {FRAGMENTATION:.0%} of the bytes allocated within a step "
+                       f"({CPU_HEAP_RETENTION:.0%} malloc heap retention on CPU ranks), CPU rank baseline "
                        f"{CPU_RANK_BASELINE_BYTES / GiB:.2f} GiB (see llama_ft/plan/planner.py). Sizes are GiB "
                        "(2^30 bytes), as nvidia-smi reports them: an H100 80GB has 79.6, an H200 140.4.\n"
                        "After `--`, a whole training command line may follow; flags the plan does not use are "

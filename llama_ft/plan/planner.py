@@ -7,16 +7,21 @@ Memory of one rank at its peak = what lives for the whole run + the largest of t
     moments    loss      (end of forward): saved activations (or checkpoint boundaries), the final norm's,
                          the chunked loss's temporaries, the parameters gathered then
                backward  (the last layer's backward): saved activations or boundaries + one recomputed
-                         layer, its backward gradients, the parameters gathered then
+                         layer, its backward gradients, the most parameters gathered at any point of
+                         the backward (zero.py `simulate_gathered`: the prefetch gathers the embeddings
+                         again once the last layer's first modules are released)
                step      the optimizer step's temporary fp32 copy
-    + the fragmentation margin on the moment's bytes, + the CUDA context (GPU) or the process baseline (CPU)
+    + the fragmentation margin on the moment's bytes (CPU: malloc's heap retention, CPU_HEAP_RETENTION),
+    + the CUDA context (GPU) or the process baseline (CPU)
 
 Offload (--offload --offload_ratio R, llama_ft/model/offload.py) moves the partitions of about R (by
 bytes) of the LoRA layers' frozen base weights to pinned host memory, chosen by error diffusion over
 the model order (`spread_evenly`, the same function). Each offloaded partition crosses PCIe every
-time ZeRO-3 gathers its module: once in forward, once more in backward (with gradient checkpointing
-the recompute's gather also serves the backward as long as stage3_max_reuse_distance covers a layer),
-and only once for the last layers, which stay gathered from forward into backward. The lower bound on
+time ZeRO-3 gathers it (zero.py `simulate_gathered`): once in forward, once more in backward (with
+gradient checkpointing the recompute's gather also serves the backward as long as
+stage3_max_reuse_distance covers a layer), and only once for what stays gathered from forward into
+backward (what the reuse distance keeps, and the up to stage3_max_live_parameters elements the prefetch
+holds). The lower bound on
 step time is those bytes over the per-GPU PCIe bandwidth.
 """
 
@@ -32,14 +37,13 @@ from llama_ft.plan.zero import (
     Trace,
     ZeroSettings,
     build_trace,
-    gathered_at,
-    gathers_per_micro_batch,
     is_persistent,
     modules_in_order,
     optimizer_bytes,
     part,
     partition_bytes,
     pinned,
+    simulate_gathered,
     zero_settings,
 )
 
@@ -56,6 +60,19 @@ FRAGMENTATION = 0.10
 temporaries, optimizer temporaries): PyTorch's caching allocator keeps freed blocks in 2 MiB-rounded
 segments that later requests of other sizes cannot always reuse; reserved exceeds allocated by 5-15%
 in LLM training, and ZeRO-3's gathers of differently sized parameters are on the high side."""
+
+CPU_HEAP_RETENTION = 0.23
+"""The CPU ranks' counterpart of FRAGMENTATION, on the same bytes: memory glibc's malloc keeps after it is
+freed. An allocation at or above the mmap threshold is mapped and returned to the system on free, but
+glibc raises that threshold to the size of every mapped chunk freed (up to 32 MiB,
+DEFAULT_MMAP_THRESHOLD_MAX), so after the first step the gathered attention weights, activations, LoRA
+gradients and the loss's chunks come from the heap, and a freed heap chunk below the top is kept (RSS)
+for later requests; the heap stays at its high-water mark of the step's transient working set.
+Measured on Llama-3.2-1B, bf16, gradient checkpointing, 2 CPU ranks (BENCHMARKS.md, "The planner against
+measured CPU runs"): peak RSS 5.71 GiB as run, 5.07 GiB with MALLOC_MMAP_THRESHOLD_=1048576 (a fixed
+1 MiB threshold: freed chunks of 1 MiB and more go back at once); the 0.64 GiB difference over the
+plan's 2.76 GiB of transient terms at its peak moment (gathered, loss, activations) is 0.23. A lower
+bound: chunks under 1 MiB are retained in both runs."""
 
 CPU_RANK_BASELINE_BYTES = int(0.68 * GiB)
 """Peak RSS of a CPU rank besides the planned terms: torch, transformers, datasets and deepspeed imported
@@ -243,7 +260,6 @@ def build_model(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: M
     model = Model(shape, opts, zero, machine, params)
     modules = modules_in_order(params, zero)
     trace = build_trace(modules, shape.num_hidden_layers, opts.checkpointing)
-    model.gathers = {modules[i].name: n for i, n in gathers_per_micro_batch(trace, zero).items()}
     model.moments = micro_batch_moments(model, trace)
     return model
 
@@ -260,12 +276,13 @@ def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]
     recompute = layer if o.checkpointing else 0
     opt = optimizer_bytes([p for p in model.params if p.kind == "lora"], model.machine.world, o.dtype_bytes,
                           model.zero, pin=model.machine.device == "cuda")
+    held = simulate_gathered(trace, model.zero, model.gathers)  # gathered bytes while each position runs
     return {
         "loss": {"activations": kept_for_backward + shared + act.final_norm(shape, mb),
-                 "gathered": gathered_at(trace, trace.forward_end, model.zero)[0],
+                 "gathered": held[trace.forward_end],
                  "loss": sum(act.loss_temporaries(shape, mb, o.loss_chunk_size).values())},
         "backward": {"activations": kept_for_backward + shared + recompute + act.layer_backward_transient(shape, mb),
-                     "gathered": gathered_at(trace, trace.first_backward, model.zero)[0]},
+                     "gathered": max(held[trace.forward_end + 1:])},
         "optimizer step": {"optimizer step": opt.step_transient_device},
     }
 
@@ -319,7 +336,7 @@ def evaluate(model: Model, ratio: float) -> dict[str, Any]:
     transient = {"activations_bytes": peak.get("activations", 0), "gathered_bytes": peak.get("gathered", 0),
                  "loss_bytes": peak.get("loss", 0), "optimizer_step_bytes": peak.get("optimizer step", 0)}
     dev.update(transient)
-    dev["fragmentation_bytes"] = int(FRAGMENTATION * sum(transient.values()))
+    dev["fragmentation_bytes"] = int((CPU_HEAP_RETENTION if cpu else FRAGMENTATION) * sum(transient.values()))
     if cpu:
         dev["process_baseline_bytes"] = CPU_RANK_BASELINE_BYTES
     else:
@@ -349,7 +366,7 @@ def h2d_bytes(model: Model, offloaded: set[str]) -> dict[str, Any]:
         per_mb = 0
         opt_h2d = 0
     else:
-        per_mb = sum(partition_bytes(p, m.world) * model.gathers.get(p.module, 0) for p in model.params
+        per_mb = sum(partition_bytes(p, m.world) * model.gathers.get(p.name, 0) for p in model.params
                      if _on_host(model, p, offloaded))
         # offload_optimizer: the updated LoRA partitions come back once per step
         lora_part = sum(part(p.numel, m.world) for p in model.params if p.kind == "lora")
@@ -418,6 +435,7 @@ def plan(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: Machine)
     result["moments"] = model.moments
     result["inputs"] = inputs_echo(model)
     result["constants"] = {"cuda_context_bytes": CUDA_CONTEXT_BYTES, "fragmentation": FRAGMENTATION,
+                           "cpu_heap_retention": CPU_HEAP_RETENTION,
                            "cpu_rank_baseline_bytes": CPU_RANK_BASELINE_BYTES,
                            "gpu_rank_host_baseline_bytes": GPU_RANK_HOST_BASELINE_BYTES,
                            "pcie_gbps": machine.pcie_gbps, "ratio_step": RATIO_STEP}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llama_ft.plan.planner import FRAGMENTATION, GiB
+from llama_ft.plan.planner import CPU_HEAP_RETENTION, FRAGMENTATION, GiB
 
 GPU_LABELS = {
     "base_partitions_bytes": "base weight partitions (frozen)",
@@ -16,7 +16,7 @@ GPU_LABELS = {
     "gathered_bytes": "ZeRO-3 gathered parameters",
     "loss_bytes": "LM head gathered + chunked loss",
     "optimizer_step_bytes": "optimizer step temporaries",
-    "fragmentation_bytes": f"fragmentation margin ({FRAGMENTATION:.0%} of the step's allocations)",
+    "fragmentation_bytes": f"fragmentation {FRAGMENTATION:.0%} (CPU: malloc retention {CPU_HEAP_RETENTION:.0%})",
     "cuda_context_bytes": "CUDA context, cuBLAS, NCCL",
     "process_baseline_bytes": "process baseline (imports, DeepSpeed engine)",
 }

@@ -17,7 +17,10 @@ layer's forward runs again just before its backward). At each module the coordin
     have traversed stage3_max_reuse_distance elements ("kept"): with the default 1e9, the last layers
     of the forward stay gathered through the loss into their backward, and with checkpointing each
     layer's recompute gather serves its backward.
-All of these counts are elements, not bytes. `gathered_at` evaluates that rule at one trace position.
+All of these counts are elements, not bytes. `gathered_at` evaluates that rule at one trace position;
+it misses what the coordinator's prefetch does on top (every fetch call prefetches, the prefetch runs ahead
+to max_live_parameters and keeps what it passed over), which `simulate_gathered` follows call by call and
+the planner uses.
 
 Optimizer (stage3.py `_create_fp16_partitions_with_defragmentation`, `_create_fp32_partitions`,
 `initialize_optimizer_states`, `_setup_for_real_optimizer`), per rank, with P = sum of the LoRA
@@ -191,7 +194,8 @@ class Trace:
     forward: embeddings, layers, final norm (lm_head is not in it: the chunked loss gathers the head
     itself, train/loss.py). backward: the final norm, then each layer from the last: without
     checkpointing its modules in reverse; with it, its modules in forward order (the recompute) and
-    then in reverse. `first_backward` is the position of the last layer's first backward module."""
+    then in reverse, and at the end the embeddings (their output requires a gradient then; seen in the
+    instrumented run's trace). `first_backward` is the position of the last layer's first backward module."""
 
     modules: list[Module]
     order: list[int]
@@ -212,6 +216,8 @@ def build_trace(modules: list[Module], layers: int, checkpointing: bool) -> Trac
         if first_backward is None:
             first_backward = len(forward) + len(backward)
         backward += list(reversed(mods))
+    if checkpointing:  # transformers' gradient_checkpointing_enable makes the embedding's output require a
+        backward.append(embed)  # gradient (enable_input_require_grads): its backward hook gathers it again
     return Trace(modules, forward + backward, len(forward) - 1, first_backward)
 
 
@@ -264,7 +270,9 @@ def gathered_at(trace: Trace, pos: int, z: ZeroSettings) -> tuple[int, int]:
 
 def gathers_per_micro_batch(trace: Trace, z: ZeroSettings) -> dict[int, int]:
     """How many times each module's partitions are gathered in one micro-batch: at its first use and at
-    every later use that follows a release. Each gather copies a host-resident partition to the device."""
+    every later use that follows a release. Each gather copies a host-resident partition to the device.
+    The static rule without the prefetch (exact when stage3_prefetch_bucket_size is 0); the planner counts
+    with `simulate_gathered`."""
     nxt, gaps = next_uses(trace)
     count: dict[int, int] = defaultdict(int)
     served = set()  # positions whose module was kept gathered by the previous use
@@ -324,3 +332,96 @@ def optimizer_bytes(lora: list[Param], world: int, dtype_bytes: int, z: ZeroSett
         host = {"NVMe swap buffers": 4 * 4 * max(groups), "gradient partitions": pin_it(accum * total)}
     return OptimizerBytes({}, host, 0)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The coordinator, step by step (a trace that is complete: every step after the first)
+
+PARAMLESS_CALLS_PER_USE = 1
+"""Fetch calls without parameters that follow each use of a parameter-owning module. The coordinator
+runs `fetch_sub_module` (and with it a prefetch) for every module, parameters or not: in the instrumented
+Llama-3.2-1B run (BENCHMARKS.md, "The planner against measured CPU runs") a layer's forward made 20 calls for
+9 parameter-owning modules (the decoder layer, attention, MLP and activation containers, and a dropout
+child under each LoRALinear). One per use is the lower bound; the prefetch runs ahead of use either way."""
+
+
+def simulate_gathered(trace: Trace, z: ZeroSettings, gathers: dict[str, int] | None = None) -> list[int]:
+    """Gathered non-persistent bytes while the module at each trace position runs, following
+    partitioned_param_coordinator.py (DeepSpeed 0.19) once the trace is complete:
+      fetch: gather the module's parameters; pop the prefetch queue (every use of every parameter, in
+        trace order) past the module's own entries, setting each popped parameter's "most recent fetch
+        step" to that entry's step; then prefetch: pop entries while fewer than
+        min(max_live_parameters - available, prefetch_bucket_size) elements are being gathered;
+        an entry whose parameter is already gathered is popped for free and still sets its step;
+      release (after the module): its parameters, except those whose most recent fetch step lies
+        ahead (`__params_to_release`: the prefetcher went past a later use of theirs while they were
+        gathered) and those used again before max_reuse_distance elements of the trace are traversed.
+    The first consequence the static rule misses: every call prefetches at least one parameter, there
+    are more calls than parameters, so the prefetch runs ahead until max_live_parameters elements are
+    gathered; once it has passed the backward uses of what it holds, none of that is released in the
+    forward. With the default 1e9 that is the whole of a 1B model by its fifth layer (measured).
+    Counts are elements (`ds_numel`), as in DeepSpeed; persistent parameters are never gathered here.
+    `gathers`, when given, receives how many times each parameter (by name) is gathered in the micro-batch:
+    each gather copies its partition to the device (PCIe, for an offloaded one)."""
+    mods, order = trace.modules, trace.order
+    calls: list[int | None] = []  # module index per fetch call; None: a call without parameters
+    use_call: list[int] = []
+    for i in order:
+        use_call.append(len(calls))
+        calls.append(i)
+        calls.extend([None] * PARAMLESS_CALLS_PER_USE)
+    gathered = [[p for p in mods[i].params if not is_persistent(p, z)] for i in range(len(mods))]
+    queue = [(p, c) for c, i in enumerate(calls) if i is not None for p in gathered[i]]
+    head = 0
+    recent: dict[str, int] = defaultdict(lambda: -1)
+    live: dict[str, Param] = {}
+    avail = 0  # __n_available_params
+    out: list[int] = []
+    nxt_pos = 0
+    for c, i in enumerate(calls):
+        own = gathered[i] if i is not None else []
+        for p in own:
+            if p.name not in live:
+                live[p.name] = p
+                avail += p.numel
+                if gathers is not None:
+                    gathers[p.name] = gathers.get(p.name, 0) + 1
+        wanted = {p.name for p in own if recent[p.name] < c}
+        popped: set[str] = set()
+        while head < len(queue) and len(popped) < len(wanted):
+            p, s = queue[head]
+            head += 1
+            recent[p.name] = s
+            popped.add(p.name)
+        if z.prefetch_bucket_size > 0:
+            limit = min(z.max_live_parameters - avail, z.prefetch_bucket_size)
+            fetching = 0
+            while head < len(queue) and fetching < limit:
+                p, s = queue[head]
+                head += 1
+                recent[p.name] = max(recent[p.name], s)
+                if p.name not in live:
+                    live[p.name] = p
+                    avail += p.numel
+                    fetching += p.numel
+                    if gathers is not None:
+                        gathers[p.name] = gathers.get(p.name, 0) + 1
+        if i is None:
+            continue
+        out.append(sum(p.nbytes for p in live.values()))
+        nxt_pos += 1
+        # release after the module (its child call ran): step_id is then c + 1 + the calls in between
+        step = c + 1 + PARAMLESS_CALLS_PER_USE
+        release = {p.name for p in own if recent[p.name] <= step}
+        traversed = 0
+        for j in calls[step:]:
+            if traversed >= z.max_reuse_distance or not release:
+                break
+            if j is None:
+                continue
+            for p in mods[j].params:
+                release.discard(p.name)
+                traversed += p.numel
+        for name in release:
+            avail -= live.pop(name).numel
+    return out
