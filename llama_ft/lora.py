@@ -84,9 +84,9 @@ def inject_lora(model: nn.Module, spec: LoraSpec,
     """Replace every nn.Linear whose name ends in one of `spec.target_modules` by a LoRA layer.
 
     `make(linear, spec)` builds the replacement (default: LoRALinear around the same weight;
-    the FP8 path passes FP8LoRALinear.from_linear). Freezes every other parameter. Returns the
-    dotted paths of the wrapped modules. Call inside the same `deepspeed.zero.Init` context the
-    model was built in so the new tensors are partitioned as they are created.
+    the FP8 build passes one that returns FP8LoRALinear.empty). Freezes every other parameter.
+    Returns the dotted paths of the wrapped modules. The training build calls it on the meta-device
+    skeleton, before any partition exists (model/build.py).
     """
     for p in model.parameters():
         p.requires_grad_(False)

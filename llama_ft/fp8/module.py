@@ -13,10 +13,6 @@ on the plain bf16 base model.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
-import deepspeed
 import torch
 from torch import nn
 
@@ -24,19 +20,6 @@ from llama_ft.fp8 import kernels
 from llama_ft.fp8.autograd import fp8_lora_linear
 from llama_ft.fp8.format import num_blocks, quantize_fp8_reference, scales_to_bytes
 from llama_ft.lora import LoRALinear, LoraSpec
-
-
-@contextlib.contextmanager
-def _outside_zero_init() -> Iterator[None]:
-    """Suspend zero.Init's tensor-constructor patches, which would create every floating tensor
-    (the fp32 scales and scratch of the quantizer included) in the training dtype."""
-    from deepspeed.runtime.zero import partition_parameters as pp
-
-    pp.shutdown_init_context()
-    try:
-        yield
-    finally:
-        pp.restore_init_context()
 
 
 def quantize_device() -> torch.device:
@@ -62,19 +45,19 @@ class FP8LoRALinear(LoRALinear):
     @classmethod
     def empty(cls, in_features: int, out_features: int, spec: LoraSpec, lora_dtype: torch.dtype,
               fp8_compute: bool = False) -> FP8LoRALinear:
-        """Zero FP8 storage of the right shapes, for a loader to fill (under zero.Init: partitions)."""
+        """Zero FP8 storage of the right shapes, for a loader to fill (built on the meta device, it is
+        only shapes until model/partition.py gives each rank its partitions)."""
         q = torch.zeros(out_features, in_features, dtype=torch.uint8)
         scale_bytes = torch.zeros(num_blocks(out_features), num_blocks(in_features) * 4, dtype=torch.uint8)
         return cls(q, scale_bytes, in_features, out_features, spec, lora_dtype, fp8_compute)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LoraSpec, fp8_compute: bool = False) -> FP8LoRALinear:
-        """Quantize a (possibly ZeRO-3 partitioned) nn.Linear's weight; one weight is whole at a time."""
-        w = linear.weight
-        z3 = hasattr(w, "ds_id")
-        with deepspeed.zero.GatheredParameters([w], enabled=z3), _outside_zero_init():
-            q, scales = quantize_fp8(w.data)  # on the weight's device: GPU under ZeRO-3 on GPUs
-            dtype = w.dtype
+        """Quantize an ordinary (unpartitioned) nn.Linear's weight, on its device. The training build
+        never goes through a bf16 nn.Linear: it creates FP8 storage directly (`empty`)."""
+        w = linear.weight.detach()
+        q, scales = quantize_fp8(w)
+        dtype = w.dtype
         return cls(q, scales_to_bytes(scales), linear.in_features, linear.out_features, spec, dtype, fp8_compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ its final format and place (model/partition.py), and the checkpoint is written i
 partitions (model/loader.py streams each rank's own bytes).
 
 Flow of one weight (the first three of the four files a reader follows):
-    shards.py       header/index lookup of `model.layers.0.self_attn.q_proj.weight`
-    model/build.py  `load_checkpoint_weights`: read it, write it into its ZeRO-3 partitions
-    lora.py         `LoRALinear.forward`: the matmul that uses it
+    shards.py        header/index lookup of `model.layers.0.self_attn.q_proj.weight`
+    model/loader.py  `stream_checkpoint_into_partitions`: read this rank's rows into its ZeRO-3 partition
+    lora.py          `LoRALinear.forward`: the matmul that uses it
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = dict(model.named_parameters(remove_duplicate=True))
-    fp8 = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, FP8LoRALinear)}
+    fp8 = fp8_modules(model)
 
     nbytes = 0
     for shard in ckpt.shards:

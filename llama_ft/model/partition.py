@@ -98,32 +98,27 @@ class DirectPartitioner(deepspeed.zero.Init):
         p.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
 
-def _storage_free_placeholders(model: nn.Module, device: torch.device) -> dict[int, nn.Parameter]:
-    """Replace every meta parameter by one of the same shape and dtype on `device` that holds a single
-    element (a zero-stride expand), so DeepSpeed's conversion sees the shape. Returns id(meta) -> new.
-    A meta tensor cannot become a real one in place (`.data =` refuses), hence new Parameter objects,
-    one per tied group."""
+def _replace_meta_parameters(model: nn.Module, make) -> dict[int, nn.Parameter]:
+    """Replace every meta parameter by `make(meta_param)`, one new Parameter per tied group (a meta
+    tensor cannot become a real one in place: `.data =` refuses). Returns id(meta) -> new."""
     done: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
             if id(p) not in done:
-                one = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
-                done[id(p)] = nn.Parameter(one, requires_grad=p.requires_grad)
+                done[id(p)] = nn.Parameter(make(p), requires_grad=p.requires_grad)
             module._parameters[name] = done[id(p)]
     return done
+
+
+def _storage_free_placeholders(model: nn.Module, device: torch.device) -> dict[int, nn.Parameter]:
+    """Every meta parameter becomes one of the same shape and dtype on `device` that holds a single
+    element (a zero-stride expand), so DeepSpeed's conversion sees the shape. Returns id(meta) -> new."""
+    return _replace_meta_parameters(model, lambda p: torch.empty((), dtype=p.dtype, device=device).expand(p.shape))
 
 
 def materialize_unpartitioned(model: nn.Module, device: torch.device | str = "cpu") -> None:
     """Without ZeRO-3: give every meta parameter uninitialised storage of its own shape and dtype
     (tied parameters stay one tensor). The loader fills the frozen ones."""
-    done: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is None or not p.is_meta:
-                continue
-            if id(p) not in done:
-                done[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
-                                           requires_grad=p.requires_grad)
-            module._parameters[name] = done[id(p)]
+    _replace_meta_parameters(model, lambda p: torch.empty(p.shape, dtype=p.dtype, device=device))
