@@ -57,7 +57,9 @@ import torch.nn.functional as F
 from bench_common import stdout_to_stderr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-with stdout_to_stderr():  # llama_ft.fp8 imports deepspeed
+with stdout_to_stderr():  # DeepSpeed's logger writes to the stdout of its import: import it here, not later
+    import deepspeed  # noqa: F401 - the peer (OptimizedLinear) is imported from it below
+
     from llama_ft.fp8 import BLOCK, fp8_lora_linear, quantize_fp8, scales_from_bytes, scales_to_bytes
 
 
