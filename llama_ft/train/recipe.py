@@ -415,9 +415,14 @@ def all_ranks_sum(values: list[float], device) -> list[float]:
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_train_args(argv)
-    train(cfg)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        train(cfg)
+    finally:
+        # On every way out (done, a stop signal, a NaN, a user error): with the process group still alive at
+        # interpreter exit, gloo's worker threads are torn down joinable and the rank dies of SIGABRT
+        # ("terminate called without an active exception"), which turned a clean exit 143 into 250.
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
