@@ -59,6 +59,10 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     loss_chunk_size: int = 1024
     seed: int = 42
+    # long context (DeepSpeed's ALST pieces)
+    sequence_parallel_size: int = 1
+    tiled_mlp: bool = False
+    activation_offload: bool = False
     # LoRA
     lora_r: int = 64
     lora_alpha: float = 16
@@ -112,6 +116,13 @@ _HELP = {
                            "when packing)",
     "loss_chunk_size": "trained tokens per chunk of the LM head + cross-entropy: full-vocabulary logits exist for "
                        "this many tokens at a time, never for the whole micro-batch",
+    "sequence_parallel_size": "Ulysses sequence parallelism (DeepSpeed ALST): N ranks share each sequence, each "
+                              "holding 1/N of its tokens; data-parallel size = ranks / N. Micro-batches are padded "
+                              "to a multiple of N tokens",
+    "tiled_mlp": "run each MLP over slices of ~hidden_size tokens and recompute them in backward (DeepSpeed "
+                 "TiledMLP): one slice's intermediates at a time; needs --lora_dropout 0",
+    "activation_offload": "keep the activation checkpoints in host memory until the backward needs them; needs "
+                          "--gradient_checkpointing",
     "train_on_source": "train on every token, prompts and user turns included (default: responses only)",
     "max_train_samples": "use only the first N rows of the dataset",
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
@@ -225,6 +236,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.attn_implementation == "flash_attention_2" and not cfg.bf16:
         raise UserError("--attn_implementation flash_attention_2 runs in bf16 only: drop --bf16 false, or use sdpa")
     check_attn_implementation(cfg.attn_implementation)
+    if cfg.sequence_parallel_size < 1:
+        raise UserError(f"--sequence_parallel_size {cfg.sequence_parallel_size}: expected an integer >= 1")
+    if cfg.tiled_mlp and cfg.lora_dropout > 0:
+        raise UserError(f"--tiled_mlp with --lora_dropout {cfg.lora_dropout}: the tiled MLP recomputes its slices in "
+                        "backward without replaying dropout masks; set --lora_dropout 0")
+    if cfg.activation_offload and not cfg.gradient_checkpointing:
+        raise UserError("--activation_offload needs --gradient_checkpointing: it offloads the activation "
+                        "checkpoints (each decoder layer's input)")
     if cfg.loss_chunk_size < 1:
         raise UserError(f"--loss_chunk_size {cfg.loss_chunk_size}: expected an integer >= 1 (tokens per chunk)")
     cfg.lora_target_modules = _split_csv(cfg.lora_target_modules)
@@ -349,10 +368,12 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, hidden_size: int
     stage3_param_persistence_threshold = 10 h). Any other "auto" is an error naming its field.
     """
     ds = copy.deepcopy(ds)
+    sp = getattr(cfg, "sequence_parallel_size", 1)
+    dp_world = world_size // sp  # a sequence-parallel group shares one micro-batch
     values: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dp_world,
         "gradient_clipping": cfg.max_grad_norm,
         "bf16.enabled": cfg.bf16,
         "fp16.enabled": False,
@@ -393,6 +414,19 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, hidden_size: int
         for sec in ("offload_param", "offload_optimizer"):
             if isinstance(zero.get(sec), dict) and zero[sec].get("pin_memory"):
                 zero[sec]["pin_memory"] = False
+    if sp > 1:
+        if ds.get("sequence_parallel_size", sp) != sp:
+            raise UserError(f"{source}: field 'sequence_parallel_size' is {ds['sequence_parallel_size']} but "
+                            f"--sequence_parallel_size is {sp}; leave it out of the config")
+        ds["sequence_parallel_size"] = sp
+        # DeepSpeed 0.19.8 ZeRO-3 averages a gradient bucket over all ranks (sequence-parallel ones included) on
+        # its reduce-scatter path, but over ranks / N on its contiguous all-reduce path (used per bucket when
+        # reduce_scatter is off). The loss scale (train/loss.py backward_scale) needs one rule: the first.
+        if zero.get("reduce_scatter") is False:
+            raise UserError(f"{source}: field 'zero_optimization.reduce_scatter' is false; with "
+                            f"--sequence_parallel_size {sp} it must stay true (DeepSpeed's other path averages "
+                            "gradients over a different number of ranks); remove it")
+        zero["reduce_scatter"] = True
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
     return ds

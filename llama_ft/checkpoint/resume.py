@@ -68,7 +68,7 @@ RESUME_INVARIANTS = ("lora_r", "lora_alpha", "lora_target_modules", "per_device_
                      "learning_rate", "lr_scheduler_type", "warmup_ratio", "max_steps", "weight_decay", "max_grad_norm",
                      "ds_config_sha256",
                      "adam_beta1", "adam_beta2", "adam_epsilon", "lora_dropout", "bf16", "fp8_compute",
-                     "loss_chunk_size", "attn_implementation", "packing",
+                     "loss_chunk_size", "attn_implementation", "packing", "sequence_parallel_size", "tiled_mlp",
                      # the examples
                      "data_sha256", "dataset_format", "chat_template_sha256", "tokenizer_sha256", "source_max_len",
                      "target_max_len", "max_seq_len", "train_on_source", "max_train_samples", "eval_dataset_size")

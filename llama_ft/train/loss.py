@@ -43,6 +43,28 @@ def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return b * width + t, labels[b, t + 1]
 
 
+def next_label_targets(next_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_targets for labels already shifted (y'[:, t] = y[:, t + 1], as a sequence-parallel shard holds
+    them, train/parallel.py): positions b*T + t where y' is trained, and y' there."""
+    _, width = next_labels.shape
+    b, t = torch.nonzero(next_labels != IGNORE_INDEX, as_tuple=True)
+    return b * width + t, next_labels[b, t]
+
+
+def batch_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) of a micro-batch: its `next_labels` (a sequence-parallel shard) or `labels`."""
+    if "next_labels" in batch:
+        return next_label_targets(batch["next_labels"])
+    return loss_targets(batch["labels"])
+
+
+def batch_trained_count(batch: dict) -> int:
+    """Tokens of a micro-batch (or of this rank's shard of it) that enter the loss. Host tensors."""
+    if "next_labels" in batch:
+        return int((batch["next_labels"] != IGNORE_INDEX).sum())
+    return trained_count(batch["labels"])
+
+
 class HiddenStatesHead(nn.Module):
     """Stands in for `lm_head` while training: the causal LM's forward returns the final hidden states
     (B, T, H) as its "logits", so [tokens x vocab] logits are never built for the whole batch. The real

@@ -57,16 +57,24 @@ from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
 from llama_ft.metrics import MetricsLog, plot_loss
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
+from llama_ft.train.activation_memory import activation_offload, mlp_tiles, use_tiled_mlp
 from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import (
     LossMeter,
     backward_scale,
+    batch_targets,
+    batch_trained_count,
     global_count,
     lm_head_nll_sum,
-    loss_targets,
     to_device,
-    trained_count,
     use_chunked_loss,
+)
+from llama_ft.train.parallel import (
+    SequenceParallel,
+    check_sequence_parallel,
+    register_ulysses,
+    shard_micro_batch,
+    varlen_bounds,
 )
 
 log = logging.getLogger("llama_ft")
@@ -126,15 +134,24 @@ def model_inputs(batch: dict[str, torch.Tensor], packed: bool, flash: bool, devi
     varlen boundaries given (cu_seq_lens: where position_ids restart, the padding blocks included), since
     transformers takes flash's varlen path from position_ids only at batch size 1; built on the host, so
     flash never has to find them on the device. Flattening keeps the row-major token order, which is how
-    loss_targets indexes the hidden states."""
+    loss_targets indexes the hidden states.
+
+    A sequence-parallel shard (train/parallel.py, it carries `next_labels`) gets input_ids + position_ids
+    only: Ulysses builds causality from the gathered positions; under flash the varlen boundaries of the
+    whole (gathered) row go with it."""
+    if "next_labels" in batch:
+        inputs = {k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}
+        if "cu_seq_lens" in batch:
+            cu = to_device(batch["cu_seq_lens"], device)
+            inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_length"],
+                          max_length_k=batch["max_length"])
+        return inputs
     if not packed:
         return {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
     if not flash:
         return {k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}
     positions = batch["position_ids"].reshape(1, -1)
-    starts = torch.nonzero(positions[0] == 0).flatten()
-    bounds = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(torch.int32)
-    longest = int((bounds[1:] - bounds[:-1]).max())
+    bounds, longest = varlen_bounds(positions[0])
     cu = to_device(bounds, device)
     return {"input_ids": to_device(batch["input_ids"].reshape(1, -1), device),
             "position_ids": to_device(positions, device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
@@ -142,23 +159,26 @@ def model_inputs(batch: dict[str, torch.Tensor], packed: bool, flash: bool, devi
 
 
 def micro_batch_nll(engine, head_weight, batch: dict[str, torch.Tensor], packed: bool, chunk: int,
-                    flash: bool = False) -> torch.Tensor:
-    """S: the summed token cross-entropy of one micro-batch (train/loss.py), chunked over its trained tokens."""
-    positions, targets = loss_targets(batch["labels"])  # host: no sync to find the trained tokens
+                    flash: bool = False, offload: bool = False) -> torch.Tensor:
+    """S: the summed token cross-entropy of one micro-batch (train/loss.py), chunked over its trained tokens.
+    `offload`: what the forward saves for backward waits in host memory (train/activation_memory.py)."""
+    positions, targets = batch_targets(batch)  # host: no sync to find the trained tokens
     inputs = model_inputs(batch, packed, flash, engine.device)
-    hidden = engine(**inputs, use_cache=False).logits  # (B, T, H), or (1, B*T, H) flattened: see loss.py
-    return lm_head_nll_sum(hidden, head_weight, to_device(positions, engine.device), to_device(targets, engine.device),
-                           chunk)
+    with activation_offload(offload, pin_memory=torch.device(engine.device).type == "cuda"):
+        hidden = engine(**inputs, use_cache=False).logits  # (B, T, H), or (1, B*T, H) flattened: see loss.py
+        return lm_head_nll_sum(hidden, head_weight, to_device(positions, engine.device),
+                               to_device(targets, engine.device), chunk)
 
 
 @torch.no_grad()
 def evaluate(engine, head_weight, examples, batch: int, pad_id: int, world: int, rank: int,
-             pack_len: int | None, chunk: int, flash: bool = False) -> float:
+             pack_len: int | None, chunk: int, flash: bool = False, prepare=None) -> float:
     """Nats per trained token over `examples`, computed on all ranks together (train/loss.py): the same
     loss packed or not. Packed, the examples are best-fit packed in their order (no shuffle).
 
-    Every rank runs the same number of forward passes (ZeRO-3 gathers are collective); a rank
-    with nothing left repeats a row and does not count it.
+    `world`/`rank` are the data-parallel ones: a sequence-parallel group shares each micro-batch, which
+    `prepare` turns into this rank's shard. Every rank runs the same number of forward passes (ZeRO-3
+    gathers are collective); a rank with nothing left repeats a row and does not count it.
     """
     engine.eval()
     meter = LossMeter(engine.device)
@@ -169,9 +189,11 @@ def evaluate(engine, head_weight, examples, batch: int, pad_id: int, world: int,
         chunk_rows = mine[b * batch:(b + 1) * batch]
         picked = [[examples[i] for i in row] for row in chunk_rows or rows[:1]]
         micro = collate_packed(picked, pad_id) if pack_len else collate([r[0] for r in picked], pad_id)
+        if prepare is not None:
+            micro = prepare(micro)
         nll = micro_batch_nll(engine, head_weight, micro, pack_len is not None, chunk, flash)
         if chunk_rows:
-            meter.add(nll, trained_count(micro["labels"]))
+            meter.add(nll, batch_trained_count(micro))
     engine.train()
     return meter.mean()["loss"]
 
@@ -235,6 +257,9 @@ def train(cfg: TrainConfig) -> dict:
                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
     ds_config = load_ds_config(cfg.deepspeed)
     llama_config = load_llama_config(cfg.model_name_or_path)
+    check_sequence_parallel(cfg.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", 1)),
+                            llama_config.num_attention_heads, llama_config.num_key_value_heads,
+                            cfg.attn_implementation, cfg.packing, cfg.model_name_or_path)
     max_positions = llama_config.max_position_embeddings
     if cfg.max_seq_len and cfg.max_seq_len > max_positions:
         raise UserError(f"--max_seq_len {cfg.max_seq_len}: above the model's max_position_embeddings "
@@ -251,7 +276,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer, train_set, eval_set, stats = load_training_data(cfg)  # rows -> examples, once per node
     pad_id = pad_token_id(tokenizer)
     world_env = int(os.environ.get("WORLD_SIZE", 1))
-    MicroBatches(train_set, world_env, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id,
+    sp = SequenceParallel.of(rank, world_env, cfg.sequence_parallel_size)  # the stream follows the DP rank
+    MicroBatches(train_set, sp.dp_world, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                  pack_len=cfg.max_seq_len if cfg.packing else None)  # enough data?
     on_gpu = torch.cuda.is_available()
     ds_config = fill_ds_config(ds_config, cfg, world_env, llama_config.hidden_size, on_gpu)
@@ -287,6 +313,23 @@ def train(cfg: TrainConfig) -> dict:
     report.write(out)
     logging.getLogger("llama_ft.load").info(report.line())
     head_weight = use_chunked_loss(model)  # the forward now returns hidden states; the loss applies the head
+    pack_len = cfg.max_seq_len if cfg.packing else None
+    flash = cfg.attn_implementation == "flash_attention_2"
+    rows = 1 if (pack_len and flash) else cfg.per_device_train_batch_size  # flash packing: one (1, B*T) row
+    tiles = 1
+    if cfg.tiled_mlp:  # fixed for the run: every rank makes the same MLP calls (train/activation_memory.py)
+        longest = pack_len or max(example_lengths(train_set) + example_lengths(eval_set))
+        longest *= cfg.per_device_train_batch_size if rows == 1 and pack_len else 1
+        tiles = mlp_tiles(math.ceil(longest / sp.size), llama_config.hidden_size)
+        log.info("tiled MLP: %d MLPs in %d slices of the sequence", use_tiled_mlp(model, tiles), tiles)
+    prepare = None
+    if sp.enabled or cfg.tiled_mlp:  # widths padded to sp.size x tiles; this rank's columns only
+        def prepare(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return shard_micro_batch(b, sp, rows, sp.size * tiles, pad_id, cfg.packing, flash)
+    mpu = None
+    if sp.enabled:  # DeepSpeed's Ulysses attention in place of the core one; creates the SP groups
+        mpu = register_ulysses(model, cfg.attn_implementation, sp.size, rows)
+        log.info("sequence parallel: %d ranks per sequence, %d data-parallel groups", sp.size, sp.dp_world)
     held = partition_bytes(model)
     log.info("parameter bytes on this rank: frozen linears %.2f MB%s, other frozen %.2f MB, LoRA %.2f MB",
              held["frozen_linear"] / 2**20, " (FP8)" if cfg.quantize else "", held["frozen_other"] / 2**20,
@@ -303,15 +346,14 @@ def train(cfg: TrainConfig) -> dict:
         model_parameters=trainable,
         config=ds_config,
         lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler_type, opt, warmup, cfg.max_steps),
+        mpu=mpu,
     )
     seed_everything(cfg.seed + rank)  # dropout masks differ per rank
     progress = Progress()
     if cfg.resume_from_checkpoint:
         progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, options)
         log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
-    pack_len = cfg.max_seq_len if cfg.packing else None
-    flash = cfg.attn_implementation == "flash_attention_2"
-    batches = MicroBatches(train_set, world, rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
+    batches = MicroBatches(train_set, sp.dp_world, sp.dp_rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                            progress.epoch, progress.micro_index, pack_len)
 
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
@@ -328,8 +370,9 @@ def train(cfg: TrainConfig) -> dict:
     eval_every = cfg.eval_steps or cfg.save_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_start, last_loss, eval_loss = time.time(), float("nan"), None
-    # DeepSpeed averages gradients over the ranks that reduce them (data x sequence parallel)
-    reduce_world = getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size
+    # DeepSpeed averages gradients over every rank that reduces them, sequence-parallel ones included (its
+    # reduce-scatter path, which fill_ds_config keeps on under SP); a shard's S is then scaled by W / N too
+    reduce_world = engine.seq_dp_world_size
     meter, t_window = LossMeter(engine.device), time.time()
 
     # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
@@ -343,12 +386,13 @@ def train(cfg: TrainConfig) -> dict:
                 raise StopRun(128 + signum, stopped_line(signum, progress.step, out) if rank == 0 else None)
             micro, step_examples = [], []
             for _ in range(cfg.gradient_accumulation_steps):
-                micro.append(next(batches))
+                micro.append(next(batches) if prepare is None else prepare(next(batches)))
                 step_examples += [stats.train_index[i] for i in batches.last_examples]  # dump line numbers
-            counts = [trained_count(b["labels"]) for b in micro]  # host tensors: no device sync
+            counts = [batch_trained_count(b) for b in micro]  # host tensors: no device sync
             scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
             for b, n in zip(micro, counts, strict=True):
-                nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size, flash)
+                nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size, flash,
+                                      cfg.activation_offload)
                 engine.backward(apply_test_hooks(nll, progress.step + 1, rank) * scale, scale_wrt_gas=False)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
                 meter.add(nll, n, int(b["attention_mask"].sum()))
@@ -375,8 +419,8 @@ def train(cfg: TrainConfig) -> dict:
                     metrics.write(record)
 
             if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
-                eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id, world,
-                                     rank, pack_len, cfg.loss_chunk_size, flash)
+                eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id,
+                                     sp.dp_world, sp.dp_rank, pack_len, cfg.loss_chunk_size, flash, prepare)
                 log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
                 if metrics:
                     metrics.write({"step": progress.step, "eval_loss": eval_loss})
