@@ -11,7 +11,8 @@ gradient, and one torch.optim.AdamW step. Checked per world size:
 - the adapters after the step are the AdamW reference step's (LoRA A is unchanged in step 1: B = 0
   makes its gradient exactly zero, so the reference starts from the A the run saved).
 The 3-rank run also resumes from its step-1 checkpoint and must reproduce steps 2-3 bit for bit, and
-a packed 2-rank run (--packing) must match the same reference and resume exactly too.
+a packed 2-rank run (--packing) and a sequence-parallel one (--sequence_parallel_size 2: both ranks share
+every sequence) must match the same reference and resume exactly too.
 """
 
 from __future__ import annotations
@@ -206,3 +207,20 @@ def test_packed_two_ranks_match_reference_and_resume_exactly(case):
               model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
     _same_adapters(tmp / "packed", tmp / "packed-resumed")
     assert [r["loss"] for r in _metrics(tmp / "packed-resumed")] == [r["loss"] for r in _metrics(tmp / "packed")][1:]
+
+
+def test_sequence_parallel_matches_reference_and_resumes_exactly(case):
+    """--sequence_parallel_size 2 on 2 ranks: ONE data-parallel group, so both ranks take every micro-batch
+    (4 examples x 3 accumulation steps, as the one-rank run) and each holds half of its tokens, the labels
+    shifted before the split. The step is still the float64 reference's (loss, reduced gradient, adapters);
+    resuming from step 1 reproduces steps 2-3 bit for bit."""
+    tmp = case["tmp"]
+    flags = [*case["flags"], "--sequence_parallel_size", "2", "--per_device_train_batch_size", "4",
+             "--gradient_accumulation_steps", "3", "--max_steps", "3"]
+    proc = run_llama(tmp, tmp / "sp2", *flags, model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
+    assert "sequence parallel: 2 ranks per sequence, 1 data-parallel groups" in proc.stderr
+    check_against_reference(case, tmp / "sp2", 2)
+    run_llama(tmp, tmp / "sp2-resumed", *flags, "--resume_from_checkpoint", str(tmp / "sp2/checkpoint-1"),
+              model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
+    _same_adapters(tmp / "sp2", tmp / "sp2-resumed")
+    assert [r["loss"] for r in _metrics(tmp / "sp2-resumed")] == [r["loss"] for r in _metrics(tmp / "sp2")][1:]
