@@ -259,7 +259,7 @@ def test_auto_values_and_training_defaults_match_config_py():
     assert {k: filled[k] for k in zero3_auto_values(4096)} == zero3_auto_values(4096)
     defaults = TrainConfig()
     shared = [k for k in command.TRAINING_DEFAULTS if hasattr(defaults, k)]
-    assert len(shared) >= len(command.TRAINING_DEFAULTS) - 1  # all but sequence_parallel_size (not in training yet)
+    assert len(shared) == len(command.TRAINING_DEFAULTS)
     for k in shared:
         assert command.TRAINING_DEFAULTS[k] == getattr(defaults, k), k
 
@@ -329,12 +329,14 @@ def test_parameters_are_those_llama_ft_builds(quantize):
     assert planned == built
 
 
-@pytest.mark.parametrize("rows,dropout,mask,attn,dtype", [
-    (2, 0.05, True, "sdpa", "bf16"), (2, 0.0, True, "sdpa", "bf16"), (1, 0.05, False, "sdpa", "bf16"),
-    (1, 0.0, False, "sdpa", "bf16"), (2, 0.05, True, "eager", "bf16"), (2, 0.05, True, "sdpa", "fp32")])
-def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dtype):
+@pytest.mark.parametrize("rows,dropout,mask,attn,dtype,tiles", [
+    (2, 0.05, True, "sdpa", "bf16", 1), (2, 0.0, True, "sdpa", "bf16", 1), (1, 0.05, False, "sdpa", "bf16", 1),
+    (1, 0.0, False, "sdpa", "bf16", 1), (2, 0.05, True, "eager", "bf16", 1), (2, 0.05, True, "sdpa", "fp32", 1),
+    (1, 0.0, False, "sdpa", "bf16", 3)])
+def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dtype, tiles):
     """One Llama decoder layer with LoRA on all seven linears, forward on CPU: the bytes of every tensor
-    autograd saves (parameters and the shared RoPE tables and mask aside) equal the plan's per-layer figure."""
+    autograd saves (parameters and the shared RoPE tables and mask aside) equal the plan's per-layer figure;
+    also with the MLP tiled (--tiled_mlp: DeepSpeed's TiledMLP keeps only the MLP's input)."""
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -347,6 +349,10 @@ def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dt
     config._attn_implementation = attn
     layer = LlamaDecoderLayer(config, 0).to(tdtype)
     inject_lora(layer, LoraSpec(16, 32, dropout))
+    if tiles > 1:
+        from llama_ft.train.activation_memory import tile_mlp
+
+        tile_mlp(layer.mlp, tiles)
     layer.train()
     x = torch.randn(rows, seq, 256, dtype=tdtype, requires_grad=True)
     positions = torch.arange(seq)[None].expand(rows, seq)
@@ -369,8 +375,44 @@ def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dt
         layer(x, attention_mask=attn_mask, position_embeddings=(cos, sin), position_ids=positions)
     # a mask is what the plan assumes for packed rows (and padded batches of > 1 row)
     mb = MicroBatch(rows, seq, tdtype.itemsize, 16, tuple(ALL), dropout, packing=mask, attn_implementation=attn,
-                    device="cpu")
+                    device="cpu", mlp_tiles=tiles)
     assert sum(saved.values()) == sum(layer_saved(ModelShape(256, 768, 1, 8, 2, 32, 1000), mb).values())
+
+
+def test_sequence_parallel_tiles_and_activation_offload_by_hand(capsys):
+    """SP over 4 ranks: a rank holds 250 of 1000 tokens, and the attention core runs on all 1000 with 2 of the
+    8 query heads and 1 KV head (2 KV heads / 4: replicated). Then 8B at 128k tokens on 8 GPUs."""
+    from llama_ft.plan.activations import attention_saved, layer_backward_transient
+
+    shape = ModelShape(256, 768, 1, 8, 2, 32, 1000)
+    mb = MicroBatch(1, 1000, 2, 16, tuple(ALL), 0.0, packing=False, sp=4)
+    assert mb.tokens == 250 and not mb.has_mask
+    assert attention_saved(shape, mb) == 2 * 1000 * (2 * 2 * 32 + 2 * 1 * 32) + 4 * 1 * 2 * 1000
+    # backward: dL/dh in and out, the MLP's three gradients, and the all-to-all buffers of the local q, k, v
+    assert layer_backward_transient(shape, mb) == 2 * 250 * (2 * 256 + 3 * 768) + 2 * 2 * 250 * (256 + 2 * 64)
+    tiled = MicroBatch(1, 1000, 2, 16, tuple(ALL), 0.0, packing=False, sp=4, mlp_tiles=5)
+    all_to_all = 2 * 2 * 250 * (256 + 2 * 64)
+    assert layer_backward_transient(shape, tiled) == 2 * 250 * (2 * 256) + 6 * 2 * 50 * 768 + all_to_all
+
+    def run(*extra):
+        rc, out, _ = _main(capsys, "8b", "--gpu_memory_gb", "79.6", "--json", "--max_seq_len", "131072", "--packing",
+                           "--attn_implementation", "flash_attention_2", "--gradient_checkpointing", *extra)
+        return rc, json.loads(out)
+
+    rc, one = run()
+    assert rc == 1 and one["cannot_fit"]["term"] == "activations_bytes"  # 128k tokens on one 80 GB GPU each
+    rc, sp8 = run("--sequence_parallel_size", "8")
+    t = sp8["inputs"]["training"]
+    assert rc == 0 and t["tokens_per_rank"] == 16384 and t["sequence_parallel_size"] == 8
+    assert sp8["per_gpu"]["activations_bytes"] < one["per_gpu"]["activations_bytes"] / 6
+    rc, tiled = run("--sequence_parallel_size", "8", "--tiled_mlp", "--lora_dropout", "0")
+    assert tiled["inputs"]["training"]["tiled_mlp_slices"] == 4  # 16384 tokens / hidden 4096
+    assert tiled["per_gpu"]["activations_bytes"] < sp8["per_gpu"]["activations_bytes"]
+    rc, off = run("--sequence_parallel_size", "8", "--tiled_mlp", "--lora_dropout", "0", "--activation_offload")
+    # 32 layer inputs of 16384 x 4096 bf16 = 4 GiB per rank, pinned (a power of two already), x 8 ranks
+    assert off["per_host"]["activations_bytes"] == 8 * 32 * 16384 * 4096 * 2
+    assert off["per_gpu"]["activations_bytes"] < tiled["per_gpu"]["activations_bytes"] - 3.5 * 2**30
+    assert off["h2d_bytes_per_micro_batch"] == 32 * 16384 * 4096 * 2  # the checkpoints come back once
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,6 +452,10 @@ def test_bad_inputs_are_one_line_and_exit_2(capsys, tmp_path):
         (["8b", "--gpu_memory_gb", "80", "--deepspeed", str(tmp_path / "none.json")], "--deepspeed"),
         (["8b", "--gpu_memory_gb", "80", "--packing"], "--packing needs --max_seq_len"),
         ([str(tmp_path), "--gpu_memory_gb", "80"], "no config.json"),
+        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "3"], "does not divide the 8 ranks"),
+        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "2", "--attn_implementation", "eager"],
+         "--attn_implementation eager"),
+        (["8b", "--gpu_memory_gb", "80", "--activation_offload"], "--activation_offload needs"),
     ]
     for argv, needle in cases:
         rc, out, err = _main(capsys, *argv)

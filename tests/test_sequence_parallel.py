@@ -26,8 +26,9 @@ from llama_ft.data import IGNORE_INDEX, collate, collate_packed
 from llama_ft.errors import UserError
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.train.activation_memory import activation_offload, mlp_tiles, use_tiled_mlp
-from llama_ft.train.parallel import SequenceParallel, check_sequence_parallel, shard_micro_batch
+from llama_ft.train.parallel import shard_micro_batch
 from llama_ft.train.recipe import main as train_main
+from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel
 
 PAD = 0
 

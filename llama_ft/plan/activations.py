@@ -28,6 +28,15 @@ Gradient checkpointing (non-reentrant, one checkpoint per decoder layer) keeps o
 gradients: the incoming and outgoing dL/dh (2 B M h) and, in the MLP, d(act*up), d(SiLU) and d(up)
 alive together (3 B M I).
 
+Long context (train/parallel.py, train/activation_memory.py). Sequence parallelism over n ranks: a rank holds
+M = b x ceil(s / n) tokens, and every term above counts those, except the attention core, which Ulysses runs
+on the whole sequence with heads / n query heads and max(kv_heads / n, 1) KV heads (no mask: it drops
+them): B b s (2 q/n + 2 kv'/n) + 4 b (heads/n) s; its all-to-alls keep send and receive buffers of the
+local q, k, v alive in the backward: 2 B M (q + 2 kv). Tiled MLP over t slices: the MLP keeps only its input
+(B M h), its LoRA branches keep nothing, and its backward recomputes one slice at a time: 3 B (M/t) I saved
++ 3 B (M/t) I of gradients. Activation offload: the checkpoint boundaries live in host memory; the device
+keeps the one being recomputed.
+
 Loss (train/loss.py ChunkedLMHeadLoss), N trained positions (planned as N = M: every position trained),
 c = min(--loss_chunk_size, N), V vocabulary: the whole head gathered (B V h), the trained hidden rows and
 their gradient (2 B N h), and per chunk the logits in the training dtype and in fp32 at once (c V (B + 4);
@@ -40,6 +49,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llama_ft.plan.shape import ModelShape
+
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 LINEAR_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
@@ -59,6 +70,8 @@ class MicroBatch:
     packing: bool
     attn_implementation: str = "sdpa"
     device: str = "cuda"
+    sp: int = 1  # ranks sharing each sequence
+    mlp_tiles: int = 1  # slices of the tiled MLP (1: not tiled)
 
     @property
     def dropout_mask_bytes(self) -> int:
@@ -68,13 +81,15 @@ class MicroBatch:
 
     @property
     def tokens(self) -> int:
-        return self.rows * self.seq_len
+        """Tokens this rank holds: its 1/sp of every row."""
+        return self.rows * -(-self.seq_len // self.sp)
 
     @property
     def has_mask(self) -> bool:
         """transformers builds a 4-D mask for packed rows (from position_ids) and padded batches of > 1 row,
         except for flash-attention (varlen boundaries instead)."""
-        return (self.packing or self.rows > 1) and self.attn_implementation != "flash_attention_2"
+        return ((self.packing or self.rows > 1) and self.attn_implementation != "flash_attention_2"
+                and self.sp == 1)  # Ulysses drops every 4-D mask
 
 
 def input_widths(shape: ModelShape) -> dict[str, int]:
@@ -88,10 +103,11 @@ def lora_saved(shape: ModelShape, mb: MicroBatch) -> int:
     already keep: their (b, s, heads, d) output makes transformers' transpose + contiguous a no-op)."""
     m, b = mb.tokens, mb.dtype_bytes
     widths = input_widths(shape)
-    t = len(mb.targets) * b * m * mb.lora_r
+    targets = [n for n in mb.targets if mb.mlp_tiles == 1 or n not in MLP_TARGETS]  # tiled: recomputed per slice
+    t = len(targets) * b * m * mb.lora_r
     if mb.lora_dropout > 0:
-        return t + sum((b + mb.dropout_mask_bytes) * m * widths[LINEAR_INPUTS[n]] for n in mb.targets)
-    inputs = {LINEAR_INPUTS[n] for n in mb.targets}
+        return t + sum((b + mb.dropout_mask_bytes) * m * widths[LINEAR_INPUTS[n]] for n in targets)
+    inputs = {LINEAR_INPUTS[n] for n in targets}
     if mb.attn_implementation != "eager":
         inputs.discard("attn_out")
     return t + sum(b * m * widths[i] for i in inputs)
@@ -101,6 +117,11 @@ def attention_saved(shape: ModelShape, mb: MicroBatch) -> int:
     """What the attention core keeps (after the q/k/v projections, before o_proj's input)."""
     m, b, q = mb.tokens, mb.dtype_bytes, shape.q_width
     heads = shape.num_attention_heads
+    if mb.sp > 1:  # Ulysses: the whole sequence, heads / sp of the heads, no mask
+        kv_heads = max(shape.num_key_value_heads // mb.sp, 1)
+        whole = mb.rows * mb.seq_len
+        lse = 4 * mb.rows * (heads // mb.sp) * mb.seq_len
+        return b * whole * (2 * q // mb.sp + 2 * kv_heads * shape.head_dim) + lse
     if mb.attn_implementation == "eager":
         probs = (4 if b == 4 else 4 + b) * mb.rows * heads * mb.seq_len * mb.seq_len
         return b * m * 3 * q + probs
@@ -115,13 +136,17 @@ def layer_saved(shape: ModelShape, mb: MicroBatch) -> dict[str, int]:
     m, b, h = mb.tokens, mb.dtype_bytes, shape.hidden_size
     return {"RMSNorm inputs (fp32)": 2 * (4 * m * h + 4 * m),
             "attention": attention_saved(shape, mb),
-            "MLP SiLU in/out, up": 3 * b * m * shape.intermediate_size,
+            "MLP SiLU in/out, up": b * m * h if mb.mlp_tiles > 1 else 3 * b * m * shape.intermediate_size,
             "LoRA inputs": lora_saved(shape, mb)}
 
 
 def layer_backward_transient(shape: ModelShape, mb: MicroBatch) -> int:
-    """Gradients alive inside one layer's backward: dL/dh in and out, and three I-wide MLP gradients."""
-    return mb.dtype_bytes * mb.tokens * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+    """Gradients alive inside one layer's backward: dL/dh in and out, and three I-wide MLP gradients (tiled:
+    one slice's, with the slice's recomputed forward); under SP the all-to-all buffers of q, k, v."""
+    b, m, i = mb.dtype_bytes, mb.tokens, shape.intermediate_size
+    mlp = 3 * b * m * i if mb.mlp_tiles == 1 else 6 * b * -(-m // mb.mlp_tiles) * i
+    all_to_all = 2 * b * m * (shape.q_width + 2 * shape.kv_width) if mb.sp > 1 else 0
+    return 2 * b * m * shape.hidden_size + mlp + all_to_all
 
 
 def checkpoint_boundary(shape: ModelShape, mb: MicroBatch) -> int:

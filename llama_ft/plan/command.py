@@ -48,6 +48,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "source_max_len": 1024, "target_max_len": 256, "dataset_format": "alpaca", "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "packing": False, "loss_chunk_size": 1024,
     "bf16": True, "attn_implementation": "sdpa", "deepspeed": DEFAULT_DS_CONFIG, "sequence_parallel_size": 1,
+    "tiled_mlp": False, "activation_offload": False,
 }
 """The training flags the plan reads, with TrainConfig's defaults."""
 
@@ -75,7 +76,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     for name, helptext in (("quantize", "FP8 e4m3 frozen base weights of the LoRA-targeted linears"),
                            ("offload", "offload base-weight partitions (ratio 1.0 unless --offload_ratio)"),
                            ("gradient_checkpointing", "recompute each layer in backward"),
-                           ("packing", "packed rows of --max_seq_len tokens"), ("bf16", "bf16 training (false: fp32)")):
+                           ("packing", "packed rows of --max_seq_len tokens"), ("bf16", "bf16 training (false: fp32)"),
+                           ("tiled_mlp", "MLPs in slices of ~hidden_size tokens"),
+                           ("activation_offload", "activation checkpoints in host memory")):
         g.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=s, metavar="BOOL",
                        help=f"{helptext} (default {TRAINING_DEFAULTS[name]})")
     g.add_argument("--offload_ratio", type=_ratio, default=s, metavar="R|auto",

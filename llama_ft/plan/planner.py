@@ -46,6 +46,7 @@ from llama_ft.plan.zero import (
     simulate_gathered,
     zero_settings,
 )
+from llama_ft.train.sp_layout import check_sequence_parallel
 
 GiB = 2**30
 
@@ -128,6 +129,9 @@ class Options:
     dtype_bytes: int
     offload_ratio: float | str | None  # None: no offload; "auto": the smallest that fits
     attn_implementation: str = "sdpa"
+    sp: int = 1  # --sequence_parallel_size
+    tiled_mlp: bool = False
+    activation_offload: bool = False
 
 
 def _positive(name: str, value: Any) -> int:
@@ -176,9 +180,13 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
             raise UserError(f"--offload_ratio {ratio!r}: expected a fraction in [0, 1] or 'auto'") from None
     if ratio is not None and ratio != "auto" and not 0 <= ratio <= 1:
         raise UserError(f"--offload_ratio {ratio}: expected a fraction in [0, 1] or 'auto'")
-    sp = getattr(cfg, "sequence_parallel_size", 1) or 1
-    if sp != 1:
-        raise UserError(f"--sequence_parallel_size {sp}: the planner does not cover sequence parallelism yet (use 1)")
+    sp = getattr(cfg, "sequence_parallel_size", 1)
+    if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+        raise UserError(f"--sequence_parallel_size {sp}: expected an integer >= 1")
+    offload_acts = bool(getattr(cfg, "activation_offload", False))
+    if offload_acts and not cfg.gradient_checkpointing:
+        raise UserError("--activation_offload needs --gradient_checkpointing: it offloads the activation "
+                        "checkpoints (each decoder layer's input)")
     chunk = _positive("loss_chunk_size", cfg.loss_chunk_size)
     dropout = float(getattr(cfg, "lora_dropout", 0.05))
     if not 0 <= dropout < 1:
@@ -192,7 +200,8 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
                    seq_note=note, rows=_positive("per_device_train_batch_size", cfg.per_device_train_batch_size),
                    grad_accum=_positive("gradient_accumulation_steps", getattr(cfg, "gradient_accumulation_steps", 1)),
                    checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.packing), loss_chunk_size=chunk,
-                   dtype_bytes=2 if getattr(cfg, "bf16", True) else 4, offload_ratio=ratio, attn_implementation=attn)
+                   dtype_bytes=2 if getattr(cfg, "bf16", True) else 4, offload_ratio=ratio, attn_implementation=attn,
+                   sp=sp, tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)), activation_offload=offload_acts)
 
 
 @dataclass(frozen=True)
@@ -267,11 +276,12 @@ def build_model(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: M
 def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]:
     """The transient terms at the loss, at the last layer's backward and at the optimizer step."""
     shape, o = model.shape, model.opts
-    mb = act.MicroBatch(o.rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
-                        o.attn_implementation, model.machine.device)
+    mb = micro_batch(model)
     layers = shape.num_hidden_layers
     layer = sum(act.layer_saved(shape, mb).values())
     kept_for_backward = layers * (act.checkpoint_boundary(shape, mb) if o.checkpointing else layer)
+    if o.activation_offload and model.machine.device == "cuda":  # in host memory but the one being recomputed
+        kept_for_backward = act.checkpoint_boundary(shape, mb)
     shared = act.shared_inputs(shape, mb)
     recompute = layer if o.checkpointing else 0
     opt = optimizer_bytes([p for p in model.params if p.kind == "lora"], model.machine.world, o.dtype_bytes,
@@ -285,6 +295,24 @@ def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]
                      "gathered": max(held[trace.forward_end + 1:])},
         "optimizer step": {"optimizer step": opt.step_transient_device},
     }
+
+
+def micro_batch(model: Model) -> act.MicroBatch:
+    """One rank's micro-batch: its 1/sp of the tokens, the tiled MLP's slices as training picks them
+    (train/recipe.py: about hidden_size tokens each, from the longest sequence a rank holds)."""
+    o, shape = model.opts, model.shape
+    local = -(-o.seq_len // o.sp) * (o.rows if o.packing and o.attn_implementation == "flash_attention_2" else 1)
+    tiles = max(1, -(-local // shape.hidden_size)) if o.tiled_mlp else 1
+    return act.MicroBatch(o.rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
+                          o.attn_implementation, model.machine.device, o.sp, tiles)
+
+
+def offloaded_activation_bytes(model: Model) -> int:
+    """Checkpoint boundaries one rank keeps in host memory with --activation_offload (GPU ranks)."""
+    o = model.opts
+    if not o.activation_offload or model.machine.device != "cuda":
+        return 0
+    return model.shape.num_hidden_layers * act.checkpoint_boundary(model.shape, micro_batch(model))
 
 
 def _offloaded(model: Model, ratio: float) -> set[str]:
@@ -350,6 +378,7 @@ def evaluate(model: Model, ratio: float) -> dict[str, Any]:
     else:
         host = {"base_partitions_bytes": ranks * host_base, "lora_bytes": ranks * host_lora,
                 "optimizer_bytes": ranks * sum(opt.host.values()),
+                "activations_bytes": ranks * pinned(offloaded_activation_bytes(model)),
                 "process_baseline_bytes": ranks * GPU_RANK_HOST_BASELINE_BYTES}
         host["total_bytes"] = sum(host.values())
     h2d = h2d_bytes(model, offloaded)
@@ -367,7 +396,7 @@ def h2d_bytes(model: Model, offloaded: set[str]) -> dict[str, Any]:
         opt_h2d = 0
     else:
         per_mb = sum(partition_bytes(p, m.world) * model.gathers.get(p.name, 0) for p in model.params
-                     if _on_host(model, p, offloaded))
+                     if _on_host(model, p, offloaded)) + offloaded_activation_bytes(model)  # back for the backward
         # offload_optimizer: the updated LoRA partitions come back once per step
         lora_part = sum(part(p.numel, m.world) for p in model.params if p.kind == "lora")
         opt_h2d = lora_part * o.dtype_bytes if model.zero.offload_optimizer != "none" else 0
@@ -420,6 +449,8 @@ def cannot_fit(model: Model) -> dict[str, Any]:
 def plan(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: Machine) -> dict[str, Any]:
     """The plan object (`llama-ft plan --json`)."""
     check_machine(machine)
+    check_sequence_parallel(opts.sp, machine.world, shape.num_attention_heads, shape.num_key_value_heads,
+                            opts.attn_implementation, opts.packing, shape.name)
     model = build_model(shape, opts, zero, machine)
     best = min_offload_ratio(model)
     if opts.offload_ratio == "auto":
@@ -456,7 +487,9 @@ def inputs_echo(model: Model) -> dict[str, Any]:
                          "gradient_checkpointing": o.checkpointing, "packing": o.packing,
                          "loss_chunk_size": o.loss_chunk_size, "dtype": "bf16" if o.dtype_bytes == 2 else "fp32",
                          "attn_implementation": o.attn_implementation,
-                         "offload_ratio": o.offload_ratio},
+                         "offload_ratio": o.offload_ratio, "sequence_parallel_size": o.sp,
+                         "tokens_per_rank": micro_batch(model).tokens, "tiled_mlp_slices": micro_batch(model).mlp_tiles,
+                         "activation_offload": o.activation_offload},
             "deepspeed": {"reduce_bucket_size": z.reduce_bucket_size, "prefetch_bucket_size": z.prefetch_bucket_size,
                           "param_persistence_threshold": z.param_persistence_threshold,
                           "max_live_parameters": z.max_live_parameters, "max_reuse_distance": z.max_reuse_distance,

@@ -24,6 +24,7 @@ HOST_LABELS = {
     "base_partitions_bytes": "offloaded base partitions (pinned)",
     "lora_bytes": "LoRA partitions (offload_param)",
     "optimizer_bytes": "optimizer states (offload_optimizer)",
+    "activations_bytes": "activation checkpoints (--activation_offload, pinned)",
     "process_baseline_bytes": "rank processes (CUDA libraries, imports)",
 }
 CPU_HOST_LABELS = {"ranks_bytes": "the CPU ranks, each as above"}
@@ -31,8 +32,9 @@ MOMENTS = {"loss": "at the loss, end of forward", "backward": "in the last layer
            "optimizer step": "at the optimizer step"}
 HINTS = {
     ("per_gpu", "base_partitions_bytes"): "more GPUs, --quantize (FP8: half the bytes) or --offload --offload_ratio",
-    ("per_gpu", "activations_bytes"): "--gradient_checkpointing, a smaller --per_device_train_batch_size or "
-                                      "--max_seq_len",
+    ("per_gpu", "activations_bytes"): "--gradient_checkpointing, --sequence_parallel_size, --tiled_mlp, "
+                                      "--activation_offload, a smaller --per_device_train_batch_size or --max_seq_len",
+    ("per_host", "activations_bytes"): "no --activation_offload, more host memory or a larger --sequence_parallel_size",
     ("per_gpu", "loss_bytes"): "a smaller --loss_chunk_size (the whole LM head is gathered regardless)",
     ("per_gpu", "optimizer_bytes"): "a smaller --lora_r, fewer --lora_target_modules, more GPUs, or offload_optimizer "
                                     "in the DeepSpeed config",
@@ -85,7 +87,11 @@ def header(r: dict[str, Any]) -> list[str]:
             f"  {m['nodes']} node(s) x {m['gpus_per_node']} {unit} = {m['world_size']} rank(s); {mem}host {host}",
             f"  micro-batch {t['per_device_train_batch_size']} x {t['seq_len']} tokens ({t['seq_len_from']}), "
             f"{t['attn_implementation']}, gradient checkpointing {'on' if t['gradient_checkpointing'] else 'off'}, "
-            f"loss chunk {t['loss_chunk_size']}, accumulation {t['gradient_accumulation_steps']}",
+            f"loss chunk {t['loss_chunk_size']}, accumulation {t['gradient_accumulation_steps']}"
+            + (f"; sequence parallel {t['sequence_parallel_size']} ({t['tokens_per_rank']} tokens per rank)"
+               if t.get("sequence_parallel_size", 1) > 1 else "")
+            + (f"; tiled MLP ({t['tiled_mlp_slices']} slices)" if t.get("tiled_mlp_slices", 1) > 1 else "")
+            + ("; activation checkpoints in host memory" if t.get("activation_offload") else ""),
             f"  ZeRO-3 ({z.get('config', 'config')}): reduce bucket {count(z['reduce_bucket_size'])}, prefetch "
             f"{count(z['prefetch_bucket_size'])}, persistence <= {count(z['param_persistence_threshold'])}, max live "
             f"{count(z['max_live_parameters'])}, reuse distance {count(z['max_reuse_distance'])} elements; "

@@ -34,24 +34,25 @@ def mlp_tiles(longest_local_tokens: int, hidden_size: int) -> int:
     return max(1, math.ceil(longest_local_tokens / hidden_size))
 
 
-def use_tiled_mlp(model: nn.Module, tiles: int) -> int:
-    """Make every decoder layer's MLP run through DeepSpeed's TiledMLP in `tiles` slices. Returns how many
-    MLPs were patched. The MLP's own class forward is the per-slice function, so LoRA and FP8 layers inside
-    it run unchanged."""
+def tile_mlp(mlp: nn.Module, tiles: int) -> None:
+    """Make one MLP run through DeepSpeed's TiledMLP in `tiles` slices. Its own class forward is the per-slice
+    function, so LoRA and FP8 layers inside it run unchanged; its trainable parameters are compute_params."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
-    patched = 0
+    compute_params = [p for p in mlp.parameters() if p.requires_grad]
+    slice_forward = type(mlp).forward
+
+    def tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TiledMLP.apply(slice_forward, self, x, tiles, compute_params)
+
+    mlp.forward = types.MethodType(tiled_forward, mlp)
+
+
+def use_tiled_mlp(model: nn.Module, tiles: int) -> int:
+    """tile_mlp on every decoder layer's MLP; returns how many."""
     for layer in model.model.layers:
-        mlp = layer.mlp
-        compute_params = [p for p in mlp.parameters() if p.requires_grad]
-        slice_forward = type(mlp).forward
-
-        def tiled_forward(self, x: torch.Tensor, _params=compute_params, _fn=slice_forward) -> torch.Tensor:
-            return TiledMLP.apply(_fn, self, x, tiles, _params)
-
-        mlp.forward = types.MethodType(tiled_forward, mlp)
-        patched += 1
-    return patched
+        tile_mlp(layer.mlp, tiles)
+    return len(model.model.layers)
 
 
 def activation_offload(enabled: bool, pin_memory: bool):

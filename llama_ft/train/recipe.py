@@ -69,13 +69,8 @@ from llama_ft.train.loss import (
     to_device,
     use_chunked_loss,
 )
-from llama_ft.train.parallel import (
-    SequenceParallel,
-    check_sequence_parallel,
-    register_ulysses,
-    shard_micro_batch,
-    varlen_bounds,
-)
+from llama_ft.train.parallel import register_ulysses, shard_micro_batch, varlen_bounds
+from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel
 
 log = logging.getLogger("llama_ft")
 EXIT_DIVERGED = 3  # --nan_policy stop
