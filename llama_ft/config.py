@@ -19,7 +19,7 @@ from llama_ft.checkpoint.layout import STATE_FILE, resolve_checkpoint
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
-from llama_ft.flags import float_or_auto, str2bool
+from llama_ft.flags import expand_targets, float_or_auto, str2bool
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
 
@@ -126,7 +126,8 @@ _HELP = {
     "train_on_source": "train on every token, prompts and user turns included (default: responses only)",
     "max_train_samples": "use only the first N rows of the dataset",
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
-    "lora_target_modules": "linear layer names to adapt",
+    "lora_target_modules": "linear layer names to adapt, or a group: all (the seven), attention (q,k,v,o_proj), "
+                           "mlp (gate,up,down_proj); comma- or space-separated",
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
     "resume_from_checkpoint": "a checkpoint-STEP directory written by an earlier run; 'latest': the newest complete "
                               "checkpoint in --output_dir; 'auto': the same, or a fresh start when there is none",
@@ -186,13 +187,6 @@ def add_config_flags(p: argparse.ArgumentParser, names: list[str] | tuple[str, .
         p.add_argument(f"--{f.name}", **kw)
 
 
-def _split_csv(values: list[str]) -> list[str]:
-    out: list[str] = []
-    for v in values:
-        out.extend(x for x in v.split(",") if x)
-    return out
-
-
 def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     """Check every option; raise UserError naming the flag and what it expects."""
     if not cfg.model_name_or_path:
@@ -246,9 +240,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
                         "checkpoints (each decoder layer's input)")
     if cfg.loss_chunk_size < 1:
         raise UserError(f"--loss_chunk_size {cfg.loss_chunk_size}: expected an integer >= 1 (tokens per chunk)")
-    cfg.lora_target_modules = _split_csv(cfg.lora_target_modules)
-    if not cfg.lora_target_modules:
-        raise UserError("--lora_target_modules: expected at least one module name")
+    cfg.lora_target_modules = expand_targets(cfg.lora_target_modules)  # all|attention|mlp -> explicit names
     if cfg.nan_policy not in ("stop", "skip"):
         raise UserError(f"--nan_policy {cfg.nan_policy!r}: expected 'stop' or 'skip'")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:

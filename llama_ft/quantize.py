@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llama_ft.errors import UserError, user_errors_exit
+from llama_ft.flags import expand_targets
 from llama_ft.fp8.checkpoint import SCALE_SUFFIX, is_target, prequantized_targets, quantization_config
 from llama_ft.fp8.format import BLOCK, FP8
 from llama_ft.fsutil import atomic_dir, disk_full_is_user_error, is_within, remove_stale_temps
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    targets = tuple(x for v in args.target_modules for x in v.split(",") if x)
+    targets = tuple(expand_targets(args.target_modules))  # all|attention|mlp too
     r = quantize_checkpoint(Path(args.model), Path(args.output), targets, args.overwrite, not args.no_progress)
     print(f"llama-ft quantize: {r['quantized']} weights to FP8 in {r['output']} "
           f"({r['bytes'] / 2**20:.1f} MiB, was {r['checkpoint_bytes'] / 2**20:.1f} MiB, {r['seconds']:.1f} s)")

@@ -136,3 +136,37 @@ def test_saving_gathers_only_lora_tensors(tiny_model_dir, trained_like_model, tm
     lora_ids = {id(p) for _, p in lora_named_parameters(trained_like_model)}
     assert len(seen) == 3 * trained_like_model.config.num_hidden_layers  # one gather per LoRA module
     assert all(len(group) == 2 and all(id(p) in lora_ids for p in group) for group in seen)
+
+
+@pytest.mark.parametrize("given,names", [
+    (["attention"], ["q_proj", "k_proj", "v_proj", "o_proj"]), (["mlp"], ["gate_proj", "up_proj", "down_proj"]),
+    (["all"], list(LLAMA_LINEAR_NAMES)),
+    (["attention,down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    (["mlp", "gate_proj"], ["gate_proj", "up_proj", "down_proj"])])
+def test_target_groups_become_explicit_names_in_the_saved_config(tiny_model_dir, tmp_path, given, names):
+    """--lora_target_modules all|attention|mlp (Pax's groups), alone or with names: the run and its saved
+    adapter_config.json use the explicit linear names, and PEFT loads the adapters onto exactly those layers."""
+    from llama_ft.config import parse_train_args
+
+    cfg = parse_train_args(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"),
+                            "--lora_target_modules", *given])
+    assert list(cfg.lora_spec.target_modules) == names
+    model, _ = build_lora_model(tiny_model_dir, cfg.lora_spec, ds_config=None, dtype=torch.float32)
+    save_adapters(model, tmp_path / "ad", cfg.lora_spec, str(tiny_model_dir))
+    assert sorted(json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())["target_modules"]) == sorted(names)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in PeftModel.from_pretrained(base, tmp_path / "ad").named_modules()
+               if hasattr(m, "lora_A")}
+    assert wrapped == set(names)
+
+
+def test_unknown_target_group_is_one_line(capsys, tiny_model_dir, tmp_path):
+    from llama_ft.train.recipe import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"),
+                    "--lora_target_modules", "attn"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0] == ("llama-ft: error: --lora_target_modules 'attn': expected a group (all, attention, mlp) or "
+                      "Llama linear names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")

@@ -140,11 +140,6 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
-def _csv(values: Any) -> list[str]:
-    items = [values] if isinstance(values, str) else list(values)
-    return [x for v in items for x in str(v).split(",") if x]
-
-
 def sequence_length(cfg: Any, shape: ModelShape) -> tuple[int, str]:
     """The longest row a micro-batch can have, and how it follows from the flags."""
     max_seq = getattr(cfg, "max_seq_len", None)
@@ -196,7 +191,7 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
     if attn not in ("sdpa", "eager", "flash_attention_2"):
         raise UserError(f"--attn_implementation {attn!r}: expected one of sdpa, eager, flash_attention_2")
     return Options(quantize=bool(cfg.quantize) or shape.prequantized, lora_r=_positive("lora_r", cfg.lora_r),
-                   targets=check_targets(_csv(cfg.lora_target_modules)), lora_dropout=dropout, seq_len=seq,
+                   targets=check_targets(cfg.lora_target_modules), lora_dropout=dropout, seq_len=seq,
                    seq_note=note, rows=_positive("per_device_train_batch_size", cfg.per_device_train_batch_size),
                    grad_accum=_positive("gradient_accumulation_steps", getattr(cfg, "gradient_accumulation_steps", 1)),
                    checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.packing), loss_chunk_size=chunk,

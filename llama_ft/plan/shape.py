@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_ft.errors import UserError
+from llama_ft.flags import LLAMA_LINEAR_NAMES, expand_targets
 
-LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The Llama linears LoRA can target, in module order (llama_ft/lora.py has the same tuple)."""
 FP8_BLOCK = 128
 """Side of an FP8 scale block (llama_ft/fp8/format.py BLOCK)."""
 
@@ -169,12 +168,9 @@ def fp8_scale_numel(out_features: int, in_features: int) -> int:
     return math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK) * 4
 
 
-def check_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    unknown = sorted(set(targets) - set(LLAMA_LINEAR_NAMES))
-    if unknown or not targets:
-        raise UserError(f"--lora_target_modules {','.join(targets)}: {unknown or 'none given'} match no linear layer "
-                        f"(a Llama has {', '.join(LLAMA_LINEAR_NAMES)})")
-    return tuple(t for t in LLAMA_LINEAR_NAMES if t in targets)
+def check_targets(targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """The explicit Llama linears of `--lora_target_modules` (groups expanded), in module order."""
+    return tuple(expand_targets(targets))
 
 
 def _linear(prefix: str, out_f: int, in_f: int, target: bool, r: int, quantize: bool, dtype_bytes: int) -> list[Param]:
