@@ -562,6 +562,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace, flops_per_token: in
         "trained_tokens_per_step": trained / len(steps), "peak_memory_kind": mem_key,
         "peak_memory_bytes_per_rank": peaks, "peak_memory_bytes": max(peaks),
         "peak_rss_bytes_per_rank": [p["peak_rss_bytes"] for p in raw["probes"]],
+        "cuda_max_reserved_bytes_per_rank": [p.get("cuda_max_reserved_bytes") for p in raw["probes"]],
         "model_tflops_per_s": flops_per_token * nonpad / t / 1e12,
         "wall_s": raw["wall_s"], "command": raw["command"], "train_flags": raw.get("train_flags"),
         "steps": raw["steps"],
