@@ -222,7 +222,7 @@ class Proof:
                    HF_DATASETS_OFFLINE="1")
         if self.dry:
             env["TRITON_INTERPRET"] = "1"  # Triton kernels run on CPU tensors (read when a kernel is defined)
-            env.setdefault("CUDA_VISIBLE_DEVICES", "")  # a dry run stays on CPU even on a GPU machine
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a dry run stays on CPU even on a GPU machine
         else:
             env.pop("TRITON_INTERPRET", None)
         return env
