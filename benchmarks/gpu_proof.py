@@ -299,9 +299,9 @@ class Proof:
         except Exception as e:  # noqa: BLE001 - a stage's own bug is its failure, not the end of the proof
             res.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
         res["seconds"] = round(time.monotonic() - t0, 1)
-        print(f"[{PROG}] stage {res['stage']} {stage.key}: {res['status']}"
-              + (f" ({res['reason']})" if res.get("reason") else "") + f", {res['seconds']:.0f} s",
-              file=sys.stderr, flush=True)
+        print(f"[{PROG}] stage {res['stage']} {stage.key}: {res['status']}, {res['seconds']:.0f} s"
+              + (f"; {res['summary']}" if res.get("summary") else "")
+              + (f"; {res['reason']}" if res.get("reason") else ""), file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
