@@ -48,6 +48,7 @@ if _out and "RANK" in os.environ:
         try:
             if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
                 rec["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+                rec["cuda_max_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
         except Exception:  # noqa: BLE001 - a probe never fails the run
             pass
         with open(os.path.join(_out, "rank{}-pid{}.json".format(rec["rank"], rec["pid"])), "w") as f:

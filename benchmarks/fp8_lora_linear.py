@@ -6,6 +6,7 @@ Reproduce (one CUDA GPU, from the repository root; the default set takes a few m
     python benchmarks/fp8_lora_linear.py --models 70b --tokens 4096,8192,16384 --ranks 16,64 \
         --layers q,k,v,o,gate,up,down --json fp8_bench_70b.json
     python benchmarks/fp8_lora_linear.py --smoke --json /tmp/smoke.json     # CPU check of the script only
+    python benchmarks/fp8_lora_linear.py --methods weight_only,fp8_compute,bf16_lora ...   # without DeepSpeed's
 
 What one timed step is (one layer of one training step):
     x (M, K) bf16, requires_grad        W (N, K) frozen        A (r, K), B (N, r) bf16, requires_grad
@@ -289,6 +290,9 @@ def run_row(model: str, layer: str, m: int, r: int, args: argparse.Namespace, de
     flop = step_flops(m, n, k, r)
     results = {}
     for name in METHODS:
+        if name not in args.methods:
+            results[name] = {"unavailable": "not run (--methods)"}
+            continue
         results[name] = time_method(name, p, args.warmup, args.iters, cuda)
         release_memory(cuda)  # the method's layer, closures and autograd buffers are gone once it returns
     base_ms = results[BASELINE].get("ms")
@@ -323,6 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=_csv(str, LAYERS), help=f"of {','.join(LAYERS)}; default {DEFAULTS['layers']}")
     ap.add_argument("--tokens", type=_csv(int), help=f"M = batch x sequence; default {DEFAULTS['tokens']}")
     ap.add_argument("--ranks", type=_csv(int), help=f"LoRA r; default {DEFAULTS['ranks']}")
+    ap.add_argument("--methods", type=_csv(str, METHODS), default=list(METHODS),
+                    help=f"of {','.join(METHODS)}; default all (deepspeed_fp8 JIT-compiles DeepSpeed's fp_quantizer "
+                         "op on first use: minutes)")
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r); default 16")
     ap.add_argument("--warmup", type=int, help=f"untimed steps per method; default {DEFAULTS['warmup']}")
     ap.add_argument("--iters", type=int, help=f"timed steps per method (median); default {DEFAULTS['iters']}")

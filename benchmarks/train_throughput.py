@@ -4,6 +4,8 @@
     python benchmarks/train_throughput.py --shape 8b --json tput-8b.json       # GPU: Llama 3.1 8B shape, all GPUs, bf16
     python benchmarks/train_throughput.py --smoke --json /tmp/smoke.json       # a minute-long check of the script
     python benchmarks/train_throughput.py --trl-python /tmp/bench/venv-trl/bin/python ...   # TRL from another env
+    python benchmarks/train_throughput.py --shape 70b --methods ours_fp8 --nproc 1 --batch 1 --seq 2048 \
+        --gradient-checkpointing --offload-ratio auto --steps 4 --json cap.json   # 70B shape, FP8, one GPU
 
 TRL is not a llama-ft dependency; to add it without touching the project's environment (trl 1.16 was used):
     python3 -m venv /tmp/bench/venv-trl
@@ -20,6 +22,8 @@ optimizer steps, once per method, one method at a time:
                    micro-batches of --batch examples, the chunked token-weighted loss
     ours_packed    the same with `--packing --max_seq_len SEQ`: --batch rows of up to SEQ tokens, whole
                    examples best-fit packed, position_ids restart per example, no padding inside a row
+    ours_fp8       ours_packed with `--quantize --bits 8`: FP8 e4m3 frozen base weights, multiplied by the
+                   Triton kernels on a GPU (the PyTorch reference on CPU). Only when --methods names it
     hf             transformers Trainer + PEFT `get_peft_model` + the same ZeRO-3 dict through transformers'
                    own DeepSpeed integration (`TrainingArguments(deepspeed=dict)`), launched with torchrun,
                    DataCollatorForSeq2Seq (right padding), no length grouping (transformers 5:
@@ -49,6 +53,9 @@ Measured per method over steps W+1..N (the first --warmup W steps excluded, the 
     all tok/s       non-pad tokens (prompt + response), all ranks, per second
     step s          mean wall time of one optimizer step (rank 0: end of step to end of step)
     padding share   pad tokens / all tokens of the micro-batches (input_ids.numel())
+    model TFLOP/s   model_flops_per_token x all tok/s: the matmul FLOPs of the weights (4 per frozen weight,
+                    6 per LoRA weight, per token; no attention scores, no recompute), the same count for
+                    every method, FP8 included (MFU = this / the device's dense bf16 peak)
     peak memory     per rank: peak host RSS of the rank's process (getrusage, whole run) on CPU;
                     torch.cuda.max_memory_allocated on GPU. Recorded at exit by a probe (a sitecustomize
                     module put on the ranks' PYTHONPATH), the same way for every method
@@ -57,7 +64,8 @@ is printed too); ours packed >= TRL packed. The figures are whatever is measured
 
 Shapes: tiny (hidden 64, 2 layers; --smoke), small (hidden 512, 4 layers, 8/2 heads, intermediate 1536, vocab 384:
 the CPU run, fp32), 8b (Llama 3.1 8B: hidden 4096, 32 layers, 32/8 heads, intermediate 14336, vocab 128256;
-needs CUDA, bf16). Output: a markdown table on stdout (progress and logs on stderr), --json everything.
+needs CUDA, bf16), 70b (Llama 3.1 70B: hidden 8192, 80 layers, 64/8 heads, intermediate 28672; needs CUDA).
+Output: a markdown table on stdout (progress and logs on stderr), --json everything.
 """
 
 from __future__ import annotations
@@ -93,14 +101,19 @@ SHAPES: dict[str, dict[str, Any]] = {
                   num_key_value_heads=2, max_position_embeddings=4096),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, max_position_embeddings=131072, vocab_size=128256),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, max_position_embeddings=131072, vocab_size=128256),
 }
 METHODS = {
     "ours_unpacked": "llama-ft, unpacked (right-padded)",
     "ours_packed": "llama-ft, packed (--packing)",
+    "ours_fp8": "llama-ft, packed, FP8 base weights (--quantize)",
     "hf": "HF Trainer + PEFT + ZeRO-3 (DataCollatorForSeq2Seq)",
     "trl_packed": "TRL SFTTrainer, packing=True",
 }
-OURS = ("ours_unpacked", "ours_packed")
+OURS = ("ours_unpacked", "ours_packed", "ours_fp8")
+DEFAULT_METHODS = ("ours_unpacked", "ours_packed", "hf", "trl_packed")  # ours_fp8 only when asked for
+GPU_SHAPES = ("8b", "70b")
 DEFAULTS = dict(steps=12, warmup=2, batch=4, seq=1024, grad_accum=1, lora_r=64, lora_alpha=16.0, timeout=1800)
 SMOKE_DEFAULTS = dict(shape="tiny", steps=4, warmup=2, batch=2, seq=256, lora_r=8, lora_alpha=16.0, timeout=300)
 LORA_DROPOUT = 0.05
@@ -265,8 +278,9 @@ def base_env(args: argparse.Namespace, probe_dir: Path, probe_out: Path) -> dict
 # llama-ft runs
 
 
-def ours_flags(args: argparse.Namespace, packed: bool) -> list[str]:
-    """Training flags of both llama-ft runs (after run-llama.sh's defaults: they override them)."""
+def ours_flags(args: argparse.Namespace, method: str) -> list[str]:
+    """Training flags of a llama-ft run (after run-llama.sh's defaults: they override them); for a peer's method,
+    the flags its ZeRO-3 config is filled from (no packing, FP8 or offload: the peers have none of them)."""
     flags = ["--dataset_format", "input-output", "--source_max_len", str(args.seq), "--target_max_len", str(args.seq),
              "--max_seq_len", str(args.seq), "--per_device_train_batch_size", str(args.batch),
              "--gradient_accumulation_steps", str(args.grad_accum), "--max_steps", str(args.steps),
@@ -276,7 +290,13 @@ def ours_flags(args: argparse.Namespace, packed: bool) -> list[str]:
              "--learning_rate", str(LEARNING_RATE), "--lr_scheduler_type", "linear", "--warmup_ratio",
              str(WARMUP_RATIO), "--max_grad_norm", "0.3", "--attn_implementation", args.attn, "--init", "random",
              "--seed", str(args.seed), "--overwrite_output_dir"]
-    return flags + (["--packing"] if packed else [])
+    if method in ("ours_packed", "ours_fp8"):
+        flags.append("--packing")
+    if method == "ours_fp8":
+        flags += ["--quantize", "--bits", "8"]
+    if method in OURS and args.offload_ratio is not None:
+        flags += ["--offload", "--offload_ratio", args.offload_ratio]
+    return flags
 
 
 def ours_batches(examples: Any, args: argparse.Namespace, pad_id: int, packed: bool) -> list[dict[str, int]]:
@@ -313,7 +333,7 @@ def deepspeed_launcher(scratch: Path) -> str:
 
 
 def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
-    packed = method == "ours_packed"
+    packed = method in ("ours_packed", "ours_fp8")
     run_dir = args.dir / "runs" / method
     shutil.rmtree(run_dir, ignore_errors=True)
     probe_out = run_dir / "probe"
@@ -322,7 +342,8 @@ def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
     env.update(MODEL=str(ctx["model_dir"]), DATA=str(ctx["data_file"]), OUTPUT_DIR=str(run_dir / "output"),
                NPROC=str(args.nproc), PYTHON=sys.executable, DEEPSPEED=deepspeed_launcher(args.dir),
                MASTER_PORT=str(free_port()))
-    cmd = ["bash", str(REPO / "run-llama.sh"), *ours_flags(args, packed)]
+    flags = ours_flags(args, method)
+    cmd = ["bash", str(REPO / "run-llama.sh"), *flags]
     log(f"{method}: {' '.join(cmd[:2])} {' '.join(cmd[2:])}")
     rc, wall = run_job(cmd, env, run_dir / "log.txt", args.timeout, cwd=run_dir)
     if rc != 0:
@@ -340,7 +361,7 @@ def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
             raise RuntimeError(f"step {r['step']}: metrics.jsonl counts {r['trained_tokens']} trained / "
                                f"{nonpad_logged:.0f} tokens, the batch stream {b['trained']} / {b['nonpad']}")
         steps.append({"time_s": window, **b})
-    return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall,
+    return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall, "train_flags": flags,
             "command": f"{env_prefix(env)} bash run-llama.sh {' '.join(cmd[2:])}"}
 
 
@@ -357,7 +378,7 @@ def peer_config(method: str, args: argparse.Namespace, ctx: dict[str, Any], run_
     """Everything a --worker needs: the filled ZeRO-3 dict (llama-ft's fill_ds_config over the same flags)."""
     from llama_ft.config import fill_ds_config, load_ds_config, parse_train_args
 
-    flags = ours_flags(args, packed=False)
+    flags = ours_flags(args, method)
     cfg = parse_train_args(["--model_name_or_path", str(ctx["model_dir"]), "--dataset", str(ctx["data_file"]),
                             "--output_dir", str(run_dir / "ds-config-check"), "--deepspeed",
                             str(REPO / "ds_configs" / "zero3.json"), *flags])
@@ -525,8 +546,9 @@ def worker(kind: str, config_path: str) -> None:
 # summary and table
 
 
-def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Figures over the measured steps (warmup + 1 .. steps) of one method's raw per-step records."""
+def summarize(raw: dict[str, Any], args: argparse.Namespace, flops_per_token: int) -> dict[str, Any]:
+    """Figures over the measured steps (warmup + 1 .. steps) of one method's raw per-step records; model TFLOP/s
+    counts `flops_per_token` (model_flops_per_token) for every non-pad token."""
     steps = raw["steps"][args.warmup:]
     t = sum(s["time_s"] for s in steps)
     tokens, nonpad, trained = (sum(s[k] for s in steps) for k in ("tokens", "nonpad", "trained"))
@@ -540,8 +562,24 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "trained_tokens_per_step": trained / len(steps), "peak_memory_kind": mem_key,
         "peak_memory_bytes_per_rank": peaks, "peak_memory_bytes": max(peaks),
         "peak_rss_bytes_per_rank": [p["peak_rss_bytes"] for p in raw["probes"]],
-        "wall_s": raw["wall_s"], "command": raw["command"], "steps": raw["steps"],
+        "cuda_max_reserved_bytes_per_rank": [p.get("cuda_max_reserved_bytes") for p in raw["probes"]],
+        "model_tflops_per_s": flops_per_token * nonpad / t / 1e12,
+        "wall_s": raw["wall_s"], "command": raw["command"], "train_flags": raw.get("train_flags"),
+        "steps": raw["steps"],
     }
+
+
+def model_flops_per_token(dims: dict[str, Any], lora_r: int) -> int:
+    """Matmul FLOPs of one trained token, the same for every method: 4 per frozen weight (forward, and the input
+    gradient; no weight gradient) of the seven linears and the LM head, 6 per LoRA weight (forward, input and
+    weight gradients). Not counted: attention's token-by-token products (about 5% at the 8B shape and 1,024
+    tokens), the embedding lookup, and the forward recomputed by gradient checkpointing (MFU, not HFU)."""
+    h, i, layers, v = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"], dims["vocab_size"]
+    kv = dims["num_key_value_heads"] * (h // dims["num_attention_heads"])
+    linears = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in): q k v o gate up down
+    frozen = layers * sum(n * k for n, k in linears) + v * h
+    lora = layers * sum(lora_r * (n + k) for n, k in linears)
+    return 4 * frozen + 6 * lora
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -555,7 +593,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
     return {"packed_vs_unpacked": ratio("ours_packed", "ours_unpacked"),
             "ours_packed_vs_hf": ratio("ours_packed", "hf"), "ours_unpacked_vs_hf": ratio("ours_unpacked", "hf"),
-            "ours_packed_vs_trl_packed": ratio("ours_packed", "trl_packed")}
+            "ours_packed_vs_trl_packed": ratio("ours_packed", "trl_packed"),
+            "ours_fp8_vs_packed": ratio("ours_fp8", "ours_packed"), "ours_fp8_vs_hf": ratio("ours_fp8", "hf")}
 
 
 GOALS = [("packed_vs_unpacked", 2.0, "llama-ft packed >= 2x unpacked trained tok/s"),
@@ -588,9 +627,9 @@ def markdown(report: dict[str, Any]) -> str:
            f"data: {d['examples']} synthetic input-output examples, tokens per example median {d['median']:.0f}, "
            f"p90 {d['p90']:.0f}, p99 {d['p99']:.0f}, max {d['max']:.0f}; {100 * d['trained_share']:.0f}% trained",
            "",
-           f"| method | trained tok/s | vs HF | all tok/s | step s | tokens / step (all ranks) | padding share | "
-           f"{mem} |",
-           "|---|--:|--:|--:|--:|--:|--:|--:|"]
+           f"| method | trained tok/s | vs HF | all tok/s | step s | model TFLOP/s | tokens / step (all ranks) | "
+           f"padding share | {mem} |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     hf = report["methods"]["hf"].get("trained_tokens_per_s")
     notes: list[str] = []
     for name, label in METHODS.items():
@@ -599,13 +638,13 @@ def markdown(report: dict[str, Any]) -> str:
             why = res.get("unavailable") or res.get("failed") or "?"
             notes.append(why)
             kind = "failed" if "failed" in res else "n/a"
-            out.append(f"| {label} | {kind} [{len(notes)}] | | | | | | |")
+            out.append(f"| {label} | {kind} [{len(notes)}] | | | | | | | |")
             continue
         peaks = ", ".join(f"{b / 2**30:.2f}" for b in res["peak_memory_bytes_per_rank"])
         vs = f"{res['trained_tokens_per_s'] / hf:.2f}x" if hf else ""
         out.append(f"| {label} | {fmt_int(res['trained_tokens_per_s'])} | {vs} | {fmt_int(res['tokens_per_s'])} | "
-                   f"{res['step_time_s']:.2f} | {fmt_int(res['tokens_per_step'])} | {res['padding_share']:.3f} | "
-                   f"{peaks} |")
+                   f"{res['step_time_s']:.2f} | {res['model_tflops_per_s']:.3g} | {fmt_int(res['tokens_per_step'])} | "
+                   f"{res['padding_share']:.3f} | {peaks} |")
     if notes:
         out += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
     out.append("")
@@ -671,6 +710,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="attention implementation for every method; default sdpa")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llama-ft-trainbench"), help="scratch directory")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter whose environment has trl")
+    ap.add_argument("--offload-ratio", metavar="R|auto",
+                    help="llama-ft runs only: --offload --offload_ratio R (auto: the planner's smallest that fits)")
     ap.add_argument("--timeout", type=float, help="seconds per method before it is killed")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few short steps: a check of the script")
@@ -697,7 +738,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seq > SHAPES[args.shape]["max_position_embeddings"]:
         die(f"--seq {args.seq}: above the {args.shape} shape's max_position_embeddings "
             f"{SHAPES[args.shape]['max_position_embeddings']}")
-    names = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
+    if args.offload_ratio is not None and args.offload_ratio != "auto":
+        try:
+            ok = 0 <= float(args.offload_ratio) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            die(f"--offload-ratio {args.offload_ratio}: expected a fraction in [0, 1] or 'auto'")
+    names = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         die(f"--methods {args.methods!r}: expected a comma list of {', '.join(METHODS)}")
@@ -712,8 +760,8 @@ def device_setup(args: argparse.Namespace) -> None:
     import torch
 
     args.cuda = torch.cuda.is_available()
-    if args.shape == "8b" and not args.cuda:
-        die("--shape 8b needs a CUDA GPU (none found); on CPU use --shape small (or --smoke)")
+    if args.shape in GPU_SHAPES and not args.cuda:
+        die(f"--shape {args.shape} needs a CUDA GPU (none found); on CPU use --shape small (or --smoke)")
     if args.attn == "flash_attention_2" and not args.cuda:
         die("--attn flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     gpus = torch.cuda.device_count() if args.cuda else 0
@@ -756,6 +804,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model_dir = args.dir / f"model-{args.shape}"
     dims = write_model_dir(model_dir, args.shape, "bfloat16" if args.bf16 else "float32")
+    flops_per_token = model_flops_per_token(dims, args.lora_r)
     tokenizer = load_tokenizer(str(model_dir))
     n = args.examples or examples_needed(args)
     data_file = args.dir / f"data-seed{args.seed}-n{n}-max{min(MAX_TOKENS, args.seq)}.jsonl"
@@ -787,7 +836,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         try:
             raw = run_ours(name, args, ctx) if name in OURS else run_peer(name, args, ctx)
-            methods[name] = summarize(raw, args)
+            methods[name] = summarize(raw, args, flops_per_token)
             if raw.get("versions", {}).get("trl"):
                 head["trl"] = raw["versions"]["trl"]
             log(f"{name}: {methods[name]['trained_tokens_per_s']:,.0f} trained tok/s")
@@ -808,7 +857,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "cuda": args.cuda, "dtype": "bf16" if args.bf16 else "fp32", "batch": args.batch,
               "grad_accum": args.grad_accum, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
               "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": LORA_DROPOUT,
-              "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn, "methods": args.methods}
+              "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn, "methods": args.methods,
+              "offload_ratio": args.offload_ratio, "model_dir": str(model_dir),
+              "model_flops_per_token": flops_per_token}
     report = {"header": head, "config": config, "data": data, "method_labels": METHODS, "methods": methods,
               "ratios": r, "goals": goals(r), "hf_batches_equal_ours_unpacked": same}
     if args.json:

@@ -97,7 +97,7 @@ def test_load_benchmark_smoke(tmp_path):
 
 TPUT = REPO / "benchmarks" / "train_throughput.py"
 LOSS_MEM = REPO / "benchmarks" / "loss_memory.py"
-TPUT_METHODS = ["ours_unpacked", "ours_packed", "hf", "trl_packed"]
+TPUT_METHODS = ["ours_unpacked", "ours_packed", "ours_fp8", "hf", "trl_packed"]
 
 
 def _bench_env() -> dict[str, str]:
@@ -141,6 +141,7 @@ def test_train_throughput_smoke(tmp_path):
         assert 0 <= res["padding_share"] < 1, name
         assert res["trained_tokens_per_s"] < res["tokens_per_s"], name
         assert res["measured_steps"] == [cfg["warmup"] + 1, cfg["steps"]]
+        assert res["model_tflops_per_s"] == pytest.approx(cfg["model_flops_per_token"] * res["tokens_per_s"] / 1e12)
         assert len(res["steps"]) == cfg["steps"]
         for step in res["steps"]:  # per optimizer step, all ranks: trained <= non-pad <= all tokens
             assert 0 < step["trained"] <= step["nonpad"] <= step["tokens"] and step["time_s"] > 0, (name, step)
@@ -151,8 +152,9 @@ def test_train_throughput_smoke(tmp_path):
                                                      sum(s["tokens"] for s in steps))
         assert len(res["peak_memory_bytes_per_rank"]) == cfg["nproc"]
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
-    # llama-ft and the HF Trainer always run here; TRL only where it imports
+    # llama-ft and the HF Trainer always run here; TRL only where it imports; FP8 only when --methods names it
     assert {"ours_unpacked", "ours_packed", "hf"} <= set(measured), report["methods"]
+    assert report["methods"]["ours_fp8"] == {"unavailable": "not run (--methods)"}
     unpacked, packed = measured["ours_unpacked"], measured["ours_packed"]
     assert packed["padding_share"] < unpacked["padding_share"]
     if "trl_packed" in measured:
@@ -191,6 +193,7 @@ def test_train_throughput_8b_needs_cuda(tmp_path):
     (TPUT, ["--steps", "0"], "--steps 0"),
     (TPUT, ["--steps", "3", "--warmup", "3"], "--warmup 3"),
     (TPUT, ["--methods", "ours,hf"], "--methods"),
+    (TPUT, ["--offload-ratio", "1.5"], "--offload-ratio 1.5"),
     (LOSS_MEM, ["--tokens", "1"], "--tokens 1"),
     (LOSS_MEM, ["--paths", "full,tiled"], "--paths"),
 ])
@@ -232,3 +235,20 @@ def test_loss_memory_smoke(tmp_path):
         assert full["peak_bytes"] >= report["full_logits_fp32_bytes"]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(paths) and "peak above baseline" in rows[0]
+
+
+def test_model_flops_per_token_counts_every_weight_once():
+    """4 FLOPs per frozen matmul weight (every parameter but the embedding and the norms) and 6 per LoRA weight:
+    checked against the script's own parameter count, for the 8B shape and r=64."""
+    sys.path.insert(0, str(TPUT.parent))
+    try:
+        import train_throughput as tp
+    finally:
+        sys.path.remove(str(TPUT.parent))
+    dims = tp.SHAPES["8b"]
+    h, layers = dims["hidden_size"], dims["num_hidden_layers"]
+    matmul_weights = tp.parameter_count(dims) - dims["vocab_size"] * h - (2 * layers + 1) * h
+    lora = 64 * layers * (2 * (h + h) + 2 * (h + 1024) + 3 * (h + dims["intermediate_size"]))
+    assert tp.model_flops_per_token(dims, 64) == 4 * matmul_weights + 6 * lora
+    # Llama 3.1 8B: 8.03e9 parameters, of which 7.50e9 are matmul weights (the embedding is 0.53e9); 0.17e9 LoRA
+    assert 4 * 7.5e9 + 6 * 0.16e9 < tp.model_flops_per_token(dims, 64) < 4 * 7.51e9 + 6 * 0.17e9

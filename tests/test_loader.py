@@ -120,3 +120,26 @@ def test_reader_reads_only_the_rows_it_needs_and_counts_honestly(tiny_model_dir,
     assert torch.equal(rows, ckpt.read("model.norm.weight")[3:9])
     assert reader.bytes_read == seen["bytes"] == (31 - 10) * 64 * 2 + 6 * 2
     reader.close()
+
+
+def test_random_fill_draws_in_chunks_on_the_partitions_device(tiny_model_dir, monkeypatch):
+    """--init random, drawn in chunks far smaller than a weight: the same seed gives the same weights, every
+    element is drawn (no zeros left), FP8 bytes are finite e4m3 values, block scales read `std`, norms are 1
+    and the other frozen weights have the spread asked for."""
+    import llama_ft.model.build as build
+    from llama_ft.fp8 import scales_from_bytes
+    from llama_ft.lora import LoraSpec
+
+    monkeypatch.setattr(build, "RANDOM_FILL_CHUNK", 1000)  # several chunks per weight of the tiny model
+    models = [build.build_lora_model(tiny_model_dir, LoraSpec(4, 8), None, torch.float32, quantize=True,
+                                     init="random")[0] for _ in range(2)]
+    a, b = (dict(m.named_parameters()) for m in models)
+    frozen = [n for n, p in a.items() if not p.requires_grad]
+    assert all(torch.equal(a[n], b[n]) for n in frozen)
+    q_proj = models[0].model.layers[0].self_attn.q_proj
+    fp8 = q_proj.weight.view(torch.float8_e4m3fn).float()
+    assert torch.isfinite(fp8).all() and fp8.std() > 0.5  # N(0, 1) rounded to e4m3, every chunk drawn
+    assert torch.all(scales_from_bytes(q_proj.weight_scale) == torch.tensor(0.02))
+    assert all(torch.all(a[n] == 1) for n in frozen if n.endswith("norm.weight"))
+    emb = a["model.embed_tokens.weight"]
+    assert emb.numel() > 3 * 1000 and 0.015 < emb.std().item() < 0.025 and (emb != 0).all()

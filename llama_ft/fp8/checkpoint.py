@@ -26,10 +26,12 @@ def is_target(name: str, targets: tuple[str, ...] | list[str]) -> bool:
 
 
 def quantization_config(ckpt: Checkpoint, targets: tuple[str, ...] | list[str]) -> dict:
-    """The config.json entry of an FP8 copy of `ckpt` quantized on `targets`."""
+    """The config.json entry of an FP8 copy of `ckpt` quantized on `targets` (`ckpt` is the source, or the FP8
+    copy itself: the scale tensors beside quantized weights are not modules left unconverted)."""
+    kept = {n.rsplit(".", 1)[0] for n in ckpt.tensors if not is_target(n, targets) and not n.endswith(SCALE_SUFFIX)}
     return {
         "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic",
-        "modules_to_not_convert": sorted({n.rsplit(".", 1)[0] for n in ckpt.tensors if not is_target(n, targets)}),
+        "modules_to_not_convert": sorted(kept),
         "llama_ft_target_modules": list(targets),
     }
 

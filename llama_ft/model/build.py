@@ -39,6 +39,9 @@ from llama_ft.shards import ST_DTYPES, Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
 
+RANDOM_FILL_CHUNK = 1 << 26
+"""Elements drawn at a time by fill_random_partitions (256 MiB of float32)."""
+
 
 def _skip_init():
     """Skip transformers' random weight init: every weight is overwritten by the checkpoint."""
@@ -306,27 +309,41 @@ def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -
     Norm weights 1, other bf16/fp32 weights N(0, std^2), FP8 layers e4m3(N(0, 1)) bytes with every block
     scale `std`. An FP8 scale partition starts at byte rank * partition_size of the flat fp32 bytes, so
     the bytes of the repeated scale are laid out from that offset. LoRA tensors keep their own init.
+
+    Values are drawn on the partition's own device (one generator per device), RANDOM_FILL_CHUNK elements
+    at a time: drawing a 70B model's 70e9 values on the CPU and copying them over took minutes, and a whole
+    embedding drawn at once would be a 4 GiB float32 transient on the GPU.
     """
     t0 = time.time()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+        return generators[device]
+
     scale_names = {f"{path}.weight_scale" for path, m in model.named_modules() if isinstance(m, LoRALinear)}
     scale_pattern = torch.tensor([std], dtype=torch.float32).view(torch.uint8)
     for name, p in model.named_parameters():
         if p.requires_grad:
             continue
         t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-        n = t.numel()
+        flat = t.data.view(-1)
         if name in scale_names:
-            start = rank * n if hasattr(p, "ds_tensor") else 0
-            values = scale_pattern[(start + torch.arange(n)) % 4]
-        elif t.dtype == torch.uint8:
-            values = torch.randn(n, generator=g).to(torch.float8_e4m3fn).view(torch.uint8)
-        elif name.endswith("norm.weight"):
-            values = torch.ones(n)
-        else:
-            values = torch.randn(n, generator=g) * std
-        t.data.view(-1).copy_(values.to(t.dtype))
+            start = rank * flat.numel() if hasattr(p, "ds_tensor") else 0
+            flat.copy_(scale_pattern[(start + torch.arange(flat.numel())) % 4])
+            continue
+        if name.endswith("norm.weight"):
+            flat.fill_(1)
+            continue
+        for c0 in range(0, flat.numel(), RANDOM_FILL_CHUNK):
+            part = flat[c0:c0 + RANDOM_FILL_CHUNK]
+            values = torch.randn(part.numel(), generator=generator(part.device), device=part.device)
+            if t.dtype == torch.uint8:
+                part.copy_(values.to(torch.float8_e4m3fn).view(torch.uint8))
+            else:
+                part.copy_(values * std)
     return LoadReport(rank=rank, world_size=dist.get_world_size() if dist.is_initialized() else 1, checkpoint_bytes=0,
                       bytes_read=0, seconds=time.time() - t0, peak_rss_bytes=0, fp8_layers=len(fp8_modules(model)),
                       extra={"loader": "random init"})
