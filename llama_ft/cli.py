@@ -1,7 +1,8 @@
-"""`llama-ft` command line: train | data | merge | quantize | download | hostfile | plan | make-tiny.
+"""`llama-ft` command line: train | data | generate | merge | quantize | download | hostfile | plan | make-tiny.
 
     llama-ft train ...        one process (no launcher); for several ranks use run-llama.sh
     llama-ft data ...         what training will read: summary, --preview K, --dump OUT.jsonl
+    llama-ft generate ...     a completion from the base model + trained adapters (or a merged model)
     llama-ft merge ...        fold PEFT adapters into a new checkpoint, shard by shard
     llama-ft quantize ...     write a pre-quantized FP8 checkpoint (half the bytes to load)
     llama-ft download REPO --local-dir DIR
@@ -23,6 +24,7 @@ from llama_ft.errors import user_errors_exit
 COMMANDS = {
     "train": "LoRA fine-tuning under DeepSpeed ZeRO-3 (single process here; run-llama.sh for many ranks)",
     "data": "show what the model will be trained on: example summary, decoded preview, JSONL dump",
+    "generate": "generate a completion with the trained adapters (or a merged model): the sanity check",
     "merge": "merge PEFT adapters into a base checkpoint, streaming one shard at a time",
     "quantize": "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint for faster loading",
     "download": "download a safetensors checkpoint + tokenizer from the Hugging Face Hub (resumable, verified)",
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from llama_ft.data import command
 
         return command.main(rest)
+    if cmd == "generate":
+        from llama_ft import generate
+
+        return generate.main(rest)
     if cmd == "merge":
         from llama_ft import merge
 

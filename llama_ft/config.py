@@ -84,6 +84,8 @@ class TrainConfig:
     save_total_limit: int | None = None
     eval_steps: int | None = None
     logging_steps: int = 1
+    generate_every: int = 0
+    generate_max_new_tokens: int = 64
     resume_from_checkpoint: str | None = None
     nan_policy: str = "stop"
     dist_timeout: int = 1800
@@ -136,6 +138,9 @@ _HELP = {
                   "step and its examples; 'skip' drops that update and counts it",
     "dist_timeout": "seconds a collective may wait before the run is ended (a rank that died or hung)",
     "eval_steps": "evaluate every N steps (default: --save_steps)",
+    "generate_every": "every N steps, greedy completions of 3 fixed held-out prompts, printed and appended to "
+                      "OUTPUT_DIR/samples.jsonl (0: never)",
+    "generate_max_new_tokens": "tokens generated per sample with --generate_every",
     "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
     "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
     "init": "checkpoint: load the weights of --model_name_or_path; random: random weights built straight into "
@@ -230,6 +235,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.attn_implementation == "flash_attention_2" and not cfg.bf16:
         raise UserError("--attn_implementation flash_attention_2 runs in bf16 only: drop --bf16 false, or use sdpa")
     check_attn_implementation(cfg.attn_implementation)
+    if cfg.generate_every < 0 or cfg.generate_max_new_tokens < 1:
+        raise UserError(f"--generate_every {cfg.generate_every} / --generate_max_new_tokens "
+                        f"{cfg.generate_max_new_tokens}: expected N >= 0 (0: never) and >= 1 tokens")
+    if cfg.generate_every and cfg.sequence_parallel_size > 1:
+        raise UserError("--generate_every with --sequence_parallel_size > 1: generation runs whole sequences on "
+                        "every rank, which Ulysses' sharded attention does not; generate from the saved adapters "
+                        "(llama-ft generate) instead")
     if cfg.sequence_parallel_size < 1:
         raise UserError(f"--sequence_parallel_size {cfg.sequence_parallel_size}: expected an integer >= 1")
     if cfg.tiled_mlp and cfg.lora_dropout > 0:

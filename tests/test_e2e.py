@@ -77,7 +77,9 @@ def run_llama(tmp: Path, output: Path, *extra: str, check: bool = True, **env_kw
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    proc = run_llama(tmp, tmp / "output", merge_dir=tmp / "merged")
+    # --generate_every: sample completions mid-run, collective under ZeRO-3 (tests/test_generate.py reads them)
+    proc = run_llama(tmp, tmp / "output", "--generate_every", "30", "--generate_max_new_tokens", "12",
+                     merge_dir=tmp / "merged")
     return {"tmp": tmp, "out": tmp / "output", "merged": tmp / "merged", "model": tmp / "cache" / "tiny-llama",
             "log": proc.stderr}
 

@@ -70,6 +70,7 @@ from llama_ft.train.loss import (
     use_chunked_loss,
 )
 from llama_ft.train.parallel import register_ulysses, shard_micro_batch, varlen_bounds
+from llama_ft.train.samples import generate_samples, sample_prompts, write_samples
 from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel
 
 log = logging.getLogger("llama_ft")
@@ -363,6 +364,7 @@ def train(cfg: TrainConfig) -> dict:
                         cfg.model_name_or_path, options, cfg.save_total_limit)
 
     eval_every = cfg.eval_steps or cfg.save_steps
+    prompts = sample_prompts(eval_set if len(eval_set) else train_set) if cfg.generate_every else []
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_start, last_loss, eval_loss = time.time(), float("nan"), None
     # DeepSpeed averages gradients over every rank that reduces them, sequence-parallel ones included (its
@@ -419,6 +421,13 @@ def train(cfg: TrainConfig) -> dict:
                 log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
                 if metrics:
                     metrics.write({"step": progress.step, "eval_loss": eval_loss})
+            if prompts and progress.step % cfg.generate_every == 0:  # collective: every rank generates
+                engine.eval()
+                samples = generate_samples(engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,
+                                           engine.device)
+                engine.train()
+                if rank == 0:
+                    write_samples(out / "samples.jsonl", progress.step, samples)
             if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
                 save()
                 last_saved = progress.step
