@@ -115,7 +115,8 @@ if [ -n "$SLURM_JOB" ]; then
     # one task per node: otherwise ranks would wait for nodes where nothing runs.
     for host in "${HOSTS[@]}"; do
         [[ " ${SLURM_HOSTS[*]} " == *" $host "* ]] || die "HOSTFILE $HOSTFILE: host '$host' is not a node of" \
-            "$SLURM_JOB (SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST: ${SLURM_HOSTS[*]}); unset HOSTFILE to use the job's nodes"
+            "$SLURM_JOB (SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST: ${SLURM_HOSTS[*]});" \
+            "unset HOSTFILE to use the job's nodes"
     done
     for var in SLURM_JOB_NUM_NODES SLURM_NNODES SLURM_STEP_NUM_NODES SLURM_STEP_NUM_TASKS; do
         if [ -z "${!var:-}" ] || [ "${!var}" = "${#HOSTS[@]}" ]; then continue; fi
