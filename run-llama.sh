@@ -19,6 +19,8 @@
 #   LLAMA_FT_CACHE  cache for the tiny model and compiled ops. Default: ~/.cache/llama-ft
 #   LLAMA_FT_GPU_MEMORY_GB / LLAMA_FT_HOST_MEMORY_GB  memory the pre-launch plan assumes (GiB) instead of
 #                nvidia-smi's / /proc/meminfo's; the GPU one also plans for GPUs on a machine without them
+# Inside a Slurm job (SLURM_JOB_ID and SLURM_JOB_NODELIST set; started by srun, one task per node, as in
+# hostfiles/slurm.sbatch) the unset ones of HOSTFILE, NODE_RANK, MASTER_ADDR and MASTER_PORT come from the job.
 # Extra arguments are appended after the defaults, so they override them (last flag wins).
 # Before launching, `llama-ft plan` checks that the run fits in GPU (or, for CPU ranks, host) memory and
 # stops with its numbers when it does not (exit 1); `--force` launches anyway (it is not passed on to training).
@@ -31,11 +33,73 @@ CACHE_DIR="${LLAMA_FT_CACHE:-$HOME/.cache/llama-ft}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$CACHE_DIR/torch_extensions}"
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 OUTPUT_DIR="${OUTPUT_DIR:-./output}"
-HOSTFILE="${HOSTFILE:-$HERE/hostfiles/localhost}"
 DS_CONFIG="${DS_CONFIG:-$HERE/ds_configs/zero3.json}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 
 die() { echo "run-llama.sh: error: $*" >&2; exit 2; }
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    NGPU=$(nvidia-smi -L | grep -c '^GPU')
+else
+    NGPU=0
+fi
+
+# A Slurm job: its hosts, GPUs per node and port, before the defaults below (explicit variables win).
+SLURM_JOB=""
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    SLURM_JOB="Slurm job $SLURM_JOB_ID"
+    [[ "$SLURM_JOB_ID" =~ ^[0-9]+$ ]] || die "SLURM_JOB_ID=$SLURM_JOB_ID: expected a numeric job id"
+    command -v scontrol >/dev/null || die "$SLURM_JOB: scontrol not on PATH; it expands" \
+        "SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST into host names (put Slurm's commands on PATH)"
+    SCONTROL_STATUS=0
+    SCONTROL_OUT=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null) || SCONTROL_STATUS=$?
+    # on failure, once more for its message
+    [ "$SCONTROL_STATUS" -eq 0 ] || die "$SLURM_JOB: 'scontrol show hostnames $SLURM_JOB_NODELIST' failed" \
+        "(exit $SCONTROL_STATUS): $(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>&1 >/dev/null | tail -1)"
+    mapfile -t SLURM_HOSTS < <(echo "$SCONTROL_OUT" | awk 'NF {print $1}')
+    [ "${#SLURM_HOSTS[@]}" -gt 0 ] || die "$SLURM_JOB: 'scontrol show hostnames $SLURM_JOB_NODELIST' printed no host"
+    # 10000-19999: one port per job, so that two jobs sharing a node do not collide
+    if [ -z "${MASTER_PORT:-}" ]; then MASTER_PORT=$((10000 + SLURM_JOB_ID % 10000)) MASTER_PORT_FROM="SLURM_JOB_ID"; fi
+    if [ -z "${HOSTFILE:-}" ]; then
+        # Ranks per node: the job's GPUs on this node, or the CPU default.
+        if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "$SLURM_GPUS_ON_NODE" != 0 ]; then
+            [[ "$SLURM_GPUS_ON_NODE" =~ ^[1-9][0-9]*$ ]] ||
+                die "SLURM_GPUS_ON_NODE=$SLURM_GPUS_ON_NODE: expected a number of GPUs"
+            SLOTS=$SLURM_GPUS_ON_NODE SLOTS_FROM=SLURM_GPUS_ON_NODE
+        elif [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then
+            [[ "$SLURM_GPUS_PER_NODE" =~ ^([^:,]+:)*([1-9][0-9]*)$ ]] ||
+                die "SLURM_GPUS_PER_NODE=$SLURM_GPUS_PER_NODE: expected N or TYPE:N GPUs"
+            SLOTS=${BASH_REMATCH[2]} SLOTS_FROM=SLURM_GPUS_PER_NODE
+        elif [ -n "${SLURM_JOB_GPUS:-}" ]; then
+            # GPU indices: 0,1,2,3 (or ranges: 0-3)
+            SLOTS=0
+            for ids in ${SLURM_JOB_GPUS//,/ }; do
+                [[ "$ids" =~ ^([0-9]+)(-([0-9]+))?$ ]] ||
+                    die "SLURM_JOB_GPUS=$SLURM_JOB_GPUS: expected GPU indices such as 0,1,2,3"
+                SLOTS=$((SLOTS + ${BASH_REMATCH[3]:-${BASH_REMATCH[1]}} - BASH_REMATCH[1] + 1))
+            done
+            SLOTS_FROM=SLURM_JOB_GPUS
+        elif [ "$NGPU" -gt 0 ]; then
+            SLOTS=$NGPU SLOTS_FROM=nvidia-smi
+        else
+            SLOTS=${NPROC:-2} SLOTS_FROM="CPU ranks"
+        fi
+        # Written whole under a temporary name, then renamed: a node never reads half a file.
+        HOSTFILE="${TMPDIR:-/tmp}/llama-ft-slurm-$SLURM_JOB_ID.hostfile"
+        HOSTFILE_TMP=$(mktemp "$HOSTFILE.XXXXXX" 2>/dev/null) ||
+            die "$SLURM_JOB: cannot write its hostfile in ${TMPDIR:-/tmp} (TMPDIR)"
+        if ! printf '%s\n' "# $SLURM_JOB: SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST, slots from $SLOTS_FROM" \
+                "${SLURM_HOSTS[@]/%/ slots=$SLOTS}" >"$HOSTFILE_TMP" || ! mv -f "$HOSTFILE_TMP" "$HOSTFILE"; then
+            rm -f "$HOSTFILE_TMP"
+            die "$SLURM_JOB: cannot write its hostfile $HOSTFILE"
+        fi
+        HOSTFILE_FROM="SLURM_JOB_NODELIST, $SLOTS slot(s) per node from $SLOTS_FROM"
+        HOSTS_FROM="SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+    else
+        HOSTFILE_FROM="HOSTFILE" HOSTS_FROM="HOSTFILE $HOSTFILE"
+    fi
+fi
+HOSTFILE="${HOSTFILE:-$HERE/hostfiles/localhost}"
+MASTER_PORT="${MASTER_PORT:-29500}"
 
 [ -f "$HOSTFILE" ] || die "HOSTFILE $HOSTFILE: file not found"
 [ -f "$DS_CONFIG" ] || die "DS_CONFIG $DS_CONFIG: file not found"
@@ -46,10 +110,44 @@ command -v "$DEEPSPEED" >/dev/null || die "'$DEEPSPEED' launcher not on PATH (pi
 # Hosts named in the hostfile (comments and blank lines skipped).
 mapfile -t HOSTS < <(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}')
 
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    NGPU=$(nvidia-smi -L | grep -c '^GPU')
-else
-    NGPU=0
+if [ -n "$SLURM_JOB" ]; then
+    # The hostfile must be the job's nodes (a derived one is, by construction), and srun must have started
+    # one task per node: otherwise ranks would wait for nodes where nothing runs.
+    for host in "${HOSTS[@]}"; do
+        [[ " ${SLURM_HOSTS[*]} " == *" $host "* ]] || die "HOSTFILE $HOSTFILE: host '$host' is not a node of" \
+            "$SLURM_JOB (SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST: ${SLURM_HOSTS[*]});" \
+            "unset HOSTFILE to use the job's nodes"
+    done
+    for var in SLURM_JOB_NUM_NODES SLURM_NNODES SLURM_STEP_NUM_NODES SLURM_STEP_NUM_TASKS; do
+        if [ -z "${!var:-}" ] || [ "${!var}" = "${#HOSTS[@]}" ]; then continue; fi
+        case "$var:$HOSTFILE_FROM" in
+            SLURM_JOB_NUM_NODES:HOSTFILE) HINT="list every node of the job in HOSTFILE, or unset it" ;;
+            SLURM_JOB_NUM_NODES:*) HINT="scontrol and the job's variables disagree" ;;
+            *) HINT="start run-llama.sh with srun, one task per node of the job (hostfiles/slurm.sbatch)" ;;
+        esac
+        die "$var=${!var}: expected ${#HOSTS[@]}, one per host of $HOSTS_FROM (${HOSTS[*]}); $HINT"
+    done
+    [ "${#HOSTS[@]}" -eq "${#SLURM_HOSTS[@]}" ] || die "HOSTFILE $HOSTFILE: ${#HOSTS[@]} host(s) (${HOSTS[*]})," \
+        "but $SLURM_JOB has ${#SLURM_HOSTS[@]} nodes (${SLURM_HOSTS[*]}); list them all, or unset HOSTFILE"
+    if [ -z "${NODE_RANK:-}" ]; then
+        [ -z "${INCLUDE:-}${EXCLUDE:-}" ] || die "INCLUDE/EXCLUDE in $SLURM_JOB: NODE_RANK cannot come from" \
+            "SLURM_NODEID when the filters renumber the hosts; set NODE_RANK, or choose GPUs with the job's options"
+        [ -n "${SLURM_NODEID:-}" ] || die "$SLURM_JOB: SLURM_NODEID is not set: start run-llama.sh with srun" \
+            "(one task per node, as in hostfiles/slurm.sbatch), or set NODE_RANK"
+        if ! [[ "$SLURM_NODEID" =~ ^[0-9]+$ ]] || [ "$SLURM_NODEID" -ge "${#SLURM_HOSTS[@]}" ]; then
+            die "SLURM_NODEID=$SLURM_NODEID: expected 0..$((${#SLURM_HOSTS[@]} - 1)), one per node of $SLURM_JOB" \
+                "(${SLURM_HOSTS[*]})"
+        fi
+        # this node's line in the hostfile (an explicit one may list the job's nodes in another order)
+        for i in "${!HOSTS[@]}"; do
+            if [ "${HOSTS[$i]}" = "${SLURM_HOSTS[$SLURM_NODEID]}" ]; then NODE_RANK=$i; fi
+        done
+        NODE_RANK_FROM="SLURM_NODEID=$SLURM_NODEID"
+    fi
+    if [ -z "${MASTER_ADDR:-}" ]; then MASTER_ADDR=${HOSTS[0]} MASTER_ADDR_FROM="the first host"; fi
+    echo "run-llama.sh: $SLURM_JOB: hosts ${HOSTS[*]} (hostfile $HOSTFILE from $HOSTFILE_FROM)," \
+        "NODE_RANK=$NODE_RANK (${NODE_RANK_FROM:-set}), MASTER_ADDR=$MASTER_ADDR (${MASTER_ADDR_FROM:-set})," \
+        "MASTER_PORT=$MASTER_PORT (${MASTER_PORT_FROM:-set})" >&2
 fi
 
 if [ -z "${MODEL:-}" ]; then

@@ -40,3 +40,19 @@ def run_job(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedPro
             raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... timed out after {timeout} s; "
                                  f"stderr tail:\n{err[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_jobs(jobs: list[tuple[list[str], dict[str, str]]], timeout: float,
+             **kwargs) -> list[subprocess.CompletedProcess]:
+    """Start several jobs at once (e.g. one launcher per "node" of a multi-node run on this machine), each
+    `(cmd, env)` in a session of its own; wait for all of them, and kill every one's tree if time runs out."""
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, **kwargs) for cmd, env in jobs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p.pid)
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(procs, outs, strict=True)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from proc import kill_tree, run_job
+from proc import run_job, run_jobs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,6 +53,8 @@ def llama_env(tmp: Path, output: Path, merge_dir: Path | None = None, ds_config:
     for k in ("DATA", "MODEL", "MERGE_DIR", "DS_CONFIG", "NPROC", "HOSTFILE", "NODE_RANK", "MASTER_ADDR", "INCLUDE",
               "EXCLUDE"):
         env.pop(k, None)
+    for k in [k for k in env if k.startswith("SLURM_")]:  # a suite run inside a Slurm job launches as outside one
+        del env[k]
     env.pop("TRITON_INTERPRET", None)  # CPU ranks train through the PyTorch reference, not the interpreter
     if merge_dir is not None:
         env["MERGE_DIR"] = str(merge_dir)
@@ -291,21 +293,11 @@ def test_two_nodes_without_ssh_match_one_node(default_run, tmp_path):
     hostfile.write_text("# two nodes, one rank each\nnode-a slots=1\nnode-b slots=1\n")
     port = str(_free_port())
     out = tmp_path / "two-node-out"
-    procs = []
-    for node_rank in (0, 1):
-        env = llama_env(tmp_path, out, HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
-                        OMP_NUM_THREADS="1")  # as run-llama.sh sets for 2 local ranks on 2 cores
-        env["MASTER_PORT"] = port
-        procs.append(subprocess.Popen(["bash", str(REPO / "run-llama.sh")], env=env, cwd=tmp_path, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
-    try:
-        results = [p.communicate(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                kill_tree(p.pid)
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err[-5000:]
+    # OMP_NUM_THREADS=1: as run-llama.sh sets for 2 local ranks on 2 cores
+    nodes = [llama_env(tmp_path, out, HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, OMP_NUM_THREADS="1") for node_rank in (0, 1)]
+    for p in run_jobs([(["bash", str(REPO / "run-llama.sh")], env) for env in nodes], timeout=900, cwd=tmp_path):
+        assert p.returncode == 0, p.stderr[-5000:]
     assert json.loads((out / "train_results.json").read_text())["world_size"] == 2
     _same_adapters(default_run["out"], out)
     assert [r.get("loss", r.get("eval_loss")) for r in _metrics(out)] == \
