@@ -280,17 +280,19 @@ def package_version(dist: str) -> str:
         return "n/a"
 
 
-def cpu_device_line() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU)"
+def run_header(cuda: bool) -> dict[str, Any]:
+    """What a report's header says of the run: device, versions, date (UTC), the command that reproduces it."""
+    import torch
 
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def command_line() -> str:
-    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    if cuda:
+        device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    else:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        device = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU)"
+    return dict(device=device, torch=torch.__version__, deepspeed=package_version("deepspeed"),
+                transformers=package_version("transformers"), python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
 
 
 def remove_shm_buffers(port: int) -> list[Path]:

@@ -66,7 +66,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import sys
@@ -76,20 +75,17 @@ from typing import Any
 
 from bench_common import (
     bench_env,
-    command_line,
-    cpu_device_line,
     deepspeed_launcher,
     exact_length_rows,
     failure_reason,
     free_port,
     install_probe,
     metrics_steps,
-    package_version,
     read_probes,
     remove_shm_buffers,
+    run_header,
     run_job,
     stdout_to_stderr,
-    utc_now,
     write_json,
     write_jsonl,
     write_model_dir,
@@ -352,15 +348,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def header(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if args.cuda else cpu_device_line()
-    return dict(device=device, torch=torch.__version__, deepspeed=package_version("deepspeed"),
-                transformers=package_version("transformers"), python=platform.python_version(), date=utc_now(),
-                command=command_line())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # arguments and main
 
@@ -437,7 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark (module doc); returns the report, written to --json too."""
     args.dir = args.dir.resolve()
     args.dir.mkdir(parents=True, exist_ok=True)
-    head = header(args)
+    head = run_header(args.cuda)
     log(f"{head['device']}, shape {args.shape}, configurations {','.join(args.configs)}, L {args.min_len}.."
         f"{args.max_len}, budget {args.budget_gb:g} GiB per rank, scratch {args.dir}")
 

@@ -66,7 +66,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -78,8 +77,6 @@ from typing import Any
 from bench_common import (
     PROBE_ENV,
     bench_env,
-    command_line,
-    cpu_device_line,
     deepspeed_launcher,
     exact_length_rows,
     failure_reason,
@@ -88,9 +85,9 @@ from bench_common import (
     metrics_steps,
     package_version,
     read_probes,
+    run_header,
     run_job,
     stdout_to_stderr,
-    utc_now,
     write_jsonl,
     write_model_dir,
 )
@@ -522,12 +519,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def header(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if args.cuda else cpu_device_line()
-    return dict(device=device, torch=torch.__version__, deepspeed=package_version("deepspeed"),
-                transformers=package_version("transformers"), peft=package_version("peft"), trl="n/a",
-                python=platform.python_version(), date=utc_now(), command=command_line())
+    return {**run_header(args.cuda), "peft": package_version("peft"), "trl": "n/a"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
