@@ -126,7 +126,7 @@ CONFIGS: dict[str, Config] = {
 }
 # Per mode: CPU (small shape), GPU (8b), --smoke (tiny). budget_gb None on GPU: the device's memory.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": dict(shape="small", min_len=1024, max_len=8192, budget_gb=2.0, steps=3, bisect=0, chunk=1024,
+    "cpu": dict(shape="small", min_len=1024, max_len=8192, budget_gb=1.2, steps=3, bisect=0, chunk=1024,
                 lora_r=16, timeout=1200.0, configs=",".join(CONFIGS)),
     "gpu": dict(shape="8b", min_len=16384, max_len=524288, budget_gb=None, steps=3, bisect=2, chunk=1024,
                 lora_r=16, timeout=3600.0, configs=",".join(CONFIGS)),
@@ -360,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--configs", help=f"comma list of {','.join(CONFIGS)}; default all (--smoke: sp2_all)")
     ap.add_argument("--min_len", type=int, help="first sequence length; default 1024 on CPU, 16384 on GPU")
     ap.add_argument("--max_len", type=int, help="longest sequence length tried; default 8192 on CPU, 524288 on GPU")
-    ap.add_argument("--budget_gb", type=float, help="memory budget per rank, GiB; default 2.0 on CPU, the GPU's "
+    ap.add_argument("--budget_gb", type=float, help="memory budget per rank, GiB; default 1.2 on CPU, the GPU's "
                                                     "memory on GPU")
     ap.add_argument("--bisect", type=int, help="bisection steps after the doubling; default 0 on CPU, 2 on GPU")
     ap.add_argument("--steps", type=int, help="optimizer steps per run, the first a warm-up; default 3")
