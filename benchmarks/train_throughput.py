@@ -71,15 +71,10 @@ Output: a markdown table on stdout (progress and logs on stderr), --json everyth
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -87,7 +82,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import PROBE_ENV, PROBE_SOURCE, read_probes, stdout_to_stderr
+from bench_common import (
+    PROBE_ENV,
+    bench_env,
+    deepspeed_launcher,
+    exact_length_rows,
+    failure_reason,
+    free_port,
+    install_probe,
+    metrics_steps,
+    package_version,
+    read_probes,
+    run_header,
+    run_job,
+    stdout_to_stderr,
+    write_jsonl,
+    write_model_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -121,10 +132,6 @@ LEARNING_RATE = 1e-4
 WARMUP_RATIO = 0.03
 MEDIAN_TOKENS, SIGMA, MIN_TOKENS, MAX_TOKENS = 150, 0.75, 16, 1000
 TRAINED_SHARE = (0.3, 0.6)
-# Candidate words; those the tokenizer encodes as exactly one token (with their leading space) build the texts.
-WORDS = ("the", "of", "and", "in", "is", "an", "has", "sum", "two", "three", "five", "six", "times", "number",
-         "numbers", "word", "words", "letters", "answer", "capital", "color", "opposite")
-
 
 class Unavailable(Exception):
     """A method that cannot run here; the message is the reason shown in its row."""
@@ -144,42 +151,11 @@ def log(msg: str) -> None:
 # model directory and data
 
 
-def write_model_dir(out: Path, shape: str, dtype: str) -> dict[str, Any]:
-    """config.json of `shape` + the tiny byte-level BPE tokenizer: what `--init random` and `from_config` need."""
-    from transformers import LlamaConfig
-
-    from llama_ft.tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    dims = dict(SHAPES[shape])
-    dims.setdefault("vocab_size", len(tok))
-    if dims["vocab_size"] < len(tok):
-        raise RuntimeError(f"vocab_size {dims['vocab_size']} < tokenizer length {len(tok)}")
-    config = LlamaConfig(**dims, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dtype=dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return dims
-
-
 def parameter_count(dims: dict[str, Any]) -> int:
     h, i, layers, v = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"], dims["vocab_size"]
     kv = dims["num_key_value_heads"] * (h // dims["num_attention_heads"])
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
     return layers * per_layer + 2 * v * h + h
-
-
-def single_token_words(tokenizer: Any) -> list[str]:
-    """WORDS that encode as exactly one token with a leading space (so a text of n of them is n tokens)."""
-    words = [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
-    if len(words) < 4:
-        raise RuntimeError(f"the tokenizer encodes only {words} of {WORDS} as one token each")
-    return words
 
 
 def write_dataset(path: Path, tokenizer: Any, n: int, seed: int, max_tokens: int) -> None:
@@ -188,23 +164,11 @@ def write_dataset(path: Path, tokenizer: Any, n: int, seed: int, max_tokens: int
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = single_token_words(tokenizer)
     total = np.clip(np.rint(rng.lognormal(math.log(MEDIAN_TOKENS), SIGMA, n)), MIN_TOKENS, max_tokens).astype(int)
     share = rng.uniform(*TRAINED_SHARE, n)
     target = np.clip(np.rint(total * share), 2, total - 2).astype(int)
     source = total - target
-    rows = []
-    for s, t in zip(source.tolist(), target.tolist(), strict=True):
-        pick = rng.integers(0, len(words), s - 1 + t - 1).tolist()  # BOS and EOS are the other two tokens
-        text = [" " + words[k] for k in pick]
-        rows.append({"input": "".join(text[:s - 1]), "output": "".join(text[s - 1:])})
-    got_s = [len(ids) for ids in tokenizer([r["input"] for r in rows])["input_ids"]]
-    got_t = [len(ids) for ids in tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]]
-    if got_s != source.tolist() or [g + 1 for g in got_t] != target.tolist():
-        raise RuntimeError("synthetic texts do not tokenize to their drawn lengths")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_jsonl(path, exact_length_rows(tokenizer, source.tolist(), target.tolist(), rng))
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -216,62 +180,9 @@ def percentile(values: list[int], q: float) -> float:
 # launching jobs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_job(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, cwd: Path) -> tuple[int, float]:
-    """Run a (multi-process) job in its own session, stdout + stderr to `log_path`; on a timeout kill the whole
-    process group. Returns (exit code, wall seconds); exit code 124 on a timeout."""
-    t0 = time.perf_counter()
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = 124
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C: take the ranks down too
-            proc.wait()
-            raise
-    return rc, time.perf_counter() - t0
-
-
-def failure_reason(rc: int, log_path: Path, timeout: float) -> str:
-    """One line for a failed job: the first exception a rank raised, else the last line that mentions an error."""
-    if rc == 124:
-        return f"timed out after {timeout:.0f} s (log: {log_path})"
-    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    lines = [re.sub(r"^\[(default)?rank\d+\]:\s*", "", ln) for ln in lines]  # torchrun's per-rank prefixes
-    raised = [ln for ln in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b.*:", ln)
-              and "ChildFailedError" not in ln]  # a rank's exception, not the launcher's summary of it
-    said = [ln for ln in lines if "error" in ln.lower()]
-    line = (raised or said or lines or ["no output"])[0 if raised else -1]
-    return f"exit {rc}: {line[:300]} (log: {log_path})"
-
-
 def base_env(args: argparse.Namespace, probe_dir: Path, probe_out: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # This interpreter's bin first, for every method: DeepSpeed's JIT op build runs the first `ninja` on PATH, and
-    # two ninja versions (pip's, the system's) do not read each other's build log, so alternating them rebuilds.
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
-    for k in ("TRITON_INTERPRET", "DATA", "MODEL", "MERGE_DIR", "DS_CONFIG", "HOSTFILE", "NODE_RANK", "INCLUDE",
-              "EXCLUDE", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
-        env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env[PROBE_ENV] = str(probe_out)
-    env["LLAMA_FT_CACHE"] = str(args.dir / "cache")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    if not args.cuda:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // args.nproc))
-    return env
+    omp = None if args.cuda else max(1, (os.cpu_count() or 2) // args.nproc)
+    return bench_env(REPO, args.dir, probe_dir, probe_out, omp)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,18 +231,6 @@ def ours_batches(examples: Any, args: argparse.Namespace, pad_id: int, packed: b
     return steps
 
 
-def deepspeed_launcher(scratch: Path) -> str:
-    """The `deepspeed` launcher of this interpreter's environment; where it has none (an environment layered on
-    another one), a two-line script that runs deepspeed.launcher.runner with this interpreter."""
-    script = Path(sys.executable).parent / "deepspeed"
-    if script.is_file():
-        return str(script)
-    wrapper = scratch / "deepspeed-launcher"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m deepspeed.launcher.runner "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
-
-
 def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     packed = method in ("ours_packed", "ours_fp8")
     run_dir = args.dir / "runs" / method
@@ -348,14 +247,11 @@ def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
     rc, wall = run_job(cmd, env, run_dir / "log.txt", args.timeout, cwd=run_dir)
     if rc != 0:
         raise RuntimeError(failure_reason(rc, run_dir / "log.txt", args.timeout))
-    rows = [json.loads(ln) for ln in (run_dir / "output" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "trained_tokens" in r]
-    if [r["step"] for r in rows] != list(range(1, args.steps + 1)):
-        raise RuntimeError(f"metrics.jsonl: steps {[r['step'] for r in rows]}, expected 1..{args.steps}")
+    rows = metrics_steps(run_dir / "output" / "metrics.jsonl", args.steps)
     batches = ours_batches(ctx["examples"], args, ctx["pad_id"], packed)
     steps = []
     for r, b in zip(rows, batches, strict=True):
-        window = r["trained_tokens"] / r["trained_tokens_per_s"]  # the recipe's own logging window: one step
+        window = r["time_s"]  # the recipe's own logging window: one step
         nonpad_logged = r["tokens_per_s"] * window
         if r["trained_tokens"] != b["trained"] or abs(nonpad_logged - b["nonpad"]) > 1e-6 * b["nonpad"] + 1:
             raise RuntimeError(f"step {r['step']}: metrics.jsonl counts {r['trained_tokens']} trained / "
@@ -661,28 +557,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _version
-
-    try:
-        return _version(dist)
-    except PackageNotFoundError:
-        return "n/a"
-
-
 def header(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    if args.cuda:
-        device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    else:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        device = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, no GPU)"
-    return dict(device=device, torch=torch.__version__, deepspeed=version("deepspeed"),
-                transformers=version("transformers"), peft=version("peft"), trl="n/a", python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+    return {**run_header(args.cuda), "peft": package_version("peft"), "trl": "n/a"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -803,7 +679,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from llama_ft.data import DataOptions, load_tokenizer, pad_token_id, prepare_examples
 
     model_dir = args.dir / f"model-{args.shape}"
-    dims = write_model_dir(model_dir, args.shape, "bfloat16" if args.bf16 else "float32")
+    dims = write_model_dir(model_dir, SHAPES[args.shape], "bfloat16" if args.bf16 else "float32")
     flops_per_token = model_flops_per_token(dims, args.lora_r)
     tokenizer = load_tokenizer(str(model_dir))
     n = args.examples or examples_needed(args)
@@ -823,9 +699,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = {"file": str(data_file), "examples": len(lengths), "median": statistics.median(lengths),
             "p90": percentile(lengths, 90), "p99": percentile(lengths, 99), "max": max(lengths),
             "mean": statistics.fmean(lengths), "trained_share": trained / sum(lengths)}
-    probe_dir = args.dir / "probe-site"
-    probe_dir.mkdir(exist_ok=True)
-    (probe_dir / "sitecustomize.py").write_text(PROBE_SOURCE)
+    probe_dir = install_probe(args.dir / "probe-site")
     ctx = {"model_dir": model_dir, "data_file": data_file, "examples_file": examples_file, "examples": examples,
            "pad_id": pad_token_id(tokenizer), "dims": dims, "probe_dir": probe_dir}
 

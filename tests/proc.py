@@ -8,25 +8,12 @@ starts the launcher in a session of its own, so the process group alone is not e
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
+import sys
+from pathlib import Path
 
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process, its process group and every descendant (children first listed, then killed)."""
-    import psutil
-
-    try:
-        family = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_common import kill_tree  # noqa: E402 - one process-tree kill for the tests and the benchmarks
 
 
 def run_job(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
