@@ -118,6 +118,8 @@ class WandbSink:
         self.run.log(scalars(record), step=record["step"])
 
     def close(self, exit_code: int = 0) -> None:
+        if exit_code > 128:  # 128 + signal: preempted (SIGTERM, SIGINT); W&B shows the run as preempted
+            self.run.mark_preempting()
         self.run.finish(exit_code=exit_code)
 
 

@@ -217,6 +217,7 @@ def test_wandb_offline_run_holds_history_config_and_resumes(tmp_path, monkeypatc
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.run_id == run_id
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [143]
+    assert any(r.WhichOneof("record_type") == "preempting" for r in records)
 
 
 def _args(tmp_path: Path, *extra: str) -> list[str]:
