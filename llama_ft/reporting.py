@@ -101,6 +101,7 @@ class WandbSink:
     def __init__(self, out: Path, options: dict[str, Any], resume_step: int | None) -> None:
         import wandb  # optional: the wandb package
 
+        self._wandb = wandb
         id_file = out / WANDB_RUN_ID
         run_id = os.environ.get("WANDB_RUN_ID") or (
             id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None)
@@ -121,6 +122,10 @@ class WandbSink:
         if exit_code > 128:  # 128 + signal: preempted (SIGTERM, SIGINT); W&B shows the run as preempted
             self.run.mark_preempting()
         self.run.finish(exit_code=exit_code)
+        # finish() can return before W&B's service has written the run's .wandb file (offline: sometimes only its
+        # header); teardown waits for the service, so the run is whole on disk when close() returns. Its atexit
+        # hook would do the same, but not on every way out (a second signal's immediate exit).
+        self._wandb.teardown(exit_code=exit_code)
 
 
 class Reporter:

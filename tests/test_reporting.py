@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,9 @@ def test_wandb_offline_run_holds_history_config_and_resumes(tmp_path, monkeypatc
     config = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
     assert config == OPTIONS
 
-    # resumed from step 2 and stopped by SIGTERM: the same W&B run id, finished with the exit code
+    # resumed from step 2 and stopped by SIGTERM: the same W&B run id, finished with the exit code. An offline
+    # run's folder is named by the second it starts in: a resume within the same second would share it
+    time.sleep(1.1)
     with pytest.raises(StopRun), Reporter.open(tmp_path, "wandb", OPTIONS, resume_step=2) as reporter:
         for r in fake_records(range(3, 5)):
             reporter.log(r)
