@@ -21,6 +21,7 @@ from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
 from llama_ft.flags import expand_targets, float_or_auto, str2bool
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
+from llama_ft.reporting import check_report_to
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,7 @@ class TrainConfig:
     logging_steps: int = 1
     generate_every: int = 0
     generate_max_new_tokens: int = 64
+    report_to: str = "none"
     resume_from_checkpoint: str | None = None
     nan_policy: str = "stop"
     dist_timeout: int = 1800
@@ -141,6 +143,9 @@ _HELP = {
     "generate_every": "every N steps, greedy completions of 3 fixed held-out prompts, printed and appended to "
                       "OUTPUT_DIR/samples.jsonl (0: never)",
     "generate_max_new_tokens": "tokens generated per sample with --generate_every",
+    "report_to": "none | tensorboard | wandb: also send the metrics to TensorBoard (OUTPUT_DIR/tensorboard) or "
+                 "Weights & Biases (OUTPUT_DIR/wandb; offline with WANDB_MODE=offline); metrics.jsonl is always "
+                 "written",
     "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
     "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
     "init": "checkpoint: load the weights of --model_name_or_path; random: random weights built straight into "
@@ -257,6 +262,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--nan_policy {cfg.nan_policy!r}: expected 'stop' or 'skip'")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise UserError(f"--save_total_limit {cfg.save_total_limit}: expected an integer >= 1 (or leave it out)")
+    check_report_to(cfg.report_to)
     if cfg.dist_timeout < 1:
         raise UserError(f"--dist_timeout {cfg.dist_timeout}: expected seconds >= 1")
     out = Path(cfg.output_dir)

@@ -25,6 +25,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
+    def close(self, exit_code: int = 0) -> None:
+        """Nothing to do: each write opens, appends and closes (a Sink of llama_ft/reporting.py)."""
+
 
 def _complete_lines(path: Path) -> list[str]:
     """Lines that parse as JSON: a run killed mid-write leaves at most a partial last line."""

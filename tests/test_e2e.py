@@ -1,6 +1,6 @@
 """End to end on 2 real CPU ranks under DeepSpeed ZeRO-3, through run-llama.sh.
 
-One default run (the embedded tiny Llama + bundled data, train then merge) serves most checks;
+One default run (the embedded tiny Llama + bundled data, train then merge, --report_to tensorboard) serves most checks;
 a second run resumes from its mid-way checkpoint and must reproduce it bit for bit.
 """
 
@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 from proc import run_job, run_jobs
 from safetensors.torch import load_file
+from test_reporting import expected_scalars, tensorboard_options, tensorboard_scalars
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llama_ft.data import IGNORE_INDEX, collate, load_rows, tokenize_rows, train_eval_split
@@ -79,9 +81,10 @@ def run_llama(tmp: Path, output: Path, *extra: str, check: bool = True, **env_kw
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    # --generate_every: sample completions mid-run, collective under ZeRO-3 (tests/test_generate.py reads them)
+    # --generate_every: sample completions mid-run, collective under ZeRO-3 (tests/test_generate.py reads them);
+    # --report_to tensorboard: the event file is checked against metrics.jsonl
     proc = run_llama(tmp, tmp / "output", "--generate_every", "30", "--generate_max_new_tokens", "12",
-                     merge_dir=tmp / "merged")
+                     "--report_to", "tensorboard", merge_dir=tmp / "merged")
     return {"tmp": tmp, "out": tmp / "output", "merged": tmp / "merged", "model": tmp / "cache" / "tiny-llama",
             "log": proc.stderr}
 
@@ -117,6 +120,19 @@ def test_loss_falls(default_run):
     assert last < first - 1.0, (first, last)  # ~6.3 nats at random init
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0]
+
+
+def test_tensorboard_matches_metrics_jsonl(default_run):
+    """--report_to tensorboard on 2 real ranks: one event file (rank 0's), whose scalars are metrics.jsonl's
+    numbers at the same steps (as float32), and the run's options in the TEXT tab."""
+    logdir = default_run["out"] / "tensorboard"
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    got = tensorboard_scalars(logdir)
+    assert got == expected_scalars(default_run["out"] / "metrics.jsonl", np.float32)
+    assert got["train/loss"].keys() == set(range(1, MAX_STEPS + 1)) and got["eval/loss"].keys() == {30, 60}
+    assert got["train/trained_tokens_per_s"][MAX_STEPS] > 0 and got["train/grad_norm"][1] > 0
+    options = tensorboard_options(logdir)
+    assert options["report_to"] == "tensorboard" and options["max_steps"] == MAX_STEPS and "data_sha256" in options
 
 
 def _eval_batches(model_dir: Path):

@@ -11,6 +11,7 @@ Outputs in --output_dir:
     tokenizer files (+ chat_template.jinja)           so the directory serves as is
     checkpoint-STEP/                                  every --save_steps, for --resume_from_checkpoint
     metrics.jsonl, loss.png, train_results.json
+    tensorboard/ or wandb/                            with --report_to (llama_ft/reporting.py)
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ from llama_ft.data.split import split_examples
 from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
-from llama_ft.metrics import MetricsLog, plot_loss
+from llama_ft.metrics import plot_loss
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
+from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import activation_offload, mlp_tiles, use_tiled_mlp
 from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import (
@@ -352,8 +354,8 @@ def train(cfg: TrainConfig) -> dict:
     batches = MicroBatches(train_set, sp.dp_world, sp.dp_rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                            progress.epoch, progress.micro_index, pack_len)
 
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=progress.step if cfg.resume_from_checkpoint else None) \
-        if rank == 0 else None
+    # rank 0: metrics.jsonl (+ TensorBoard or W&B, --report_to); every record goes through reporter.log
+    reporter = Reporter.open(out, cfg.report_to, options, progress.step if cfg.resume_from_checkpoint else None, rank)
     stop = StopSignals().install()  # SIGTERM/SIGINT: finish the step, save, exit (a second one aborts)
     last_saved = progress.step if cfg.resume_from_checkpoint else None
     watch.last_checkpoint = lambda: resolve_checkpoint("auto", out)
@@ -374,7 +376,9 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
     engine.train()
-    with watch.collective_failures():  # a rank lost mid-collective: one line, not a hang or a traceback
+    # collective_failures: a rank lost mid-collective is one line, not a hang or a traceback; the reporter
+    # closes (W&B finishes with the exit code) on every way out of the loop, StopRun included
+    with watch.collective_failures(), reporter:
         while progress.step < cfg.max_steps:
             signum = max_over_ranks(stop.requested or 0)  # one host all-reduce per step: a signal on any rank
             if signum:
@@ -412,15 +416,13 @@ def train(cfg: TrainConfig) -> dict:
                           "skipped_steps": engine.skipped_steps, "elapsed_s": time.time() - t_start}
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 trained_tok_s=f"{record['trained_tokens_per_s']:.0f}")
-                if metrics:
-                    metrics.write(record)
+                reporter.log(record)
 
             if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
                 eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id,
                                      sp.dp_world, sp.dp_rank, pack_len, cfg.loss_chunk_size, flash, prepare)
                 log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
-                if metrics:
-                    metrics.write({"step": progress.step, "eval_loss": eval_loss})
+                reporter.log({"step": progress.step, "eval_loss": eval_loss})
             if prompts and progress.step % cfg.generate_every == 0:  # collective: every rank generates
                 engine.eval()
                 samples = generate_samples(engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,
