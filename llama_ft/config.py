@@ -23,6 +23,7 @@ from llama_ft.flags import expand_targets, float_or_auto, str2bool
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.reporting import check_report_to
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
+from llama_ft.train.sp_layout import check_long_context_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
@@ -247,14 +248,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError("--generate_every with --sequence_parallel_size > 1: generation runs whole sequences on "
                         "every rank, which Ulysses' sharded attention does not; generate from the saved adapters "
                         "(llama-ft generate) instead")
-    if cfg.sequence_parallel_size < 1:
-        raise UserError(f"--sequence_parallel_size {cfg.sequence_parallel_size}: expected an integer >= 1")
+    check_long_context_flags(cfg.sequence_parallel_size, cfg.activation_offload, cfg.gradient_checkpointing)
     if cfg.tiled_mlp and cfg.lora_dropout > 0:
         raise UserError(f"--tiled_mlp with --lora_dropout {cfg.lora_dropout}: the tiled MLP recomputes its slices in "
                         "backward without replaying dropout masks; set --lora_dropout 0")
-    if cfg.activation_offload and not cfg.gradient_checkpointing:
-        raise UserError("--activation_offload needs --gradient_checkpointing: it offloads the activation "
-                        "checkpoints (each decoder layer's input)")
     if cfg.loss_chunk_size < 1:
         raise UserError(f"--loss_chunk_size {cfg.loss_chunk_size}: expected an integer >= 1 (tokens per chunk)")
     cfg.lora_target_modules = expand_targets(cfg.lora_target_modules)  # all|attention|mlp -> explicit names

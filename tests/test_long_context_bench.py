@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from proc import run_job
+from test_benchmark_scripts import _bench_env, _positive
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "long_context.py"
@@ -22,16 +21,6 @@ sys.path.append(str(SCRIPT.parent))
 import long_context  # noqa: E402  - the benchmark module itself, for its search
 
 GiB = 2**30
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
-    return env
-
-
-def _positive(x) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
 # --- the search, with measure() replaced by a table of peaks ---
@@ -107,7 +96,8 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
     if torch.cuda.is_available() and "1000" in args:
         pytest.skip("the host-memory cap applies to CPU ranks only")
     proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--dir", str(tmp_path / "w"), "--json",
-                           str(tmp_path / "r.json")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "r.json")], cwd=REPO, env=_bench_env(), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("long_context.py: error: ") and expect in lines[0], proc.stderr
@@ -117,7 +107,7 @@ def test_bad_input_is_one_line(tmp_path, args, expect):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
 def test_8b_needs_cuda(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "8b", "--dir", str(tmp_path / "w")], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=_bench_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--shape 8b needs a CUDA GPU" in lines[0]
@@ -131,7 +121,7 @@ def test_8b_needs_cuda(tmp_path):
 def test_long_context_smoke(tmp_path):
     out = tmp_path / "longctx.json"
     proc = run_job([sys.executable, str(SCRIPT), "--smoke", "--dir", str(tmp_path / "work"), "--json", str(out)],
-                   timeout=600, cwd=REPO, env=_env())  # kills the launcher's ranks too on a timeout
+                   timeout=600, cwd=REPO, env=_bench_env())  # kills the launcher's ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     head, cfg, rows, budget = report["header"], report["config"], report["rows"], report["budget"]

@@ -25,10 +25,10 @@ from test_e2e import _metrics, run_llama
 from llama_ft.data import IGNORE_INDEX, collate, collate_packed
 from llama_ft.errors import UserError
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
-from llama_ft.train.activation_memory import activation_offload, mlp_tiles, use_tiled_mlp
+from llama_ft.train.activation_memory import activation_offload, use_tiled_mlp
 from llama_ft.train.parallel import shard_micro_batch
 from llama_ft.train.recipe import main as train_main
-from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel
+from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel, mlp_tiles
 
 PAD = 0
 
@@ -133,7 +133,7 @@ def test_tiled_mlp_and_offload_give_the_plain_gradients(tiny_model_dir, quantize
     forward = mlp_class.forward
     monkeypatch.setattr(mlp_class, "forward",
                         lambda self, x: slices.append(x.numel() // x.shape[-1]) or forward(self, x))
-    assert mlp_tiles(24, 8) == 3 and use_tiled_mlp(tiled, 3) == 2
+    assert mlp_tiles(24, 1, 1, 8) == 3 and use_tiled_mlp(tiled, 3) == 2
     packed = []
 
     class Counting(torch.autograd.graph.save_on_cpu):

@@ -48,9 +48,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llama_ft.flags import TARGET_GROUPS
 from llama_ft.plan.shape import ModelShape
 
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+MLP_TARGETS = TARGET_GROUPS["mlp"]
 
 LINEAR_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}

@@ -46,7 +46,7 @@ from llama_ft.plan.zero import (
     simulate_gathered,
     zero_settings,
 )
-from llama_ft.train.sp_layout import check_sequence_parallel
+from llama_ft.train.sp_layout import check_long_context_flags, check_sequence_parallel, mlp_tiles
 
 GiB = 2**30
 
@@ -176,12 +176,8 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
     if ratio is not None and ratio != "auto" and not 0 <= ratio <= 1:
         raise UserError(f"--offload_ratio {ratio}: expected a fraction in [0, 1] or 'auto'")
     sp = getattr(cfg, "sequence_parallel_size", 1)
-    if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
-        raise UserError(f"--sequence_parallel_size {sp}: expected an integer >= 1")
     offload_acts = bool(getattr(cfg, "activation_offload", False))
-    if offload_acts and not cfg.gradient_checkpointing:
-        raise UserError("--activation_offload needs --gradient_checkpointing: it offloads the activation "
-                        "checkpoints (each decoder layer's input)")
+    check_long_context_flags(sp, offload_acts, bool(cfg.gradient_checkpointing))
     chunk = _positive("loss_chunk_size", cfg.loss_chunk_size)
     dropout = float(getattr(cfg, "lora_dropout", 0.05))
     if not 0 <= dropout < 1:
@@ -296,8 +292,8 @@ def micro_batch(model: Model) -> act.MicroBatch:
     """One rank's micro-batch: its 1/sp of the tokens, the tiled MLP's slices as training picks them
     (train/recipe.py: about hidden_size tokens each, from the longest sequence a rank holds)."""
     o, shape = model.opts, model.shape
-    local = -(-o.seq_len // o.sp) * (o.rows if o.packing and o.attn_implementation == "flash_attention_2" else 1)
-    tiles = max(1, -(-local // shape.hidden_size)) if o.tiled_mlp else 1
+    joined = o.rows if o.packing and o.attn_implementation == "flash_attention_2" else 1
+    tiles = mlp_tiles(o.seq_len, joined, o.sp, shape.hidden_size) if o.tiled_mlp else 1
     return act.MicroBatch(o.rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
                           o.attn_implementation, model.machine.device, o.sp, tiles)
 

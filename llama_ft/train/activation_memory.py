@@ -22,16 +22,10 @@ memory holds one layer's recompute instead of every layer's checkpoint.
 from __future__ import annotations
 
 import contextlib
-import math
 import types
 
 import torch
 from torch import nn
-
-
-def mlp_tiles(longest_local_tokens: int, hidden_size: int) -> int:
-    """ALST's choice: about `hidden_size` tokens per slice, at least one slice."""
-    return max(1, math.ceil(longest_local_tokens / hidden_size))
 
 
 def tile_mlp(mlp: nn.Module, tiles: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from llama_ft.adapters import gathered
@@ -35,12 +36,15 @@ def trained_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """y' (B, T) with y'[:, t] = labels[:, t + 1] (what token t is trained to predict), IGNORE_INDEX last."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions, targets) of a host (B, T) label tensor: positions = b*T + t (flat, int64, ascending) of
     every token t whose next label y[b, t+1] is trained, and targets = those labels. Both of length N."""
-    _, width = labels.shape
-    b, t = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
-    return b * width + t, labels[b, t + 1]
+    return next_label_targets(next_token_labels(labels))
 
 
 def next_label_targets(next_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

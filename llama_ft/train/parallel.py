@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_ft.data.formats import IGNORE_INDEX
+from llama_ft.train.loss import next_token_labels
 from llama_ft.train.sp_layout import SequenceParallel
 
 
@@ -87,7 +88,7 @@ def shard_micro_batch(batch: dict[str, torch.Tensor], sp: SequenceParallel, rows
     """
     b, t = batch["input_ids"].shape
     full = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "next_labels": F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX),
+            "next_labels": next_token_labels(batch["labels"]),
             "position_ids": batch["position_ids"] if packed else torch.arange(t).expand(b, t)}
     if packed and flash:
         full = {k: v.reshape(1, -1) for k, v in full.items()}

@@ -59,7 +59,7 @@ from llama_ft.metrics import plot_loss
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
-from llama_ft.train.activation_memory import activation_offload, mlp_tiles, use_tiled_mlp
+from llama_ft.train.activation_memory import activation_offload, use_tiled_mlp
 from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import (
     LossMeter,
@@ -73,7 +73,7 @@ from llama_ft.train.loss import (
 )
 from llama_ft.train.parallel import register_ulysses, shard_micro_batch, varlen_bounds
 from llama_ft.train.samples import generate_samples, sample_prompts, write_samples
-from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel
+from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel, mlp_tiles
 
 log = logging.getLogger("llama_ft")
 EXIT_DIVERGED = 3  # --nan_policy stop
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig) -> dict:
     from llama_ft.train.memory_plan import resolve_offload_ratio
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
-    rank = int(os.environ.get("RANK", 0))
+    rank, world_env = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(rank)
     prequantized = None
     if cfg.init == "checkpoint":
@@ -255,9 +255,9 @@ def train(cfg: TrainConfig) -> dict:
                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
     ds_config = load_ds_config(cfg.deepspeed)
     llama_config = load_llama_config(cfg.model_name_or_path)
-    check_sequence_parallel(cfg.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", 1)),
-                            llama_config.num_attention_heads, llama_config.num_key_value_heads,
-                            cfg.attn_implementation, cfg.packing, cfg.model_name_or_path)
+    check_sequence_parallel(cfg.sequence_parallel_size, world_env, llama_config.num_attention_heads,
+                            llama_config.num_key_value_heads, cfg.attn_implementation, cfg.packing,
+                            cfg.model_name_or_path)
     max_positions = llama_config.max_position_embeddings
     if cfg.max_seq_len and cfg.max_seq_len > max_positions:
         raise UserError(f"--max_seq_len {cfg.max_seq_len}: above the model's max_position_embeddings "
@@ -273,7 +273,6 @@ def train(cfg: TrainConfig) -> dict:
                             "use sdpa")
     tokenizer, train_set, eval_set, stats = load_training_data(cfg)  # rows -> examples, once per node
     pad_id = pad_token_id(tokenizer)
-    world_env = int(os.environ.get("WORLD_SIZE", 1))
     sp = SequenceParallel.of(rank, world_env, cfg.sequence_parallel_size)  # the stream follows the DP rank
     MicroBatches(train_set, sp.dp_world, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id,
                  pack_len=cfg.max_seq_len if cfg.packing else None)  # enough data?
@@ -317,8 +316,8 @@ def train(cfg: TrainConfig) -> dict:
     tiles = 1
     if cfg.tiled_mlp:  # fixed for the run: every rank makes the same MLP calls (train/activation_memory.py)
         longest = pack_len or max(example_lengths(train_set) + example_lengths(eval_set))
-        longest *= cfg.per_device_train_batch_size if rows == 1 and pack_len else 1
-        tiles = mlp_tiles(math.ceil(longest / sp.size), llama_config.hidden_size)
+        joined = cfg.per_device_train_batch_size if rows == 1 and pack_len else 1
+        tiles = mlp_tiles(longest, joined, sp.size, llama_config.hidden_size)
         log.info("tiled MLP: %d MLPs in %d slices of the sequence", use_tiled_mlp(model, tiles), tiles)
     prepare = None
     if sp.enabled or cfg.tiled_mlp:  # widths padded to sp.size x tiles; this rank's columns only

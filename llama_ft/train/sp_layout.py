@@ -1,10 +1,12 @@
-"""Which ranks share a sequence under Ulysses sequence parallelism, and which layouts cannot work.
+"""Which ranks share a sequence under Ulysses sequence parallelism, which layouts cannot work, and how many
+slices the tiled MLP cuts a rank's sequence into.
 
-Torch-free, so that `llama-ft plan` checks a layout the way training does without importing torch.
+Torch-free, so that `llama-ft plan` checks and plans a layout the way training does without importing torch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llama_ft.errors import UserError
@@ -53,3 +55,19 @@ def check_sequence_parallel(size: int, world: int, heads: int, kv_heads: int, at
         raise UserError(f"--packing with --sequence_parallel_size {size} needs --attn_implementation "
                         f"flash_attention_2: Ulysses drops the 4D mask that keeps packed examples apart under "
                         f"{attn}; only flash's varlen path (position_ids per example) keeps them apart")
+
+
+def check_long_context_flags(size: object, activation_offload: bool, gradient_checkpointing: bool) -> None:
+    """The flag checks training (config.py) and the planner share, before any layout is known."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"--sequence_parallel_size {size}: expected an integer >= 1")
+    if activation_offload and not gradient_checkpointing:
+        raise UserError("--activation_offload needs --gradient_checkpointing: it offloads the activation "
+                        "checkpoints (each decoder layer's input)")
+
+
+def mlp_tiles(longest_row: int, rows_joined: int, size: int, hidden_size: int) -> int:
+    """Slices of the tiled MLP, fixed for a run (train/activation_memory.py): ALST's choice of about
+    hidden_size tokens each, at least one, over the longest sequence a rank holds, ceil(longest_row x
+    rows_joined / size) tokens (rows_joined > 1 where flash packing makes a micro-batch's rows one sequence)."""
+    return max(1, math.ceil(math.ceil(longest_row * rows_joined / size) / hidden_size))
