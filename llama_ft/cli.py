@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         from llama_ft.train import recipe
+        from llama_ft.train.process_exit import run_and_exit
 
         _single_process_env()
-        return recipe.main(rest)
+        run_and_exit(lambda: recipe.main(rest))
     if cmd == "data":
         from llama_ft.data import command
 

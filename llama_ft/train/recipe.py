@@ -17,6 +17,7 @@ Outputs in --output_dir:
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -467,10 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
     finally:
-        # On every way out (done, a stop signal, a NaN, a user error): with the process group still alive at
-        # interpreter exit, gloo's worker threads are torn down joinable and the rank dies of SIGABRT
-        # ("terminate called without an active exception"), which turned a clean exit 143 into 250.
+        # On every way out (done, a stop signal, a NaN, a user error). The engine's reference cycles still
+        # hold process groups: collect them first, so gloo's workers are joined here, not at interpreter
+        # exit (where they can abort the rank; llama_ft/train/process_exit.py ends the process without it).
         if dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
     return 0
 
