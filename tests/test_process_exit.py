@@ -1,5 +1,6 @@
 """A rank's process ends through os._exit (llama_ft/train/process_exit.py): the exit status must be the one
-Python would give, and what was printed or logged must still reach a pipe, which os._exit does not flush."""
+Python would give, atexit handlers must run, and what was printed or logged must still reach a pipe, which
+os._exit does not flush."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import sys
 import pytest
 
 SCRIPT = """
-import logging, sys
+import atexit, logging, sys
 from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.train.process_exit import run_and_exit
 
 logging.basicConfig(stream=sys.stderr, format="%(message)s", level=logging.INFO)
 sys.stdout = open(sys.stdout.fileno(), "w", buffering=1 << 16, closefd=False)  # block-buffered, even for a line
+
+atexit.register(lambda: print("an atexit handler ran", file=sys.stderr))
 
 @user_errors_exit
 def main():
@@ -43,4 +46,5 @@ def test_exit_status_and_output_survive_os_exit(how, code, err):
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "printed before the end\n"
     assert "logged before the end" in proc.stderr and err in proc.stderr
+    assert proc.stderr.rstrip().endswith("an atexit handler ran")
     assert ("Traceback" in proc.stderr) == (how == "bug")

@@ -14,8 +14,8 @@ temporary name, fsynced and renamed before `main` returns, and the reporter is c
 
 from __future__ import annotations
 
+import atexit
 import gc
-import logging
 import os
 import signal
 import sys
@@ -35,9 +35,9 @@ def exit_code(e: SystemExit) -> int:
 
 
 def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
-    """Run `main` and end the process with its status through `os._exit`, after the collector, the
-    logging handlers and stdout/stderr are done: a bug still prints its traceback (exit 1), Ctrl-C that
-    reached Python is 130."""
+    """Run `main` and end the process with its status through `os._exit`, after the collector, the atexit
+    handlers and stdout/stderr are done: a bug still prints its traceback (exit 1), Ctrl-C that reached
+    Python is 130."""
     try:
         code = main() or 0
     except SystemExit as e:
@@ -48,7 +48,9 @@ def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
         traceback.print_exc()
         code = 1
     gc.collect()  # the engine's cycles go now, while every thread may still take the GIL
-    logging.shutdown()
+    # What the interpreter's exit runs before its teardown: atexit handlers (logging's flush, W&B, the
+    # benchmarks' memory probe), while the interpreter is whole; only the teardown after them is skipped.
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
