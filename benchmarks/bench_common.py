@@ -154,7 +154,8 @@ def failure_reason(rc: int, log_path: Path, timeout: float) -> str:
 
 def bench_env(repo: Path, scratch: Path, probe_dir: Path, probe_out: Path, omp_threads: int | None) -> dict[str, str]:
     """The environment of a benchmark's ranks: this interpreter's bin first, the probe and the repository on
-    PYTHONPATH, no launcher or run-llama.sh variables inherited, offline hub, the op cache, OMP threads on CPU."""
+    PYTHONPATH, no launcher or run-llama.sh variables inherited, offline hub, the op cache; on CPU, OMP threads and
+    the malloc setting of our CPU ranks for every job, ours and the peers'."""
     env = dict(os.environ)
     # This interpreter's bin first: DeepSpeed's JIT op build runs the first `ninja` on PATH, and two ninja versions
     # (pip's, the system's) do not read each other's build log, so alternating them rebuilds.
@@ -171,6 +172,10 @@ def bench_env(repo: Path, scratch: Path, probe_dir: Path, probe_out: Path, omp_t
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     if omp_threads is not None:
         env["OMP_NUM_THREADS"] = str(omp_threads)
+        # CPU ranks of ours fix glibc's mmap threshold (llama_ft/train/cpu_heap.py); a peer gets the same
+        from llama_ft.train.cpu_heap import CPU_MMAP_THRESHOLD
+
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(CPU_MMAP_THRESHOLD))
     return env
 
 

@@ -262,7 +262,7 @@ def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
 
 
 def env_prefix(env: dict[str, str]) -> str:
-    keys = ("MODEL", "DATA", "OUTPUT_DIR", "NPROC", "OMP_NUM_THREADS")
+    keys = ("MODEL", "DATA", "OUTPUT_DIR", "NPROC", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")
     return " ".join(f"{k}={env[k]}" for k in keys if k in env)
 
 
@@ -334,7 +334,7 @@ def run_peer(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
                                                           for key in ("tokens", "nonpad", "trained")}})
     return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall,
             "versions": ranks[0].get("versions", {}),
-            "command": f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', '')} {' '.join(cmd)}".strip()}
+            "command": f"{env_prefix(env)} {' '.join(cmd)}".strip()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import activation_offload, use_tiled_mlp
+from llama_ft.train.cpu_heap import fix_mmap_threshold
 from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import (
     LossMeter,
@@ -244,6 +245,9 @@ def train(cfg: TrainConfig) -> dict:
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank, world_env = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(rank)
+    if not torch.cuda.is_available() and fix_mmap_threshold():  # before the data and the model are built
+        log.info("CPU ranks: malloc returns freed blocks of 1 MiB and more to the system (peak RSS as planned; "
+                 "MALLOC_MMAP_THRESHOLD_ overrides)")
     prequantized = None
     if cfg.init == "checkpoint":
         _, prequantized = inspect_checkpoint(cfg.model_name_or_path, cfg.lora_spec)
