@@ -62,18 +62,14 @@ temporaries, optimizer temporaries): PyTorch's caching allocator keeps freed blo
 segments that later requests of other sizes cannot always reuse; reserved exceeds allocated by 5-15%
 in LLM training, and ZeRO-3's gathers of differently sized parameters are on the high side."""
 
-CPU_HEAP_RETENTION = 0.23
+CPU_HEAP_RETENTION = 0.05
 """The CPU ranks' counterpart of FRAGMENTATION, on the same bytes: memory glibc's malloc keeps after it is
-freed. An allocation at or above the mmap threshold is mapped and returned to the system on free, but
-glibc raises that threshold to the size of every mapped chunk freed (up to 32 MiB,
-DEFAULT_MMAP_THRESHOLD_MAX), so after the first step the gathered attention weights, activations, LoRA
-gradients and the loss's chunks come from the heap, and a freed heap chunk below the top is kept (RSS)
-for later requests; the heap stays at its high-water mark of the step's transient working set.
-Measured on Llama-3.2-1B, bf16, gradient checkpointing, 2 CPU ranks (BENCHMARKS.md, "The planner against
-measured CPU runs"): peak RSS 5.71 GiB as run, 5.07 GiB with MALLOC_MMAP_THRESHOLD_=1048576 (a fixed
-1 MiB threshold: freed chunks of 1 MiB and more go back at once); the 0.64 GiB difference over the
-plan's 2.76 GiB of transient terms at its peak moment (gathered, loss, activations) is 0.23. A lower
-bound: chunks under 1 MiB are retained in both runs."""
+freed. CPU ranks fix glibc's mmap threshold at 1 MiB (llama_ft/train/cpu_heap.py), so every freed block of
+1 MiB or more goes back to the system at once and only smaller chunks are kept. Measured on the
+Llama-3.2-1B shape, 2 CPU ranks, gradient checkpointing (BENCHMARKS.md, "The planner against measured CPU
+runs"): peak RSS over the plan's terms without a margin was 0.02 (bf16) and 0.03 (FP8) of the transient
+terms at the peak moment; 0.05 rounds that up. With glibc's default, adjusting threshold (up to 32 MiB,
+MALLOC_MMAP_THRESHOLD_ unset and not fixed) the freed heap grew to 0.23 (bf16) and 0.7 (FP8) of them."""
 
 CPU_RANK_BASELINE_BYTES = int(0.68 * GiB)
 """Peak RSS of a CPU rank besides the planned terms: torch, transformers, datasets and deepspeed imported
