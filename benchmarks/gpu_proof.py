@@ -630,13 +630,14 @@ def stage_capacity(p: Proof, limit: float) -> dict[str, Any]:
         plan = json.loads(planned.stdout) if planned.rc in (0, 1) else None  # 1: "does not fit", still a plan
     res: dict[str, Any] = {"shape": args.shape, "train_flags": flags}
     if plan is not None:
+        from llama_ft.train.memory_plan import planned_peak_bytes  # torch: after stage 1's wheels
+
         per = plan["per_gpu"]
-        # On a GPU the plan's total holds the CUDA context + NCCL, which torch's allocator never sees, and a
-        # fragmentation margin, which it reserves but does not hand out: max_memory_allocated is compared with
-        # the rest, max_memory_reserved with the total less the context. A CPU rank's RSS holds it all.
+        # max_memory_allocated against the plan less the CUDA context and the fragmentation margin
+        # (llama_ft/train/memory_plan.py planned_peak_bytes), max_memory_reserved against the total less the
+        # context. A CPU rank's RSS holds it all.
         context = per.get("cuda_context_bytes", 0)
-        margin = 0 if p.dry else per.get("fragmentation_bytes", 0)
-        predicted = per["total_bytes"] - context - margin
+        predicted = planned_peak_bytes(per, "cpu" if p.dry else "cuda")
         res.update(predicted_bytes=predicted, predicted_reserved_bytes=per["total_bytes"] - context,
                    predicted_total_bytes=per["total_bytes"], plan_fits=plan["fits"],
                    plan_min_offload_ratio=plan["min_offload_ratio"], plan_peak_at=plan["peak_at"],

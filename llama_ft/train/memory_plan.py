@@ -1,4 +1,5 @@
-"""`--offload --offload_ratio auto`: the smallest offload ratio with which this run fits, from the planner.
+"""The planner inside a run: `--offload --offload_ratio auto` (the smallest offload ratio with which this run
+fits), and at the end the plan beside the memory the run used (train_results.json "memory").
 
 The machine is the one the run is on: each rank's GPU (`total_memory` of the device), the host's
 MemTotal, WORLD_SIZE ranks in nodes of LOCAL_WORLD_SIZE. On CPU ranks every partition is host memory
@@ -66,3 +67,28 @@ def resolve_offload_ratio(cfg, ds_config: dict, llama_config, world_size: int,
              "GPU" if machine["device"] == "cuda" else "host",
              (machine["gpu_memory_bytes"] if machine["device"] == "cuda" else machine["host_memory_bytes"]) / 2**30)
     return ratio
+
+
+def planned_peak_bytes(per_gpu: dict, device: str) -> int:
+    """The part of the plan's per-rank total a measurement sees. A CPU rank's peak RSS holds every term. On a
+    GPU the total holds the CUDA context + NCCL, which torch's allocator never sees, and a fragmentation
+    margin, which it reserves but does not hand out: max_memory_allocated is compared with the rest."""
+    if device == "cpu":
+        return int(per_gpu["total_bytes"])
+    return int(per_gpu["total_bytes"] - per_gpu.get("cuda_context_bytes", 0) - per_gpu.get("fragmentation_bytes", 0))
+
+
+def used_vs_planned(cfg, ds_config: dict, llama_config, world_size: int, peak_bytes: int) -> dict:
+    """train_results.json's "memory": the largest rank's peak (`peak_bytes`: GPU max_memory_allocated, CPU
+    peak RSS, both since the build started) beside what `llama-ft plan` gives for this run on this machine."""
+    machine = this_machine(world_size)
+    kind = "max_memory_allocated" if machine["device"] == "cuda" else "peak RSS"
+    out: dict = {"measured_bytes": int(peak_bytes), "measured": kind}
+    try:
+        plan = plan_training(cfg, ds_config, llama_config, **machine)
+    except UserError as e:  # the machine's sizes unknown (no /proc/meminfo): the run itself is fine
+        return out | {"planned_bytes": None, "plan_error": str(e)}
+    planned = planned_peak_bytes(plan["per_gpu"], machine["device"])
+    return out | {"planned_bytes": planned, "planned_total_bytes": int(plan["per_gpu"]["total_bytes"]),
+                  "plan_peak_at": plan["peak_at"],
+                  "error_pct": round(100 * (planned - peak_bytes) / peak_bytes, 1) if peak_bytes else None}

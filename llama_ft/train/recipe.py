@@ -57,6 +57,7 @@ from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
 from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
 from llama_ft.metrics import plot_loss
+from llama_ft.model.meter import peak_rss_bytes
 from llama_ft.ops import prepare_ops
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
@@ -240,7 +241,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from llama_ft.adapters import save_adapters
     from llama_ft.model.build import build_lora_model, inspect_checkpoint, load_llama_config, partition_bytes
-    from llama_ft.train.memory_plan import resolve_offload_ratio
+    from llama_ft.train.memory_plan import resolve_offload_ratio, used_vs_planned
 
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank, world_env = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -442,10 +443,15 @@ def train(cfg: TrainConfig) -> dict:
     # --- final adapters directly in output_dir, like save_pretrained ---
     save_adapters(model, out, cfg.lora_spec, cfg.model_name_or_path)
     held_all = [int(v) for v in all_ranks_sum(list(held.values()), engine.device)]
+    peak = torch.tensor([torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()], dtype=torch.int64,
+                        device=engine.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # host sync: the largest rank's peak, for the memory account
+    memory = used_vs_planned(cfg, ds_config, llama_config, world_env, int(peak.item()))
     results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
                "train_runtime_s": time.time() - t_start, "world_size": world,
                "data": {"rows": stats.rows, "examples": stats.examples, "cut": stats.cut, "dropped": stats.dropped},
-               "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True))}
+               "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True)),
+               "memory": memory}
     if rank == 0:
         tokenizer.save_pretrained(out)  # with the chat template the adapters were trained with
         atomic_write_json(out / "train_results.json", results)
@@ -453,6 +459,9 @@ def train(cfg: TrainConfig) -> dict:
             plot_loss(out / "metrics.jsonl", out / "loss.png")
         except (OSError, ValueError) as e:  # the adapters are saved; a missing plot must not hang the other ranks
             log.warning("could not draw loss.png: %s", e)
+        if memory.get("planned_bytes"):
+            log.info("memory: %s %.2f GiB on the largest rank; llama-ft plan: %.2f GiB (%+.1f%%)", memory["measured"],
+                     memory["measured_bytes"] / 2**30, memory["planned_bytes"] / 2**30, memory["error_pct"])
         log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
     any_rank(False)  # a barrier on the host group
     watch.stop()  # from here ranks exit one by one; that is not a death
