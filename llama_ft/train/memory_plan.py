@@ -86,7 +86,8 @@ def used_vs_planned(cfg, ds_config: dict, llama_config, world_size: int, peak_by
     out: dict = {"measured_bytes": int(peak_bytes), "measured": kind}
     try:
         plan = plan_training(cfg, ds_config, llama_config, **machine)
-    except UserError as e:  # the machine's sizes unknown (no /proc/meminfo): the run itself is fine
+    except Exception as e:  # noqa: BLE001 - the run is done and saved: an account the plan cannot give is no failure
+        log.warning("memory: no plan to compare with (%s)", " ".join(str(e).split())[:300])
         return out | {"planned_bytes": None, "plan_error": str(e)}
     planned = planned_peak_bytes(plan["per_gpu"], machine["device"])
     return out | {"planned_bytes": planned, "planned_total_bytes": int(plan["per_gpu"]["total_bytes"]),
