@@ -579,3 +579,18 @@ def test_run_llama_stops_a_launch_that_does_not_fit(tmp_path, tiny_model_dir):
     proc, launched = _fake_launch(tmp_path, tiny_model_dir, "--lora_r", "0")
     assert proc.returncode == 0 and launched is not None
     assert "note: no memory plan before launching (--lora_r 0: expected an integer > 0)" in proc.stderr
+
+
+def test_the_part_of_the_plan_a_measurement_sees():
+    from llama_ft.train.memory_plan import planned_peak_bytes
+
+    per = {"total_bytes": 100, "cuda_context_bytes": 15, "fragmentation_bytes": 7}
+    assert planned_peak_bytes(per, "cpu") == 100  # RSS holds every term
+    assert planned_peak_bytes(per, "cuda") == 78  # max_memory_allocated: no context, no reserved-only margin
+
+
+def test_memory_account_of_a_finished_run_survives_a_plan_it_cannot_get():
+    from llama_ft.train.memory_plan import used_vs_planned
+
+    account = used_vs_planned(object(), {}, object(), 2, 123)
+    assert account["measured_bytes"] == 123 and account["planned_bytes"] is None and account["plan_error"]
