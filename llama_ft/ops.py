@@ -17,6 +17,7 @@ hangs silently at start-up. Every rank calls `prepare_ops` before it starts dist
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -113,3 +114,27 @@ def prepare_ops(ds_config: dict, on_gpu: bool) -> None:
             t0 = time.time()
             b.load(verbose=False)
             log.debug("op %s ready in %.1f s", b.name, time.time() - t0)
+
+
+SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
+def unlink_shm_buffer(rank: int) -> list[str]:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer; the paths removed.
+
+    DeepSpeed's shm_comm creates one 64 MiB POSIX shared-memory file per rank in init_distributed
+    (deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK) and never unlinks it, so every CPU job, finished or
+    killed, left 2 x 64 MiB of tmpfs (RAM) behind. Call once every rank of this host has mapped it (after a
+    host barrier that follows init_distributed): the mappings stay valid, and the memory goes with the last
+    process that maps it, however it ends."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    mapped = {line.split()[-1] for line in maps.splitlines() if SHM_BUFFER_PREFIX in line}
+    removed = []
+    for path in sorted(p for p in mapped if p.startswith(SHM_BUFFER_PREFIX) and p.endswith(f"_{rank}")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed

@@ -35,7 +35,8 @@ def tiny_model_dir(tmp_path_factory):
 
 def _unmapped_deepspeed_shm() -> list[Path]:
     """DeepSpeed's CPU all-reduce buffers (/dev/shm/deepspeed_*, 2 x 64 MiB per job) that no live process
-    maps: what a killed rank leaves behind (it never unlinks them)."""
+    maps: what a rank leaves behind when it ends before unlinking its own (llama_ft/ops.py unlink_shm_buffer;
+    DeepSpeed never does)."""
     shm = Path("/dev/shm")
     if not shm.is_dir():
         return []

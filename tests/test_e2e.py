@@ -78,15 +78,25 @@ def run_llama(tmp: Path, output: Path, *extra: str, check: bool = True, **env_kw
     return proc
 
 
+SHM = Path("/dev/shm")
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     # --generate_every: sample completions mid-run, collective under ZeRO-3 (tests/test_generate.py reads them);
     # --report_to tensorboard: the event file is checked against metrics.jsonl
+    shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     proc = run_llama(tmp, tmp / "output", "--generate_every", "30", "--generate_max_new_tokens", "12",
                      "--report_to", "tensorboard", merge_dir=tmp / "merged")
     return {"tmp": tmp, "out": tmp / "output", "merged": tmp / "merged", "model": tmp / "cache" / "tiny-llama",
-            "log": proc.stderr}
+            "log": proc.stderr, "shm_left": set(SHM.glob("deepspeed_allreduce_buffer_*")) - shm_before}
+
+
+def test_default_run_leaves_no_shared_memory(default_run):
+    """DeepSpeed's CPU all-reduce buffers (64 MiB of /dev/shm per rank) are unlinked once every rank maps them
+    (llama_ft/ops.py unlink_shm_buffer); DeepSpeed itself never removes them."""
+    assert not default_run["shm_left"]
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -58,7 +58,7 @@ from llama_ft.fsutil import atomic_write_json
 from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
 from llama_ft.metrics import plot_loss
 from llama_ft.model.meter import peak_rss_bytes
-from llama_ft.ops import prepare_ops
+from llama_ft.ops import prepare_ops, unlink_shm_buffer
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import activation_offload, use_tiled_mlp
@@ -301,6 +301,8 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     log.info("world size %d, %s", world, "GPU" if on_gpu else "CPU ranks")
     register_ranks(out, rank, world)  # every rank must see one OUTPUT_DIR (checkpoints are written together)
+    if not on_gpu:  # register_ranks ended on a host barrier: every local rank has mapped every shm buffer
+        unlink_shm_buffer(rank)
     if rank == 0:
         remove_stale_temporaries(out)  # saves killed half-way
     watch = PeerWatch(out, rank, world).start()  # a local rank that dies ends this one too, with its name
