@@ -448,13 +448,13 @@ def train(cfg: TrainConfig) -> dict:
     peak = torch.tensor([torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()], dtype=torch.int64,
                         device=engine.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # host sync: the largest rank's peak, for the memory account
-    memory = used_vs_planned(cfg, ds_config, llama_config, world_env, int(peak.item()))
     results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
                "train_runtime_s": time.time() - t_start, "world_size": world,
                "data": {"rows": stats.rows, "examples": stats.examples, "cut": stats.cut, "dropped": stats.dropped},
-               "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True)),
-               "memory": memory}
+               "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True))}
     if rank == 0:
+        # the plan for this run, once: only rank 0 writes train_results.json
+        results["memory"] = memory = used_vs_planned(cfg, ds_config, llama_config, world_env, int(peak.item()))
         tokenizer.save_pretrained(out)  # with the chat template the adapters were trained with
         atomic_write_json(out / "train_results.json", results)
         try:
