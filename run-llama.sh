@@ -11,7 +11,11 @@
 #   HOSTFILE     DeepSpeed hostfile.                   Default: hostfiles/localhost
 #   DS_CONFIG    DeepSpeed JSON config.                Default: ds_configs/zero3.json
 #   NPROC        ranks per node on a one-host file.    Default: all local GPUs, or 2 CPU ranks
-#   MASTER_ADDR / MASTER_PORT                          Default: 127.0.0.1 (one host) / 29500
+#   MASTER_ADDR  rendezvous address (rank 0's node).   Default: 127.0.0.1 (one host), else the launcher's first
+#                host (with NODE_RANK: required)
+#   MASTER_PORT  rendezvous port (rank 0 listens).     Default: with every rank on this machine (local hosts,
+#                no NODE_RANK) a free port, logged, so that two jobs do not collide; else 29500. One in use is
+#                refused in one line: before launching (one node) or by rank 0 (several)
 #   INCLUDE / EXCLUDE  the launcher's --include/--exclude filters (host:0,1@host2)
 #   NODE_RANK    launch this node only, without ssh (start the same command on every node with
 #                its NODE_RANK and the same MASTER_ADDR); unset: the launcher reaches the hosts by ssh/pdsh
@@ -99,7 +103,6 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     fi
 fi
 HOSTFILE="${HOSTFILE:-$HERE/hostfiles/localhost}"
-MASTER_PORT="${MASTER_PORT:-29500}"
 
 [ -f "$HOSTFILE" ] || die "HOSTFILE $HOSTFILE: file not found"
 [ -f "$DS_CONFIG" ] || die "DS_CONFIG $DS_CONFIG: file not found"
@@ -109,6 +112,27 @@ command -v "$DEEPSPEED" >/dev/null || die "'$DEEPSPEED' launcher not on PATH (pi
 "$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" >/dev/null
 # Hosts named in the hostfile (comments and blank lines skipped).
 mapfile -t HOSTS < <(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}')
+LOCAL_HOST_RE="^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$"
+# Every rank on this machine (no NODE_RANK and no Slurm job, so no other node runs a launcher of its own; every
+# host a name of this one): rank 0's port is known to be free or busy here, and no other node must agree on it.
+ONE_NODE=0
+if [ -z "${NODE_RANK:-}" ] && [ -z "$SLURM_JOB" ]; then
+    ONE_NODE=1
+    for host in "${HOSTS[@]}"; do [[ "$host" =~ $LOCAL_HOST_RE ]] || ONE_NODE=0; done
+fi
+if [ -n "${MASTER_PORT:-}" ]; then
+    [[ "$MASTER_PORT" =~ ^[1-9][0-9]{0,4}$ ]] && [ "$MASTER_PORT" -le 65535 ] ||
+        die "MASTER_PORT=$MASTER_PORT: expected a port number 1..65535"
+    if [ "$ONE_NODE" -eq 1 ]; then
+        # refused here, not by rank 0's DistNetworkError after every rank has started
+        PORT_STATUS=0
+        "$PYTHON" -m llama_ft.rendezvous check-port "$MASTER_PORT" || PORT_STATUS=$?
+        [ "$PORT_STATUS" -ne 3 ] || die "MASTER_PORT=$MASTER_PORT: the port is in use on this machine (another" \
+            "job?); unset MASTER_PORT to pick a free one, or choose another"
+    fi
+elif [ "$ONE_NODE" -eq 0 ]; then
+    MASTER_PORT=29500  # several nodes must agree on it without talking: DeepSpeed's (torch's) default
+fi
 
 if [ -n "$SLURM_JOB" ]; then
     # The hostfile must be the job's nodes (a derived one is, by construction), and srun must have started
@@ -172,7 +196,7 @@ DATA_ARGS=()
 [ -n "${DATA:-}" ] && DATA_ARGS=(--dataset "$DATA")
 
 [ -z "${NPROC:-}" ] || [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: expected an integer > 0 (ranks per node)"
-LAUNCH=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+LAUNCH=(--hostfile "$HOSTFILE")
 CHECK=()
 [ -n "${INCLUDE:-}" ] && LAUNCH+=(--include "$INCLUDE") && CHECK+=(--include "$INCLUDE")
 [ -n "${EXCLUDE:-}" ] && LAUNCH+=(--exclude "$EXCLUDE") && CHECK+=(--exclude "$EXCLUDE")
@@ -187,7 +211,7 @@ if [ -n "${NODE_RANK:-}" ]; then
     if [ "$NGPU" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
         export OMP_NUM_THREADS=$(( $(nproc) / LOCAL_RANKS > 0 ? $(nproc) / LOCAL_RANKS : 1 ))
     fi
-elif [ "${#HOSTS[@]}" -eq 1 ] && [[ "${HOSTS[0]}" =~ ^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$ ]]; then
+elif [ "${#HOSTS[@]}" -eq 1 ] && [[ "${HOSTS[0]}" =~ $LOCAL_HOST_RE ]]; then
     # One local host: no ssh needed; use every GPU, or 2 CPU ranks when there is none.
     if [ "$NGPU" -gt 0 ]; then NPROC="${NPROC:-$NGPU}"; else NPROC="${NPROC:-2}"; fi
     # the launcher refuses --num_gpus together with --include/--exclude
@@ -248,6 +272,14 @@ elif [ -n "$PLAN_ERR" ]; then
     echo "$PLAN_ERR" >&2
 fi
 
+if [ -z "${MASTER_PORT:-}" ]; then
+    # One node and no port asked for: a free one, as `torchrun --standalone` picks it (the kernel's choice for
+    # port 0), so that two jobs on one machine do not both take 29500. Picked last, to keep the time before
+    # rank 0 binds it short; a job that takes it in between is caught by rank 0 (llama_ft/rendezvous.py).
+    MASTER_PORT=$("$PYTHON" -m llama_ft.rendezvous free-port)
+    echo "run-llama.sh: MASTER_PORT $MASTER_PORT (a free port; set MASTER_PORT to choose)" >&2
+fi
+LAUNCH+=(--master_port "$MASTER_PORT")
 echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
 # The launcher runs in a session of its own, so a terminal's Ctrl-C reaches only this script, which passes
 # it on to the ranks (below) instead of also setting off DeepSpeed's 30-second kill.

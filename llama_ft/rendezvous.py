@@ -7,18 +7,25 @@ can, within `LLAMA_FT_MASTER_TIMEOUT` seconds (default 900), and fails with one 
 MASTER_ADDR / MASTER_PORT:
 
 - MASTER_ADDR must resolve;
-- global rank 0 hosts the store on MASTER_PORT (on all interfaces): when MASTER_ADDR is not an
-  address of its own node, a warning says so (it can still be right: a NAT or service address
-  that forwards here), since the other ranks would then wait on the wrong machine;
+- global rank 0 hosts the store on MASTER_PORT (on all interfaces): that port must be free on its
+  node (another job's rank 0 on the same port would otherwise end this one in a DistNetworkError
+  traceback); when MASTER_ADDR is not an address of its own node, a warning says so (it can still
+  be right: a NAT or service address that forwards here), since the other ranks would then wait on
+  the wrong machine;
 - every other rank must be able to open a TCP connection to MASTER_ADDR:MASTER_PORT (retried
   until the deadline, since rank 0 may start later).
+
+run-llama.sh uses the same port test before launching (`python -m llama_ft.rendezvous`, below): on one
+node it picks a free MASTER_PORT when none is set, and refuses a busy one that is.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import sys
 import time
 
 from llama_ft.errors import UserError
@@ -39,12 +46,51 @@ def _is_local_address(infos: list) -> bool:
     return False
 
 
+def port_in_use(port: int) -> bool:
+    """Whether torch's TCPStore could not listen on `port` on this machine now. Bound as it binds (libuv:
+    0.0.0.0 with SO_REUSEADDR), so the answer is the store's: any socket holding the port on any IPv4
+    address counts, one left in TIME_WAIT by an earlier job does not (the store reuses it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            # anything else (EACCES below 1024, ...) is not this check's question: the store will name it
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def free_port() -> int:
+    """A port the store can listen on, picked as `torchrun --standalone` picks one: the kernel's choice for
+    port 0. Free now, not reserved: a job that takes it before rank 0 binds it meets port_in_use there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def _store_already_up(env: dict[str, str]) -> bool:
+    """Rank 0 does not start the store itself: torchrun's agent hosts it on MASTER_PORT (the workers connect
+    as clients), or this process already joined a process group (its store holds the port)."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return True
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
 def check_master_reachable(env: dict[str, str] | None = None, timeout_s: float | None = None,
                            poll_s: float = 1.0) -> None:
     """Raise UserError if this rank cannot take part in the rendezvous at MASTER_ADDR:MASTER_PORT."""
     env = dict(os.environ if env is None else env)
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-    if not addr or not port or int(env.get("WORLD_SIZE", "1")) <= 1:
+    if not addr or not port:
+        return
+    if (int(env.get("RANK", "0")) == 0 and port.isdigit() and 0 < int(port) < 65536 and not _store_already_up(env)
+            and port_in_use(int(port))):
+        # checked here rather than left to init_distributed: torch's EADDRINUSE is a DistNetworkError traceback
+        raise UserError(f"MASTER_PORT={port}: the port is in use on this machine (another job?), and rank 0 hosts "
+                        "the rendezvous there; choose another MASTER_PORT (on one node, unset it: run-llama.sh "
+                        "picks a free one)")
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
         return
     if timeout_s is None:
         timeout_s = float(env.get("LLAMA_FT_MASTER_TIMEOUT", DEFAULT_TIMEOUT_S))
@@ -72,3 +118,19 @@ def check_master_reachable(env: dict[str, str] | None = None, timeout_s: float |
                             "check the address, that rank 0 is running, and firewalls "
                             "(LLAMA_FT_MASTER_TIMEOUT sets the wait)")
         time.sleep(poll_s)
+
+
+def main(argv: list[str]) -> int:
+    """For run-llama.sh, without torch: `free-port` prints a free port; `check-port PORT` exits 3 when PORT
+    is in use here, 0 when it is free."""
+    if argv[:1] == ["free-port"] and len(argv) == 1:
+        print(free_port())
+        return 0
+    if argv[:1] == ["check-port"] and len(argv) == 2 and argv[1].isdigit() and 0 < int(argv[1]) < 65536:
+        return 3 if port_in_use(int(argv[1])) else 0
+    print("usage: python -m llama_ft.rendezvous free-port | check-port PORT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -11,7 +11,7 @@ import pytest
 
 from llama_ft.errors import UserError
 from llama_ft.hostfile import Host, active_slots, check_launch, check_resolves, parse_hostfile
-from llama_ft.rendezvous import check_master_reachable
+from llama_ft.rendezvous import check_master_reachable, free_port, port_in_use
 
 
 def _hf(tmp_path, text: str):
@@ -126,11 +126,12 @@ def test_worker_rank_gives_up_on_a_dead_master_with_its_address():
 
 
 def test_rank0_warns_when_master_addr_is_not_its_own(caplog):
+    port = free_port()  # rank 0 also checks that it can host the store there: not 29500, which a job may hold
     with caplog.at_level("WARNING", logger="llama_ft.rendezvous"):
-        check_master_reachable(_env(0, 29500), timeout_s=1)
+        check_master_reachable(_env(0, port), timeout_s=1)
         assert not caplog.records
         # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine; only a local bind is tried
-        check_master_reachable(_env(0, 29500, "192.0.2.1"), timeout_s=1)
+        check_master_reachable(_env(0, port, "192.0.2.1"), timeout_s=1)
     assert "192.0.2.1 is not one of its addresses" in caplog.text
 
 
@@ -141,3 +142,59 @@ def test_master_addr_that_does_not_resolve(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     with pytest.raises(UserError, match="MASTER_ADDR=nodex MASTER_PORT=29500: nodex does not resolve"):
         check_master_reachable(_env(1, 29500, "nodex"), timeout_s=1)
+
+
+def _listening(addr: str = "127.0.0.1") -> socket.socket:
+    """Another job's store, as far as a port check can tell: a socket listening on a port of this machine."""
+    srv = socket.socket()
+    srv.bind((addr, 0))
+    srv.listen()
+    return srv
+
+
+def test_port_in_use_is_what_torch_cannot_bind():
+    """The check binds as torch's TCPStore does (0.0.0.0, SO_REUSEADDR): a listener on any IPv4 address of this
+    machine makes the port busy; the kernel's free port is not."""
+    import datetime
+
+    from torch.distributed import DistNetworkError, TCPStore
+
+    for addr in ("127.0.0.1", "0.0.0.0"):
+        with _listening(addr) as srv:
+            port = srv.getsockname()[1]
+            assert port_in_use(port)
+            with pytest.raises(DistNetworkError, match="EADDRINUSE"):  # what the check spares a user
+                TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))
+    port = free_port()
+    assert not port_in_use(port)
+    store = TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))
+    assert port_in_use(port)  # and the store itself holds it
+    del store
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_rank0_refuses_a_busy_master_port_in_one_line(world):
+    """Another job took MASTER_PORT (two jobs on one machine, or a free port taken between run-llama.sh's pick and
+    rank 0's bind): one line naming it before init_distributed, not torch's DistNetworkError traceback."""
+    with _listening() as srv:
+        port = srv.getsockname()[1]
+        env = {**_env(0, port), "WORLD_SIZE": str(world)}
+        with pytest.raises(UserError, match=f"^MASTER_PORT={port}: the port is in use on this machine") as e:
+            check_master_reachable(env, timeout_s=1)
+        assert "\n" not in str(e.value)
+        # under torchrun the agent hosts the store on MASTER_PORT itself; rank 0 connects to it
+        check_master_reachable({**env, "TORCHELASTIC_USE_AGENT_STORE": "True"}, timeout_s=1)
+        check_master_reachable({**env, "RANK": "1"}, timeout_s=1)  # another rank: a client of that store
+
+
+def test_port_helpers_for_run_llama():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "llama_ft.rendezvous", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    picked = run("free-port")
+    assert picked.returncode == 0 and 1024 <= int(picked.stdout) <= 65535
+    assert run("check-port", picked.stdout.strip()).returncode == 0
+    with _listening() as srv:
+        assert run("check-port", str(srv.getsockname()[1])).returncode == 3
+    assert run("check-port", "99999").returncode == 2 and run().returncode == 2
