@@ -28,6 +28,8 @@
 # Extra arguments are appended after the defaults, so they override them (last flag wins).
 # Before launching, `llama-ft plan` checks that the run fits in GPU (or, for CPU ranks, host) memory and
 # stops with its numbers when it does not (exit 1); `--force` launches anyway (it is not passed on to training).
+# A long-context layout training would refuse (e.g. a --sequence_parallel_size the model's heads cannot be split
+# over) stops it too, in one line (exit 2), --force or not.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -263,6 +265,11 @@ if [ "$PLAN_STATUS" -eq 1 ] && [[ "$PLAN_ERR" == "llama-ft plan: "* ]]; then  # 
         exit 1
     fi
     echo "run-llama.sh: --force: launching although the memory plan says the run does not fit" >&2
+elif [ "$PLAN_STATUS" -eq 3 ]; then
+    # A long-context layout training refuses too (a --sequence_parallel_size the model's heads or the ranks cannot
+    # take, ...): stop here with the plan's line, rather than start every rank only for each to stop on it.
+    # --force does not apply: it overrides the memory verdict, and training would refuse these flags anyway.
+    die "$(echo "${PLAN_ERR##*llama-ft plan: error: }" | tail -1)"
 elif [ "$PLAN_STATUS" -ne 0 ]; then
     # Not a verdict: flags or files the plan cannot read (training checks them itself and names the problem),
     # or the planner failed: say so in one line and launch.

@@ -452,15 +452,41 @@ def test_bad_inputs_are_one_line_and_exit_2(capsys, tmp_path):
         (["8b", "--gpu_memory_gb", "80", "--deepspeed", str(tmp_path / "none.json")], "--deepspeed"),
         (["8b", "--gpu_memory_gb", "80", "--packing"], "--packing needs --max_seq_len"),
         ([str(tmp_path), "--gpu_memory_gb", "80"], "no config.json"),
-        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "3"], "does not divide the 8 ranks"),
-        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "2", "--attn_implementation", "eager"],
-         "--attn_implementation eager"),
-        (["8b", "--gpu_memory_gb", "80", "--activation_offload"], "--activation_offload needs"),
     ]
     for argv, needle in cases:
         rc, out, err = _main(capsys, *argv)
         assert rc == 2, (argv, rc, err)
         assert needle in _one_error_line(err), (argv, err)
+
+
+def test_layouts_training_refuses_too_exit_3(capsys, tmp_path):
+    """Long-context flag combinations training refuses as well (llama_ft/train/sp_layout.py LayoutError): exit 3,
+    on which run-llama.sh stops before launching (a 2 it only notes: training may read what the plan cannot)."""
+    cases = [
+        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "3"],
+         "does not divide the 8 ranks (data-parallel size = ranks / sequence-parallel size); sizes that work with 8 "
+         "ranks and the model's heads: 2, 4, 8"),
+        (["8b", "--gpu_memory_gb", "80", "--nodes", "8", "--sequence_parallel_size", "64"],
+         "the model's 32 query heads and 8 KV heads (Llama 3.1 8B/config.json num_attention_heads, "
+         "num_key_value_heads) cannot be split over 64 ranks (each rank takes query heads / 64; the KV heads must "
+         "divide or be divisible by 64); sizes that work with these heads: 2, 4, 8, 16, 32 (with 64 ranks: 2, 4, 8, "
+         "16, 32)"),
+        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "2", "--attn_implementation", "eager"],
+         "--attn_implementation eager"),
+        (["8b", "--gpu_memory_gb", "80", "--activation_offload"], "--activation_offload needs"),
+        (["8b", "--gpu_memory_gb", "80", "--sequence_parallel_size", "0"], "--sequence_parallel_size 0: expected"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = _main(capsys, *argv)
+        assert rc == 3, (argv, rc, err)
+        assert needle in _one_error_line(err), (argv, err)
+    # 8 + 4 ranks: the plan counts 2 nodes x 8 = 16, more than the launch's 12, so a rank-count refusal is not its
+    # to make (training counts them); SP 3 divides 12
+    hosts = tmp_path / "uneven"
+    hosts.write_text("node1 slots=8\nnode2 slots=4\n")
+    rc, out, err = _main(capsys, "8b", "--gpu_memory_gb", "80", "--hostfile", str(hosts), "--sequence_parallel_size",
+                         "3")
+    assert rc == 2 and "does not divide the 16 ranks" in _one_error_line(err), (rc, err)
 
 
 def test_does_not_fit_exits_1_with_the_numbers(capsys):

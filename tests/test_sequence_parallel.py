@@ -9,7 +9,8 @@
   batch (per-step losses, gradient norms, eval loss, final adapters); the same with --quantize, where the SP=2
   run also tiles its MLPs and offloads its checkpoints. tests/test_token_loss.py checks an SP=2 step against a
   float64 reference and resumes it exactly.
-- Each refused combination is one line before any work.
+- Each refused combination is one line before any work; one whose heads cannot be split names both head counts
+  and the sizes that would work, and stops run-llama.sh before it launches (through `llama-ft plan`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_e2e import _metrics, run_llama
+from test_plan import _fake_launch
 
 from llama_ft.data import IGNORE_INDEX, collate, collate_packed
 from llama_ft.errors import UserError
@@ -28,7 +30,7 @@ from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.train.activation_memory import activation_offload, use_tiled_mlp
 from llama_ft.train.parallel import shard_micro_batch
 from llama_ft.train.recipe import main as train_main
-from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel, mlp_tiles
+from llama_ft.train.sp_layout import LayoutError, SequenceParallel, check_sequence_parallel, mlp_tiles, working_sizes
 
 PAD = 0
 
@@ -80,16 +82,26 @@ def test_packed_rows_for_flash_become_one_varlen_row():
     assert SequenceParallel.of(3, 4, 2) == SequenceParallel(2, 1, 1, 2)  # DeepSpeed's groups: consecutive ranks
 
 
+HEADS_9_3 = ("--sequence_parallel_size 2: the model's 9 query heads and 3 KV heads (M/config.json num_attention_heads, "
+             "num_key_value_heads) cannot be split over 2 ranks (each rank takes query heads / 2; the KV heads must "
+             "divide or be divisible by 2); sizes that work with these heads: 3, 9 (with 2 ranks: none)")
+
+
 @pytest.mark.parametrize("args,needle", [
-    ((3, 4, 32, 8, "sdpa", False), "does not divide the 4 ranks"),
-    ((8, 8, 12, 4, "sdpa", False), "12 query heads"),
-    ((4, 8, 32, 6, "sdpa", False), "6 KV heads"),
+    ((3, 4, 32, 8, "sdpa", False), "does not divide the 4 ranks (data-parallel size = ranks / sequence-parallel size); "
+                                   "sizes that work with 4 ranks and the model's heads: 2, 4"),
+    ((8, 8, 12, 4, "sdpa", False), "the model's 12 query heads and 4 KV heads (M/config.json"),
+    ((8, 8, 12, 4, "sdpa", False), "sizes that work with these heads: 2, 4, 12 (with 8 ranks: 2, 4)"),
+    ((4, 8, 32, 6, "sdpa", False), "the model's 32 query heads and 6 KV heads"),
+    ((4, 8, 32, 6, "sdpa", False), "sizes that work with these heads: 2 (with 8 ranks: 2)"),
+    ((2, 2, 9, 3, "sdpa", False), HEADS_9_3),  # SmolLM2-135M's heads (issue 20)
     ((2, 2, 32, 8, "eager", False), "--attn_implementation eager"),
     ((2, 2, 32, 8, "sdpa", True), "--packing with --sequence_parallel_size 2 needs --attn_implementation flash"),
 ])
 def test_refused_sequence_parallel_layouts(args, needle):
-    with pytest.raises(UserError, match=needle):
+    with pytest.raises(LayoutError) as e:  # a UserError: one line, exit 2, in training
         check_sequence_parallel(*args, model="M")
+    assert isinstance(e.value, UserError) and needle in str(e.value), str(e.value)
     check_sequence_parallel(8, 8, 32, 8, "sdpa", False, "M")  # Llama 3.1 8B on 8 ranks: 4 heads, 1 KV head each
     check_sequence_parallel(16, 16, 128, 8, "flash_attention_2", True, "M")  # 405B: KV heads replicated 2x
 
@@ -168,7 +180,7 @@ def _bad(capsys, argv, needle, world=None, monkeypatch=None):
 @pytest.mark.parametrize("extra,world,needle", [
     (("--sequence_parallel_size", "0"), None, "--sequence_parallel_size 0: expected an integer >= 1"),
     (("--sequence_parallel_size", "3"), 4, "does not divide the 4 ranks"),
-    (("--sequence_parallel_size", "8"), 8, "4 query heads"),
+    (("--sequence_parallel_size", "8"), 8, "the model's 4 query heads and 2 KV heads"),
     (("--sequence_parallel_size", "2", "--attn_implementation", "eager"), 2, "--attn_implementation eager"),
     (("--sequence_parallel_size", "2", "--packing", "--max_seq_len", "64"), 2, "needs --attn_implementation flash"),
     (("--tiled_mlp",), None, "--tiled_mlp with --lora_dropout 0.05"),
@@ -178,6 +190,43 @@ def test_bad_long_context_flags_are_one_line(capsys, monkeypatch, tiny_model_dir
     _bad(capsys, ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
                   "--max_steps", "2", *extra], needle, world, monkeypatch)
     assert not (tmp_path / "out").exists()
+
+
+def test_working_sizes_are_the_ones_the_check_accepts():
+    """Every size listed as working passes the check, and every other size up to the heads is refused."""
+    for heads, kv in ((9, 3), (32, 8), (12, 4), (128, 8), (7, 7), (32, 6)):
+        for world in (1, 2, 4, 8, 9, 12, 16, 64):
+            ok = working_sizes(heads, kv, world)
+            for size in range(2, world + 1):
+                accepted = True
+                try:
+                    check_sequence_parallel(size, world, heads, kv, "sdpa", False, "M")
+                except LayoutError:
+                    accepted = False
+                assert accepted == (size in ok), (heads, kv, world, size)
+
+
+def test_run_llama_stops_before_launching_on_heads_it_cannot_split(tmp_path):
+    """9 query heads and 3 KV heads (SmolLM2-135M's) with --sequence_parallel_size 2 on 2 CPU ranks: the plan
+    run-llama.sh runs first refuses it as training would, so run-llama.sh stops there in one line, exit 2, and no
+    rank starts (before, the plan's error was only a note and every rank stopped on it after start-up)."""
+    model = tmp_path / "heads-9-3"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({  # what the plan reads; the launch that would read more never comes
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 72, "intermediate_size": 192,
+        "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 384,
+        "max_position_embeddings": 1024}))
+    for extra in ((), ("--force",)):  # --force overrides the memory verdict, not flags training refuses
+        proc, launched = _fake_launch(tmp_path, model, "--sequence_parallel_size", "2", *extra, NPROC="2")
+        assert proc.returncode == 2 and launched is None, proc.stderr
+        assert proc.stderr.splitlines() == ["run-llama.sh: error: " + HEADS_9_3.replace("M/", "heads-9-3/")], \
+            proc.stderr
+    # the sizes it names do work: SP 3 on 3 ranks gets past the plan to the launcher
+    proc, launched = _fake_launch(tmp_path, model, "--sequence_parallel_size", "3", NPROC="3")
+    assert proc.returncode == 0 and launched is not None, proc.stderr
+    # other plan errors stay a note: training may read what the plan cannot
+    proc, launched = _fake_launch(tmp_path, model, "--lora_r", "0", NPROC="2")
+    assert proc.returncode == 0 and launched is not None and "note: no memory plan before launching" in proc.stderr
 
 
 FLAGS = ("--max_steps", "5", "--save_steps", "5", "--eval_steps", "5", "--eval_dataset_size", "8", "--lora_r", "8",

@@ -9,7 +9,10 @@ them equal). They are declared here rather than taken from config.py's parser be
 config.py imports torch (~2 s), and run-llama.sh runs this before every launch. After `--`, a whole
 training command line is accepted: the flags the plan does not use are skipped.
 
-Exit status: 0 fits, 1 does not fit (the numbers and the largest term are printed), 2 bad input.
+Exit status: 0 fits, 1 does not fit (the numbers and the largest term are printed), 2 bad input,
+3 a long-context layout training refuses too (llama_ft/train/sp_layout.py LayoutError: sequence
+parallelism the model's heads or the ranks cannot take, ...): run-llama.sh stops before launching on 3,
+and only notes a 2, since training may read what the plan cannot.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from llama_ft.plan.planner import (
 from llama_ft.plan.report import not_fit_line, report
 from llama_ft.plan.shape import ALIASES, LLAMA_LINEAR_NAMES, resolve_model
 from llama_ft.plan.zero import zero_settings
+from llama_ft.train.sp_layout import LayoutError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"
+EXIT_REFUSED_LAYOUT = 3
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "model_name_or_path": "", "quantize": False, "offload": False, "offload_ratio": None, "lora_r": 64,
@@ -105,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{CPU_RANK_BASELINE_BYTES / GiB:.2f} GiB (see llama_ft/plan/planner.py). Sizes are GiB "
                        "(2^30 bytes), as nvidia-smi reports them: an H100 80GB has 79.6, an H200 140.4.\n"
                        "After `--`, a whole training command line may follow; flags the plan does not use are "
-                       "skipped. Exit status: 0 fits, 1 does not fit, 2 bad input.")
+                       "skipped. Exit status: 0 fits, 1 does not fit, 2 bad input, 3 a long-context layout "
+                       "training refuses too (e.g. a --sequence_parallel_size the model's heads cannot take).")
     p.add_argument("model", nargs="?", metavar="MODEL", help=f"{', '.join(ALIASES)} (Llama 3.1) or a model directory")
     m = p.add_argument_group("machines")
     m.add_argument("--hostfile", help="DeepSpeed hostfile (HOST slots=N lines): nodes and ranks per node")
@@ -196,14 +202,33 @@ def make_plan(argv: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
     opts = options_from(train, shape)
     ds, ds_path = load_ds_config(train.deepspeed)
     zero = zero_settings(ds, shape.hidden_size, f"--deepspeed {ds_path}")
-    result = plan(shape, opts, zero, machine)
+    try:
+        result = plan(shape, opts, zero, machine)
+    except LayoutError as e:
+        if e.ranks and not _exact_ranks(ns):
+            # nodes x the most ranks on a node is more than the launch has: training, which counts them, decides
+            raise UserError(str(e)) from None
+        raise
     result["inputs"]["deepspeed"]["config"] = ds_path
     return result, ns
 
 
+def _exact_ranks(ns: argparse.Namespace) -> bool:
+    """Whether the plan's rank count (nodes x ranks per node) is the launch's: every node runs as many."""
+    if not ns.hostfile or ns.gpus_per_node is not None:
+        return True
+    active = active_slots(ns.hostfile, parse_hostfile(ns.hostfile), None, ns.include, ns.exclude)
+    return len({len(v) for v in active.values()}) == 1
+
+
 @user_errors_exit(prog="llama-ft plan")
 def main(argv: list[str] | None = None) -> int:
-    result, ns = make_plan(list(sys.argv[1:] if argv is None else argv))
+    try:
+        result, ns = make_plan(list(sys.argv[1:] if argv is None else argv))
+    except LayoutError as e:
+        # its own status: run-llama.sh stops on it, since every rank would refuse the same flags after start-up
+        print(f"llama-ft plan: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED_LAYOUT
     if ns.json:
         print(json.dumps(result, indent=1))
     else:
