@@ -33,8 +33,10 @@ setup(
     extras_require={
         "tensorboard": ["tensorboard>=2.14"],  # --report_to tensorboard (torch.utils.tensorboard)
         "wandb": ["wandb>=0.17"],  # --report_to wandb
+        "gguf": ["gguf>=0.10"],  # llama-ft convert-gguf
         # both reporters are tested in CI: on top of the rest, tensorboard installs in ~9 s and wandb in ~10 s
-        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17"],
+        # gguf: the real-checkpoint tests convert SmolLM2's GGUF (tests/test_real_checkpoint.py)
+        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["llama-ft=llama_ft.cli:main"]},
 )

@@ -10,6 +10,8 @@
     llama-ft hostfile check F validate a DeepSpeed hostfile before launching
     llama-ft plan MODEL ...   memory per GPU / per host, the verdict, the smallest offload ratio
     llama-ft make-tiny DIR    write the embedded tiny Llama + tokenizer (the default model)
+    llama-ft eval ...         loss and greedy exact match on held-out data: base, base + adapters, or merged
+    llama-ft convert-gguf F D a GGUF model file -> a Hugging Face safetensors directory to train on
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ COMMANDS = {
     "hostfile": "check a DeepSpeed hostfile (syntax, duplicates, slots, the ranks asked for)",
     "plan": "memory per GPU and per host of a run, whether it fits, the smallest --offload_ratio that does",
     "make-tiny": "write the embedded tiny Llama checkpoint and tokenizer to a directory",
+    "eval": "did the fine-tune work: token-weighted loss and greedy exact match on held-out data",
+    "convert-gguf": "convert a GGUF model file (llama.cpp) into a Hugging Face safetensors directory",
 }
 
 
@@ -104,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         from llama_ft.plan import command as plan_command
 
         return plan_command.main(rest)
+    if cmd == "eval":
+        from llama_ft.eval import command as eval_command
+
+        return eval_command.main(rest)
+    if cmd == "convert-gguf":
+        from llama_ft.checkpoint import gguf
+
+        return gguf.main(rest)
     return _make_tiny(rest)
 
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.errors import UserError, user_errors_exit
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -73,21 +74,22 @@ def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
     return model_dir
 
 
-def load(model_dir: str, adapter: str | None, dtype: Any, device: Any):
+def load(model_dir: str, adapter: str | None, dtype: Any, device: Any, tokenizer_dir: str | None = None):
     """(model in eval mode on `device`, tokenizer). UserError for a missing model, a directory that is not an
-    adapter, or adapters that do not fit the base."""
+    adapter, or adapters that do not fit the base. The tokenizer is `tokenizer_dir`'s when given."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from llama_ft.data import load_tokenizer
     from llama_ft.data.readers import one_line
 
+    check_not_gguf(model_dir)
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model_name_or_path {model_dir}: no config.json there (expected a model directory)")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected the --output_dir of "
                         "llama-ft train, or another PEFT adapter directory)")
-    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter))
+    tokenizer = load_tokenizer(tokenizer_dir or _tokenizer_dir(model_dir, adapter))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False)
     if adapter is not None:
         try:

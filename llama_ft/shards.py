@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -154,6 +155,7 @@ def open_checkpoint(path: str | Path, flag: str = "--model_name_or_path") -> Che
     Checks: the directory exists; config.json parses; the index (or single file) exists and
     names existing shards; every shard header parses; every tensor the index names is in its shard.
     """
+    check_not_gguf(path, flag)
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{flag} {path}: not a directory (expected a Hugging Face model directory)")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.data.cache import default_cache_dir, examples_key
 from llama_ft.data.formats import CHAT, check_format, source_target
 from llama_ft.data.readers import LINE, RowRef, one_line, open_source, quiet_datasets, read_rows
@@ -125,6 +126,7 @@ def load_tokenizer(path: str):
     """AutoTokenizer from a local directory (or Hub name), never running code shipped with it."""
     from transformers import AutoTokenizer
 
+    check_not_gguf(path, "--tokenizer_name_or_path")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:

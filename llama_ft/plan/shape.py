@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.errors import UserError
 from llama_ft.flags import LLAMA_LINEAR_NAMES, expand_targets
 
@@ -140,6 +141,7 @@ def resolve_model(spec: str, flag: str = "--model_name_or_path") -> ModelShape:
     alias = ALIASES.get(spec.lower())
     if alias is not None:
         return alias
+    check_not_gguf(spec, flag)
     if not Path(spec).is_dir():
         raise UserError(f"{flag} {spec!r}: not a model alias ({', '.join(ALIASES)}) nor a model directory")
     return shape_from_dir(spec, flag)
