@@ -85,6 +85,7 @@ class TrainConfig:
     save_steps: int = 250
     save_total_limit: int | None = None
     eval_steps: int | None = None
+    eval_every: int = 0
     logging_steps: int = 1
     generate_every: int = 0
     generate_max_new_tokens: int = 64
@@ -141,6 +142,9 @@ _HELP = {
                   "step and its examples; 'skip' drops that update and counts it",
     "dist_timeout": "seconds a collective may wait before the run is ended (a rank that died or hung)",
     "eval_steps": "evaluate every N steps (default: --save_steps)",
+    "eval_every": "every N steps and at the end, greedy exact match of every answer of the eval split (as llama-ft "
+                  "eval --metric exact_match computes it), in metrics.jsonl as eval_exact_match (0: never); needs "
+                  "--eval_dataset_size",
     "generate_every": "every N steps, greedy completions of 3 fixed held-out prompts, printed and appended to "
                       "OUTPUT_DIR/samples.jsonl (0: never)",
     "generate_max_new_tokens": "tokens generated per sample with --generate_every",
@@ -244,6 +248,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.generate_every < 0 or cfg.generate_max_new_tokens < 1:
         raise UserError(f"--generate_every {cfg.generate_every} / --generate_max_new_tokens "
                         f"{cfg.generate_max_new_tokens}: expected N >= 0 (0: never) and >= 1 tokens")
+    if cfg.eval_every < 0:
+        raise UserError(f"--eval_every {cfg.eval_every}: expected N >= 0 steps (0: never)")
+    if cfg.eval_every and not cfg.eval_dataset_size:
+        raise UserError(f"--eval_every {cfg.eval_every}: needs an eval split; set --eval_dataset_size (a count or a "
+                        "fraction of the dataset)")
+    if cfg.eval_every and cfg.sequence_parallel_size > 1:
+        raise UserError("--eval_every with --sequence_parallel_size > 1: generation runs whole sequences on every "
+                        "rank, which Ulysses' sharded attention does not; evaluate the saved adapters with "
+                        "llama-ft eval instead")
     if cfg.generate_every and cfg.sequence_parallel_size > 1:
         raise UserError("--generate_every with --sequence_parallel_size > 1: generation runs whole sequences on "
                         "every rank, which Ulysses' sharded attention does not; generate from the saved adapters "

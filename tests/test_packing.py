@@ -13,8 +13,8 @@ from llama_ft.data import IGNORE_INDEX, MicroBatches, collate_packed
 from llama_ft.data.batches import epoch_rows
 from llama_ft.data.packing import pack_best_fit
 from llama_ft.errors import UserError
+from llama_ft.train.evaluate import evaluate
 from llama_ft.train.loss import use_chunked_loss
-from llama_ft.train.recipe import evaluate
 
 
 def _brute_best_fit(lengths, order, cap):
@@ -140,7 +140,7 @@ def test_packed_logits_equal_separate_logits(fp32_model, attn):
 
 def test_flash_inputs_are_one_sequence_with_host_boundaries():
     """Packed rows under flash_attention_2: one (1, B*T) sequence and cu_seq_lens where position_ids restart."""
-    from llama_ft.train.recipe import model_inputs
+    from llama_ft.train.evaluate import model_inputs
 
     b = collate_packed([[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}],
                         [{"input_ids": [1], "labels": [1]}]], pad_token_id=0)
@@ -169,10 +169,10 @@ def test_eval_ranks_run_as_many_forwards_and_count_only_their_rows(fp32_model):
     examples = _examples(tok, 3)
     for rank in (0, 1):
         calls.clear()
-        loss = evaluate(Counting(model), head, examples, 1, tok.pad_token_id, 2, rank, None, 16)
+        loss = evaluate(Counting(model), head, examples, 1, tok.pad_token_id, 2, rank, None, 16)["loss"]
         assert len(calls) == 2  # the same number of forwards on every rank: ZeRO-3 gathers are collective
         mine = examples[rank::2]
-        alone = evaluate(_Engine(model), head, mine, 1, tok.pad_token_id, 1, 0, None, 16)
+        alone = evaluate(_Engine(model), head, mine, 1, tok.pad_token_id, 1, 0, None, 16)["loss"]
         assert abs(loss - alone) < 1e-6  # the repeated row is not counted
 
 
@@ -185,11 +185,15 @@ class _Engine:
     def __call__(self, **kw):
         return self.module(**kw)
 
+    @property
+    def training(self):
+        return self.module.training
+
     def eval(self):
         self.module.eval()
 
-    def train(self):
-        self.module.train()
+    def train(self, mode=True):
+        self.module.train(mode)
 
 
 def test_eval_loss_is_the_same_packed_or_not(tiny_model_dir, fp32_model):
@@ -205,6 +209,6 @@ def test_eval_loss_is_the_same_packed_or_not(tiny_model_dir, fp32_model):
             n += int((y != IGNORE_INDEX).sum())
     head = use_chunked_loss(model)
     engine = _Engine(model)
-    unpacked = evaluate(engine, head, examples, 2, tok.pad_token_id, 1, 0, None, 16)
-    packed = evaluate(engine, head, examples, 2, tok.pad_token_id, 1, 0, 256, 16)
+    unpacked = evaluate(engine, head, examples, 2, tok.pad_token_id, 1, 0, None, 16)["loss"]
+    packed = evaluate(engine, head, examples, 2, tok.pad_token_id, 1, 0, 256, 16)["loss"]
     assert abs(unpacked - nll / n) < 1e-10 and abs(packed - nll / n) < 1e-10

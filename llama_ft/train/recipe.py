@@ -42,8 +42,6 @@ from llama_ft.data import (
     CHAT,
     DataOptions,
     MicroBatches,
-    collate,
-    collate_packed,
     load_tokenizer,
     pad_token_id,
     prepare_examples,
@@ -51,7 +49,6 @@ from llama_ft.data import (
 )
 from llama_ft.data.batches import example_lengths
 from llama_ft.data.cache import tokenizer_fingerprint
-from llama_ft.data.packing import pack_best_fit
 from llama_ft.data.split import split_examples
 from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
@@ -61,20 +58,18 @@ from llama_ft.model.meter import peak_rss_bytes
 from llama_ft.ops import prepare_ops, unlink_shm_buffer
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
-from llama_ft.train.activation_memory import activation_offload, use_tiled_mlp
+from llama_ft.train.activation_memory import use_tiled_mlp
 from llama_ft.train.cpu_heap import fix_mmap_threshold
+from llama_ft.train.evaluate import evaluate, example_answers, greedy_answers, micro_batch_nll
 from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import (
     LossMeter,
     backward_scale,
-    batch_targets,
     batch_trained_count,
     global_count,
-    lm_head_nll_sum,
-    to_device,
     use_chunked_loss,
 )
-from llama_ft.train.parallel import register_ulysses, shard_micro_batch, varlen_bounds
+from llama_ft.train.parallel import register_ulysses, shard_micro_batch
 from llama_ft.train.samples import generate_samples, sample_prompts, write_samples
 from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel, mlp_tiles
 
@@ -126,77 +121,6 @@ def load_training_data(cfg: TrainConfig):
     # train_index: each training example's index among all examples (a `llama-ft data --dump` line number)
     train_set, eval_set, stats.train_index = split_examples(examples, cfg.eval_dataset_size, cfg.seed)
     return tokenizer, train_set, eval_set, stats
-
-
-def model_inputs(batch: dict[str, torch.Tensor], packed: bool, flash: bool, device) -> dict[str, Any]:
-    """What the model gets. Padded rows: input_ids + attention_mask. Packed rows: input_ids + position_ids
-    and NO attention_mask (sdpa/eager: transformers builds the block-diagonal mask from position_ids only
-    without one). Packed rows under flash_attention_2: the B rows as ONE sequence (1, B*T) with the
-    varlen boundaries given (cu_seq_lens: where position_ids restart, the padding blocks included), since
-    transformers takes flash's varlen path from position_ids only at batch size 1; built on the host, so
-    flash never has to find them on the device. Flattening keeps the row-major token order, which is how
-    loss_targets indexes the hidden states.
-
-    A sequence-parallel shard (train/parallel.py, it carries `next_labels`) gets input_ids + position_ids
-    only: Ulysses builds causality from the gathered positions; under flash the varlen boundaries of the
-    whole (gathered) row go with it."""
-    if "next_labels" in batch:
-        inputs = {k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}
-        if "cu_seq_lens" in batch:
-            cu = to_device(batch["cu_seq_lens"], device)
-            inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_length"],
-                          max_length_k=batch["max_length"])
-        return inputs
-    if not packed:
-        return {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
-    if not flash:
-        return {k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}
-    positions = batch["position_ids"].reshape(1, -1)
-    bounds, longest = varlen_bounds(positions[0])
-    cu = to_device(bounds, device)
-    return {"input_ids": to_device(batch["input_ids"].reshape(1, -1), device),
-            "position_ids": to_device(positions, device), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": longest, "max_length_k": longest}
-
-
-def micro_batch_nll(engine, head_weight, batch: dict[str, torch.Tensor], packed: bool, chunk: int,
-                    flash: bool = False, offload: bool = False) -> torch.Tensor:
-    """S: the summed token cross-entropy of one micro-batch (train/loss.py), chunked over its trained tokens.
-    `offload`: what the forward saves for backward waits in host memory (train/activation_memory.py)."""
-    positions, targets = batch_targets(batch)  # host: no sync to find the trained tokens
-    inputs = model_inputs(batch, packed, flash, engine.device)
-    with activation_offload(offload, pin_memory=torch.device(engine.device).type == "cuda"):
-        hidden = engine(**inputs, use_cache=False).logits  # (B, T, H), or (1, B*T, H) flattened: see loss.py
-        return lm_head_nll_sum(hidden, head_weight, to_device(positions, engine.device),
-                               to_device(targets, engine.device), chunk)
-
-
-@torch.no_grad()
-def evaluate(engine, head_weight, examples, batch: int, pad_id: int, world: int, rank: int,
-             pack_len: int | None, chunk: int, flash: bool = False, prepare=None) -> float:
-    """Nats per trained token over `examples`, computed on all ranks together (train/loss.py): the same
-    loss packed or not. Packed, the examples are best-fit packed in their order (no shuffle).
-
-    `world`/`rank` are the data-parallel ones: a sequence-parallel group shares each micro-batch, which
-    `prepare` turns into this rank's shard. Every rank runs the same number of forward passes (ZeRO-3
-    gathers are collective); a rank with nothing left repeats a row and does not count it.
-    """
-    engine.eval()
-    meter = LossMeter(engine.device)
-    lengths = example_lengths(examples)
-    rows = pack_best_fit(lengths, range(len(lengths)), pack_len) if pack_len else [[i] for i in range(len(lengths))]
-    mine = rows[rank::world]
-    for b in range(math.ceil(math.ceil(len(rows) / world) / batch)):
-        chunk_rows = mine[b * batch:(b + 1) * batch]
-        picked = [[examples[i] for i in row] for row in chunk_rows or rows[:1]]
-        micro = collate_packed(picked, pad_id) if pack_len else collate([r[0] for r in picked], pad_id)
-        if prepare is not None:
-            micro = prepare(micro)
-        nll = micro_batch_nll(engine, head_weight, micro, pack_len is not None, chunk, flash)
-        if chunk_rows:
-            meter.add(nll, batch_trained_count(micro))
-    engine.train()
-    return meter.mean()["loss"]
 
 
 def stopped_line(signum: int, step: int, out: Path) -> str:
@@ -374,6 +298,7 @@ def train(cfg: TrainConfig) -> dict:
 
     eval_every = cfg.eval_steps or cfg.save_steps
     prompts = sample_prompts(eval_set if len(eval_set) else train_set) if cfg.generate_every else []
+    answers = example_answers(eval_set) if cfg.eval_every else []  # --eval_every: exact match on the eval split
     bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_start, last_loss, eval_loss = time.time(), float("nan"), None
     # DeepSpeed averages gradients over every rank that reduces them, sequence-parallel ones included (its
@@ -427,9 +352,18 @@ def train(cfg: TrainConfig) -> dict:
 
             if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
                 eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id,
-                                     sp.dp_world, sp.dp_rank, pack_len, cfg.loss_chunk_size, flash, prepare)
+                                     sp.dp_world, sp.dp_rank, pack_len, cfg.loss_chunk_size, flash, prepare)["loss"]
                 log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
                 reporter.log({"step": progress.step, "eval_loss": eval_loss})
+            if answers and (progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps):
+                # collective: each data-parallel rank generates its share, in step with the others (ZeRO-3)
+                scored = greedy_answers(engine.module, tokenizer, answers, engine.device, sp.dp_world, sp.dp_rank,
+                                        synced=world > 1)
+                matches = sum(r["match"] for r in scored)
+                log.info("step %d: eval_exact_match %.4f (%d of %d answers)", progress.step,
+                         matches / len(scored), matches, len(scored))
+                reporter.log({"step": progress.step, "eval_exact_match": matches / len(scored),
+                              "eval_answers": len(scored)})
             if prompts and progress.step % cfg.generate_every == 0:  # collective: every rank generates
                 engine.eval()
                 samples = generate_samples(engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,

@@ -10,10 +10,9 @@ rank that is done keeps stepping until all are. The LM head, swapped for HiddenS
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from llama_ft.data import IGNORE_INDEX
 from llama_ft.generate import generation_kwargs
-from llama_ft.train.loss import HiddenStatesHead
+from llama_ft.train.evaluate import real_lm_head
 
 log = logging.getLogger("llama_ft")
 SAMPLE_PROMPTS = 3
@@ -39,20 +38,6 @@ def sample_prompts(examples: Sequence[dict], k: int = SAMPLE_PROMPTS) -> list[di
         cut = cut if 0 < cut < len(ids) else max(1, len(ids) // 2)
         out.append({"index": i, "prompt": ids[:cut], "reference": ids[cut:]})
     return out
-
-
-@contextlib.contextmanager
-def real_lm_head(model: nn.Module) -> Iterator[None]:
-    """The model's own LM head in place of HiddenStatesHead, for generation."""
-    swapped = model.lm_head
-    if not isinstance(swapped, HiddenStatesHead):
-        yield
-        return
-    model.lm_head = swapped.head
-    try:
-        yield
-    finally:
-        model.lm_head = swapped
 
 
 @torch.no_grad()
