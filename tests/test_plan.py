@@ -503,6 +503,11 @@ def test_does_not_fit_exits_1_with_the_numbers(capsys):
     assert rc == 1 and "total" in out
     line = _one_error_line(err)
     assert "does not fit at any --offload_ratio" in line and "largest term is" in line and "try " in line
+    # chat data without --max_seq_len is planned at the model's whole context: the line says to set it
+    rc, out, err = _main(capsys, "8b", "--gpu_memory_gb", "80", "--gpus_per_node", "1", "--dataset_format", "chat")
+    line = _one_error_line(err)
+    assert rc == 1 and "largest term is activations" in line and "try --max_seq_len N" in line, line
+    assert "131,072 positions" in line
 
 
 def test_json_object(capsys):

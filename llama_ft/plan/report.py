@@ -159,6 +159,11 @@ def not_fit_line(r: dict[str, Any]) -> str:
                 f"--offload_ratio {r['offload_ratio']:.2f} (largest term: {term.removesuffix('_bytes')} "
                 f"{gib(r[side][term])} GiB); --offload --offload_ratio {ratio_text(r['min_offload_ratio'])} fits")
     hint = HINTS.get((bad["where"], bad["term"])) or HINTS.get(("per_gpu", bad["term"]), "more memory")
+    training = r.get("inputs", {}).get("training", {})
+    if bad["term"] == "activations_bytes" and str(training.get("seq_len_from", "")).startswith("chat data without"):
+        # the plan had to assume rows as long as the model allows (a Llama 3.1: 131,072 tokens)
+        hint = (f"--max_seq_len N (without it, chat rows are planned at the model's {training['seq_len']:,} "
+                f"positions; llama-ft data shows the real lengths), or {hint}")
     where = "per host" if bad["where"] == "per_host" else "per GPU"
     at = (f"at any --offload_ratio: at {bad['offload_ratio']:.2f}," if bad["offload_applies"] else
           "(offload moves nothing here: CPU ranks, or offload_param keeps every partition on the host already):")
