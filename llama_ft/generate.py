@@ -68,15 +68,15 @@ def parse_messages(value: str) -> list[dict[str, str]]:
     return messages
 
 
-def _tokenizer_dir(model_dir: str, adapter: str | None) -> str:
+def tokenizer_dir(model_dir: str, adapter: str | None) -> str:
     if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
         return adapter
     return model_dir
 
 
-def load(model_dir: str, adapter: str | None, dtype: Any, device: Any, tokenizer_dir: str | None = None):
+def load(model_dir: str, adapter: str | None, dtype: Any, device: Any, tokenizer_path: str | None = None):
     """(model in eval mode on `device`, tokenizer). UserError for a missing model, a directory that is not an
-    adapter, or adapters that do not fit the base. The tokenizer is `tokenizer_dir`'s when given."""
+    adapter, or adapters that do not fit the base. The tokenizer is `tokenizer_path`'s when given."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +89,7 @@ def load(model_dir: str, adapter: str | None, dtype: Any, device: Any, tokenizer
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected the --output_dir of "
                         "llama-ft train, or another PEFT adapter directory)")
-    tokenizer = load_tokenizer(tokenizer_dir or _tokenizer_dir(model_dir, adapter))
+    tokenizer = load_tokenizer(tokenizer_path or tokenizer_dir(model_dir, adapter))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False)
     if adapter is not None:
         try:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.config import DATA_FLAGS, add_config_flags, validate_data_options
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write, atomic_write_json
@@ -75,9 +76,16 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.model_name_or_path:
         raise UserError("--model_name_or_path is required (a base or merged model directory)")
     model = Path(args.model_name_or_path)
+    check_not_gguf(model)
     if (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
         raise UserError(f"--model_name_or_path {model}: holds PEFT adapters, not a model; pass it as --adapter_dir "
                         "and its base model as --model_name_or_path")
+    if not (model / "config.json").is_file():
+        raise UserError(f"--model_name_or_path {model}: no config.json there (expected a model directory: a base or a "
+                        "merged model; adapters go in --adapter_dir)")
+    if args.adapter_dir and not (Path(args.adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter_dir {args.adapter_dir}: no adapter_config.json there (expected the --output_dir "
+                        "of llama-ft train, or another PEFT adapter directory)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens {args.max_new_tokens}: expected an integer >= 1")
     if args.batch_size < 1:
@@ -96,11 +104,7 @@ def check_adapter_fits(model_dir: str, adapter_dir: str) -> None:
     from llama_ft.merge import load_adapter
     from llama_ft.shards import open_checkpoint
 
-    adapter = Path(adapter_dir)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"--adapter_dir {adapter}: no adapter_config.json there (expected the --output_dir of "
-                        "llama-ft train, or another PEFT adapter directory)")
-    load_adapter(adapter, open_checkpoint(model_dir))
+    load_adapter(Path(adapter_dir), open_checkpoint(model_dir))
 
 
 def load_examples(args: argparse.Namespace, tokenizer: Any):
@@ -130,8 +134,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     """Load, score, and return the report (every rank returns the same numbers; rank 0 writes)."""
     import torch
 
-    from llama_ft.data import pad_token_id
-    from llama_ft.generate import load
+    from llama_ft.data import load_tokenizer, pad_token_id
+    from llama_ft.generate import load, tokenizer_dir
     from llama_ft.train.evaluate import causal_lm, evaluate, example_answers, greedy_answers, unprompted_examples
     from llama_ft.train.loss import use_chunked_loss
 
@@ -141,18 +145,20 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     if args.adapter_dir:
         check_adapter_fits(args.model_name_or_path, args.adapter_dir)
-    model, tokenizer = load(args.model_name_or_path, args.adapter_dir, dtype, device,
-                            tokenizer_dir=args.tokenizer_name_or_path)
+    # the data first: a mistake in it is one line before minutes of model loading
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or tokenizer_dir(args.model_name_or_path, args.adapter_dir))
     examples, stats = load_examples(args, tokenizer)
-    report: dict[str, Any] = {"model": args.model_name_or_path, "adapter_dir": args.adapter_dir,
-                              "dataset": args.dataset, "dataset_format": args.dataset_format,
-                              "examples": len(examples), "dropped": stats.dropped, "ranks": world}
     if "exact_match" in args.metric:
         bad = unprompted_examples(examples)
         if bad:
             raise UserError(f"--metric exact_match: example {bad[0]} (line {bad[0] + 1} of llama-ft data --dump) "
                             "has no assistant answer after a prompt to generate from (no assistant turn, or "
                             "--train_on_source trains every token); evaluate it with --metric loss")
+    model, _ = load(args.model_name_or_path, args.adapter_dir, dtype, device,
+                    tokenizer_path=args.tokenizer_name_or_path)
+    report: dict[str, Any] = {"model": args.model_name_or_path, "adapter_dir": args.adapter_dir,
+                              "dataset": args.dataset, "dataset_format": args.dataset_format,
+                              "examples": len(examples), "dropped": stats.dropped, "ranks": world}
     if "loss" in args.metric:
         lm = causal_lm(model)
         head = use_chunked_loss(lm)
