@@ -114,7 +114,8 @@ command -v "$DEEPSPEED" >/dev/null || die "'$DEEPSPEED' launcher not on PATH (pi
 "$PYTHON" -m llama_ft.cli hostfile check "$HOSTFILE" >/dev/null
 # Hosts named in the hostfile (comments and blank lines skipped).
 mapfile -t HOSTS < <(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}')
-LOCAL_HOST_RE="^(localhost|127\.0\.0\.1|$(hostname)|$(hostname -s))$"
+# names of this machine (a failing `hostname` must not end the script under set -e: it only names fewer)
+LOCAL_HOST_RE="^(localhost|127\.0\.0\.1|$(hostname 2>/dev/null || true)|$(hostname -s 2>/dev/null || true))$"
 # Every rank on this machine (no NODE_RANK and no Slurm job, so no other node runs a launcher of its own; every
 # host a name of this one): rank 0's port is known to be free or busy here, and no other node must agree on it.
 ONE_NODE=0
@@ -265,7 +266,7 @@ if [ "$PLAN_STATUS" -eq 1 ] && [[ "$PLAN_ERR" == "llama-ft plan: "* ]]; then  # 
         exit 1
     fi
     echo "run-llama.sh: --force: launching although the memory plan says the run does not fit" >&2
-elif [ "$PLAN_STATUS" -eq 3 ]; then
+elif [ "$PLAN_STATUS" -eq 3 ] && [[ "$PLAN_ERR" == *"llama-ft plan: error: "* ]]; then
     # A long-context layout training refuses too (a --sequence_parallel_size the model's heads or the ranks cannot
     # take, ...): stop here with the plan's line, rather than start every rank only for each to stop on it.
     # --force does not apply: it overrides the memory verdict, and training would refuse these flags anyway.
@@ -283,7 +284,8 @@ if [ -z "${MASTER_PORT:-}" ]; then
     # One node and no port asked for: a free one, as `torchrun --standalone` picks it (the kernel's choice for
     # port 0), so that two jobs on one machine do not both take 29500. Picked last, to keep the time before
     # rank 0 binds it short; a job that takes it in between is caught by rank 0 (llama_ft/rendezvous.py).
-    MASTER_PORT=$("$PYTHON" -m llama_ft.rendezvous free-port)
+    MASTER_PORT=$("$PYTHON" -m llama_ft.rendezvous free-port) ||
+        die "MASTER_PORT: no free port could be picked on this machine (see above); set MASTER_PORT"
     echo "run-llama.sh: MASTER_PORT $MASTER_PORT (a free port; set MASTER_PORT to choose)" >&2
 fi
 LAUNCH+=(--master_port "$MASTER_PORT")
