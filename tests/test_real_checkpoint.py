@@ -30,8 +30,11 @@ from safetensors import safe_open
 from test_e2e import run_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llama_ft.adapters import load_adapters, read_adapter_tensors
 from llama_ft.data import IGNORE_INDEX, DataOptions, prepare_examples
 from llama_ft.data.split import split_indices
+from llama_ft.lora import LoraSpec
+from llama_ft.model.build import build_lora_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.real]
@@ -236,6 +239,20 @@ def test_adapters_in_peft_give_llama_fts_own_eval_loss(run_a, peft_a, task):
     assert reference_loss(peft_a, task["eval_examples"]) == pytest.approx(final, rel=1e-4)
     with peft_a.disable_adapter():
         assert reference_loss(peft_a, task["eval_examples"]) > 2 * final
+
+
+def test_llama_fts_own_model_with_the_adapters_gives_peft_logits(run_a, peft_a, task, real_checkpoint):
+    """llama-ft's LoRA model (its build, its LoRA layers; one process) with the saved adapters loaded: PEFT's
+    logits on the transformers model; its LM head is the embedding matrix itself (tied)."""
+    model, _ = build_lora_model(real_checkpoint, LoraSpec(8, 16), ds_config=None, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    load_adapters(model, read_adapter_tensors(run_a["out"]), str(run_a["out"]))
+    ids = torch.tensor([task["eval_examples"][1]["input_ids"]])
+    with torch.no_grad():
+        ours, theirs = model.eval()(input_ids=ids).logits, peft_a(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with peft_a.disable_adapter(), torch.no_grad():
+        assert (ours - peft_a(input_ids=ids).logits).abs().max() > 1.0  # the adapters matter
 
 
 def test_tied_embeddings_survive_training_and_merge(run_a, peft_a, task, real_checkpoint):

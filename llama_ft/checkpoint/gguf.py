@@ -69,7 +69,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "bfloa
             src.parent, gguf_file=src.name, dtype=torch.float32, trust_remote_code=False,
             quantization_config=GgufConfig(dequantize=True))
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - a malformed file fails in the gguf reader as struct, value, key errors...
         raise UserError(f"{src}: transformers cannot read this GGUF ({' '.join(str(e).split())[:300]})") from None
     model.config.name_or_path = str(src)
     with atomic_dir(out, overwrite=overwrite) as tmp:
