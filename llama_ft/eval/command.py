@@ -161,7 +161,12 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                               "examples": len(examples), "dropped": stats.dropped, "ranks": world}
     if "loss" in args.metric:
         lm = causal_lm(model)
-        head = use_chunked_loss(lm)
+        try:
+            head = use_chunked_loss(lm)
+        except ValueError:  # an adapter on the LM head (PEFT can put one there; llama-ft never does)
+            raise UserError(f"--adapter_dir {args.adapter_dir}: adapts the LM head, which llama-ft eval's chunked "
+                            "loss reads as a plain weight; merge the adapters first (llama-ft merge) or use "
+                            "--metric exact_match") from None
         scored = evaluate(model, head, examples, args.batch_size, pad_token_id(tokenizer), world, rank, None, 1024)
         lm.lm_head = lm.lm_head.head  # the real head back, for generation
         report.update(loss=scored["loss"], trained_tokens=scored["trained_tokens"])
