@@ -29,19 +29,19 @@ pi_c, pi_r come from the policy (LoRA on), ref_c, ref_r from the reference (the 
 lora.lora_disabled, no gradient). With `sigmoid` each of the four is logp; with `ipo` it is logp / n, the
 average over the response (TRL divides the log-probs of policy and reference alike for IPO). Then
 
-    h_p      = (pi_c - ref_c) - (pi_r - ref_r)
-    sigmoid  l_p = -(1 - eps) log sigmoid(beta h_p) - eps log sigmoid(-beta h_p)    (eps: label smoothing)
-    ipo      l_p = (h_p - 1 / (2 beta))^2
+    d_p      = (pi_c - ref_c) - (pi_r - ref_r)
+    sigmoid  l_p = -(1 - eps) log sigmoid(beta d_p) - eps log sigmoid(-beta d_p)    (eps: label smoothing)
+    ipo      l_p = (d_p - 1 / (2 beta))^2
     L        = (1/P) * sum_{m, r} sum_{p in (m, r)} l_p,    P = every pair of the step (all micro-batches, ranks)
 
 and the metrics (TRL's names): rewards/chosen = beta (pi_c - ref_c), rewards/rejected = beta (pi_r - ref_r),
 rewards/margins = their difference, rewards/accuracies = [rewards/chosen > rewards/rejected], each a mean over
-pairs. At B = 0 the policy is the reference: h = 0, so l_p = ln 2 (sigmoid, any eps) and every reward is 0.
+pairs. At B = 0 the policy is the reference: d = 0, so l_p = ln 2 (sigmoid, any eps) and every reward is 0.
 
 The scaling is the SFT one with pairs for tokens: micro-batch (m, r) backpropagates
-sum_p l_p * backward_scale(global_count(its rank's pairs of the step), R). sequence_logprobs gives logp and n
-without [tokens x vocab] logits (ChunkedLMHeadNLL: per-token NLLs in chunks, then a sum per sequence), and
-dpo_losses the per-pair l_p and rewards.
+sum_p l_p * backward_scale(P, R), where P = global_count(this rank's pairs of the step) (one all-reduce).
+sequence_logprobs gives logp and n without [tokens x vocab] logits (ChunkedLMHeadNLL: per-token NLLs in
+chunks, then a sum per sequence), and dpo_losses the per-pair l_p and rewards.
 """
 
 from __future__ import annotations
@@ -262,14 +262,14 @@ def dpo_losses(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: t
         raise ValueError(f"DPO label smoothing must be in [0, 0.5] and applies to sigmoid only, got "
                          f"{label_smoothing} with {loss}")
     chosen_ratio, rejected_ratio = pi_chosen - ref_chosen.detach(), pi_rejected - ref_rejected.detach()
-    h = chosen_ratio - rejected_ratio
+    d = chosen_ratio - rejected_ratio
     if loss == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        losses = (d - 1.0 / (2.0 * beta)) ** 2
     else:
-        # logsigmoid is stable for large |beta h| (log(sigmoid(.)) would give log(0) = -inf)
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h)
+        # logsigmoid is stable for large |beta d| (log(sigmoid(.)) would give log(0) = -inf)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * d)
         if label_smoothing:
-            losses = losses - label_smoothing * F.logsigmoid(-beta * h)
+            losses = losses - label_smoothing * F.logsigmoid(-beta * d)
     return DPOTerms(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
