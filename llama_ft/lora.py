@@ -11,12 +11,17 @@ trainable tensors. Adapter files use PEFT's names (`...q_proj.lora_A.weight`), s
 
 Other base-weight formats subclass LoRALinear and override `forward` (FP8 storage with its
 own fused kernels: llama_ft/fp8/module.py); names, init and adapter files stay the same.
+
+`lora_disabled(model)` switches every LoRA branch off for a block: y = x W^T exactly, the LoRA GEMMs
+skipped (not multiplied by 0, so no inf/NaN in A or B can reach y). DPO's reference model is the frozen
+base, i.e. this same model under `lora_disabled` (DESIGN.md point 11): no second copy of the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +63,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(spec.r, in_features, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, spec.r, dtype=dtype))
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.lora_enabled = True  # False inside lora_disabled(): forward is the base alone
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -72,6 +78,8 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.lora_enabled:
+            return F.linear(x, self.weight)
         lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight) + self.scaling * lora
 
@@ -108,3 +116,24 @@ def inject_lora(model: nn.Module, spec: LoraSpec,
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Dotted path -> LoRALinear, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block every LoRALinear of `model` (FP8 ones included) returns its base output alone,
+    y = x W^T, without computing the LoRA branch; each layer's previous state is restored on exit, also
+    when the block raises.
+
+    The switch is read when a forward runs. Activation checkpointing recomputes a forward during backward,
+    so a pass with gradients that is checkpointed must also run its backward inside the block; the DPO
+    reference pass needs no gradient (run it under torch.no_grad) and is not affected.
+    """
+    layers = list(lora_modules(model).values())
+    before = [m.lora_enabled for m in layers]
+    for m in layers:
+        m.lora_enabled = False
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.lora_enabled = was

@@ -4,6 +4,7 @@
     formats.py   what a row holds: alpaca-family source/target pairs, chat conversations (OpenAI, ShareGPT)
     chat.py      chat template rendering and assistant-only labels
     tokenize.py  rows -> examples, --max_seq_len cuts, the trained-token count
+    pairs.py     preference pairs (DPO): chosen/rejected rows -> both sides' ids and response-only labels
     cache.py     the cache key: tokenize once per node
     pipeline.py  DataOptions -> (examples, DataStats): the interface training and `llama-ft data` use
     split.py     seeded train/eval split

@@ -89,8 +89,9 @@ def prompts_assistant(tokenizer: Any) -> bool:
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], rendered: str,
-                    where: object) -> list[tuple[int, int]]:
-    """Character ranges [start, end) of each assistant message's rendering in `rendered` (see module doc).
+                    where: object, first: int = 0) -> list[tuple[int, int]]:
+    """Character ranges [start, end) of each assistant message's rendering in `rendered` (see module doc),
+    for the messages from index `first` on (DPO trains the response, not the assistant turns of its prompt).
 
     Whitespace the template puts after the end-of-turn token (ChatML's newline) is left out. A template
     that ignores add_generation_prompt renders the assistant header inside the turn: the span then
@@ -98,7 +99,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], rendered: st
     """
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         head = _render(tokenizer, messages[:i], where, add_generation_prompt=True)
         turn = _render(tokenizer, messages[: i + 1], where)
@@ -118,8 +119,9 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], rendered: st
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], train_on_source: bool,
-                        where: object) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation, both of length T (labels unshifted)."""
+                        where: object, first: int = 0) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation, both of length T (labels unshifted); only the assistant
+    messages from index `first` on are trained."""
     rendered = _render(tokenizer, messages, where)
     try:
         enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
@@ -129,7 +131,7 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], train_on
     ids = list(enc["input_ids"])
     if train_on_source:
         return ids, list(ids)
-    spans = assistant_spans(tokenizer, messages, rendered, where)
+    spans = assistant_spans(tokenizer, messages, rendered, where, first)
     labels = [IGNORE_INDEX] * len(ids)
     k = 0  # spans and token offsets are both in order: one pass
     for t, (s, e) in enumerate(enc["offset_mapping"]):

@@ -138,10 +138,25 @@ def conversation(row: Any, where: object) -> list[dict[str, str]]:
         raise UserError(f"{where}: neither 'messages' (OpenAI form) nor 'conversations' (ShareGPT form) is there "
                         "(required by --dataset_format chat)")
     items = row[field]
+    if isinstance(items, list) and not items:
+        raise UserError(f"{where}: '{field}' is empty (expected at least one message and an assistant reply)")
+    out = messages_of(items, field, where, role_key, content_key, roles)
+    if not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: the conversation has no assistant message (nothing to train on)")
+    if out[0]["role"] == "assistant":
+        raise UserError(f"{where}: the conversation opens with an assistant message; it needs a system or user "
+                        "message before the first assistant reply")
+    return out
+
+
+def messages_of(items: Any, field: str, where: object, role_key: str = "role", content_key: str = "content",
+                roles: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """The list in `field` as `[{"role", "content"}]` (roles mapped through `roles`, default system/user/
+    assistant); UserError naming `field[k]` for an item that is not an object, an unknown role, or content
+    that is not a string."""
+    roles = roles if roles is not None else {r: r for r in CHAT_ROLES}
     if not isinstance(items, list):
         raise UserError(f"{where}: '{field}' must be a list of messages, got {type(items).__name__}")
-    if not items:
-        raise UserError(f"{where}: '{field}' is empty (expected at least one message and an assistant reply)")
     out: list[dict[str, str]] = []
     for k, msg in enumerate(items):
         at = f"{{}}: {field}[{k}]"  # formatted with `where` only on an error (its location may cost a lookup)
@@ -157,11 +172,6 @@ def conversation(row: Any, where: object) -> list[dict[str, str]]:
             got = "missing" if content is None else type(content).__name__
             raise UserError(f"{at.format(where)}: '{content_key}' must be a string, got {got}")
         out.append({"role": roles[role], "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise UserError(f"{where}: the conversation has no assistant message (nothing to train on)")
-    if out[0]["role"] == "assistant":
-        raise UserError(f"{where}: the conversation opens with an assistant message; it needs a system or user "
-                        "message before the first assistant reply")
     return out
 
 

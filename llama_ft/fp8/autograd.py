@@ -13,6 +13,9 @@
               dA = s u^T x_l                     (r, K)   torch matmul (cuBLAS on GPU)
               dB = s dy^T t                      (N, r)   torch matmul
 
+The base alone (fp8_linear, for the adapters switched off: lora.lora_disabled) is the same two kernels
+with the LoRA term left out (t = u = None): y = x W^T, dx = dy W.
+
 The small dA/dB/t/u GEMMs go to cuBLAS: they are memory-bound, M x r x K with r <= 64, and a
 custom kernel would not beat it. The big GEMMs go to the Triton kernels on CUDA tensors (and
 under TRITON_INTERPRET=1), and to the PyTorch reference elsewhere.
@@ -104,3 +107,31 @@ def fp8_lora_linear(x: torch.Tensor, q: torch.Tensor, scale_bytes: torch.Tensor,
     `x_lora` defaults to `x`; pass dropout(x) to apply LoRA dropout. Differentiable in x, x_lora, A, B.
     """
     return FP8LoRAFunction.apply(x, x_lora, q, scale_bytes, lora_a, lora_b, float(scaling), bool(fp8_compute))
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T and dx = dy W: the frozen FP8 base without the LoRA branch (no LoRA GEMM at all)."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale_bytes, fp8_compute: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = base_forward(x2, q, scales_from_bytes(scale_bytes), None, None, 0.0, fp8_compute)
+        ctx.save_for_backward(q, scale_bytes)
+        ctx.fp8_compute, ctx.x_shape = fp8_compute, x.shape
+        return y.reshape(*x.shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale_bytes = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            with available(q, scale_bytes):
+                dy2 = dy.reshape(-1, dy.shape[-1])
+                dx = base_dx(dy2, q, scales_from_bytes(scale_bytes), None, None, 0.0, ctx.fp8_compute)
+            dx = dx.reshape(ctx.x_shape)
+        return dx, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale_bytes: torch.Tensor, fp8_compute: bool = False) -> torch.Tensor:
+    """y (..., N) = x W^T with W given as FP8 bytes + block-scale bytes. Differentiable in x."""
+    return FP8LinearFunction.apply(x, q, scale_bytes, bool(fp8_compute))

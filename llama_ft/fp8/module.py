@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llama_ft.fp8 import kernels
-from llama_ft.fp8.autograd import fp8_lora_linear
+from llama_ft.fp8.autograd import fp8_linear, fp8_lora_linear
 from llama_ft.fp8.format import num_blocks, quantize_fp8_reference, scales_to_bytes
 from llama_ft.lora import LoRALinear, LoraSpec
 
@@ -61,6 +61,8 @@ class FP8LoRALinear(LoRALinear):
         return cls(q, scales_to_bytes(scales), linear.in_features, linear.out_features, spec, dtype, fp8_compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.lora_enabled:  # lora.lora_disabled: the base kernel alone
+            return fp8_linear(x, self.weight, self.weight_scale, self.fp8_compute)
         x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
         return fp8_lora_linear(x, self.weight, self.weight_scale, self.lora_A, self.lora_B, self.scaling,
                                x_lora=x_lora, fp8_compute=self.fp8_compute)

@@ -18,9 +18,35 @@ forward pass and summed with one all-reduce per step; it stays a device tensor (
 S itself never holds [tokens x vocab] logits: the model's lm_head is swapped for HiddenStatesHead
 (the forward returns h), only the trained positions are gathered (the others skip the head), and
 ChunkedLMHeadLoss runs head + cross-entropy over `chunk` of them at a time.
+
+DPO (--objective dpo, DESIGN.md "The loss"; TRL's DPOTrainer conventions). A pair p of the step has a
+chosen and a rejected response to one prompt. Per sequence, from the same h, W and y as above:
+
+    logp(seq) = sum_{(b, t) in seq : y[b, t+1] != IGNORE} log softmax(h[b, t] W^T)[y[b, t+1]]   (response tokens)
+    n(seq)    = the number of those tokens
+
+pi_c, pi_r come from the policy (LoRA on), ref_c, ref_r from the reference (the same model under
+lora.lora_disabled, no gradient). With `sigmoid` each of the four is logp; with `ipo` it is logp / n, the
+average over the response (TRL divides the log-probs of policy and reference alike for IPO). Then
+
+    d_p      = (pi_c - ref_c) - (pi_r - ref_r)
+    sigmoid  l_p = -(1 - eps) log sigmoid(beta d_p) - eps log sigmoid(-beta d_p)    (eps: label smoothing)
+    ipo      l_p = (d_p - 1 / (2 beta))^2
+    L        = (1/P) * sum_{m, r} sum_{p in (m, r)} l_p,    P = every pair of the step (all micro-batches, ranks)
+
+and the metrics (TRL's names): rewards/chosen = beta (pi_c - ref_c), rewards/rejected = beta (pi_r - ref_r),
+rewards/margins = their difference, rewards/accuracies = [rewards/chosen > rewards/rejected], each a mean over
+pairs. At B = 0 the policy is the reference: d = 0, so l_p = ln 2 (sigmoid, any eps) and every reward is 0.
+
+The scaling is the SFT one with pairs for tokens: micro-batch (m, r) backpropagates
+sum_p l_p * backward_scale(P, R), where P = global_count(this rank's pairs of the step) (one all-reduce).
+sequence_logprobs gives logp and n without [tokens x vocab] logits (ChunkedLMHeadNLL: per-token NLLs in
+chunks, then a sum per sequence), and dpo_losses the per-pair l_p and rewards.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -93,13 +119,38 @@ def use_chunked_loss(model: nn.Module) -> nn.Parameter:
     return head.weight
 
 
+def _chunked_nll(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(nll (N,), dnll/dx (N, H) or None): nll_i = -log softmax(x_i W^T)[y_i], `chunk` rows at a time.
+
+    Per chunk c: z = x_c W^T (the model's dtype, then fp32; float64 stays float64), nll_c = lse(z) - z[y];
+    and with `with_grad`, at once dnll_i/dx_i = (softmax(z_i) - onehot(y_i)) W. logsumexp and softmax are
+    computed in place in z, so the largest temporary is one chunk's logits (chunk x V) in fp32 (plus its
+    cast to the model's dtype for the last product).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nll = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    dx = torch.empty_like(x) if with_grad else None
+    for s in range(0, x.shape[0], chunk):
+        xc, yc = x[s:s + chunk], targets[s:s + chunk]
+        z = torch.mm(xc, weight.t()).to(acc)  # (c, V)
+        # logsumexp in place (torch.logsumexp would allocate a second (c, V) buffer): z becomes exp(z - max)
+        target = z.gather(1, yc[:, None]).squeeze(1)
+        top = z.amax(dim=-1, keepdim=True)
+        denom = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+        nll[s:s + chunk] = (top + denom.log()).squeeze(1).sub(target)
+        if dx is not None:
+            z.div_(denom)  # softmax
+            z[torch.arange(len(yc), device=z.device), yc] -= 1.0  # dnll/dz
+            dx[s:s + chunk] = torch.mm(z.to(weight.dtype), weight)
+        del z  # before the next chunk's product, not after it: one (c, V) buffer at a time
+    return nll, dx
+
+
 class ChunkedLMHeadLoss(torch.autograd.Function):
     """S = sum_i -log softmax(x_i W^T)[y_i] over chunks of `chunk` rows: x (N, H), W (V, H), y (N,) -> ().
 
-    Per chunk c: z = x_c W^T (the model's dtype, then fp32; float64 stays float64), S += sum(lse(z) - z[y]);
-    and when x needs a gradient, at once dS/dx_c = (softmax(z) - onehot(y)) W. logsumexp and softmax are
-    computed in place in z, so the largest temporary is one chunk's logits (chunk x V) in fp32 (plus its
-    cast to the model's dtype for the last product). W is used only in forward (ZeRO-3 gathers it
+    The per-row NLLs and dS/dx come from _chunked_nll. W is used only in forward (ZeRO-3 gathers it
     once per micro-batch), and backward only scales the saved dS/dx by the incoming gradient: exact, no
     recompute, and no host sync (DeepSpeed's TiledFusedLogitsLoss, the same idea, compares the incoming
     gradient with 1.0 on the host in its backward).
@@ -107,24 +158,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        total = torch.zeros((), dtype=acc, device=x.device)
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        for s in range(0, x.shape[0], chunk):
-            xc, yc = x[s:s + chunk], targets[s:s + chunk]
-            z = torch.mm(xc, weight.t()).to(acc)  # (c, V)
-            # logsumexp in place (torch.logsumexp would allocate a second (c, V) buffer): z becomes exp(z - max)
-            target = z.gather(1, yc[:, None]).squeeze(1)
-            top = z.amax(dim=-1, keepdim=True)
-            denom = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (top + denom.log()).squeeze(1).sub(target).sum()
-            if dx is not None:
-                z.div_(denom)  # softmax
-                z[torch.arange(len(yc), device=z.device), yc] -= 1.0  # dS/dz
-                dx[s:s + chunk] = torch.mm(z.to(weight.dtype), weight)
-            del z  # before the next chunk's product, not after it: one (c, V) buffer at a time
+        nll, dx = _chunked_nll(x, weight, targets, chunk, ctx.needs_input_grad[0])
         ctx.save_for_backward(dx)
-        return total
+        return nll.sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -133,6 +169,24 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         # micro-batch by its own systematic error of up to 0.4%
         acc = torch.promote_types(dx.dtype, torch.float32)  # float64 stays float64
         return (dx.to(acc) * grad.to(acc)).to(dx.dtype), None, None, None
+
+
+class ChunkedLMHeadNLL(torch.autograd.Function):
+    """nll (N,) with nll_i = -log softmax(x_i W^T)[y_i]: ChunkedLMHeadLoss before the sum, for losses that
+    weigh tokens unequally (DPO sums them per sequence). x (N, H), W (V, H), y (N,); nll in fp32 (float64
+    for float64 x). Backward: dx_i = g_i * dnll_i/dx_i, from the dnll/dx saved in forward (no recompute)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        nll, dx = _chunked_nll(x, weight, targets, chunk, ctx.needs_input_grad[0])
+        ctx.save_for_backward(dx)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dx,) = ctx.saved_tensors
+        acc = torch.promote_types(dx.dtype, torch.float32)  # per-token weights in fp32, as ChunkedLMHeadLoss
+        return (dx.to(acc) * grad.to(acc)[:, None]).to(dx.dtype), None, None, None
 
 
 def lm_head_nll_sum(hidden: torch.Tensor, weight: nn.Parameter, positions: torch.Tensor, targets: torch.Tensor,
@@ -145,6 +199,78 @@ def lm_head_nll_sum(hidden: torch.Tensor, weight: nn.Parameter, positions: torch
             return hidden.sum() * 0.0  # nothing trained here: a zero that still reaches every parameter
         x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # untrained positions skip the head
         return ChunkedLMHeadLoss.apply(x, weight, targets, chunk)
+
+
+def sequence_logprobs(hidden: torch.Tensor, weight: nn.Parameter, positions: torch.Tensor, targets: torch.Tensor,
+                      chunk: int, segments: torch.Tensor | None = None,
+                      num_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (S,), n (S,)): per sequence, the summed log-probability of its trained tokens and their count.
+
+    hidden (B, T, H) from the model, the head weight (V, H), positions/targets from loss_targets (on
+    hidden's device). A sequence is a batch row by default (segments = positions // T, S = B); a packed
+    row holding several sequences passes `segments` (N,), the sequence index of each position, and
+    `num_segments` S. logp is fp32 (float64 for float64 inputs) and backpropagates into `hidden`; n is int64.
+    A sequence without trained tokens has logp = 0 and n = 0.
+    """
+    if segments is None:
+        segments, num_segments = positions // hidden.shape[1], hidden.shape[0]
+    if num_segments is None:
+        raise ValueError("sequence_logprobs: pass num_segments with segments")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    counts = torch.bincount(segments, minlength=num_segments)
+    with gathered([weight]):  # ZeRO-3: the whole head once per micro-batch (on every rank: it is collective)
+        if positions.numel() == 0:  # nothing trained here: zeros that still reach every parameter
+            return hidden.sum().to(acc) * 0.0 + torch.zeros(num_segments, dtype=acc, device=hidden.device), counts
+        x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # untrained positions skip the head
+        nll = ChunkedLMHeadNLL.apply(x, weight, targets, chunk)
+    logp = torch.zeros(num_segments, dtype=nll.dtype, device=nll.device).index_add(0, segments, -nll)
+    return logp, counts
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass(frozen=True)
+class DPOTerms:
+    """Per pair (P,): the loss l_p (differentiable) and the rewards beta (pi - ref) of each side (detached)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_logps(logp_sum: torch.Tensor, counts: torch.Tensor, loss: str) -> torch.Tensor:
+    """What DPO compares per sequence: the summed log-prob (sigmoid), or its mean over the response (ipo)."""
+    if loss == "ipo":
+        return logp_sum / counts.clamp(min=1).to(logp_sum.dtype)
+    return logp_sum
+
+
+def dpo_losses(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, beta: float, loss: str = "sigmoid",
+               label_smoothing: float = 0.0) -> DPOTerms:
+    """l_p and the rewards of P pairs (module doc), each input (P,) from dpo_logps; ref_* carry no gradient.
+
+    The step's loss is sum(l_p) over its pairs scaled as SFT scales S (module doc), not a mean here: a
+    micro-batch's mean would weigh a pair by how many pairs share its micro-batch.
+    """
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {loss!r} (expected one of: {', '.join(DPO_LOSSES)})")
+    if beta <= 0:
+        raise ValueError(f"DPO beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5 or (loss == "ipo" and label_smoothing):
+        raise ValueError(f"DPO label smoothing must be in [0, 0.5] and applies to sigmoid only, got "
+                         f"{label_smoothing} with {loss}")
+    chosen_ratio, rejected_ratio = pi_chosen - ref_chosen.detach(), pi_rejected - ref_rejected.detach()
+    d = chosen_ratio - rejected_ratio
+    if loss == "ipo":
+        losses = (d - 1.0 / (2.0 * beta)) ** 2
+    else:
+        # logsigmoid is stable for large |beta d| (log(sigmoid(.)) would give log(0) = -inf)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * d)
+        if label_smoothing:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * d)
+    return DPOTerms(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -197,3 +323,37 @@ class LossMeter:
         nll, trained, seen = t.tolist()  # host sync: once per logging step
         self.reset()
         return {"loss": nll / max(trained, 1.0), "trained_tokens": int(trained), "tokens": int(seen)}
+
+
+class PreferenceMeter:
+    """Running sums of DPO pair losses and rewards; read (all-reduced over ranks) only when logging.
+
+    `add(terms)` per micro-batch keeps the sums on the device (no sync); `mean()` does one all-reduce and
+    one host sync and returns TRL's metric names, each a mean over every pair since the last call.
+    """
+
+    KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=self.device)  # + the pair count
+
+    def add(self, terms: DPOTerms) -> None:
+        c, r = terms.chosen_rewards.to(torch.float64), terms.rejected_rewards.to(torch.float64)
+        pairs = torch.full((), c.numel(), dtype=torch.float64, device=c.device)
+        loss = terms.losses.detach().to(torch.float64).sum()
+        self.sums += torch.stack([loss, c.sum(), r.sum(), (c > r).to(torch.float64).sum(), pairs])
+
+    def mean(self) -> dict[str, float]:
+        """{"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "pairs"}."""
+        t = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        *sums, pairs = t.tolist()  # host sync: once per logging step
+        self.reset()
+        out = {k: v / max(pairs, 1.0) for k, v in zip(self.KEYS, sums, strict=True)}
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return {**out, "pairs": int(pairs)}
