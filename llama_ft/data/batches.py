@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from llama_ft.data.collate import collate, collate_packed
+from llama_ft.data.collate import collate, collate_packed, collate_pairs, is_pairs
 from llama_ft.data.packing import pack_best_fit
 from llama_ft.errors import UserError
 
@@ -18,15 +18,17 @@ Example = Mapping[str, Sequence[int]]
 
 
 def example_lengths(examples: Sequence[Example]) -> list[int]:
-    """Token count of every example; read from the Arrow column for a `datasets.Dataset` (no row decoding)."""
+    """Token count of every example (a pair: of its chosen side); read from the Arrow column for a
+    `datasets.Dataset` (no row decoding)."""
+    column = "chosen_input_ids" if is_pairs(examples) else "input_ids"
     if hasattr(examples, "with_format"):
         import pyarrow.compute as pc
 
-        lengths = pc.list_value_length(examples.data.column("input_ids"))  # zero-copy over the whole table
+        lengths = pc.list_value_length(examples.data.column(column))  # zero-copy over the whole table
         if examples._indices is not None:  # a .select() view (the train split): its rows, in its order
             lengths = lengths.take(examples._indices.column(0))
         return lengths.to_pylist()
-    return [len(e["input_ids"]) for e in examples]
+    return [len(e[column]) for e in examples]
 
 
 def epoch_rows(lengths: Sequence[int], seed: int, epoch: int, pack_len: int | None) -> list[list[int]]:
@@ -49,7 +51,8 @@ class MicroBatches:
 
     Global micro-batch j of an epoch is rows[j*W*B : (j+1)*W*B] (W ranks, B rows each); rank r takes its
     r-th block of B. An incomplete last global batch is dropped. (epoch, index) is all a resume needs.
-    Unpacked batches are right-padded (collate); packed ones carry position_ids (collate_packed).
+    Unpacked batches are right-padded (collate); packed ones carry position_ids (collate_packed). Preference
+    pairs (data/pairs.py) are never packed: B pairs make one batch of 2B rows (collate_pairs).
     """
 
     def __init__(self, examples: Sequence[Example], world: int, rank: int, batch: int, seed: int, pad_id: int,
@@ -57,6 +60,7 @@ class MicroBatches:
         self.examples, self.world, self.rank, self.batch = examples, world, rank, batch
         self.seed, self.pad_id, self.epoch, self.index, self.pack_len = seed, pad_id, epoch, index, pack_len
         self.lengths = example_lengths(examples)
+        self.pairs = is_pairs(examples)
         self._rows_epoch, self._rows = -1, []
         self.last_examples: list[int] = []  # indices (into `examples`) of the last micro-batch's examples
         if self.rows_per_epoch(epoch) // (world * batch) == 0:
@@ -89,6 +93,8 @@ class MicroBatches:
         picked = self._rows[start:start + self.batch]
         self.last_examples = [i for row in picked for i in row]
         rows = [[self.examples[i] for i in row] for row in picked]
+        if self.pairs:
+            return collate_pairs([row[0] for row in rows], self.pad_id)
         if self.pack_len is None:
             return collate([row[0] for row in rows], self.pad_id)
         return collate_packed(rows, self.pad_id)

@@ -39,6 +39,22 @@ def collate(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_pairs(pairs: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B preference pairs (data/pairs.py columns) as one right-padded batch of 2B rows, the chosen sides
+    first: rows [c_1 .. c_B, r_1 .. r_B], so row p and row B + p are the two sides of pair p (one forward
+    pass scores both). Returns collate's tensors, shape (2B, max_len), plus "pairs": B.
+    """
+    rows = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for p in pairs]
+    return {**collate(rows, pad_token_id), "pairs": len(pairs)}
+
+
+def is_pairs(examples: Any) -> bool:
+    """Whether `examples` (a datasets.Dataset or a list of dicts) holds preference pairs, not SFT examples."""
+    names = examples.column_names if hasattr(examples, "column_names") else (examples[0] if len(examples) else {})
+    return "chosen_input_ids" in names
+
+
 def pad_token_id(tokenizer: Any) -> int:
     """The id to pad with: tokenizer.pad_token_id if set; else Llama 3.1's "<|finetune_right_pad_id|>"
     if the vocabulary has it; else eos_token_id. (Padding never reaches the loss: labels are

@@ -21,6 +21,11 @@ tokens carry labels (labels unshifted, IGNORE_INDEX elsewhere, as for SFT):
       `source_max_len` and the response to `target_max_len`. TRL's DPOTrainer builds the same sequence
       for text pairs: prompt tokens, then the completion's tokens and EOS.
 
+Training reads pairs with `--objective dpo --dataset_format chat` from a local .json/.jsonl file
+(read_pairs: each row checked as it is read, stored in the chat form), then encode_pair_rows under the
+tokenize cache (data/pipeline.py). `--max_seq_len` cuts each side at the end; a pair is dropped (and
+counted in the data report) when a side has no trained token left, or both sides are the same after the cut.
+
 Bad rows raise one-line UserErrors naming the file and line (`where`, a readers.RowRef): no chosen or
 rejected, an empty response, chosen identical to rejected (as given, or once encoded), and chat pairs whose
 prompts differ.
@@ -28,14 +33,15 @@ prompts differ.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llama_ft.data.chat import encode_conversation
-from llama_ft.data.formats import messages_of
-from llama_ft.data.readers import LINE, Locator, RowRef
-from llama_ft.data.tokenize import encode_source_target
+from llama_ft.data.formats import CHAT, messages_of
+from llama_ft.data.readers import LINE, Locator, RowRef, _json_values, quiet_datasets
+from llama_ft.data.tokenize import encode_source_target, trained_tokens
 from llama_ft.errors import UserError
 
 Messages = list[dict[str, str]]
@@ -153,4 +159,84 @@ def encode_pair_batch(batch: dict[str, list], indices: list[int], *, tokenizer: 
         encoded = encode_pair(check_pair(row, chat, ref), tokenizer, source_max_len, target_max_len, ref)
         for name in PAIR_COLUMNS:
             out[name].append(encoded[name])
+    return out
+
+
+PAIR_SUFFIXES = (".json", ".jsonl")
+
+
+def check_pair_options(dataset: str, dataset_format: str, train_on_source: bool) -> None:
+    """The data flags `--objective dpo` can run (module doc); one UserError line for the others."""
+    if dataset_format != CHAT:
+        raise UserError(f"--objective dpo with --dataset_format {dataset_format}: preference pairs are read with "
+                        "--dataset_format chat (rows {prompt, chosen, rejected} as strings or message lists, "
+                        f"rendered with the chat template); {dataset_format} is a single-turn SFT format")
+    if train_on_source:
+        raise UserError("--train_on_source with --objective dpo: DPO compares the responses only")
+    if Path(dataset).suffix not in PAIR_SUFFIXES:
+        raise UserError(f"--objective dpo --dataset {dataset}: pairs are read from a local .json or .jsonl file "
+                        "(Parquet and Hub datasets are not wired for pairs)")
+
+
+def _checked_pair_rows(path: str, max_samples: int | None, content_key: str) -> Iterator[dict]:
+    """The `Dataset.from_generator` generator: each row checked as it is read (errors name its line) and
+    stored in the chat form (content_key keys its cache)."""
+    n = 0
+    for where, line, value in _json_values(Path(path)):
+        pair = check_pair(value, True, where)
+        yield {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, LINE: line}
+        n += 1
+        if n == max_samples:
+            return
+    if n == 0:
+        raise UserError(f"dataset file {path} holds no rows (expected at least one)")
+
+
+def read_pairs(source: Any, max_samples: int | None, cache_root: Path):
+    """(rows, Locator) of a local pair file (readers.Source): checked chat pairs, the first `max_samples`."""
+    import datasets
+
+    from llama_ft.data.readers import _starts_with_object, one_line
+
+    if source.path is None or source.path.suffix not in PAIR_SUFFIXES:
+        raise UserError(f"--objective dpo --dataset {source.dataset}: pairs are read from a local .json or .jsonl "
+                        "file")
+    string = datasets.Value("string")
+    messages = [{"role": string, "content": string}]
+    features = datasets.Features({"prompt": messages, "chosen": messages, "rejected": messages,
+                                  LINE: datasets.Value("int64")})
+    lines = source.path.suffix == ".jsonl" or _starts_with_object(source.path)
+    try:
+        with quiet_datasets():
+            rows = datasets.Dataset.from_generator(
+                _checked_pair_rows, features=features, cache_dir=str(cache_root / "rows"),
+                gen_kwargs={"path": str(source.path), "max_samples": max_samples, "content_key": source.key})
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise UserError(f"dataset file {source.path}: cannot be read ({one_line(e.__cause__ or e)})") from None
+    return rows, Locator(str(source.path), "lines" if lines else "list")
+
+
+def encode_pair_rows(batch: dict[str, list], indices: list[int], *, tokenizer: Any, source_max_len: int,
+                     target_max_len: int, max_seq_len: int | None, where: Locator) -> dict[str, list]:
+    """The training map function: read_pairs' rows -> PAIR_COLUMNS + `cut` (True where --max_seq_len shortened
+    a side). A pair is left out when a side has no trained token after the cut, or both sides are the same
+    tokens after it (nothing left to prefer); the pipeline counts those as dropped."""
+    encoded = encode_pair_batch(batch, indices, tokenizer=tokenizer, chat=True, source_max_len=source_max_len,
+                                target_max_len=target_max_len, where=where)
+    out: dict[str, list] = {name: [] for name in (*PAIR_COLUMNS, "cut")}
+    for k in range(len(indices)):
+        sides, cut = [], False
+        for side in SIDES:
+            ids, labels = encoded[f"{side}_input_ids"][k], encoded[f"{side}_labels"][k]
+            if max_seq_len is not None and len(ids) > max_seq_len:
+                ids, labels, cut = ids[:max_seq_len], labels[:max_seq_len], True
+            sides.append((ids, labels))
+        if any(trained_tokens(labels) == 0 for _, labels in sides) or sides[0] == sides[1]:
+            continue
+        for side, (ids, labels) in zip(SIDES, sides, strict=True):
+            out[f"{side}_input_ids"].append(ids)
+            out[f"{side}_labels"].append(labels)
+        out["cut"].append(cut)
     return out

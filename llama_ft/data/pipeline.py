@@ -3,10 +3,11 @@
     prepare_examples(opts, tokenizer) -> (examples, DataStats)
 
 `examples` is a `datasets.Dataset` (memory-mapped Arrow) whose rows are exactly
-`{"input_ids": [...], "labels": [...]}`, in dataset order: the sequence training consumes
-and `llama-ft data --dump` writes. The first process on a node to get here tokenizes and caches
-(cache.py); the others wait on a file lock and read the cached file, so a second run with the same
-inputs does not tokenize again.
+`{"input_ids": [...], "labels": [...]}` (with `objective="dpo"`: the pair columns of data/pairs.py,
+`{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}`), in dataset order:
+the sequence training consumes and `llama-ft data --dump` writes. The first process on a node to get
+here tokenizes and caches (cache.py); the others wait on a file lock and read the cached file, so a
+second run with the same inputs does not tokenize again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.data.cache import default_cache_dir, examples_key
 from llama_ft.data.formats import CHAT, check_format, source_target
+from llama_ft.data.pairs import PAIR_COLUMNS, check_pair_options, encode_pair_rows, read_pairs
 from llama_ft.data.readers import LINE, RowRef, one_line, open_source, quiet_datasets, read_rows
 from llama_ft.data.tokenize import check_lengths, encode_batch
 from llama_ft.errors import UserError
@@ -41,10 +43,12 @@ class DataOptions:
     max_seq_len: int | None = None
     train_on_source: bool = False
     max_train_samples: int | None = None
+    objective: str = "sft"  # "dpo": rows are preference pairs (data/pairs.py)
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataOptions:
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+        # tools without a flag (llama-ft data, llama-ft eval have no --objective) get the default
+        return cls(**{f.name: getattr(cfg, f.name, f.default) for f in fields(cls)})
 
     def check(self) -> None:
         check_format(self.dataset_format)
@@ -52,6 +56,8 @@ class DataOptions:
         if self.chat_template and self.dataset_format != CHAT:
             raise UserError(f"--chat_template applies to --dataset_format chat (this run reads "
                             f"--dataset_format {self.dataset_format})")
+        if self.objective == "dpo":
+            check_pair_options(self.dataset, self.dataset_format, self.train_on_source)
 
 
 @dataclass
@@ -98,6 +104,10 @@ def prepare_examples(opts: DataOptions, tokenizer: Any, cache_dir: str | Path | 
             examples = datasets.Dataset.from_file(str(arrow))
             counts = json.loads(meta.read_text())
         else:
+            if opts.objective == "dpo":
+                examples, counts = _encode_pairs(source, opts, tokenizer, root, arrow, key)
+                atomic_write_json(meta, counts)
+                return _finish(examples, counts, arrow, source, opts, from_cache)
             rows, where = read_rows(source, opts.dataset_format, opts.max_train_samples, root)
             features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                           "labels": datasets.Sequence(datasets.Value("int32")),
@@ -114,12 +124,36 @@ def prepare_examples(opts: DataOptions, tokenizer: Any, cache_dir: str | Path | 
             counts = {"rows": len(rows), "examples": len(examples), "cut": int(sum(examples["cut"])),
                       "dropped": len(rows) - len(examples)}
             atomic_write_json(meta, counts)  # written last: an .arrow without it is redone
+    return _finish(examples, counts, arrow, source, opts, from_cache)
+
+
+def _finish(examples, counts: dict[str, int], arrow: Path, source, opts: DataOptions, from_cache: bool):
+    """(examples without the `cut` column, DataStats); UserError when nothing is left to train on."""
     stats = DataStats(cache_file=str(arrow), from_cache=from_cache, rows_key=source.key, **counts)
     if stats.examples == 0:
         hint = (f"check the chat template and --max_seq_len {opts.max_seq_len}" if opts.dataset_format == CHAT
                 else f"check --target_max_len {opts.target_max_len} and --max_seq_len {opts.max_seq_len}")
         raise UserError(f"--dataset {opts.dataset}: none of its {stats.rows} rows has a token to train on ({hint})")
     return examples.remove_columns(["cut"]), stats
+
+
+def _encode_pairs(source, opts: DataOptions, tokenizer: Any, root: Path, arrow: Path, key: str):
+    """(pair examples with a `cut` column, counts): read_pairs' rows through pairs.encode_pair_rows."""
+    import datasets
+
+    rows, where = read_pairs(source, opts.max_train_samples, root)
+    int_list = datasets.Sequence(datasets.Value("int32"))
+    features = datasets.Features({**{name: int_list for name in PAIR_COLUMNS}, "cut": datasets.Value("bool")})
+    log.info("tokenizing %d preference pairs of %s into %s", len(rows), opts.dataset, arrow)
+    with quiet_datasets(progress=sys.stderr.isatty()):
+        examples = rows.map(
+            encode_pair_rows, batched=True, with_indices=True, remove_columns=rows.column_names, features=features,
+            cache_file_name=str(arrow), load_from_cache_file=False, new_fingerprint=key, desc="tokenize pairs",
+            fn_kwargs={"tokenizer": tokenizer, "source_max_len": opts.source_max_len,
+                       "target_max_len": opts.target_max_len, "max_seq_len": opts.max_seq_len, "where": where})
+    counts = {"rows": len(rows), "examples": len(examples), "cut": int(sum(examples["cut"])),
+              "dropped": len(rows) - len(examples)}
+    return examples, counts
 
 
 def load_tokenizer(path: str):
