@@ -23,6 +23,7 @@ from llama_ft.flags import expand_targets, float_or_auto, str2bool
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.reporting import check_report_to
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
+from llama_ft.train.loss import DPO_LOSSES
 from llama_ft.train.sp_layout import check_long_context_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,11 @@ class TrainConfig:
     train_on_source: bool = False
     max_train_samples: int | None = None
     eval_dataset_size: float = 0
+    # objective
+    objective: str = "sft"
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0
     # optimisation
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -132,6 +138,11 @@ _HELP = {
     "train_on_source": "train on every token, prompts and user turns included (default: responses only)",
     "max_train_samples": "use only the first N rows of the dataset",
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
+    "objective": "sft (token cross-entropy) | dpo (preference pairs {prompt, chosen, rejected} with "
+                 "--dataset_format chat; the reference model is the base with the adapters switched off)",
+    "dpo_beta": "DPO: beta > 0, how far the policy may move from the reference",
+    "dpo_loss": "DPO: sigmoid (the DPO paper) | ipo (squared, on log-probs averaged over the response)",
+    "dpo_label_smoothing": "DPO with --dpo_loss sigmoid: eps in [0, 0.5], the assumed chance a preference is flipped",
     "lora_target_modules": "linear layer names to adapt, or a group: all (the seven), attention (q,k,v,o_proj), "
                            "mlp (gate,up,down_proj); comma- or space-separated",
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
@@ -224,6 +235,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--warmup_ratio {cfg.warmup_ratio}: expected a value in [0, 1]")
     if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
         raise UserError("--weight_decay and --max_grad_norm must be >= 0")
+    check_objective(cfg)
     if cfg.eval_dataset_size < 0:
         raise UserError(f"--eval_dataset_size {cfg.eval_dataset_size}: expected a count >= 0 or a fraction in (0, 1)")
     if cfg.eval_dataset_size >= 1 and cfg.eval_dataset_size != int(cfg.eval_dataset_size):
@@ -292,6 +304,32 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--output_dir {out}: exists and is not empty (pass --overwrite_output_dir, "
                         "or --resume_from_checkpoint to continue a run)")
     return cfg
+
+
+OBJECTIVES = ("sft", "dpo")
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """--objective and the DPO flags; one line for what DPO does not run yet (the data flags: data/pairs.py)."""
+    if cfg.objective not in OBJECTIVES:
+        raise UserError(f"--objective {cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if cfg.objective != "dpo":
+        return
+    if cfg.dpo_loss not in DPO_LOSSES:
+        raise UserError(f"--dpo_loss {cfg.dpo_loss!r}: expected one of {', '.join(DPO_LOSSES)}")
+    if cfg.dpo_beta <= 0:
+        raise UserError(f"--dpo_beta {cfg.dpo_beta}: expected a number > 0")
+    if not 0 <= cfg.dpo_label_smoothing <= 0.5:
+        raise UserError(f"--dpo_label_smoothing {cfg.dpo_label_smoothing}: expected a value in [0, 0.5]")
+    if cfg.dpo_label_smoothing and cfg.dpo_loss != "sigmoid":
+        raise UserError(f"--dpo_label_smoothing applies to --dpo_loss sigmoid only (this run: {cfg.dpo_loss})")
+    unsupported = {"--packing": cfg.packing, "--sequence_parallel_size > 1": cfg.sequence_parallel_size > 1,
+                   "--tiled_mlp": cfg.tiled_mlp, "--activation_offload": cfg.activation_offload,
+                   "--eval_every (exact match)": cfg.eval_every, "--generate_every": cfg.generate_every}
+    for flag, on in unsupported.items():
+        if on:
+            raise UserError(f"{flag} with --objective dpo: not supported yet (DPO runs padded pairs, one sequence "
+                            "per row, on whole sequences)")
 
 
 def validate_data_options(cfg: Any) -> None:

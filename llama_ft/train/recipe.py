@@ -60,15 +60,10 @@ from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import use_tiled_mlp
 from llama_ft.train.cpu_heap import fix_mmap_threshold
-from llama_ft.train.evaluate import evaluate, example_answers, greedy_answers, micro_batch_nll
+from llama_ft.train.evaluate import example_answers, greedy_answers
 from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
-from llama_ft.train.loss import (
-    LossMeter,
-    backward_scale,
-    batch_trained_count,
-    global_count,
-    use_chunked_loss,
-)
+from llama_ft.train.loss import backward_scale, global_count, use_chunked_loss
+from llama_ft.train.objectives import make_objective
 from llama_ft.train.parallel import register_ulysses, shard_micro_batch
 from llama_ft.train.samples import generate_samples, sample_prompts, write_samples
 from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel, mlp_tiles
@@ -304,7 +299,9 @@ def train(cfg: TrainConfig) -> dict:
     # DeepSpeed averages gradients over every rank that reduces them, sequence-parallel ones included (its
     # reduce-scatter path, which fill_ds_config keeps on under SP); a shard's S is then scaled by W / N too
     reduce_world = engine.seq_dp_world_size
-    meter, t_window = LossMeter(engine.device), time.time()
+    objective = make_objective(cfg, engine, head_weight, pad_id, sp.dp_world, sp.dp_rank, {
+        "batch": cfg.per_device_train_batch_size, "pad_id": pad_id, "world": sp.dp_world, "rank": sp.dp_rank,
+        "pack_len": pack_len, "chunk": cfg.loss_chunk_size, "flash": flash, "prepare": prepare})
 
     # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
     engine.train()
@@ -317,18 +314,16 @@ def train(cfg: TrainConfig) -> dict:
                 if last_saved != progress.step and progress.step > 0:
                     save()
                 raise StopRun(128 + signum, stopped_line(signum, progress.step, out) if rank == 0 else None)
-            micro, step_examples = [], []
+            micro, step_examples = [], []  # the step's micro-batches, on the host
             for _ in range(cfg.gradient_accumulation_steps):
                 micro.append(next(batches) if prepare is None else prepare(next(batches)))
                 step_examples += [stats.train_index[i] for i in batches.last_examples]  # dump line numbers
-            counts = [batch_trained_count(b) for b in micro]  # host tensors: no device sync
-            scale = backward_scale(global_count(sum(counts), engine.device), reduce_world)  # R / N, one all-reduce
-            for b, n in zip(micro, counts, strict=True):
-                nll = micro_batch_nll(engine, head_weight, b, cfg.packing, cfg.loss_chunk_size, flash,
-                                      cfg.activation_offload)
-                engine.backward(apply_test_hooks(nll, progress.step + 1, rank) * scale, scale_wrt_gas=False)
+            # the step loss is a mean over every trained token (SFT) or pair (DPO) of the step: R / N, one all-reduce
+            scale = backward_scale(global_count(sum(objective.count(b) for b in micro), engine.device), reduce_world)
+            for b in micro:
+                loss = objective.loss(b)  # this micro-batch's sum (train/objectives.py)
+                engine.backward(apply_test_hooks(loss, progress.step + 1, rank) * scale, scale_wrt_gas=False)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
-                meter.add(nll, n, int(b["attention_mask"].sum()))
             progress.step += 1
             progress.epoch, progress.micro_index = batches.epoch, batches.index
             bar.update(1)
@@ -337,24 +332,19 @@ def train(cfg: TrainConfig) -> dict:
                 nonfinite_step(cfg.nan_policy, progress.step, step_examples, resolve_checkpoint("auto", out))
 
             if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
-                window = meter.mean()  # one all-reduce and one host sync per logging step
-                elapsed, t_window = time.time() - t_window, time.time()
+                window, shown = objective.window()  # one all-reduce and one host sync per logging step
                 last_loss, lr = window["loss"], scheduler.get_last_lr()[0]
-                record = {"step": progress.step, "loss": last_loss, "lr": lr, "epoch": progress.epoch,
+                record = {"step": progress.step, **window, "lr": lr, "epoch": progress.epoch,
                           "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                          "trained_tokens": window["trained_tokens"],
-                          "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                          "trained_tokens_per_s": window["trained_tokens"] / max(elapsed, 1e-9),
                           "skipped_steps": engine.skipped_steps, "elapsed_s": time.time() - t_start}
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                trained_tok_s=f"{record['trained_tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", **shown)
                 reporter.log(record)
 
             if eval_set and (progress.step % eval_every == 0 or progress.step == cfg.max_steps):
-                eval_loss = evaluate(engine, head_weight, eval_set, cfg.per_device_train_batch_size, pad_id,
-                                     sp.dp_world, sp.dp_rank, pack_len, cfg.loss_chunk_size, flash, prepare)["loss"]
-                log.info("step %d: eval_loss %.4f", progress.step, eval_loss)
-                reporter.log({"step": progress.step, "eval_loss": eval_loss})
+                scores = objective.evaluate(eval_set)  # collective: every rank scores its share
+                eval_loss = scores["eval_loss"]
+                log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                reporter.log({"step": progress.step, **scores})
             if answers and (progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps):
                 # collective: each data-parallel rank generates its share, in step with the others (ZeRO-3)
                 scored = greedy_answers(engine.module, tokenizer, answers, engine.device, sp.dp_world, sp.dp_rank,
