@@ -1,0 +1,234 @@
+"""DPO end to end (--objective dpo): one ZeRO-3 optimizer step on chat pairs against a float64 reference.
+
+Eight preference pairs (TRL's three row forms, responses of 1 to ~30 words) make one optimizer step, split as
+2 ranks x 2 pairs x 2 accumulation steps (run-llama.sh) and 1 rank x 4 pairs x 2 with gradient checkpointing
+(`llama-ft train`, no launcher); 3 more pairs are held out for eval. The reference is transformers + PEFT in
+float64: each side tokenized by hand from the chat template's text (test_pairs.reference: only the response's
+tokens are trained), pi from the PEFT model, ref from the same model under `disable_adapter()`, L = mean over
+pairs of -log sigmoid(beta d_p), its gradient, and one torch.optim.AdamW step. Checked per world size:
+- the logged step-1 loss is ln 2 (B = 0: the policy is the reference) and every reward metric is 0;
+- the gradient DeepSpeed reduced (exp_avg / (1 - beta1) after Adam's first step, from the checkpoint's
+  optimizer partitions) is the reference gradient;
+- the adapters after the step are the AdamW reference step's;
+- eval_loss and eval_rewards/* on the held-out pairs are the float64 model's with the saved adapters.
+Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line) and --packing with dpo
+are one line each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from proc import run_job
+from safetensors.torch import load_file
+from test_e2e import EXT_DIR, REPO, run_llama
+from test_pairs import reference
+from test_token_loss import reduced_gradients
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llama_ft.data import IGNORE_INDEX
+from llama_ft.data.split import split_indices
+from llama_ft.lora import LLAMA_LINEAR_NAMES
+
+pytestmark = pytest.mark.slow
+LR, BETA1, BETA2, EPS, R, ALPHA, DPO_BETA, EVAL_PAIRS = 1e-3, 0.9, 0.999, 1e-8, 8, 16, 0.5, 3
+WORDS = ("silver", "castle", "quiet", "apple", "meadow", "river", "stone")
+
+
+def _pairs() -> list[dict]:
+    """Eleven pairs in TRL's three forms: strings, chat with an implicit prompt, chat with an explicit one."""
+    rows = []
+    for i, n in enumerate([1, 30, 2, 12, 5, 20, 3, 8, 4, 15, 6]):
+        good = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))
+        bad = " ".join(WORDS[(i + 3 * k + 1) % len(WORDS)] for k in range(n + i % 3))
+        question = f"Say {n} words."
+        if i % 3 == 0:
+            rows.append({"prompt": question, "chosen": good, "rejected": bad})
+        elif i % 3 == 1:
+            user = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": question}]
+            rows.append({"chosen": [*user, {"role": "assistant", "content": good}],
+                         "rejected": [*user, {"role": "assistant", "content": bad}]})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": question}],
+                         "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+def _sides(tok, row: dict) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of chosen and rejected, read by hand from the template's text (test_pairs.reference)."""
+    if "prompt" not in row:
+        prompt, responses = row["chosen"][:-1], [row["chosen"][-1:], row["rejected"][-1:]]
+    elif isinstance(row["prompt"], str):
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        responses = [[{"role": "assistant", "content": row[s]}] for s in ("chosen", "rejected")]
+    else:
+        prompt, responses = row["prompt"], [row["chosen"], row["rejected"]]
+    return [reference(tok, prompt, r) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _pairs()))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [_sides(tok, r) for r in _pairs()]
+    train_idx, eval_idx = split_indices(len(pairs), EVAL_PAIRS, 42)  # --seed 42's split, by its documented rule
+    flags = ["--dataset", str(data), "--dataset_format", "chat", "--objective", "dpo", "--dpo_beta", str(DPO_BETA),
+             "--max_steps", "1", "--save_steps", "1", "--bf16", "false", "--lora_dropout", "0", "--weight_decay", "0",
+             "--max_grad_norm", "0", "--eval_dataset_size", str(EVAL_PAIRS), "--lora_r", str(R), "--lora_alpha",
+             str(ALPHA), "--learning_rate", str(LR), "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
+             "--overwrite_output_dir"]
+    return {"tmp": tmp, "pairs": [pairs[i] for i in train_idx], "eval": [pairs[i] for i in eval_idx],
+            "flags": flags, "cache": tmp / "cache", "model": tiny_model_dir}
+
+
+def _logp(model, ids: list[int], labels: list[int]) -> torch.Tensor:
+    """Summed log-probability of the trained tokens of one sequence (token t predicts label t+1)."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    y = torch.tensor(labels[1:])
+    keep = y != IGNORE_INDEX
+    return F.log_softmax(logits[keep], dim=-1).gather(1, y[keep, None]).sum()
+
+
+def _peft(model_dir: Path, adapters: dict[str, torch.Tensor], zero_b: bool):
+    """float64 PEFT model with the run's adapters (B = 0 when `zero_b`), and its trainable parameters by key."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                                            target_modules=list(LLAMA_LINEAR_NAMES)))
+    params = {name.replace(".default", ""): p for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(torch.zeros_like(p) if zero_b and ".lora_B." in key else adapters[key])
+    return model, params
+
+
+def _pair_terms(model, chosen, rejected) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l_p, rewards/chosen, rewards/rejected) of one pair: pi from the PEFT model, ref with its adapters off."""
+    with torch.no_grad(), model.disable_adapter():
+        ref_c, ref_r = _logp(model, *chosen), _logp(model, *rejected)
+    pi_c, pi_r = _logp(model, *chosen), _logp(model, *rejected)
+    d = (pi_c - ref_c) - (pi_r - ref_r)
+    return -F.logsigmoid(DPO_BETA * d), DPO_BETA * (pi_c - ref_c).detach(), DPO_BETA * (pi_r - ref_r).detach()
+
+
+def reference_eval(model_dir: Path, pairs: list, adapters: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The held-out pairs' DPO loss and TRL's reward metrics under the trained adapters, in float64."""
+    model, _ = _peft(model_dir, adapters, zero_b=False)
+    with torch.no_grad():
+        terms = [torch.stack(_pair_terms(model, c, r)) for c, r in pairs]
+    loss, chosen, rejected = torch.stack(terms).mean(0).tolist()
+    return {"eval_loss": loss, "eval_rewards/chosen": chosen, "eval_rewards/rejected": rejected,
+            "eval_rewards/margins": chosen - rejected}
+
+
+def reference_step(model_dir: Path, pairs: list, lora_a: dict[str, torch.Tensor]):
+    """float64 PEFT with the run's A and B = 0: (loss, dL/dθ by PEFT key, B after one AdamW step)."""
+    model, params = _peft(model_dir, lora_a, zero_b=True)
+    # one sequence at a time: no padding in the reference
+    loss = torch.stack([_pair_terms(model, chosen, rejected)[0] for chosen, rejected in pairs]).mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in params.items()}
+    b32 = {k: torch.zeros_like(p, dtype=torch.float32, requires_grad=True) for k, p in params.items() if "lora_B" in k}
+    opt = torch.optim.AdamW(list(b32.values()), lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=0.0)
+    for k, p in b32.items():
+        p.grad = grads[k].float()
+    opt.step()
+    return loss.item(), grads, {k: p.detach() for k, p in b32.items()}
+
+
+def check_against_reference(case, out: Path, world: int) -> None:
+    ckpt = out / "checkpoint-1"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == world
+    adapters = load_file(str(ckpt / "adapter_model.safetensors"))
+    loss, ref_grads, ref_b = reference_step(case["model"], case["pairs"], adapters)
+    assert abs(loss - math.log(2)) < 1e-12  # the reference agrees: B = 0
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][0]
+    assert logged["step"] == 1 and logged["pairs"] == len(case["pairs"])
+    assert abs(logged["loss"] - math.log(2)) < 1e-6, logged
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert logged[key] == 0.0, (key, logged)
+    assert logged["rewards/accuracies"] == 0.0  # chosen > rejected never holds at a tie
+
+    grads = reduced_gradients(ckpt, {k: v.shape for k, v in adapters.items()})
+    b_keys = [k for k in grads if "lora_B" in k]
+    assert len(b_keys) == 2 * 7
+    for k in grads:
+        if "lora_A" in k:
+            assert torch.count_nonzero(grads[k]) == 0, k  # B = 0 at the start: no gradient reaches A
+    got = torch.cat([grads[k].reshape(-1) for k in b_keys])
+    ref = torch.cat([ref_grads[k].reshape(-1) for k in b_keys])
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 2e-4, rel  # fp32 training vs the float64 reference
+    for k in b_keys:  # AdamW's first step on the reference gradient, where its sign is not in doubt
+        sure = ref_grads[k].abs() > 1e-3 * ref_grads[k].abs().max()
+        assert sure.float().mean() > 0.8, k
+        torch.testing.assert_close(adapters[k][sure], ref_b[k][sure], rtol=1e-4, atol=1e-9)
+
+    # eval on the held-out pairs after the step (pair i on rank i mod W; with 3 pairs on 2 ranks one rank
+    # repeats a pair it does not count), against float64 PEFT with the saved adapters
+    scored = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in ln]
+    assert len(scored) == 1 and scored[0]["eval_pairs"] == len(case["eval"]), scored
+    want = reference_eval(case["model"], case["eval"], load_file(str(out / "adapter_model.safetensors")))
+    assert abs(want["eval_rewards/margins"]) > 1e-4  # the step moved the policy: not the trivial ln 2
+    for key, value in want.items():
+        assert abs(scored[0][key] - value) < 2e-5 + 1e-4 * abs(value), (key, scored[0][key], value)
+
+
+def test_two_ranks_dpo_step_matches_float64_peft(case):
+    out = case["tmp"] / "w2"
+    run_llama(case["tmp"], out, *case["flags"], "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+              "2", model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
+    check_against_reference(case, out, 2)
+
+
+def _train_one_rank(case, out: Path, *flags: str):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR),
+           "LLAMA_FT_CACHE": str(case["cache"])}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
+        env.pop(k, None)
+    return run_job([str(Path(sys.executable).parent / "llama-ft"), "train", "--model_name_or_path", str(case["model"]),
+                    "--output_dir", str(out), "--deepspeed", str(REPO / "ds_configs/zero3.json"), *flags],
+                   timeout=600, env=env, cwd=case["tmp"])
+
+
+def test_one_rank_with_accumulation_and_checkpointing_matches_float64_peft(case):
+    """With --gradient_checkpointing the policy pass is recomputed in backward after lora_disabled's block has
+    exited (adapters on, as it must be); the reference pass is no_grad. Checkpointing is exact: same reference."""
+    out = case["tmp"] / "w1"
+    proc = _train_one_rank(case, out, *case["flags"], "--per_device_train_batch_size", "4",
+                           "--gradient_accumulation_steps", "2", "--gradient_checkpointing")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_against_reference(case, out, 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--dataset_format", "alpaca"), "--objective dpo with --dataset_format alpaca: preference pairs are read with "
+                                     "--dataset_format chat"),
+    (("--dataset", "BAD"), "bad.jsonl: line 2: missing field 'rejected'"),
+    (("--packing", "--max_seq_len", "256"), "--packing with --objective dpo: not supported yet"),
+])
+def test_bad_dpo_input_is_one_line(case, change, message):
+    bad = case["tmp"] / "bad.jsonl"
+    bad.write_text(json.dumps(_pairs()[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    flags = list(case["flags"])
+    if change[0] == "--dataset":
+        flags[flags.index("--dataset") + 1] = str(bad)
+    elif change[0] == "--dataset_format":
+        flags[flags.index("--dataset_format") + 1] = change[1]
+    else:
+        flags += list(change)
+    proc = _train_one_rank(case, case["tmp"] / "bad-out", *flags)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
