@@ -141,3 +141,55 @@ def test_bad_pairs_are_one_line_with_file_and_line(tok, row, chat, message):
             check_pair(row, chat, RowRef(where, 0, 7))
     text = str(e.value)
     assert "\n" not in text and text.startswith("pairs.jsonl: line 7: ") and message in text, text
+
+
+def test_pipeline_reads_pairs_cuts_drops_and_caches(tok, tmp_path):
+    """--objective dpo through prepare_examples: the three row forms from a .jsonl file, each pair equal to its
+    hand-read reference; --max_seq_len cuts both sides, and a pair whose response is cut away entirely, or whose
+    two sides become the same tokens, is dropped and counted; the second read comes from the cache."""
+    import json
+
+    from llama_ft.data import DataOptions, prepare_examples
+
+    long = " ".join(["word"] * 40)
+    rows = [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD},
+            {"chosen": [PROMPT[1], GOOD[0]], "rejected": [PROMPT[1], BAD[0]]},
+            {"prompt": "Sky colour?", "chosen": "Blue.", "rejected": "Green."},
+            {"prompt": long, "chosen": "Yes " + long, "rejected": "Yes " + long + " no"},
+            {"prompt": "Sky colour?", "chosen": "Blue " * 60, "rejected": "Grey " * 60}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sides = [reference(tok, PROMPT, GOOD), reference(tok, PROMPT, BAD),
+             reference(tok, [PROMPT[1]], GOOD), reference(tok, [PROMPT[1]], BAD),
+             reference(tok, [{"role": "user", "content": "Sky colour?"}], [{"role": "assistant", "content": "Blue."}]),
+             reference(tok, [{"role": "user", "content": "Sky colour?"}], [{"role": "assistant", "content": "Green."}])]
+    opts = DataOptions(str(path), "chat", objective="dpo")
+    examples, stats = prepare_examples(opts, tok, tmp_path / "cache")
+    assert (stats.rows, stats.examples, stats.cut, stats.dropped, stats.from_cache) == (5, 5, 0, 0, False)
+    for k in range(3):
+        assert examples[k] == {"chosen_input_ids": sides[2 * k][0], "chosen_labels": sides[2 * k][1],
+                               "rejected_input_ids": sides[2 * k + 1][0], "rejected_labels": sides[2 * k + 1][1]}
+    assert prepare_examples(opts, tok, tmp_path / "cache")[1].from_cache
+
+    # a cut inside the last pair's response, where its two sides still agree ("Yes word ... word"): dropped;
+    # the others are cut there too when longer, and dropped when a side keeps no trained token
+    user = [{"role": "user", "content": long}]
+    last = (reference(tok, user, [{"role": "assistant", "content": rows[3]["chosen"]}]),
+            reference(tok, user, [{"role": "assistant", "content": rows[3]["rejected"]}]))
+    cut = len(reference(tok, user, [{"role": "assistant", "content": "x"}])[0]) + 5
+    sky = [{"role": "user", "content": "Sky colour?"}]
+    longer = tuple(reference(tok, sky, [{"role": "assistant", "content": rows[4][side].strip()}])
+                   for side in ("chosen", "rejected"))
+    pairs = [(sides[2 * k], sides[2 * k + 1]) for k in range(3)] + [last, longer]
+    cut_pairs = [tuple((ids[:cut], labels[:cut]) for ids, labels in pair) for pair in pairs]
+    kept = [(k, p) for k, p in enumerate(cut_pairs)
+            if p[0] != p[1] and all(any(y != IGNORE_INDEX for y in labels[1:]) for _, labels in p)]
+    assert 3 not in dict(kept) and last[0][0][:cut] == last[1][0][:cut]  # the same tokens after the cut
+    assert any(len(pairs[k][0][0]) > cut for k, _ in kept)  # a kept pair is really cut
+    examples, stats = prepare_examples(DataOptions(str(path), "chat", max_seq_len=cut, objective="dpo"), tok,
+                                       tmp_path / "cache")
+    n_cut = sum(len(pairs[k][0][0]) > cut or len(pairs[k][1][0]) > cut for k, _ in kept)
+    assert (stats.rows, stats.examples, stats.cut, stats.dropped) == (5, len(kept), n_cut, 5 - len(kept)), stats
+    for e, (_, (c, r)) in zip(examples, kept, strict=True):
+        assert e == {"chosen_input_ids": c[0], "chosen_labels": c[1], "rejected_input_ids": r[0],
+                     "rejected_labels": r[1]}
