@@ -133,3 +133,33 @@ def test_offload_ratio_outside_unit_interval(tmp_path, ratio):
         parse_train_args(_args(tmp_path, "--offload", "--offload_ratio", ratio))
     cfg = parse_train_args(_args(tmp_path, "--offload", "--offload_ratio", "0.75"))
     assert cfg.offload and cfg.offload_ratio == 0.75
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--objective", "ppo"), "--objective 'ppo': expected one of sft, dpo"),
+    (("--objective", "dpo", "--dpo_beta", "0"), "--dpo_beta 0.0: expected a number > 0"),
+    (("--objective", "dpo", "--dpo_loss", "hinge"), "--dpo_loss 'hinge': expected one of sigmoid, ipo"),
+    (("--objective", "dpo", "--dpo_loss", "ipo", "--dpo_label_smoothing", "0.1"),
+     "--dpo_label_smoothing applies to --dpo_loss sigmoid only"),
+    (("--objective", "dpo", "--dpo_label_smoothing", "0.6"),
+     r"--dpo_label_smoothing 0.6: expected a value in \[0, 0.5\]"),
+    (("--objective", "dpo", "--tiled_mlp", "--lora_dropout", "0"), "--tiled_mlp with --objective dpo: not supported"),
+    (("--objective", "dpo", "--sequence_parallel_size", "2"),
+     "--sequence_parallel_size > 1 with --objective dpo: not supported"),
+    (("--objective", "dpo", "--dataset_format", "chat", "--train_on_source"),
+     "--train_on_source with --objective dpo"),
+    (("--objective", "dpo", "--dataset_format", "chat", "--dataset", "pairs.parquet"),
+     "pairs are read from a local .json or .jsonl file"),
+])
+def test_dpo_flags_are_checked_in_one_line(tmp_path, extra, needle):
+    flags = list(extra) if "--dataset_format" in extra else [*extra, "--dataset_format", "chat"]
+    with pytest.raises(UserError, match=needle) as e:
+        parse_train_args(_args(tmp_path, *flags))
+    assert "\n" not in str(e.value)
+
+
+def test_dpo_flags_parse(tmp_path):
+    cfg = parse_train_args(_args(tmp_path, "--objective", "dpo", "--dataset_format", "chat", "--dpo_beta", "0.3",
+                                 "--dpo_label_smoothing", "0.1"))
+    assert (cfg.objective, cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing) == ("dpo", 0.3, "sigmoid", 0.1)
+    assert parse_train_args(_args(tmp_path / "b")).objective == "sft"
