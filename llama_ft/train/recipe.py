@@ -154,20 +154,11 @@ def apply_test_hooks(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     return nll
 
 
-def train(cfg: TrainConfig) -> dict:
-    import deepspeed
-    from transformers import get_scheduler
+def check_model_options(cfg: TrainConfig, world_env: int):
+    """The options that need the checkpoint, the GPU or the DeepSpeed config, checked before any distributed
+    work: (DeepSpeed config as read, the model's LlamaConfig). An FP8 checkpoint turns --quantize on."""
+    from llama_ft.model.build import inspect_checkpoint, load_llama_config
 
-    from llama_ft.adapters import save_adapters
-    from llama_ft.model.build import build_lora_model, inspect_checkpoint, load_llama_config, partition_bytes
-    from llama_ft.train.memory_plan import resolve_offload_ratio, used_vs_planned
-
-    # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
-    rank, world_env = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    setup_logging(rank)
-    if not torch.cuda.is_available() and fix_mmap_threshold():  # before the data and the model are built
-        log.info("CPU ranks: malloc returns freed blocks of 1 MiB and more to the system (peak RSS as planned; "
-                 "MALLOC_MMAP_THRESHOLD_ overrides)")
     prequantized = None
     if cfg.init == "checkpoint":
         _, prequantized = inspect_checkpoint(cfg.model_name_or_path, cfg.lora_spec)
@@ -196,6 +187,24 @@ def train(cfg: TrainConfig) -> dict:
             raise UserError("--attn_implementation flash_attention_2: flash-attn is installed but not usable here "
                             f"(GPU compute capability {torch.cuda.get_device_capability()}, or a broken install); "
                             "use sdpa")
+    return ds_config, llama_config
+
+
+def train(cfg: TrainConfig) -> dict:
+    import deepspeed
+    from transformers import get_scheduler
+
+    from llama_ft.adapters import save_adapters
+    from llama_ft.model.build import build_lora_model, partition_bytes
+    from llama_ft.train.memory_plan import resolve_offload_ratio, used_vs_planned
+
+    # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
+    rank, world_env = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    setup_logging(rank)
+    if not torch.cuda.is_available() and fix_mmap_threshold():  # before the data and the model are built
+        log.info("CPU ranks: malloc returns freed blocks of 1 MiB and more to the system (peak RSS as planned; "
+                 "MALLOC_MMAP_THRESHOLD_ overrides)")
+    ds_config, llama_config = check_model_options(cfg, world_env)
     tokenizer, train_set, eval_set, stats = load_training_data(cfg)  # rows -> examples, once per node
     pad_id = pad_token_id(tokenizer)
     sp = SequenceParallel.of(rank, world_env, cfg.sequence_parallel_size)  # the stream follows the DP rank
