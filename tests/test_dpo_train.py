@@ -11,6 +11,7 @@ pairs of -log sigmoid(beta d_p), its gradient, and one torch.optim.AdamW step. C
   optimizer partitions) is the reference gradient;
 - the adapters after the step are the AdamW reference step's;
 - eval_loss and eval_rewards/* on the held-out pairs are the float64 model's with the saved adapters.
+A 3-step run resumed from its step-1 checkpoint repeats steps 2-3 and the adapters bit for bit.
 Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line) and --packing with dpo
 are one line each.
 """
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from proc import run_job
 from safetensors.torch import load_file
-from test_e2e import EXT_DIR, REPO, run_llama
+from test_e2e import EXT_DIR, REPO, _same_adapters, run_llama
 from test_pairs import reference
 from test_token_loss import reduced_gradients
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -232,3 +233,21 @@ def test_bad_dpo_input_is_one_line(case, change, message):
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_one_rank_dpo_resumes_exactly(case):
+    """Three DPO steps, then the same run resumed from its step-1 checkpoint: steps 2-3 (losses and rewards) and
+    the final adapters are bit for bit the same."""
+    flags = [*case["flags"], "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2"]
+    full, resumed = case["tmp"] / "r-full", case["tmp"] / "r-resumed"
+    proc = _train_one_rank(case, full, *flags)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _train_one_rank(case, resumed, *flags, "--resume_from_checkpoint", str(full / "checkpoint-1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _same_adapters(full, resumed)
+
+    def steps(out: Path) -> list[dict]:
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith(("loss", "rewards/"))} for r in rows if "loss" in r]
+
+    assert steps(resumed) == steps(full)[1:] and steps(full)[2]["rewards/margins"] != 0
