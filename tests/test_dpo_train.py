@@ -11,6 +11,7 @@ pairs of -log sigmoid(beta d_p), its gradient, and one torch.optim.AdamW step. C
   optimizer partitions) is the reference gradient;
 - the adapters after the step are the AdamW reference step's;
 - eval_loss and eval_rewards/* on the held-out pairs are the float64 model's with the saved adapters.
+--dpo_loss ipo and --dpo_label_smoothing: one step against the same reference with that loss.
 A 3-step run resumed from its step-1 checkpoint repeats steps 2-3 and the adapters bit for bit.
 Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line) and --packing with dpo
 are one line each.
@@ -93,12 +94,14 @@ def case(tmp_path_factory, tiny_model_dir):
             "flags": flags, "cache": tmp / "cache", "model": tiny_model_dir}
 
 
-def _logp(model, ids: list[int], labels: list[int]) -> torch.Tensor:
-    """Summed log-probability of the trained tokens of one sequence (token t predicts label t+1)."""
+def _logp(model, ids: list[int], labels: list[int], kind: str = "sigmoid") -> torch.Tensor:
+    """Summed log-probability of the trained tokens of one sequence (token t predicts label t+1); IPO takes their
+    mean over the response (TRL)."""
     logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
     y = torch.tensor(labels[1:])
     keep = y != IGNORE_INDEX
-    return F.log_softmax(logits[keep], dim=-1).gather(1, y[keep, None]).sum()
+    logp = F.log_softmax(logits[keep], dim=-1).gather(1, y[keep, None])
+    return logp.mean() if kind == "ipo" else logp.sum()
 
 
 def _peft(model_dir: Path, adapters: dict[str, torch.Tensor], zero_b: bool):
@@ -113,30 +116,38 @@ def _peft(model_dir: Path, adapters: dict[str, torch.Tensor], zero_b: bool):
     return model, params
 
 
-def _pair_terms(model, chosen, rejected) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(l_p, rewards/chosen, rewards/rejected) of one pair: pi from the PEFT model, ref with its adapters off."""
+def _pair_terms(model, chosen, rejected, kind: str = "sigmoid",
+                eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l_p, rewards/chosen, rewards/rejected) of one pair: pi from the PEFT model, ref with its adapters off;
+    `kind` sigmoid (label smoothing eps: the DPO paper's conservative form) or ipo ((d - 1/(2 beta))^2)."""
     with torch.no_grad(), model.disable_adapter():
-        ref_c, ref_r = _logp(model, *chosen), _logp(model, *rejected)
-    pi_c, pi_r = _logp(model, *chosen), _logp(model, *rejected)
+        ref_c, ref_r = _logp(model, *chosen, kind), _logp(model, *rejected, kind)
+    pi_c, pi_r = _logp(model, *chosen, kind), _logp(model, *rejected, kind)
     d = (pi_c - ref_c) - (pi_r - ref_r)
-    return -F.logsigmoid(DPO_BETA * d), DPO_BETA * (pi_c - ref_c).detach(), DPO_BETA * (pi_r - ref_r).detach()
+    if kind == "ipo":
+        loss = (d - 1 / (2 * DPO_BETA)) ** 2
+    else:
+        loss = -(1 - eps) * F.logsigmoid(DPO_BETA * d) - eps * F.logsigmoid(-DPO_BETA * d)
+    return loss, DPO_BETA * (pi_c - ref_c).detach(), DPO_BETA * (pi_r - ref_r).detach()
 
 
-def reference_eval(model_dir: Path, pairs: list, adapters: dict[str, torch.Tensor]) -> dict[str, float]:
+def reference_eval(model_dir: Path, pairs: list, adapters: dict[str, torch.Tensor], kind: str = "sigmoid",
+                   eps: float = 0.0) -> dict[str, float]:
     """The held-out pairs' DPO loss and TRL's reward metrics under the trained adapters, in float64."""
     model, _ = _peft(model_dir, adapters, zero_b=False)
     with torch.no_grad():
-        terms = [torch.stack(_pair_terms(model, c, r)) for c, r in pairs]
+        terms = [torch.stack(_pair_terms(model, c, r, kind, eps)) for c, r in pairs]
     loss, chosen, rejected = torch.stack(terms).mean(0).tolist()
     return {"eval_loss": loss, "eval_rewards/chosen": chosen, "eval_rewards/rejected": rejected,
             "eval_rewards/margins": chosen - rejected}
 
 
-def reference_step(model_dir: Path, pairs: list, lora_a: dict[str, torch.Tensor]):
+def reference_step(model_dir: Path, pairs: list, lora_a: dict[str, torch.Tensor], kind: str = "sigmoid",
+                   eps: float = 0.0):
     """float64 PEFT with the run's A and B = 0: (loss, dL/dθ by PEFT key, B after one AdamW step)."""
     model, params = _peft(model_dir, lora_a, zero_b=True)
     # one sequence at a time: no padding in the reference
-    loss = torch.stack([_pair_terms(model, chosen, rejected)[0] for chosen, rejected in pairs]).mean()
+    loss = torch.stack([_pair_terms(model, c, r, kind, eps)[0] for c, r in pairs]).mean()
     loss.backward()
     grads = {k: p.grad.clone() for k, p in params.items()}
     b32 = {k: torch.zeros_like(p, dtype=torch.float32, requires_grad=True) for k, p in params.items() if "lora_B" in k}
@@ -147,15 +158,16 @@ def reference_step(model_dir: Path, pairs: list, lora_a: dict[str, torch.Tensor]
     return loss.item(), grads, {k: p.detach() for k, p in b32.items()}
 
 
-def check_against_reference(case, out: Path, world: int) -> None:
+def check_against_reference(case, out: Path, world: int, kind: str = "sigmoid", eps: float = 0.0) -> None:
     ckpt = out / "checkpoint-1"
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == world
     adapters = load_file(str(ckpt / "adapter_model.safetensors"))
-    loss, ref_grads, ref_b = reference_step(case["model"], case["pairs"], adapters)
-    assert abs(loss - math.log(2)) < 1e-12  # the reference agrees: B = 0
+    loss, ref_grads, ref_b = reference_step(case["model"], case["pairs"], adapters, kind, eps)
+    first = 1 / (4 * DPO_BETA**2) if kind == "ipo" else math.log(2)  # d = 0 at B = 0, whatever eps
+    assert abs(loss - first) < 1e-12  # the reference agrees
     logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][0]
     assert logged["step"] == 1 and logged["pairs"] == len(case["pairs"])
-    assert abs(logged["loss"] - math.log(2)) < 1e-6, logged
+    assert abs(logged["loss"] - first) < 1e-6, logged
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert logged[key] == 0.0, (key, logged)
     assert logged["rewards/accuracies"] == 0.0  # chosen > rejected never holds at a tie
@@ -179,7 +191,7 @@ def check_against_reference(case, out: Path, world: int) -> None:
     # repeats a pair it does not count), against float64 PEFT with the saved adapters
     scored = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in ln]
     assert len(scored) == 1 and scored[0]["eval_pairs"] == len(case["eval"]), scored
-    want = reference_eval(case["model"], case["eval"], load_file(str(out / "adapter_model.safetensors")))
+    want = reference_eval(case["model"], case["eval"], load_file(str(out / "adapter_model.safetensors")), kind, eps)
     assert abs(want["eval_rewards/margins"]) > 1e-4  # the step moved the policy: not the trivial ln 2
     for key, value in want.items():
         assert abs(scored[0][key] - value) < 2e-5 + 1e-4 * abs(value), (key, scored[0][key], value)
@@ -233,6 +245,17 @@ def test_bad_dpo_input_is_one_line(case, change, message):
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind, eps", [("ipo", 0.0), ("sigmoid", 0.2)])
+def test_ipo_and_label_smoothing_match_float64_peft(case, kind, eps):
+    """--dpo_loss ipo (log-probs averaged over the response; first loss 1 / (4 beta^2)) and --dpo_label_smoothing:
+    one step of 8 pairs in one micro-batch against the same float64 reference with that loss."""
+    out = case["tmp"] / f"{kind}-{eps}"
+    proc = _train_one_rank(case, out, *case["flags"], "--per_device_train_batch_size", "8", "--dpo_loss", kind,
+                           "--dpo_label_smoothing", str(eps))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_against_reference(case, out, 1, kind, eps)
 
 
 def test_one_rank_dpo_resumes_exactly(case):
