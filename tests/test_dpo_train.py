@@ -28,17 +28,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 from proc import run_job
 from safetensors.torch import load_file
 from test_e2e import EXT_DIR, REPO, _same_adapters, run_llama
 from test_pairs import reference
-from test_token_loss import reduced_gradients
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_token_loss import adamw_first_step, check_first_step, peft_float64
+from transformers import AutoTokenizer
 
 from llama_ft.data import IGNORE_INDEX
 from llama_ft.data.split import split_indices
-from llama_ft.lora import LLAMA_LINEAR_NAMES
 
 pytestmark = pytest.mark.slow
 LR, BETA1, BETA2, EPS, R, ALPHA, DPO_BETA, EVAL_PAIRS = 1e-3, 0.9, 0.999, 1e-8, 8, 16, 0.5, 3
@@ -104,16 +102,6 @@ def _logp(model, ids: list[int], labels: list[int], kind: str = "sigmoid") -> to
     return logp.mean() if kind == "ipo" else logp.sum()
 
 
-def _peft(model_dir: Path, adapters: dict[str, torch.Tensor], zero_b: bool):
-    """float64 PEFT model with the run's adapters (B = 0 when `zero_b`), and its trainable parameters by key."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
-    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                                            target_modules=list(LLAMA_LINEAR_NAMES)))
-    params = {name.replace(".default", ""): p for name, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(torch.zeros_like(p) if zero_b and ".lora_B." in key else adapters[key])
-    return model, params
 
 
 def _pair_terms(model, chosen, rejected, kind: str = "sigmoid",
@@ -134,7 +122,7 @@ def _pair_terms(model, chosen, rejected, kind: str = "sigmoid",
 def reference_eval(model_dir: Path, pairs: list, adapters: dict[str, torch.Tensor], kind: str = "sigmoid",
                    eps: float = 0.0) -> dict[str, float]:
     """The held-out pairs' DPO loss and TRL's reward metrics under the trained adapters, in float64."""
-    model, _ = _peft(model_dir, adapters, zero_b=False)
+    model, _ = peft_float64(model_dir, adapters, zero_b=False)
     with torch.no_grad():
         terms = [torch.stack(_pair_terms(model, c, r, kind, eps)) for c, r in pairs]
     loss, chosen, rejected = torch.stack(terms).mean(0).tolist()
@@ -145,17 +133,10 @@ def reference_eval(model_dir: Path, pairs: list, adapters: dict[str, torch.Tenso
 def reference_step(model_dir: Path, pairs: list, lora_a: dict[str, torch.Tensor], kind: str = "sigmoid",
                    eps: float = 0.0):
     """float64 PEFT with the run's A and B = 0: (loss, dL/dθ by PEFT key, B after one AdamW step)."""
-    model, params = _peft(model_dir, lora_a, zero_b=True)
+    model, params = peft_float64(model_dir, lora_a, zero_b=True)
     # one sequence at a time: no padding in the reference
     loss = torch.stack([_pair_terms(model, c, r, kind, eps)[0] for c, r in pairs]).mean()
-    loss.backward()
-    grads = {k: p.grad.clone() for k, p in params.items()}
-    b32 = {k: torch.zeros_like(p, dtype=torch.float32, requires_grad=True) for k, p in params.items() if "lora_B" in k}
-    opt = torch.optim.AdamW(list(b32.values()), lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=0.0)
-    for k, p in b32.items():
-        p.grad = grads[k].float()
-    opt.step()
-    return loss.item(), grads, {k: p.detach() for k, p in b32.items()}
+    return adamw_first_step(loss, params)  # the SFT reference's optimizer step (tests/test_token_loss.py)
 
 
 def check_against_reference(case, out: Path, world: int, kind: str = "sigmoid", eps: float = 0.0) -> None:
@@ -172,20 +153,7 @@ def check_against_reference(case, out: Path, world: int, kind: str = "sigmoid", 
         assert logged[key] == 0.0, (key, logged)
     assert logged["rewards/accuracies"] == 0.0  # chosen > rejected never holds at a tie
 
-    grads = reduced_gradients(ckpt, {k: v.shape for k, v in adapters.items()})
-    b_keys = [k for k in grads if "lora_B" in k]
-    assert len(b_keys) == 2 * 7
-    for k in grads:
-        if "lora_A" in k:
-            assert torch.count_nonzero(grads[k]) == 0, k  # B = 0 at the start: no gradient reaches A
-    got = torch.cat([grads[k].reshape(-1) for k in b_keys])
-    ref = torch.cat([ref_grads[k].reshape(-1) for k in b_keys])
-    rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel < 2e-4, rel  # fp32 training vs the float64 reference
-    for k in b_keys:  # AdamW's first step on the reference gradient, where its sign is not in doubt
-        sure = ref_grads[k].abs() > 1e-3 * ref_grads[k].abs().max()
-        assert sure.float().mean() > 0.8, k
-        torch.testing.assert_close(adapters[k][sure], ref_b[k][sure], rtol=1e-4, atol=1e-9)
+    check_first_step(ckpt, adapters, ref_grads, ref_b, sure_share=0.8)  # tests/test_token_loss.py
 
     # eval on the held-out pairs after the step (pair i on rank i mod W; with 3 pairs on 2 ranks one rank
     # repeats a pair it does not count), against float64 PEFT with the saved adapters
@@ -197,7 +165,7 @@ def check_against_reference(case, out: Path, world: int, kind: str = "sigmoid", 
         assert abs(scored[0][key] - value) < 2e-5 + 1e-4 * abs(value), (key, scored[0][key], value)
 
 
-def test_two_ranks_dpo_step_matches_float64_peft(case):
+def test_two_ranks_dpo_step_matches_float64peft_float64(case):
     out = case["tmp"] / "w2"
     run_llama(case["tmp"], out, *case["flags"], "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
               "2", model=case["model"], LLAMA_FT_CACHE=str(case["cache"]))
@@ -214,7 +182,7 @@ def _train_one_rank(case, out: Path, *flags: str):
                    timeout=600, env=env, cwd=case["tmp"])
 
 
-def test_one_rank_with_accumulation_and_checkpointing_matches_float64_peft(case):
+def test_one_rank_with_accumulation_and_checkpointing_matches_float64peft_float64(case):
     """With --gradient_checkpointing the policy pass is recomputed in backward after lora_disabled's block has
     exited (adapters on, as it must be); the reference pass is no_grad. Checkpointing is exact: same reference."""
     out = case["tmp"] / "w1"
@@ -248,7 +216,7 @@ def test_bad_dpo_input_is_one_line(case, change, message):
 
 
 @pytest.mark.parametrize("kind, eps", [("ipo", 0.0), ("sigmoid", 0.2)])
-def test_ipo_and_label_smoothing_match_float64_peft(case, kind, eps):
+def test_ipo_and_label_smoothing_match_float64peft_float64(case, kind, eps):
     """--dpo_loss ipo (log-probs averaged over the response; first loss 1 / (4 beta^2)) and --dpo_label_smoothing:
     one step of 8 pairs in one micro-batch against the same float64 reference with that loss."""
     out = case["tmp"] / f"{kind}-{eps}"
