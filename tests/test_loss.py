@@ -10,7 +10,7 @@ from torch import nn
 
 from llama_ft.data import IGNORE_INDEX
 from llama_ft.train.loss import (
-    ChunkedLMHeadLoss,
+    ChunkedLMHeadNLL,
     HiddenStatesHead,
     LossMeter,
     backward_scale,
@@ -69,7 +69,7 @@ def test_chunked_loss_in_bf16_sums_in_fp32_and_scales_the_gradient_in_fp32():
     x = torch.randn(9, 8, generator=g).to(torch.bfloat16).requires_grad_(True)
     w = torch.randn(11, 8, generator=g).to(torch.bfloat16)
     y = torch.randint(0, 11, (9,), generator=g)
-    s = ChunkedLMHeadLoss.apply(x, w, y, 4)
+    s = ChunkedLMHeadNLL.apply(x, w, y, 4).sum()
     x64 = x.detach().double().requires_grad_(True)
     ref = nn.functional.cross_entropy(x64 @ w.double().T, y, reduction="sum")
     assert s.dtype == torch.float32 and abs(s.item() - ref.item()) < 1e-2 * ref.item()  # bf16 logits
@@ -82,7 +82,7 @@ def test_chunked_loss_in_bf16_sums_in_fp32_and_scales_the_gradient_in_fp32():
     ratio = (x.grad.double() * x64.grad).sum() / (x64.grad * x64.grad).sum()
     assert abs(ratio.item() - 1) < 2e-3
     with torch.no_grad():
-        assert not ChunkedLMHeadLoss.apply(x, w, y, 4).requires_grad  # eval: no gradient work
+        assert not ChunkedLMHeadNLL.apply(x, w, y, 4).sum().requires_grad  # eval: no gradient work
 
 
 def test_nothing_trained_gives_zero_that_reaches_the_graph():

@@ -37,7 +37,7 @@ local q, k, v alive in the backward: 2 B M (q + 2 kv). Tiled MLP over t slices: 
 + 3 B (M/t) I of gradients. Activation offload: the checkpoint boundaries live in host memory; the device
 keeps the one being recomputed.
 
-Loss (train/loss.py ChunkedLMHeadLoss), N trained positions (planned as N = M: every position trained),
+Loss (train/loss.py ChunkedLMHeadNLL), N trained positions (planned as N = M: every position trained),
 c = min(--loss_chunk_size, N), V vocabulary: the whole head gathered (B V h), the trained hidden rows and
 their gradient (2 B N h), and per chunk the logits in the training dtype and in fp32 at once (c V (B + 4);
 4 c V in fp32 training, where the cast is the same tensor). After the final norm (outside any checkpoint):

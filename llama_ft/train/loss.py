@@ -17,7 +17,7 @@ forward pass and summed with one all-reduce per step; it stays a device tensor (
 
 S itself never holds [tokens x vocab] logits: the model's lm_head is swapped for HiddenStatesHead
 (the forward returns h), only the trained positions are gathered (the others skip the head), and
-ChunkedLMHeadLoss runs head + cross-entropy over `chunk` of them at a time.
+ChunkedLMHeadNLL runs head + cross-entropy over `chunk` of them at a time.
 
 DPO (--objective dpo, DESIGN.md "The loss"; TRL's DPOTrainer conventions). A pair p of the step has a
 chosen and a rejected response to one prompt. Per sequence, from the same h, W and y as above:
@@ -147,34 +147,15 @@ def _chunked_nll(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, c
     return nll, dx
 
 
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """S = sum_i -log softmax(x_i W^T)[y_i] over chunks of `chunk` rows: x (N, H), W (V, H), y (N,) -> ().
-
-    The per-row NLLs and dS/dx come from _chunked_nll. W is used only in forward (ZeRO-3 gathers it
-    once per micro-batch), and backward only scales the saved dS/dx by the incoming gradient: exact, no
-    recompute, and no host sync (DeepSpeed's TiledFusedLogitsLoss, the same idea, compares the incoming
-    gradient with 1.0 on the host in its backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        nll, dx = _chunked_nll(x, weight, targets, chunk, ctx.needs_input_grad[0])
-        ctx.save_for_backward(dx)
-        return nll.sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (dx,) = ctx.saved_tensors
-        # scale in fp32: the incoming gradient is R/N, and rounding it to bf16 first would scale every
-        # micro-batch by its own systematic error of up to 0.4%
-        acc = torch.promote_types(dx.dtype, torch.float32)  # float64 stays float64
-        return (dx.to(acc) * grad.to(acc)).to(dx.dtype), None, None, None
-
-
 class ChunkedLMHeadNLL(torch.autograd.Function):
-    """nll (N,) with nll_i = -log softmax(x_i W^T)[y_i]: ChunkedLMHeadLoss before the sum, for losses that
-    weigh tokens unequally (DPO sums them per sequence). x (N, H), W (V, H), y (N,); nll in fp32 (float64
-    for float64 x). Backward: dx_i = g_i * dnll_i/dx_i, from the dnll/dx saved in forward (no recompute)."""
+    """nll (N,) with nll_i = -log softmax(x_i W^T)[y_i] over chunks of `chunk` rows: x (N, H), W (V, H), y (N,);
+    nll in fp32 (float64 for float64 x). SFT sums it (S, lm_head_nll_sum); DPO sums it per sequence.
+
+    The per-row NLLs and dnll/dx come from _chunked_nll. W is used only in forward (ZeRO-3 gathers it
+    once per micro-batch), and backward only scales the saved dnll/dx by the incoming gradient,
+    dx_i = g_i * dnll_i/dx_i: exact, no recompute, and no host sync (DeepSpeed's TiledFusedLogitsLoss, the
+    same idea, compares the incoming gradient with 1.0 on the host in its backward).
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -185,7 +166,9 @@ class ChunkedLMHeadNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dx,) = ctx.saved_tensors
-        acc = torch.promote_types(dx.dtype, torch.float32)  # per-token weights in fp32, as ChunkedLMHeadLoss
+        # scale in fp32: the incoming gradient is R/N (SFT), and rounding it to bf16 first would scale every
+        # micro-batch by its own systematic error of up to 0.4%
+        acc = torch.promote_types(dx.dtype, torch.float32)  # float64 stays float64
         return (dx.to(acc) * grad.to(acc)[:, None]).to(dx.dtype), None, None, None
 
 
@@ -198,7 +181,7 @@ def lm_head_nll_sum(hidden: torch.Tensor, weight: nn.Parameter, positions: torch
         if positions.numel() == 0:
             return hidden.sum() * 0.0  # nothing trained here: a zero that still reaches every parameter
         x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # untrained positions skip the head
-        return ChunkedLMHeadLoss.apply(x, weight, targets, chunk)
+        return ChunkedLMHeadNLL.apply(x, weight, targets, chunk).sum()
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: nn.Parameter, positions: torch.Tensor, targets: torch.Tensor,
