@@ -74,13 +74,20 @@ def tokenizer_dir(model_dir: str, adapter: str | None) -> str:
     return model_dir
 
 
-def load(model_dir: str, adapter: str | None, dtype: Any, device: Any, tokenizer_path: str | None = None):
-    """(model in eval mode on `device`, tokenizer). UserError for a missing model, a directory that is not an
-    adapter, or adapters that do not fit the base. The tokenizer is `tokenizer_path`'s when given."""
+def load(model_dir: str, adapter: str | None, dtype: Any, device: Any):
+    """(model in eval mode on `device`, tokenizer: the adapter directory's when it has one, else the model's)."""
+    from llama_ft.data import load_tokenizer
+
+    model = load_model(model_dir, adapter, dtype, device)
+    return model, load_tokenizer(tokenizer_dir(model_dir, adapter))
+
+
+def load_model(model_dir: str, adapter: str | None, dtype: Any, device: Any):
+    """The model in eval mode on `device`, with the PEFT adapters on when given. UserError for a missing model,
+    a directory that is not an adapter, or adapters that do not fit the base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llama_ft.data import load_tokenizer
     from llama_ft.data.readers import one_line
 
     check_not_gguf(model_dir)
@@ -89,14 +96,13 @@ def load(model_dir: str, adapter: str | None, dtype: Any, device: Any, tokenizer
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected the --output_dir of "
                         "llama-ft train, or another PEFT adapter directory)")
-    tokenizer = load_tokenizer(tokenizer_path or tokenizer_dir(model_dir, adapter))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False)
     if adapter is not None:
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, target modules missing
             raise UserError(f"--adapter {adapter}: does not fit the base {model_dir} ({one_line(e)[:300]})") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def prompt_ids(tokenizer: Any, prompt: str | None, messages: list[dict[str, str]] | None):

@@ -135,7 +135,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from llama_ft.data import load_tokenizer, pad_token_id
-    from llama_ft.generate import load, tokenizer_dir
+    from llama_ft.generate import load_model, tokenizer_dir
     from llama_ft.train.evaluate import causal_lm, evaluate, example_answers, greedy_answers, unprompted_examples
     from llama_ft.train.loss import use_chunked_loss
 
@@ -154,8 +154,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--metric exact_match: example {bad[0]} (line {bad[0] + 1} of llama-ft data --dump) "
                             "has no assistant answer after a prompt to generate from (no assistant turn, or "
                             "--train_on_source trains every token); evaluate it with --metric loss")
-    model, _ = load(args.model_name_or_path, args.adapter_dir, dtype, device,
-                    tokenizer_path=args.tokenizer_name_or_path)
+    model = load_model(args.model_name_or_path, args.adapter_dir, dtype, device)
     report: dict[str, Any] = {"model": args.model_name_or_path, "adapter_dir": args.adapter_dir,
                               "dataset": args.dataset, "dataset_format": args.dataset_format,
                               "examples": len(examples), "dropped": stats.dropped, "ranks": world}
