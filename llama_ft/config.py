@@ -50,6 +50,7 @@ class TrainConfig:
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
     dpo_label_smoothing: float = 0.0
+    precompute_ref_logprobs: bool = False
     # optimisation
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -143,6 +144,8 @@ _HELP = {
     "dpo_beta": "DPO: beta > 0, how far the policy may move from the reference",
     "dpo_loss": "DPO: sigmoid (the DPO paper) | ipo (squared, on log-probs averaged over the response)",
     "dpo_label_smoothing": "DPO with --dpo_loss sigmoid: eps in [0, 0.5], the assumed chance a preference is flipped",
+    "precompute_ref_logprobs": "DPO: compute the reference log-probs of every pair in one pass before training "
+                               "(cached like the tokenized data), so each step runs one forward pass less",
     "lora_target_modules": "linear layer names to adapt, or a group: all (the seven), attention (q,k,v,o_proj), "
                            "mlp (gate,up,down_proj); comma- or space-separated",
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",
@@ -314,6 +317,8 @@ def check_objective(cfg: TrainConfig) -> None:
     if cfg.objective not in OBJECTIVES:
         raise UserError(f"--objective {cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
     if cfg.objective != "dpo":
+        if cfg.precompute_ref_logprobs:
+            raise UserError("--precompute_ref_logprobs applies to --objective dpo (this run: sft)")
         return
     if cfg.dpo_loss not in DPO_LOSSES:
         raise UserError(f"--dpo_loss {cfg.dpo_loss!r}: expected one of {', '.join(DPO_LOSSES)}")
@@ -323,13 +328,12 @@ def check_objective(cfg: TrainConfig) -> None:
         raise UserError(f"--dpo_label_smoothing {cfg.dpo_label_smoothing}: expected a value in [0, 0.5]")
     if cfg.dpo_label_smoothing and cfg.dpo_loss != "sigmoid":
         raise UserError(f"--dpo_label_smoothing applies to --dpo_loss sigmoid only (this run: {cfg.dpo_loss})")
-    unsupported = {"--packing": cfg.packing, "--sequence_parallel_size > 1": cfg.sequence_parallel_size > 1,
-                   "--tiled_mlp": cfg.tiled_mlp, "--activation_offload": cfg.activation_offload,
+    unsupported = {"--sequence_parallel_size > 1": cfg.sequence_parallel_size > 1, "--tiled_mlp": cfg.tiled_mlp,
                    "--eval_every (exact match)": cfg.eval_every, "--generate_every": cfg.generate_every}
     for flag, on in unsupported.items():
         if on:
-            raise UserError(f"{flag} with --objective dpo: not supported yet (DPO runs padded pairs, one sequence "
-                            "per row, on whole sequences)")
+            raise UserError(f"{flag} with --objective dpo: not supported yet (DPO scores whole sequences on each "
+                            "rank, and evaluates with eval_loss and the rewards on held-out pairs)")
 
 
 def validate_data_options(cfg: Any) -> None:

@@ -193,3 +193,34 @@ def test_pipeline_reads_pairs_cuts_drops_and_caches(tok, tmp_path):
     for e, (_, (c, r)) in zip(examples, kept, strict=True):
         assert e == {"chosen_input_ids": c[0], "chosen_labels": c[1], "rejected_input_ids": r[0],
                      "rejected_labels": r[1]}
+
+
+def test_packed_pairs_lay_out_each_side_as_its_own_sequence():
+    """collate_packed_pairs against the layout written out by hand: pair k's chosen side is sequence k, its
+    rejected side P + k; each side's tokens sit contiguously, positions restart at 0, its labels are its own
+    (its first one IGNORE_INDEX), and padding belongs to no sequence."""
+    import torch
+
+    from llama_ft.data.collate import collate_packed_pairs
+
+    def side(n: int, start: int, prompt: int) -> tuple[list[int], list[int]]:
+        ids = list(range(start, start + n))
+        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
+
+    pairs = []
+    for k, (nc, nr) in enumerate([(5, 3), (4, 6), (2, 7)]):
+        (ci, cl), (ri, rl) = side(nc, 100 * k, 1), side(nr, 100 * k + 50, 1)
+        pairs.append({"chosen_input_ids": ci, "chosen_labels": cl, "rejected_input_ids": ri, "rejected_labels": rl})
+    b = collate_packed_pairs([[pairs[0], pairs[1]], [pairs[2]]], pad_token_id=9)
+    assert b["pairs"] == 3 and b["input_ids"].shape == (2, 18)
+    for k, p in enumerate(pairs):
+        for s, name in ((k, "chosen"), (3 + k, "rejected")):
+            row, cols = torch.nonzero(b["sequence_ids"] == s, as_tuple=True)
+            assert len(set(row.tolist())) == 1 and cols.tolist() == list(range(cols[0], cols[0] + len(cols)))
+            r = row[0]
+            assert b["input_ids"][r, cols].tolist() == p[f"{name}_input_ids"]
+            assert b["position_ids"][r, cols].tolist() == list(range(len(cols)))
+            assert b["labels"][r, cols].tolist() == [IGNORE_INDEX, *p[f"{name}_labels"][1:]]
+    pad = b["sequence_ids"] == -1
+    assert pad.sum() == 18 - (2 + 7) and (b["input_ids"][pad] == 9).all() and (b["labels"][pad] == IGNORE_INDEX).all()
+    assert b["sequence_ids"][0, :5].tolist() == [0] * 5 and b["sequence_ids"][0, 5:8].tolist() == [3] * 3

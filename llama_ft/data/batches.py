@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from llama_ft.data.collate import collate, collate_packed, collate_pairs, is_pairs
+from llama_ft.data.collate import collate, collate_packed, collate_packed_pairs, collate_pairs, is_pairs
 from llama_ft.data.packing import pack_best_fit
 from llama_ft.errors import UserError
 
@@ -18,17 +18,18 @@ Example = Mapping[str, Sequence[int]]
 
 
 def example_lengths(examples: Sequence[Example]) -> list[int]:
-    """Token count of every example (a pair: of its chosen side); read from the Arrow column for a
-    `datasets.Dataset` (no row decoding)."""
-    column = "chosen_input_ids" if is_pairs(examples) else "input_ids"
+    """Token count of every example (a pair: of both sides together, the tokens it takes in a packed row);
+    read from the Arrow columns for a `datasets.Dataset` (no row decoding)."""
+    columns = ("chosen_input_ids", "rejected_input_ids") if is_pairs(examples) else ("input_ids",)
     if hasattr(examples, "with_format"):
         import pyarrow.compute as pc
 
-        lengths = pc.list_value_length(examples.data.column(column))  # zero-copy over the whole table
+        lengths = [pc.list_value_length(examples.data.column(c)) for c in columns]  # zero-copy over the table
+        total = lengths[0] if len(lengths) == 1 else pc.add(*lengths)
         if examples._indices is not None:  # a .select() view (the train split): its rows, in its order
-            lengths = lengths.take(examples._indices.column(0))
-        return lengths.to_pylist()
-    return [len(e[column]) for e in examples]
+            total = total.take(examples._indices.column(0))
+        return total.to_pylist()
+    return [sum(len(e[c]) for c in columns) for e in examples]
 
 
 def epoch_rows(lengths: Sequence[int], seed: int, epoch: int, pack_len: int | None) -> list[list[int]]:
@@ -51,8 +52,10 @@ class MicroBatches:
 
     Global micro-batch j of an epoch is rows[j*W*B : (j+1)*W*B] (W ranks, B rows each); rank r takes its
     r-th block of B. An incomplete last global batch is dropped. (epoch, index) is all a resume needs.
-    Unpacked batches are right-padded (collate); packed ones carry position_ids (collate_packed). Preference
-    pairs (data/pairs.py) are never packed: B pairs make one batch of 2B rows (collate_pairs).
+    Unpacked batches are right-padded (collate); packed ones carry position_ids (collate_packed).
+    Preference pairs (data/pairs.py): unpacked, B pairs make one batch of 2B rows (collate_pairs); packed,
+    a row holds whole pairs, both sides of each, up to 2 x pack_len tokens, since `pack_len`
+    (--max_seq_len) bounds each side (collate_packed_pairs). Either way a pair never spans two micro-batches.
     """
 
     def __init__(self, examples: Sequence[Example], world: int, rank: int, batch: int, seed: int, pad_id: int,
@@ -79,7 +82,8 @@ class MicroBatches:
 
     def _load(self, epoch: int) -> None:
         if self._rows_epoch != epoch:
-            self._rows, self._rows_epoch = epoch_rows(self.lengths, self.seed, epoch, self.pack_len), epoch
+            capacity = 2 * self.pack_len if self.pairs and self.pack_len else self.pack_len
+            self._rows, self._rows_epoch = epoch_rows(self.lengths, self.seed, epoch, capacity), epoch
 
     def __iter__(self) -> MicroBatches:
         return self
@@ -94,7 +98,9 @@ class MicroBatches:
         self.last_examples = [i for row in picked for i in row]
         rows = [[self.examples[i] for i in row] for row in picked]
         if self.pairs:
-            return collate_pairs([row[0] for row in rows], self.pad_id)
+            if self.pack_len is None:
+                return collate_pairs([row[0] for row in rows], self.pad_id)
+            return collate_packed_pairs(rows, self.pad_id)
         if self.pack_len is None:
             return collate([row[0] for row in rows], self.pad_id)
         return collate_packed(rows, self.pad_id)

@@ -49,6 +49,38 @@ def collate_pairs(pairs: Sequence[Mapping[str, Sequence[int]]], pad_token_id: in
     return {**collate(rows, pad_token_id), "pairs": len(pairs)}
 
 
+def collate_packed_pairs(rows: Sequence[Sequence[Mapping[str, Sequence[int]]]],
+                         pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows of preference pairs (each row a list of whole pairs) -> collate_packed's tensors of the
+    sequences c_1, r_1, c_2, r_2, ... laid out row by row (position_ids restart at each side: no side sees
+    another), plus
+
+        sequence_ids    (rows, width) int64: k on the tokens of pair k's chosen side, P + k on its rejected
+                        side, -1 on padding; pairs numbered 0..P-1 in row order, then within a row
+        pairs           P
+
+    so sequence s of loss.sequence_logprobs is the same as row s of collate_pairs on the same pairs in the
+    same order (chosen sides first). Labels of a side's first token are IGNORE_INDEX (collate_packed), which
+    a response never starts at: the prompt comes first.
+    """
+    sides = ("chosen", "rejected")
+    seq_rows = [[{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]} for p in row for side in sides]
+                for row in rows]
+    out = collate_packed(seq_rows, pad_token_id)
+    total = sum(len(row) for row in rows)
+    sequence_ids = torch.full_like(out["input_ids"], -1)
+    k = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for p in row:
+            for s, side in enumerate(sides):
+                n = len(p[f"{side}_input_ids"])
+                sequence_ids[r, at:at + n] = k + s * total
+                at += n
+            k += 1
+    return {**out, "sequence_ids": sequence_ids, "pairs": total}
+
+
 def is_pairs(examples: Any) -> bool:
     """Whether `examples` (a datasets.Dataset or a list of dicts) holds preference pairs, not SFT examples."""
     names = examples.column_names if hasattr(examples, "column_names") else (examples[0] if len(examples) else {})

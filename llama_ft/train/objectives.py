@@ -12,14 +12,17 @@ logging step (one all-reduce) and `evaluate(examples)` scores held-out examples 
 SFT: s = S, the summed token cross-entropy (evaluate.micro_batch_nll).
 
 DPO: a micro-batch of B pairs is one batch of 2B right-padded rows [c_1 .. c_B, r_1 .. r_B]
-(data/collate.collate_pairs). The reference pass runs first, under torch.no_grad() and
+(data/collate.collate_pairs), or with --packing rows of whole pairs, each side its own sequence
+(collate_packed_pairs: position_ids restart, `sequence_ids` say which side of which pair a token is).
+The reference pass runs first, under torch.no_grad() and
 lora.lora_disabled (the frozen base, FP8 included), then the policy pass with the adapters on; both are
 collective under ZeRO-3, so every rank runs both on every micro-batch. Per sequence, logp and n come from
 loss.sequence_logprobs on the hidden states (the model's head returns them: loss.use_chunked_loss), and
 s = sum_p l_p from loss.dpo_losses. The reference goes first so that the policy forward is followed
 directly by its backward, as in SFT (ZeRO-3 traces and prefetches parameters in the order it runs them).
 With gradient checkpointing the policy pass is recomputed in backward with the adapters on (the block has
-exited), as it must be; the reference pass saves nothing for backward.
+exited), as it must be; the reference pass saves nothing for backward. With --precompute_ref_logprobs the
+reference log-probs come with the batch instead (attach; train/reference.py) and a step runs the policy only.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 from llama_ft.data.collate import collate_pairs
 from llama_ft.lora import lora_disabled
+from llama_ft.train.activation_memory import activation_offload
 from llama_ft.train.evaluate import evaluate, micro_batch_nll, model_inputs
 from llama_ft.train.loss import (
     DPOTerms,
@@ -49,6 +53,9 @@ from llama_ft.train.loss import (
 
 class SFT:
     """Token cross-entropy (train/loss.py): the step loss is nats per trained token."""
+
+    def attach(self, batch: dict[str, torch.Tensor], examples: Sequence[int]) -> dict[str, torch.Tensor]:
+        return batch
 
     def __init__(self, engine, head_weight, pad_id: int, cfg: Any, eval_args: dict[str, Any]) -> None:
         self.engine, self.head_weight, self.cfg, self.eval_args = engine, head_weight, cfg, eval_args
@@ -84,26 +91,70 @@ class DPO:
     def __init__(self, engine, head_weight, pad_id: int, cfg: Any, world: int, rank: int) -> None:
         self.engine, self.head_weight, self.pad_id, self.cfg = engine, head_weight, pad_id, cfg
         self.world, self.rank = world, rank
+        self.flash = cfg.attn_implementation == "flash_attention_2"
         self.meter, self.t_window = PreferenceMeter(engine.device), time.time()
+        # --precompute_ref_logprobs: (n, 2) reference log-prob sums [chosen, rejected] per training / eval pair
+        self.train_refs: torch.Tensor | None = None
+        self.eval_refs: torch.Tensor | None = None
 
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["pairs"])
 
     def terms(self, batch: dict[str, Any]) -> DPOTerms:
-        """l_p and the rewards of the micro-batch's B pairs (train/loss.py), from its 2B rows."""
-        engine, cfg, device = self.engine, self.cfg, self.engine.device
-        positions, targets = batch_targets(batch)  # host: no sync to find the response tokens
-        positions, targets = to_device(positions, device), to_device(targets, device)
-        inputs = model_inputs(batch, False, False, device)
-        with torch.no_grad(), lora_disabled(engine.module):
-            hidden = engine(**inputs, use_cache=False).logits  # (2B, T, H)
-            ref, counts = sequence_logprobs(hidden, self.head_weight, positions, targets, cfg.loss_chunk_size)
-        del hidden
-        hidden = engine(**inputs, use_cache=False).logits
-        pi, _ = sequence_logprobs(hidden, self.head_weight, positions, targets, cfg.loss_chunk_size)
-        pi, ref = dpo_logps(pi, counts, cfg.dpo_loss), dpo_logps(ref, counts, cfg.dpo_loss)
-        b = self.count(batch)
-        return dpo_losses(pi[:b], pi[b:], ref[:b], ref[b:], cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing)
+        """l_p and the rewards of the micro-batch's P pairs (train/loss.py), from its 2P sequences: padded rows
+        (collate_pairs) or packed ones (collate_packed_pairs, `sequence_ids`). The reference log-probs come
+        from the batch's `ref_logps` (2P,) when they were precomputed (attach), else from a reference pass."""
+        cfg = self.cfg
+        p = self.count(batch)
+        inputs, positions, targets, segments, counts = self._sequences(batch)
+        if "ref_logps" in batch:
+            ref = to_device(batch["ref_logps"], self.engine.device)
+        else:
+            ref = self.reference_logps(inputs, positions, targets, segments, 2 * p)
+        with activation_offload(cfg.activation_offload, pin_memory=torch.device(self.engine.device).type == "cuda"):
+            hidden = self.engine(**inputs, use_cache=False).logits
+        pi, _ = sequence_logprobs(hidden, self.head_weight, positions, targets, cfg.loss_chunk_size, segments, 2 * p)
+        pi, ref = dpo_logps(pi, counts, cfg.dpo_loss), dpo_logps(ref.to(pi.dtype), counts, cfg.dpo_loss)
+        return dpo_losses(pi[:p], pi[p:], ref[:p], ref[p:], cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing)
+
+    def _sequences(self, batch: dict[str, Any]):
+        """(model inputs, positions, targets, segments, counts) of a pair batch, on the device: the trained
+        positions (loss.batch_targets), the sequence s in [0, 2P) each belongs to, and each sequence's token count.
+        Found on the host (no device sync)."""
+        device = self.engine.device
+        positions, targets = batch_targets(batch)
+        if "sequence_ids" in batch:  # packed: the sequence each trained position belongs to
+            segments = batch["sequence_ids"].reshape(-1)[positions]
+        else:  # padded: sequence = row
+            segments = positions // batch["input_ids"].shape[1]
+        counts = torch.bincount(segments, minlength=2 * self.count(batch))
+        inputs = model_inputs(batch, "sequence_ids" in batch, self.flash, device)
+        return (inputs, *(to_device(t, device) for t in (positions, targets, segments, counts)))
+
+    def reference(self, batch: dict[str, Any]) -> torch.Tensor:
+        """logp (2P,) of a pair batch's sequences under the frozen base (reference_logps); collective."""
+        inputs, positions, targets, segments, _ = self._sequences(batch)
+        return self.reference_logps(inputs, positions, targets, segments, 2 * self.count(batch))
+
+    @torch.no_grad()
+    def reference_logps(self, inputs: dict[str, Any], positions: torch.Tensor, targets: torch.Tensor,
+                        segments: torch.Tensor, sequences: int) -> torch.Tensor:
+        """logp (S,) of each sequence under the frozen base: the model with its adapters off (lora_disabled),
+        no gradient, nothing saved for backward. Collective under ZeRO-3."""
+        with lora_disabled(self.engine.module):
+            hidden = self.engine(**inputs, use_cache=False).logits
+            ref, _ = sequence_logprobs(hidden, self.head_weight, positions, targets, self.cfg.loss_chunk_size,
+                                       segments, sequences)
+        return ref
+
+    def attach(self, batch: dict[str, Any], examples: Sequence[int]) -> dict[str, Any]:
+        """The batch with the precomputed reference log-probs of its pairs (`examples`: their indices in the
+        training split, in batch order) as `ref_logps` (2P,) = [chosen .., rejected ..]; unchanged without
+        --precompute_ref_logprobs."""
+        if self.train_refs is None:
+            return batch
+        picked = self.train_refs[list(examples)]  # (P, 2)
+        return {**batch, "ref_logps": torch.cat([picked[:, 0], picked[:, 1]])}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         terms = self.terms(batch)
@@ -129,7 +180,11 @@ class DPO:
         mine = list(range(len(pairs)))[self.rank::self.world]
         for k in range(math.ceil(math.ceil(len(pairs) / self.world) / batch)):
             picked = mine[k * batch:(k + 1) * batch]
-            terms = self.terms(collate_pairs([pairs[i] for i in picked or [0]], self.pad_id))
+            micro = collate_pairs([pairs[i] for i in picked or [0]], self.pad_id)
+            if self.eval_refs is not None:
+                refs = self.eval_refs[picked or [0]]
+                micro["ref_logps"] = torch.cat([refs[:, 0], refs[:, 1]])
+            terms = self.terms(micro)
             if picked:
                 meter.add(terms)
         engine.train(was_training)

@@ -65,6 +65,7 @@ from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import backward_scale, global_count, use_chunked_loss
 from llama_ft.train.objectives import make_objective
 from llama_ft.train.parallel import register_ulysses, shard_micro_batch
+from llama_ft.train.reference import precomputed_references, reference_key
 from llama_ft.train.samples import generate_samples, sample_prompts, write_samples
 from llama_ft.train.sp_layout import SequenceParallel, check_sequence_parallel, mlp_tiles
 
@@ -311,6 +312,9 @@ def train(cfg: TrainConfig) -> dict:
     objective = make_objective(cfg, engine, head_weight, pad_id, sp.dp_world, sp.dp_rank, {
         "batch": cfg.per_device_train_batch_size, "pad_id": pad_id, "world": sp.dp_world, "rank": sp.dp_rank,
         "pack_len": pack_len, "chunk": cfg.loss_chunk_size, "flash": flash, "prepare": prepare})
+    if cfg.precompute_ref_logprobs:  # collective: one adapters-off pass over every pair, or the cached result
+        objective.train_refs, objective.eval_refs = precomputed_references(
+            objective, train_set, eval_set, reference_key(cfg, stats.cache_file), sp.dp_world, sp.dp_rank)
 
     # --- the loop: one iteration = one optimizer step = gradient_accumulation_steps micro-batches ---
     engine.train()
@@ -325,7 +329,8 @@ def train(cfg: TrainConfig) -> dict:
                 raise StopRun(128 + signum, stopped_line(signum, progress.step, out) if rank == 0 else None)
             micro, step_examples = [], []  # the step's micro-batches, on the host
             for _ in range(cfg.gradient_accumulation_steps):
-                micro.append(next(batches) if prepare is None else prepare(next(batches)))
+                b = objective.attach(next(batches), batches.last_examples)  # DPO: precomputed reference log-probs
+                micro.append(b if prepare is None else prepare(b))
                 step_examples += [stats.train_index[i] for i in batches.last_examples]  # dump line numbers
             # the step loss is a mean over every trained token (SFT) or pair (DPO) of the step: R / N, one all-reduce
             scale = backward_scale(global_count(sum(objective.count(b) for b in micro), engine.device), reduce_world)
