@@ -105,6 +105,30 @@ def task_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """n preference pairs of the task (TRL's form with a message-list prompt): chosen is the right answer,
+    rejected the same answer with another color than the prompt's. The rule (copy the color) is learnable, and
+    which color is wrong varies, so only the rule tells the two sides apart."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in task_rows(n, seed):
+        user, answer = row["messages"][0], row["messages"][1]["content"]
+        color = answer.rsplit("=", 1)[1]
+        wrong = rng.choice([c for c in COLORS if c != color])
+        pairs.append({"prompt": [user], "chosen": [{"role": "assistant", "content": answer}],
+                      "rejected": [{"role": "assistant", "content": answer.rsplit("=", 1)[0] + "=" + wrong}]})
+    return pairs
+
+
+def write_pairs(directory: Path, n_train: int = 32, n_heldout: int = 12) -> tuple[Path, Path]:
+    """pairs.jsonl and heldout_pairs.jsonl of the task in `directory` (disjoint draws: different seeds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "pairs.jsonl", directory / "heldout_pairs.jsonl"
+    for path, rows in zip(paths, (pair_rows(n_train, 0), pair_rows(n_heldout, 1)), strict=True):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
 def write_task(directory: Path, n_train: int = 32, n_heldout: int = 12) -> tuple[Path, Path]:
     """train.jsonl and heldout.jsonl of the task in `directory` (disjoint draws: different seeds)."""
     directory.mkdir(parents=True, exist_ok=True)

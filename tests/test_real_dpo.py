@@ -1,0 +1,108 @@
+"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with an FP8 base, optimizer offload,
+a SIGTERM mid-run and a resume, then a merge.
+
+The pairs (benchmarks/real_checkpoint.pair_rows): "Mia has a orange house. Give the owner, object and color.";
+chosen "owner=Mia; object=house; color=orange", rejected the same with another color. Only the rule (copy the
+prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --quantize (the reference is the
+FP8 base under lora_disabled), DS_CONFIG zero3_offload.json, one optimizer step = the 24 training pairs; stopped
+by SIGTERM after step 1 is logged, resumed from `latest`, merged at the end (MERGE_DIR). Checked:
+- step 1's loss is ln 2 and its rewards are exactly 0 (B = 0: the policy is the reference, FP8 included);
+- the SIGTERM saves and says how to resume; the resumed run finishes;
+- on 12 held-out pairs (another draw), the reward accuracy [beta (pi_c - ref_c) > beta (pi_r - ref_r)] is above 0.9,
+  measured with transformers + PEFT on the bf16 checkpoint (pi: the saved adapters; ref: disable_adapter()), the
+  sides tokenized by hand from ChatML (test_real_checkpoint.chatml_example);
+- the merged checkpoint (transformers alone) prefers the chosen side on the same pairs by the margins PEFT gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from real_checkpoint import TRAIN_FLAGS, write_pairs
+from test_e2e import REPO, llama_env
+from test_faults import _finish, _steps_logged, _wait_for
+from test_real_checkpoint import chatml_example
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llama_ft.data import IGNORE_INDEX
+
+pytestmark = [pytest.mark.slow, pytest.mark.real]
+BETA, STEPS = 0.1, 5
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, real_checkpoint):
+    tmp = tmp_path_factory.mktemp("real-dpo")
+    train, heldout = write_pairs(tmp / "task")
+    out, merged = tmp / "dpo", tmp / "merged"
+    flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--quantize", "--per_device_train_batch_size",
+             "12", "--max_steps", str(STEPS), "--save_steps", "1", "--eval_steps", str(STEPS)]
+    env = llama_env(tmp, out, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json", DATA=str(train))
+    proc = subprocess.Popen(["bash", str(REPO / "run-llama.sh"), *flags, "--overwrite_output_dir"], env=env, cwd=tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: _steps_logged(out) >= 1, timeout=600, what="step 1")
+    proc.send_signal(signal.SIGTERM)
+    stopped = _finish(proc)
+    first = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][0]
+    env = llama_env(tmp, out, merge_dir=merged, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json",
+                    DATA=str(train))
+    resumed = subprocess.run(["bash", str(REPO / "run-llama.sh"), *flags, "--resume_from_checkpoint", "latest"],
+                             env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    return {"out": out, "merged": merged, "stopped": stopped, "first": first, "model": real_checkpoint,
+            "heldout": [json.loads(ln) for ln in heldout.read_text().splitlines()]}
+
+
+def test_first_step_is_ln2_with_zero_rewards_on_the_fp8_base(run):
+    first = run["first"]
+    assert first["step"] == 1 and first["pairs"] == 24
+    assert abs(first["loss"] - math.log(2)) < 1e-6, first
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert first[key] == 0.0, (key, first)
+
+
+def test_sigterm_saves_and_the_resumed_run_finishes(run):
+    code, err = run["stopped"]
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM after step" in err and "--resume_from_checkpoint latest" in err, err[-3000:]
+    assert "Traceback" not in err
+    done = json.loads((run["out"] / "train_results.json").read_text())
+    assert done["global_step"] == STEPS
+
+
+def _logp(model, example: dict) -> float:
+    """Summed log-probability of the trained (response) tokens; token t predicts label t + 1."""
+    logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1].double()
+    y = torch.tensor(example["labels"][1:])
+    keep = y != IGNORE_INDEX
+    return float(F.log_softmax(logits[keep], dim=-1).gather(1, y[keep, None]).sum())
+
+
+@torch.no_grad()
+def test_heldout_reward_accuracy_above_0_9_by_peft_and_the_merged_model_agrees(run):
+    tok = AutoTokenizer.from_pretrained(run["model"])
+    sides = [[chatml_example(tok, [*p["prompt"], *p[s]]) for s in ("chosen", "rejected")] for p in run["heldout"]]
+    base = AutoModelForCausalLM.from_pretrained(run["model"], torch_dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, str(run["out"])).eval()
+    with peft.disable_adapter():
+        ref = [[_logp(peft, s) for s in pair] for pair in sides]
+    pi = [[_logp(peft, s) for s in pair] for pair in sides]
+    rewards = [[BETA * (p - r) for p, r in zip(pp, rr, strict=True)] for pp, rr in zip(pi, ref, strict=True)]
+    accuracy = sum(c > r for c, r in rewards) / len(rewards)
+    margins = [c - r for c, r in rewards]
+    assert accuracy > 0.9, (accuracy, rewards)
+
+    merged = AutoModelForCausalLM.from_pretrained(run["merged"], torch_dtype=torch.float32).eval()
+    merged_margins = [BETA * ((_logp(merged, c) - rc) - (_logp(merged, r) - rr))
+                      for (c, r), (rc, rr) in zip(sides, ref, strict=True)]
+    assert sum(m > 0 for m in merged_margins) / len(sides) > 0.9, merged_margins
+    # the merge stores W + s B A in bf16: margins within a few percent of PEFT's, not bit for bit
+    for m, want in zip(merged_margins, margins, strict=True):
+        assert abs(m - want) < 0.05 * abs(want) + 0.02, (merged_margins, margins)
