@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LoRA fine-tuning of Llama 3.1 under DeepSpeed ZeRO-3, launched with `deepspeed --hostfile`.
 #
-#   bash run-llama.sh [extra training flags...]
+#   bash run-llama.sh [--config FILE] [extra training flags...]
 #
 # Environment (all optional):
 #   MODEL        model directory (HF safetensors).     Default: the embedded tiny Llama, made on first use
@@ -26,6 +26,10 @@
 # Inside a Slurm job (SLURM_JOB_ID and SLURM_JOB_NODELIST set; started by srun, one task per node, as in
 # hostfiles/slurm.sbatch) the unset ones of HOSTFILE, NODE_RANK, MASTER_ADDR and MASTER_PORT come from the job.
 # Extra arguments are appended after the defaults, so they override them (last flag wins).
+# --config FILE (YAML or JSON, keys named as the flags; llama_ft/config_file.py): its flags come after the
+# defaults and before the other arguments, so the command line wins over the file and the file over the defaults;
+# its model_name_or_path, dataset, output_dir and deepspeed stand in for MODEL, DATA, OUTPUT_DIR and DS_CONFIG
+# when those are not set.
 # Before launching, `llama-ft plan` checks that the run fits in GPU (or, for CPU ranks, host) memory and
 # stops with its numbers when it does not (exit 1); `--force` launches anyway (it is not passed on to training).
 # A long-context layout training would refuse (e.g. a --sequence_parallel_size the model's heads cannot be split
@@ -38,10 +42,44 @@ DEEPSPEED="${DEEPSPEED:-deepspeed}"
 CACHE_DIR="${LLAMA_FT_CACHE:-$HOME/.cache/llama-ft}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$CACHE_DIR/torch_extensions}"
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
-OUTPUT_DIR="${OUTPUT_DIR:-./output}"
-DS_CONFIG="${DS_CONFIG:-$HERE/ds_configs/zero3.json}"
 
 die() { echo "run-llama.sh: error: $*" >&2; exit 2; }
+
+# --config FILE: checked and turned into flags by `llama-ft config` (one line naming the file, line and key on
+# bad input); the four paths the script itself needs are taken out of them.
+CONFIG_FILE="" CONFIG_ARGS=() ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --config) [ $# -ge 2 ] || die "--config: expected a file (YAML or JSON)"; CONFIG_FILE=$2; shift 2 ;;
+        --config=*) CONFIG_FILE=${1#--config=}; shift ;;
+        *) ARGS+=("$1"); shift ;;
+    esac
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
+if [ -n "$CONFIG_FILE" ]; then
+    CONFIG_OUT=$(mktemp) || die "--config: cannot create a temporary file (TMPDIR)"
+    if ! "$PYTHON" -m llama_ft.cli config --nul "$CONFIG_FILE" >"$CONFIG_OUT"; then
+        rm -f "$CONFIG_OUT"
+        exit 2  # llama-ft config printed the one line
+    fi
+    mapfile -d '' -t RAW <"$CONFIG_OUT"
+    rm -f "$CONFIG_OUT"
+    for ((i = 0; i < ${#RAW[@]}; i++)); do
+        case "${RAW[$i]}" in
+            --model_name_or_path) MODEL=${MODEL:-${RAW[$((i + 1))]}}; i=$((i + 1)) ;;
+            --dataset) DATA=${DATA:-${RAW[$((i + 1))]}}; i=$((i + 1)) ;;
+            --output_dir) OUTPUT_DIR=${OUTPUT_DIR:-${RAW[$((i + 1))]}}; i=$((i + 1)) ;;
+            --deepspeed)
+                DS_CONFIG=${DS_CONFIG:-${RAW[$((i + 1))]}}; i=$((i + 1))
+                # a bundled config named relative to the checkout, as training resolves it
+                [ -f "$DS_CONFIG" ] || [ ! -f "$HERE/$DS_CONFIG" ] || DS_CONFIG="$HERE/$DS_CONFIG" ;;
+            *) CONFIG_ARGS+=("${RAW[$i]}") ;;
+        esac
+    done
+    echo "run-llama.sh: --config $CONFIG_FILE: ${#CONFIG_ARGS[@]} more flag words after the defaults" >&2
+fi
+OUTPUT_DIR="${OUTPUT_DIR:-./output}"
+DS_CONFIG="${DS_CONFIG:-$HERE/ds_configs/zero3.json}"
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     NGPU=$(nvidia-smi -L | grep -c '^GPU')
@@ -256,7 +294,7 @@ fi
 PLAN_STATUS=0
 exec 3>&2
 PLAN_ERR=$("$PYTHON" -m llama_ft.cli plan "${PLAN[@]}" -- --model_name_or_path "$MODEL" --deepspeed "$DS_CONFIG" \
-    --bf16 "${DEFAULTS[@]}" "$@" 2>&1 1>&3) || PLAN_STATUS=$?
+    --bf16 "${DEFAULTS[@]}" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} "$@" 2>&1 1>&3) || PLAN_STATUS=$?
 exec 3>&-
 if [ "$PLAN_STATUS" -eq 1 ] && [[ "$PLAN_ERR" == "llama-ft plan: "* ]]; then  # the verdict, not a crash
     echo "$PLAN_ERR" >&2
@@ -296,7 +334,7 @@ SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)
 ${SETSID[@]+"${SETSID[@]}"} "$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
     --model_name_or_path "$MODEL" --output_dir "$OUTPUT_DIR" --deepspeed "$DS_CONFIG" --bf16 \
-    ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" "$@" &
+    ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} "$@" &
 RUNNER=$!
 # SIGTERM/SIGINT to this script (a scheduler's preemption, Ctrl-C) go to the ranks themselves: they finish
 # the step, save a checkpoint and exit 128+signal; a second one aborts. Left to DeepSpeed, a signal sent to

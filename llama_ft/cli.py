@@ -12,6 +12,7 @@
     llama-ft make-tiny DIR    write the embedded tiny Llama + tokenizer (the default model)
     llama-ft eval ...         loss and greedy exact match on held-out data: base, base + adapters, or merged
     llama-ft convert-gguf F D a GGUF model file -> a Hugging Face safetensors directory to train on
+    llama-ft config FILE      check a --config file and print it as training flags (run-llama.sh uses it)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ COMMANDS = {
     "make-tiny": "write the embedded tiny Llama checkpoint and tokenizer to a directory",
     "eval": "did the fine-tune work: token-weighted loss and greedy exact match on held-out data",
     "convert-gguf": "convert a GGUF model file (llama.cpp) into a Hugging Face safetensors directory",
+    "config": "check a --config file (YAML or JSON) and print it as training flags",
 }
 
 
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from llama_ft.eval import command as eval_command
 
         return eval_command.main(rest)
+    if cmd == "config":
+        from llama_ft import config_file
+
+        return user_errors_exit(prog="llama-ft config")(config_file.main)(rest)
     if cmd == "convert-gguf":
         from llama_ft.checkpoint import gguf
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_ft.checkpoint.layout import STATE_FILE, resolve_checkpoint
+from llama_ft.config_file import add_config_flag, parse_args
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_flags(p, [f.name for f in fields(TrainConfig)])
+    add_config_flag(p)
     return p
 
 
@@ -353,6 +355,20 @@ def validate_data_options(cfg: Any) -> None:
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
+def flag_choices() -> dict[str, tuple[str, ...]]:
+    """The flags whose values are one of a fixed set, checked by validate() on the command line; a --config
+    file is checked against the same sets as it is read, so its error names the file, line and key."""
+    from transformers import SchedulerType
+
+    from llama_ft.data.formats import DATASET_FORMATS
+    from llama_ft.reporting import REPORT_TO
+
+    return {"objective": OBJECTIVES, "dpo_loss": DPO_LOSSES, "dataset_format": DATASET_FORMATS,
+            "attn_implementation": ATTN_IMPLEMENTATIONS, "init": ("checkpoint", "random"), "loader": ("stream", "hf"),
+            "nan_policy": ("stop", "skip"), "report_to": REPORT_TO,
+            "lr_scheduler_type": tuple(s.value for s in SchedulerType)}
+
+
 def check_attn_implementation(name: str) -> None:
     if name not in ATTN_IMPLEMENTATIONS:
         raise UserError(f"--attn_implementation {name!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -388,8 +404,7 @@ def check_scheduler(name: str, lr: float = 1.0, warmup_ratio: float = 0.0, max_s
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(build_parser(), argv)  # --config FILE: its values are the defaults
     cfg = TrainConfig(**vars(ns))
     return validate(cfg)
 

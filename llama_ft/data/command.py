@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from llama_ft.config import DATA_FLAGS, TrainConfig, add_config_flags, validate_data_options
+from llama_ft.config_file import add_config_flag, parse_args
 from llama_ft.data.batches import epoch_rows, example_lengths
 from llama_ft.data.chat import use_chat_template
 from llama_ft.data.collate import collate_packed, pad_token_id
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Show what training will read: a summary of the tokenized examples, "
                                             "a decoded preview with the trained spans marked, and a dump.")
     add_config_flags(p, DATA_FLAGS)
+    add_config_flag(p)
     p.add_argument("--dump", metavar="OUT.jsonl", help="write every example as {\"input_ids\", \"labels\"} JSON lines")
     p.add_argument("--preview", type=int, default=0, metavar="K", help="print the first K examples decoded")
     return p
@@ -134,7 +136,7 @@ def packing_line(rows: list[list[int]], lengths: list[int], pack_len: int) -> st
 
 @user_errors_exit
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE: its values are the defaults
     cfg = TrainConfig(**{k: getattr(args, k) for k in DATA_FLAGS})
     tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     if not tok_path:

@@ -33,6 +33,7 @@ from typing import Any
 
 from llama_ft.checkpoint.gguf import check_not_gguf
 from llama_ft.config import DATA_FLAGS, add_config_flags, validate_data_options
+from llama_ft.config_file import add_config_flag, parse_args
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write, atomic_write_json
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Token-weighted loss and greedy exact match of a base model, base + adapters or a "
                             "merged model on held-out data.")
     add_config_flags(p, EVAL_DATA_FLAGS)
+    add_config_flag(p)
     p.add_argument("--adapter_dir", "--adapter", dest="adapter_dir",
                    help="a PEFT LoRA adapter directory (llama-ft train's --output_dir); none for a base or merged "
                         "model")
@@ -204,7 +206,7 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 @user_errors_exit(prog="llama-ft eval")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # --config FILE: its values are the defaults
     check_args(args)
     validate_data_options(SimpleNamespace(**vars(args), packing=False))
     rank = int(os.environ.get("RANK", "0"))

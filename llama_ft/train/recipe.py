@@ -38,6 +38,7 @@ from tqdm import tqdm
 from llama_ft.checkpoint.layout import remove_stale_temporaries, resolve_checkpoint
 from llama_ft.checkpoint.resume import Progress, check_resumable, load_checkpoint, save_checkpoint
 from llama_ft.config import TrainConfig, fill_ds_config, load_ds_config, parse_train_args
+from llama_ft.config_file import write_run_config
 from llama_ft.data import (
     CHAT,
     DataOptions,
@@ -234,6 +235,7 @@ def train(cfg: TrainConfig) -> dict:
         unlink_shm_buffer(rank)
     if rank == 0:
         remove_stale_temporaries(out)  # saves killed half-way
+        write_run_config(out / "run_config.yaml", cfg.to_json())  # `--config` on it repeats this run
     watch = PeerWatch(out, rank, world).start()  # a local rank that dies ends this one too, with its name
 
     # --- model: built partitioned under zero.Init, checkpoint streamed in (or --init random), LoRA injected ---
