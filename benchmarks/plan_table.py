@@ -1,9 +1,9 @@
-"""The README's table of `llama-ft plan` verdicts for Llama 3.1 8B/70B/405B on common machines (no runs: the
+"""The table of `llama-ft plan` verdicts (docs/memory.md) for Llama 3.1 8B/70B/405B on common machines (no runs: the
 planner's arithmetic only, well under a second).
 
     python benchmarks/plan_table.py            # markdown on stdout
 
-Settings (the README states them): LoRA r=64 on all seven linears, packed rows of 4096 tokens, one row per
+Settings (docs/memory.md states them): LoRA r=64 on all seven linears, packed rows of 4096 tokens, one row per
 micro-batch, gradient checkpointing, sdpa, bf16 training, ds_configs/zero3.json, GPU memory as nvidia-smi
 reports it (H100 80GB: 81559 MiB, H200: 143771 MiB); host memory is not checked, the column says what a node
 needs at the offload ratio shown.

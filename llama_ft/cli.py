@@ -51,14 +51,18 @@ def _single_process_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def make_tiny_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-ft make-tiny", description=COMMANDS["make-tiny"])
+    p.add_argument("output_dir", help="directory for the tiny checkpoint and its tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="rewrite it even if it exists")
+    return p
+
+
 @user_errors_exit
 def _make_tiny(argv: list[str]) -> int:
     from llama_ft.tiny import make_tiny_llama
 
-    p = argparse.ArgumentParser(prog="llama-ft make-tiny", description=COMMANDS["make-tiny"])
-    p.add_argument("output_dir")
-    p.add_argument("--overwrite", action="store_true", help="rewrite it even if it exists")
-    args = p.parse_args(argv)
+    args = make_tiny_parser().parse_args(argv)
     path = make_tiny_llama(args.output_dir, overwrite=args.overwrite)
     print(path)
     return 0

@@ -147,6 +147,30 @@ _HELP = {
     "dpo_label_smoothing": "DPO with --dpo_loss sigmoid: eps in [0, 0.5], the assumed chance a preference is flipped",
     "precompute_ref_logprobs": "DPO: compute the reference log-probs of every pair in one pass before training "
                                "(cached like the tokenized data), so each step runs one forward pass less",
+    "per_device_train_batch_size": "examples per rank in a micro-batch (with --packing: packed rows; with "
+                                   "--objective dpo: pairs)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step: a step takes batch x accumulation x ranks / "
+                                   "--sequence_parallel_size examples",
+    "max_steps": "optimizer steps to train",
+    "learning_rate": "AdamW's peak learning rate",
+    "lr_scheduler_type": "a transformers schedule that needs no further settings: linear, cosine, "
+                         "cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt",
+    "warmup_ratio": "fraction of --max_steps over which the learning rate warms up",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "clip the gradient norm to this (DeepSpeed's gradient_clipping)",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_epsilon": "AdamW epsilon",
+    "bf16": "train in bf16 (false: fp32)",
+    "gradient_checkpointing": "recompute each decoder layer in the backward instead of keeping its activations",
+    "seed": "seed of the LoRA init, the eval split, the data order and packing, and (plus the rank) dropout",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha: the adapter's output is scaled by alpha / r",
+    "lora_dropout": "dropout on the input of the LoRA path",
+    "output_dir": "where the adapters, checkpoints, metrics and logs go",
+    "overwrite_output_dir": "train into a non-empty --output_dir (refused otherwise, unless resuming)",
+    "save_steps": "save a checkpoint every N steps (and at the end)",
+    "logging_steps": "log the metrics every N steps",
     "lora_target_modules": "linear layer names to adapt, or a group: all (the seven), attention (q,k,v,o_proj), "
                            "mlp (gate,up,down_proj); comma- or space-separated",
     "deepspeed": "DeepSpeed JSON config; 'auto' fields are filled from these flags",

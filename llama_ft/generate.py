@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="the prompt text, exactly as the model should see it")
     src.add_argument("--messages", help="a JSON list of {\"role\", \"content\"} objects, or a .json file holding "
                                         "one; rendered with the chat template")
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="default: bfloat16 on a GPU, float32 on CPU")
     return p

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-ft hostfile", description="Validate a DeepSpeed hostfile.")
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("check", help="check syntax, duplicates, slots, and the rank request")
-    c.add_argument("file")
+    c.add_argument("file", help="the hostfile (HOST slots=N lines)")
     c.add_argument("--resolve", action="store_true", help="also check that every host name resolves")
     c.add_argument("--num_gpus", type=int, help="ranks per node the launch will ask for")
     c.add_argument("--include", default="", help="the launcher's --include filter (host:0,1@host2)")

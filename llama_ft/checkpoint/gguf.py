@@ -78,14 +78,18 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "bfloa
     return out
 
 
-@user_errors_exit(prog="llama-ft convert-gguf")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-ft convert-gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("gguf_file", help="the .gguf model file")
     p.add_argument("output_dir", help="the Hugging Face directory to write")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the written weights")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (save_pretrained's)")
     p.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
-    args = p.parse_args(argv)
+    return p
+
+
+@user_errors_exit(prog="llama-ft convert-gguf")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(convert_gguf(args.gguf_file, args.output_dir, args.dtype, args.overwrite, args.max_shard_size))
     return 0
