@@ -244,15 +244,20 @@ def write_run_config(path: str | Path, options: dict[str, Any]) -> None:
     atomic_write_text(path, "# llama-ft run options, as resolved: `--config` on this file repeats the run\n" + body)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-ft config", description="Check a --config file and print it as training "
+                                                                    "flags.")
+    p.add_argument("file", help="YAML or JSON file of flag values")
+    p.add_argument("--nul", action="store_true", help="NUL-separated output, for scripts (run-llama.sh)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """`llama-ft config FILE`: check a config file and print it as training flags, NUL-separated with --nul
     (run-llama.sh reads them that way), else one shell-quoted command line."""
     import shlex
 
-    p = argparse.ArgumentParser(prog="llama-ft config", description="Check a --config file and print it as flags.")
-    p.add_argument("file", help="YAML or JSON file of flag values")
-    p.add_argument("--nul", action="store_true", help="NUL-separated output, for scripts")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # what the imports log (DeepSpeed's accelerator line) is not output
         flags = config_argv(args.file)

@@ -35,6 +35,7 @@ PARSERS: dict[str, str] = {
     "hostfile": "llama_ft.hostfile:build_parser check",
     "convert-gguf": "llama_ft.checkpoint.gguf:build_parser",
     "make-tiny": "llama_ft.cli:make_tiny_parser",
+    "config": "llama_ft.config_file:build_parser",
 }
 """`llama-ft COMMAND` -> "module:function [subcommand]" building its parser (imported only when rendered:
 the training parser imports torch)."""
