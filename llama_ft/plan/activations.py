@@ -22,7 +22,8 @@ What autograd keeps per decoder layer (a frozen W needs no input saved: its matm
                                                 once per distinct input (q/k/v share one, gate/up another; o's
                                                 is the attention output, already counted)
 
-Shared by all layers: RoPE's cos and sin (2 B M head_dim) and the boolean mask (b s^2) when one is built.
+Shared by all layers: RoPE's cos and sin (2 B M head_dim) and the mask when one is built: boolean (b s^2), or
+for eager additive in the training dtype (B b s^2; measured, tests/test_plan.py).
 Gradient checkpointing (non-reentrant, one checkpoint per decoder layer) keeps only each layer's input
 (B M h per layer) and recomputes one layer at a time in backward. The backward of a layer adds its
 gradients: the incoming and outgoing dL/dh (2 B M h) and, in the MLP, d(act*up), d(SiLU) and d(up)
@@ -156,8 +157,10 @@ def checkpoint_boundary(shape: ModelShape, mb: MicroBatch) -> int:
 
 
 def shared_inputs(shape: ModelShape, mb: MicroBatch) -> int:
-    """RoPE cos/sin and the boolean attention mask, built once per forward."""
-    mask = mb.rows * mb.seq_len * mb.seq_len if mb.has_mask else 0
+    """RoPE cos/sin and the attention mask (boolean; eager: additive, in the training dtype), built once per
+    forward."""
+    per_entry = mb.dtype_bytes if mb.attn_implementation == "eager" else 1
+    mask = per_entry * mb.rows * mb.seq_len * mb.seq_len if mb.has_mask else 0
     return 2 * mb.dtype_bytes * mb.tokens * shape.head_dim + mask
 
 
