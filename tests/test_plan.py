@@ -379,6 +379,160 @@ def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dt
     assert sum(saved.values()) == sum(layer_saved(ModelShape(256, 768, 1, 8, 2, 32, 1000), mb).values())
 
 
+class LiveBytes:
+    """Bytes of tensor storage alive while a block runs, and their peak: every aten op's output storage is counted
+    from the op until the last tensor viewing it dies (a TorchDispatchMode sees every op, decomposed ops included;
+    views and in-place ops add nothing). Storages that exist before (parameters, inputs) are `skip`ped."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip, self.live, self.now, self.peak = skip, {}, 0, 0
+
+    def _dead(self, key: int, group: list) -> None:
+        group[1] -= 1
+        if group[1] == 0 and self.live.get(key) is group:
+            del self.live[key]
+            self.now -= group[0]
+
+    def __enter__(self):
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in tracker.skip:
+                        continue
+                    key = t.untyped_storage().data_ptr()
+                    if key not in tracker.live:
+                        tracker.live[key] = [t.untyped_storage().nbytes(), 0]
+                        tracker.now += tracker.live[key][0]
+                        tracker.peak = max(tracker.peak, tracker.now)
+                    group = tracker.live[key]
+                    group[1] += 1
+                    weakref.finalize(t, tracker._dead, key, group)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("kv_heads,inter,attn,dtype,layers,vocab,chunk,peak_at", [
+    (2, 768, "sdpa", "bf16", 2, 1000, 64, "MLP"),  # GQA: k and v repeated (a padded batch has a mask)
+    (2, 768, "sdpa", "bf16", 1, 1000, 64, "MLP"),  # one layer: its input is the embeddings' output
+    (2, 64, "sdpa", "bf16", 2, 1000, 64, "attention core"),
+    (8, 64, "sdpa", "bf16", 2, 1000, 64, "k's RoPE"),  # no GQA: nothing repeated
+    (8, 64, "sdpa", "fp32", 2, 1000, 64, "k's RoPE"),
+    (2, 64, "eager", "bf16", 2, 1000, 64, "attention core"),
+    (2, 64, "sdpa", "bf16", 2, 32000, 64, "loss"),  # a large vocabulary: the head's chunk logits
+])
+def test_dpo_reference_pass_working_set_is_measured(kv_heads, inter, attn, dtype, layers, vocab, chunk, peak_at):
+    """The DPO reference pass as train/objectives.py runs it (no_grad, lora_disabled, the model's forward to the
+    hidden states, then sequence_logprobs), on CPU for 2 pairs = 4 right-padded rows: the peak of the tensor bytes
+    alive (LiveBytes: parameters and inputs aside) is the plan's reference forward + RoPE tables and mask, or at
+    the loss the plan's final hidden states + trained rows + chunk logits (the head itself is a parameter here, not
+    a ZeRO-3 gather). The plan counts every position trained (N = M); the run trains N < M (the padding and each row's
+    last position), and its loss also holds per-token vectors (nll, segments) the plan leaves out: 12 N bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_ft.lora import LoraSpec, inject_lora, lora_disabled
+    from llama_ft.plan.activations import reference_forward, reference_loss, shared_inputs
+    from llama_ft.train.loss import loss_targets, sequence_logprobs, use_chunked_loss
+
+    tdtype, seq, rows, h = (torch.bfloat16 if dtype == "bf16" else torch.float32), 96, 4, 256
+    if peak_at == "loss":
+        seq = 32
+    config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_attention_heads=8, num_key_value_heads=kv_heads,
+                         num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=False,
+                         attn_implementation=attn)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(tdtype)
+    inject_lora(model, LoraSpec(16, 32, 0.05))
+    head = use_chunked_loss(model)
+    model.train()
+    ids = torch.randint(0, vocab, (rows, seq))
+    mask = torch.ones(rows, seq, dtype=torch.int64)
+    mask[-1, seq // 2:] = 0  # right padding: transformers builds the 4-D mask
+    labels = ids.masked_fill(mask == 0, -100)
+    positions, targets = loss_targets(labels)
+    # position_ids per row, as the plan's RoPE tables assume (without them transformers builds one row's, shared)
+    position_ids = torch.arange(seq).expand(rows, seq).contiguous()
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), ids, mask, positions, targets, position_ids)}
+    with torch.no_grad(), lora_disabled(model), LiveBytes(skip) as live:
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        sequence_logprobs(hidden, head, positions, targets, chunk)
+        del hidden
+    shape = ModelShape(h, inter, layers, 8, kv_heads, 32, vocab)
+    mb = MicroBatch(rows, seq, tdtype.itemsize, 16, tuple(ALL), 0.05, packing=False, attn_implementation=attn,
+                    device="cpu")
+    forward = shared_inputs(shape, mb) + reference_forward(shape, mb)
+    loss = reference_loss(shape, mb, chunk)
+    b, n = tdtype.itemsize, len(positions)
+    at_loss = loss["final hidden states"] + loss["trained rows"] - b * (rows * seq - n) * h + loss["chunk logits"]
+    if peak_at == "loss":
+        # the per-token vectors the plan leaves out: nll (fp32) and each position's sequence index (int64)
+        assert at_loss > forward and 0 <= live.peak - at_loss <= (4 + 8) * n + 64, (live.peak, at_loss, forward)
+    else:
+        assert forward > at_loss and live.peak == forward, (live.peak, forward, at_loss)
+
+
+def test_dpo_plan_is_sft_on_twice_the_rows_plus_the_reference_pass(capsys):
+    """--objective dpo with P pairs: the same weights, the policy's moments those of SFT on 2P rows (activations and
+    loss), and a reference-pass moment computed here by hand from SMALL's shape (hidden 320, 5 heads of 64, 1 KV
+    head, intermediate 832, vocab 1000, one layer)."""
+    pairs, seq, chunk = 3, 200, 512
+    common = dict(max_seq_len=seq, dataset_format="chat", loss_chunk_size=chunk)
+    dpo = small_plan(per_device_train_batch_size=pairs, objective="dpo", **common)
+    sft = small_plan(per_device_train_batch_size=2 * pairs, **common)
+    for key in ("base_partitions_bytes", "persistent_bytes", "lora_bytes", "optimizer_bytes", "comm_bytes"):
+        assert dpo["per_gpu"][key] == sft["per_gpu"][key], key
+    for moment, term in (("loss", "activations"), ("loss", "loss"), ("backward", "activations"),
+                         ("optimizer step", "optimizer step")):
+        assert dpo["moments"][moment][term] == sft["moments"][moment][term], (moment, term)
+    assert "reference pass" not in sft["moments"]
+    assert dpo["inputs"]["training"]["rows_per_micro_batch"] == 6 and dpo["inputs"]["training"]["objective"] == "dpo"
+    # by hand: 6 rows of 200 tokens in bf16; a mask (6 rows > 1), k and v repeated to the 5 heads (1 KV head < 5)
+    rows, b, h, q, kv, inter, vocab = 2 * pairs, 2, 320, 320, 64, 832, 1000
+    m = rows * seq
+    rope_tables_and_mask = 2 * b * m * 64 + rows * seq * seq
+    layer_input = b * m * h  # one layer: its input is the embeddings' output, one tensor
+    attention = b * m * h + max(b * m * (4 * q + 2 * kv), b * m * (2 * q + 5 * kv),
+                                b * m * (2 * q + 2 * kv) + 2 * b * m * q + 4 * rows * 5 * seq + b * rows * seq * seq)
+    mlp = 2 * b * m * h + 3 * b * m * inter
+    forward = rope_tables_and_mask + layer_input + max(attention, mlp)
+    at_loss = b * m * h + b * vocab * h + b * m * h + chunk * vocab * (b + 4)
+    ref = dpo["moments"]["reference pass"]
+    if forward > at_loss:
+        assert ref["activations"] == forward and "loss" not in ref
+    else:
+        assert ref["activations"] == b * m * h and ref["loss"] == at_loss - b * m * h
+    assert ref["activations"] + ref.get("loss", 0) == max(forward, at_loss)
+    # the peak is the largest moment, the reference pass one of them
+    total = {k: sum(v.values()) for k, v in dpo["moments"].items()}
+    assert dpo["peak_at"] == max(total, key=total.get)
+    # offloaded partitions cross PCIe once more per micro-batch: the reference forward gathers each again (nothing
+    # is kept between uses with a reuse distance of 0 and no prefetch: forward, backward, and now the reference)
+    off = dict(common, offload=True, offload_ratio=1.0, zero={"stage3_max_reuse_distance": 0})
+    dpo_off = small_plan(per_device_train_batch_size=pairs, objective="dpo", **off)
+    sft_off = small_plan(per_device_train_batch_size=2 * pairs, **off)
+    assert dpo_off["offloaded_bytes_per_gpu"] > 0
+    assert sft_off["h2d_bytes_per_micro_batch"] == 2 * sft_off["offloaded_bytes_per_gpu"]
+    assert dpo_off["h2d_bytes_per_micro_batch"] == 3 * dpo_off["offloaded_bytes_per_gpu"]
+    rc, out, _ = _main(capsys, "8b", "--gpu_memory_gb", "79.6", "--objective", "dpo", "--max_seq_len", "4096",
+                       "--per_device_train_batch_size", "2", "--gradient_checkpointing")
+    assert rc == 0 and "micro-batch 2 pairs = 4 rows x 4096 tokens" in out
+    assert "DPO reference pass (adapters off, no grad, the same 4 rows, first): " in out
+
+
 def test_sequence_parallel_tiles_and_activation_offload_by_hand(capsys):
     """SP over 4 ranks: a rank holds 250 of 1000 tokens, and the attention core runs on all 1000 with 2 of the
     8 query heads and 1 KV head (2 KV heads / 4: replicated). Then 8B at 128k tokens on 8 GPUs."""
@@ -452,6 +606,11 @@ def test_bad_inputs_are_one_line_and_exit_2(capsys, tmp_path):
         (["8b", "--gpu_memory_gb", "80", "--deepspeed", str(tmp_path / "none.json")], "--deepspeed"),
         (["8b", "--gpu_memory_gb", "80", "--packing"], "--packing needs --max_seq_len"),
         ([str(tmp_path), "--gpu_memory_gb", "80"], "no config.json"),
+        (["8b", "--gpu_memory_gb", "80", "--objective", "kto"], "--objective 'kto': expected one of sft, dpo"),
+        (["8b", "--gpu_memory_gb", "80", "--objective", "dpo", "--packing", "--max_seq_len", "512"],
+         "--packing with --objective dpo: not planned"),
+        (["8b", "--gpu_memory_gb", "80", "--objective", "dpo", "--tiled_mlp", "--lora_dropout", "0"],
+         "--tiled_mlp with --objective dpo: not planned"),
     ]
     for argv, needle in cases:
         rc, out, err = _main(capsys, *argv)

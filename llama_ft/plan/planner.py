@@ -11,6 +11,11 @@ Memory of one rank at its peak = what lives for the whole run + the largest of t
                          the backward (zero.py `simulate_gathered`: the prefetch gathers the embeddings
                          again once the last layer's first modules are released)
                step      the optimizer step's temporary fp32 copy
+               reference (--objective dpo only) the reference pass, which runs first on the same 2P rows of
+                         a micro-batch of P pairs: its forward's working set with the most parameters
+                         gathered while its layers run, or its loss (sequence_logprobs without gradients)
+                         with what is gathered then, whichever is larger (activations.py, "DPO"); it keeps
+                         nothing for backward, so the policy's moments are those of SFT on 2P rows
     + the fragmentation margin on the moment's bytes (CPU: malloc's heap retention, CPU_HEAP_RETENTION),
     + the CUDA context (GPU) or the process baseline (CPU)
 
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llama_ft.errors import UserError
+from llama_ft.flags import check_objective_choice
 from llama_ft.plan import activations as act
 from llama_ft.plan.shape import ModelShape, Param, check_targets, model_params, shape_from_config
 from llama_ft.plan.zero import (
@@ -128,6 +134,11 @@ class Options:
     sp: int = 1  # --sequence_parallel_size
     tiled_mlp: bool = False
     activation_offload: bool = False
+    objective: str = "sft"  # "dpo": rows = 2 x pairs, and the reference pass (module doc)
+
+    @property
+    def dpo(self) -> bool:
+        return self.objective == "dpo"
 
 
 def _positive(name: str, value: Any) -> int:
@@ -148,8 +159,8 @@ def sequence_length(cfg: Any, shape: ModelShape) -> tuple[int, str]:
         if max_seq is None:
             raise UserError("--packing needs --max_seq_len N: the length of a packed row")
         return max_seq, f"packed rows of --max_seq_len {max_seq}"
-    if getattr(cfg, "dataset_format", "alpaca") == "chat":
-        if max_seq is None:
+    if getattr(cfg, "dataset_format", "alpaca") == "chat" or getattr(cfg, "objective", "sft") == "dpo":
+        if max_seq is None:  # (pairs are chat rows, data/pairs.py, whatever --dataset_format says)
             longest = shape.max_position_embeddings
             return longest, f"chat data without --max_seq_len: max_position_embeddings {longest}, the longest possible"
         return max_seq, f"--max_seq_len {max_seq}"
@@ -174,6 +185,16 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
     sp = getattr(cfg, "sequence_parallel_size", 1)
     offload_acts = bool(getattr(cfg, "activation_offload", False))
     check_long_context_flags(sp, offload_acts, bool(cfg.gradient_checkpointing))
+    objective = getattr(cfg, "objective", "sft")
+    check_objective_choice(objective)
+    if objective == "dpo":
+        # what training refuses with DPO (config.py check_objective) has no plan either
+        for flag, on in (("--packing", bool(cfg.packing)), ("--sequence_parallel_size > 1", sp > 1),
+                         ("--tiled_mlp", bool(getattr(cfg, "tiled_mlp", False))),
+                         ("--activation_offload", offload_acts)):
+            if on:
+                raise UserError(f"{flag} with --objective dpo: not planned (training does not run it with DPO yet: "
+                                "padded pairs, one sequence per row)")
     chunk = _positive("loss_chunk_size", cfg.loss_chunk_size)
     dropout = float(getattr(cfg, "lora_dropout", 0.05))
     if not 0 <= dropout < 1:
@@ -188,7 +209,8 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
                    grad_accum=_positive("gradient_accumulation_steps", getattr(cfg, "gradient_accumulation_steps", 1)),
                    checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.packing), loss_chunk_size=chunk,
                    dtype_bytes=2 if getattr(cfg, "bf16", True) else 4, offload_ratio=ratio, attn_implementation=attn,
-                   sp=sp, tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)), activation_offload=offload_acts)
+                   sp=sp, tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)), activation_offload=offload_acts,
+                   objective=objective)
 
 
 @dataclass(frozen=True)
@@ -255,7 +277,7 @@ def build_model(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: M
     params = model_params(shape, opts.targets, opts.lora_r, opts.quantize, opts.dtype_bytes)
     model = Model(shape, opts, zero, machine, params)
     modules = modules_in_order(params, zero)
-    trace = build_trace(modules, shape.num_hidden_layers, opts.checkpointing)
+    trace = build_trace(modules, shape.num_hidden_layers, opts.checkpointing, reference_pass=opts.dpo)
     model.moments = micro_batch_moments(model, trace)
     return model
 
@@ -274,7 +296,7 @@ def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]
     opt = optimizer_bytes([p for p in model.params if p.kind == "lora"], model.machine.world, o.dtype_bytes,
                           model.zero, pin=model.machine.device == "cuda")
     held = simulate_gathered(trace, model.zero, model.gathers)  # gathered bytes while each position runs
-    return {
+    moments = {
         "loss": {"activations": kept_for_backward + shared + act.final_norm(shape, mb),
                  "gathered": held[trace.forward_end],
                  "loss": sum(act.loss_temporaries(shape, mb, o.loss_chunk_size).values())},
@@ -282,6 +304,22 @@ def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]
                      "gathered": max(held[trace.forward_end + 1:])},
         "optimizer step": {"optimizer step": opt.step_transient_device},
     }
+    if o.dpo and trace.reference_end is not None:
+        moments["reference pass"] = reference_moment(model, mb, trace, held)
+    return moments
+
+
+def reference_moment(model: Model, mb: act.MicroBatch, trace: Trace, held: list[int]) -> dict[str, int]:
+    """The DPO reference pass at its peak (no grad, adapters off, the micro-batch's 2P rows): a layer's working
+    set with the RoPE tables and mask and the most parameters gathered while its layers run, or its
+    sequence_logprobs (final hidden states + chunked head without gradients) with what is gathered then,
+    whichever is larger."""
+    shape, end = model.shape, trace.reference_end
+    in_layer = {"activations": act.shared_inputs(shape, mb) + act.reference_forward(shape, mb),
+                "gathered": max(held[:end])}
+    loss = act.reference_loss(shape, mb, model.opts.loss_chunk_size)
+    at_loss = {"activations": loss.pop("final hidden states"), "gathered": held[end], "loss": sum(loss.values())}
+    return max(in_layer, at_loss, key=lambda terms: sum(terms.values()))
 
 
 def micro_batch(model: Model) -> act.MicroBatch:
@@ -290,7 +328,8 @@ def micro_batch(model: Model) -> act.MicroBatch:
     o, shape = model.opts, model.shape
     joined = o.rows if o.packing and o.attn_implementation == "flash_attention_2" else 1
     tiles = mlp_tiles(o.seq_len, joined, o.sp, shape.hidden_size) if o.tiled_mlp else 1
-    return act.MicroBatch(o.rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
+    rows = 2 * o.rows if o.dpo else o.rows  # DPO: --per_device_train_batch_size counts pairs, each 2 rows
+    return act.MicroBatch(rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
                           o.attn_implementation, model.machine.device, o.sp, tiles)
 
 
@@ -476,7 +515,8 @@ def inputs_echo(model: Model) -> dict[str, Any]:
                          "attn_implementation": o.attn_implementation,
                          "offload_ratio": o.offload_ratio, "sequence_parallel_size": o.sp,
                          "tokens_per_rank": micro_batch(model).tokens, "tiled_mlp_slices": micro_batch(model).mlp_tiles,
-                         "activation_offload": o.activation_offload},
+                         "activation_offload": o.activation_offload, "objective": o.objective,
+                         "rows_per_micro_batch": micro_batch(model).rows},
             "deepspeed": {"reduce_bucket_size": z.reduce_bucket_size, "prefetch_bucket_size": z.prefetch_bucket_size,
                           "param_persistence_threshold": z.param_persistence_threshold,
                           "max_live_parameters": z.max_live_parameters, "max_reuse_distance": z.max_reuse_distance,
