@@ -45,10 +45,12 @@ their gradient (2 B N h), and per chunk the logits in the training dtype and in 
 its fp32 input copy (4 M h + 4 M) and the hidden states it returns (B M h).
 
 DPO (--objective dpo, train/objectives.py). A micro-batch of P pairs is b = 2P right-padded rows (each side a
-sequence), so every term above counts 2P rows (with b > 1 there is always a mask, except flash-attention).
-Before the policy pass, the reference pass runs the same rows with the adapters off under no_grad: it saves
-nothing for backward, but has a working set of its own. No graph holds anything, so what is alive is what
-Python still references (measured op by op, tests/test_plan.py):
+sequence), or with --packing b rows of whole pairs, s = 2 x --max_seq_len (data/batches.py), so every term above
+counts those rows (with b > 1, or packed, there is always a mask, except flash-attention). Before the policy
+pass, the reference pass runs the same rows with the adapters off under no_grad (with --precompute_ref_logprobs
+once, before training, on padded batches of P pairs instead: train/reference.py): it saves nothing for
+backward, but has a working set of its own. No graph holds anything, so what is alive is what Python still
+references (measured op by op, tests/test_plan.py):
   in a layer   the embeddings' output (the model's `inputs_embeds`, held through the whole forward) and the
                layer's input (B M h each; one tensor when there is one layer), plus the largest of
                  q's RoPE    normed input, q, q cos, rotate_half(q) and its product with sin, k, v:

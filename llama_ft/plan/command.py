@@ -53,7 +53,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "source_max_len": 1024, "target_max_len": 256, "dataset_format": "alpaca", "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "packing": False, "loss_chunk_size": 1024,
     "bf16": True, "attn_implementation": "sdpa", "deepspeed": DEFAULT_DS_CONFIG, "sequence_parallel_size": 1,
-    "tiled_mlp": False, "activation_offload": False, "objective": "sft",
+    "tiled_mlp": False, "activation_offload": False, "objective": "sft", "precompute_ref_logprobs": False,
 }
 """The training flags the plan reads, with TrainConfig's defaults."""
 
@@ -83,7 +83,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                            ("gradient_checkpointing", "recompute each layer in backward"),
                            ("packing", "packed rows of --max_seq_len tokens"), ("bf16", "bf16 training (false: fp32)"),
                            ("tiled_mlp", "MLPs in slices of ~hidden_size tokens"),
-                           ("activation_offload", "activation checkpoints in host memory")):
+                           ("activation_offload", "activation checkpoints in host memory"),
+                           ("precompute_ref_logprobs", "DPO: the reference pass runs once before training, on padded "
+                                                       "batches of --per_device_train_batch_size pairs, not in each "
+                                                       "step")):
         g.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=s, metavar="BOOL",
                        help=f"{helptext} (default {TRAINING_DEFAULTS[name]})")
     g.add_argument("--offload_ratio", type=_ratio, default=s, metavar="R|auto",

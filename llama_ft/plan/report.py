@@ -99,8 +99,8 @@ def header(r: dict[str, Any]) -> list[str]:
 
 
 def micro_batch_text(t: dict[str, Any]) -> str:
-    """`4`, or for DPO `4 pairs = 8 rows`."""
-    if t.get("objective") != "dpo":
+    """`4`, or for DPO `4 pairs = 8 rows` (packed: `--per_device_train_batch_size` counts rows of whole pairs)."""
+    if t.get("objective") != "dpo" or t["packing"]:
         return f"{t['per_device_train_batch_size']}"
     return f"{t['per_device_train_batch_size']} pairs = {t['rows_per_micro_batch']} rows"
 
@@ -112,9 +112,12 @@ def reference_line(r: dict[str, Any]) -> str:
     at = "the peak" if r["peak_at"] == "reference pass" else \
         f"against {gib(peak)} GiB at the peak, {MOMENTS[r['peak_at']]}"
     terms = ", ".join(f"{k} {gib(v)}" for k, v in r["moments"]["reference pass"].items())
-    return (f"DPO reference pass (adapters off, no grad, the same {r['inputs']['training']['rows_per_micro_batch']} "
-            f"rows, first): {gib(ref)} GiB of transients at its largest ({terms}), {at}; it keeps nothing for "
-            "backward and adds no weights")
+    rp = r["inputs"]["training"]["reference_pass"]
+    rows = f"{rp['rows']} rows x {rp['seq_len']} tokens"
+    when = (f"once before training (--precompute_ref_logprobs), on padded batches of {rows}" if rp["before_training"]
+            else f"first in each micro-batch, on the same {rows}")
+    return (f"DPO reference pass (adapters off, no grad, {when}): {gib(ref)} GiB of transients at its largest "
+            f"({terms}), {at}; it keeps nothing for backward and adds no weights")
 
 
 def report(r: dict[str, Any], brief: bool = False) -> str:

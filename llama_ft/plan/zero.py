@@ -227,6 +227,13 @@ def build_trace(modules: list[Module], layers: int, checkpointing: bool, referen
                  len(reference) - 1 if reference_pass else None)
 
 
+def forward_trace(modules: list[Module], layers: int) -> Trace:
+    """A forward alone, no backward: the pass before training that computes DPO's reference log-probs
+    (--precompute_ref_logprobs); `reference_end` (= forward_end) is its final norm."""
+    t = build_trace(modules, layers, False)
+    return Trace(modules, t.order[:t.forward_end + 1], t.forward_end, t.forward_end + 1, t.forward_end)
+
+
 def next_uses(trace: Trace) -> tuple[list[int | None], list[int | None]]:
     """For each trace position u: the position of the next use of the same module (None: not used again
     in the micro-batch), and the elements the coordinator traverses until then (the modules strictly between)."""
