@@ -20,7 +20,7 @@ from llama_ft.config_file import add_config_flag, parse_args
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
-from llama_ft.flags import expand_targets, float_or_auto, str2bool
+from llama_ft.flags import OBJECTIVE_HELP, OBJECTIVES, check_objective_choice, expand_targets, float_or_auto, str2bool
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.reporting import check_report_to
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
@@ -140,8 +140,7 @@ _HELP = {
     "train_on_source": "train on every token, prompts and user turns included (default: responses only)",
     "max_train_samples": "use only the first N rows of the dataset",
     "eval_dataset_size": "held-out examples for eval loss: a count (>= 1), a fraction in (0, 1), or 0 for none",
-    "objective": "sft (token cross-entropy) | dpo (preference pairs {prompt, chosen, rejected} with "
-                 "--dataset_format chat; the reference model is the base with the adapters switched off)",
+    "objective": OBJECTIVE_HELP,
     "dpo_beta": "DPO: beta > 0, how far the policy may move from the reference",
     "dpo_loss": "DPO: sigmoid (the DPO paper) | ipo (squared, on log-probs averaged over the response)",
     "dpo_label_smoothing": "DPO with --dpo_loss sigmoid: eps in [0, 0.5], the assumed chance a preference is flipped",
@@ -335,13 +334,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     return cfg
 
 
-OBJECTIVES = ("sft", "dpo")
-
-
 def check_objective(cfg: TrainConfig) -> None:
     """--objective and the DPO flags; one line for what DPO does not run yet (the data flags: data/pairs.py)."""
-    if cfg.objective not in OBJECTIVES:
-        raise UserError(f"--objective {cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    check_objective_choice(cfg.objective)
     if cfg.objective != "dpo":
         if cfg.precompute_ref_logprobs:
             raise UserError("--precompute_ref_logprobs applies to --objective dpo (this run: sft)")

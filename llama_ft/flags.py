@@ -13,6 +13,18 @@ LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 TARGET_GROUPS = {"all": LLAMA_LINEAR_NAMES, "attention": LLAMA_LINEAR_NAMES[:4], "mlp": LLAMA_LINEAR_NAMES[4:]}
 """`--lora_target_modules all|attention|mlp`, as Pax names them."""
 
+OBJECTIVES = ("sft", "dpo")
+"""`--objective` of `llama-ft train`, `llama-ft data` and `llama-ft plan`."""
+
+OBJECTIVE_HELP = ("sft (token cross-entropy) | dpo (preference pairs {prompt, chosen, rejected} with "
+                  "--dataset_format chat; the reference model is the base with the adapters switched off)")
+
+
+def check_objective_choice(name: str) -> None:
+    """UserError unless `name` is one of OBJECTIVES."""
+    if name not in OBJECTIVES:
+        raise UserError(f"--objective {name!r}: expected one of {', '.join(OBJECTIVES)}")
+
 
 def str2bool(v: str) -> bool:
     s = str(v).strip().lower()

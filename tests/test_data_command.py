@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,19 @@ def test_dump_is_what_the_training_loop_is_fed(tiny_model_dir, tmp_path, capsys)
      ["--chat_template", "BAD"], "bad.jinja:1: not a valid Jinja chat template"),
     ('{"instruction": "a", "output": "b"}\n', ["--dataset_format", "alpaca", "--chat_template", "BAD"],
      "--chat_template"),
+    # --objective dpo: data/pairs.py's checks, as training makes them
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "x", "chosen": "y"}\n', ["--objective", "dpo"],
+     "data.jsonl: line 2: missing field 'rejected'"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--objective", "dpo", "--dataset_format", "alpaca"],
+     "--objective dpo with --dataset_format alpaca: preference pairs are read with --dataset_format chat"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--objective", "dpo", "--train_on_source"],
+     "--train_on_source with --objective dpo: DPO compares the responses only"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "b"}\n', ["--objective", "dpo"],
+     "data.jsonl: line 1: 'chosen' and 'rejected' are identical"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--objective", "kto"],
+     "--objective 'kto': expected one of sft, dpo"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--objective", "dpo", "--packing", "--max_seq_len", "64"],
+     "--packing with --objective dpo: llama-ft data does not show packed pairs yet"),
 ])
 def test_bad_input_one_line_no_dump(tiny_model_dir, tmp_path, capsys, content, extra, needle):
     data = tmp_path / "data.jsonl"
@@ -200,3 +214,145 @@ def test_training_refuses_bad_packing_and_loss_flags(tiny_model_dir, tmp_path, c
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "[rank 0] INFO" not in ln]
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --objective dpo: preference pairs (issue 21)
+
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"},
+          {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And at night?"}]
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+# (row in one of TRL's three forms, its prompt and two responses as messages); with --max_seq_len 150 on the
+# tiny model's Llama 3.1 template: 0 and 1 are not cut, 2 is cut inside both responses, 3 has the same tokens on
+# both sides after the cut, 4 keeps no response token (its prompt alone is longer than 150)
+DPO_MAX_LEN = 150
+DPO_ROWS = [
+    ({"prompt": PROMPT, "chosen": _assistant("Black, with stars."), "rejected": _assistant(" Purple ")},
+     PROMPT, _assistant("Black, with stars."), _assistant("Purple")),
+    ({"chosen": _user("Hi?") + _assistant("Hello there."), "rejected": _user("Hi?") + _assistant("Go away.")},
+     _user("Hi?"), _assistant("Hello there."), _assistant("Go away.")),
+    ({"prompt": "Sky colour?", "chosen": "Blue " * 20, "rejected": "Grey " * 20},
+     _user("Sky colour?"), _assistant("Blue " * 20), _assistant("Grey " * 20)),
+    ({"prompt": "word " * 20, "chosen": "Yes " + "word " * 60 + "yes", "rejected": "Yes " + "word " * 60 + "no"},
+     _user("word " * 20), _assistant("Yes " + "word " * 60 + "yes"), _assistant("Yes " + "word " * 60 + "no")),
+    ({"prompt": "word " * 80, "chosen": "A.", "rejected": "B."},
+     _user("word " * 80), _assistant("A."), _assistant("B.")),
+]
+
+
+def _dpo_reference(tok, max_len: int) -> tuple[list[dict], int, dict[int, str]]:
+    """(the pairs training keeps, in order, as dump lines; how many of them are cut; why the others are dropped, by
+    row): each side read by hand from the template's text (test_pairs.reference), cut at max_len; a pair is dropped
+    when a side keeps no trained token (labels[1:]), or both sides are the same tokens."""
+    from test_pairs import reference
+
+    kept, cut, dropped = [], 0, {}
+    for k, (_, prompt, chosen, rejected) in enumerate(DPO_ROWS):
+        sides = [reference(tok, prompt, response) for response in (chosen, rejected)]
+        short = [(ids[:max_len], labels[:max_len]) for ids, labels in sides]
+        if any(all(y == IGNORE_INDEX for y in labels[1:]) for _, labels in short):
+            dropped[k] = "no token"  # (the shared prompt alone then: both sides the same too)
+        elif short[0] == short[1]:
+            dropped[k] = "same"
+        if k in dropped:
+            continue
+        cut += any(len(ids) > max_len for ids, _ in sides)
+        kept.append({"chosen_input_ids": short[0][0], "chosen_labels": short[0][1],
+                     "rejected_input_ids": short[1][0], "rejected_labels": short[1][1]})
+    return kept, cut, dropped
+
+
+@pytest.fixture
+def dpo_data(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row, *_ in DPO_ROWS))
+    return path
+
+
+def test_dpo_summary_preview_and_dump_against_the_template(tiny_model_dir, dpo_data, tmp_path, capsys):
+    """--objective dpo: the dump is one line per kept pair with the four columns, equal to the template rendered
+    by hand and cut; the summary counts pairs and each side's tokens; the preview shows both sides of a pair in
+    full, labelled, with exactly the final response (content + <|eot_id|>) marked: the prompt's own assistant
+    turn ("Blue.") stays unmarked."""
+    dump = tmp_path / "out" / "pairs-dump.jsonl"
+    out = run(capsys, "--model_name_or_path", str(tiny_model_dir), "--dataset", str(dpo_data), "--dataset_format",
+              "chat", "--objective", "dpo", "--max_seq_len", str(DPO_MAX_LEN), "--dump", str(dump), "--preview", "2")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected, cut, dropped = _dpo_reference(tok, DPO_MAX_LEN)
+    assert len(expected) == 3 and cut == 1 and dropped == {3: "same", 4: "no token"}  # what DPO_ROWS was written for
+    got = [json.loads(ln) for ln in dump.read_text().splitlines()]
+    assert got == expected
+    assert f"wrote 3 pairs to {dump}" in out
+    lines = dict(ln.split("  ", 1) for ln in out.split("\n\n")[0].splitlines())
+    lines = {k.strip(): v.strip() for k, v in lines.items()}
+    assert lines["rows read"] == "5"
+    assert lines["pairs"] == "3 (2 dropped: a side with no token to train on, or both sides the same after the cut)"
+    assert lines["cut"] == f"1 of 3 pairs at --max_seq_len {DPO_MAX_LEN}"
+    for side in ("chosen", "rejected"):
+        lengths = [len(e[f"{side}_input_ids"]) for e in expected]
+        trained = sum(sum(1 for y in e[f"{side}_labels"][1:] if y != IGNORE_INDEX) for e in expected)
+        assert lines[f"{side} tokens"] == f"{sum(lengths):,}"
+        assert lines[f"{side} trained tokens"] == f"{trained:,} ({100 * trained / sum(lengths):.1f}% of its tokens)"
+        assert lines[f"{side} tokens per sequence"].endswith(f"min {min(lengths)}, max {max(lengths)}, "
+                                                             f"mean {np.mean(lengths):.1f}")
+    # the preview: pairs 0 and 1 (not cut), each side the template's text with its response marked
+    blocks = re.split(r"^--- (pair \d+: \w+), (\d+) tokens, (\d+) trained ---\n", out.split("\nwrote ")[0], flags=re.M)
+    shown = {name: (int(n), int(t), text.removesuffix("\n")) for name, n, t, text in
+             zip(blocks[1::4], blocks[2::4], blocks[3::4], blocks[4::4], strict=True)}
+    assert list(shown) == ["pair 0: chosen", "pair 0: rejected", "pair 1: chosen", "pair 1: rejected"]
+    for k in (0, 1):
+        _, prompt, *responses = DPO_ROWS[k]
+        for side, response in zip(("chosen", "rejected"), responses, strict=True):
+            text = tok.apply_chat_template(prompt + response, tokenize=False)
+            piece = response[0]["content"].strip() + "<|eot_id|>"
+            assert text.endswith(piece)
+            n_tokens, n_trained, rendered = shown[f"pair {k}: {side}"]
+            assert rendered == text[:-len(piece)] + f"[[{piece}]]"
+            assert n_tokens == len(expected[k][f"{side}_input_ids"])
+            assert n_trained == len(tok(piece, add_special_tokens=False)["input_ids"])  # the response alone
+    assert "Blue.<|eot_id|>" in shown["pair 0: chosen"][2] and "[[Blue." not in shown["pair 0: chosen"][2]
+
+
+def test_dpo_dump_is_what_training_reads(tiny_model_dir, dpo_data, tmp_path, capsys):
+    """The pairs training builds (recipe.load_training_data with --objective dpo) are the dump's lines, the
+    micro-batches it draws are those pairs (rows [c_1 .. c_B, r_1 .. r_B], padding stripped), and its data report
+    line counts pairs."""
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--dataset", str(dpo_data), "--dataset_format", "chat",
+             "--objective", "dpo", "--max_seq_len", str(DPO_MAX_LEN)]
+    run(capsys, *flags, "--dump", str(tmp_path / "d.jsonl"))
+    dumped = [json.loads(ln) for ln in (tmp_path / "d.jsonl").read_text().splitlines()]
+    cfg = parse_train_args([*flags, "--output_dir", str(tmp_path / "o"), "--eval_dataset_size", "0"])
+    tokenizer, train_set, eval_set, stats = load_training_data(cfg)
+    assert stats.from_cache and len(eval_set) == 0 and list(train_set) == dumped
+    assert stats.line(DPO_MAX_LEN) == (
+        f"5 rows -> 3 pairs, 1 pairs cut at --max_seq_len {DPO_MAX_LEN}, 2 pairs dropped (a side with no token to "
+        f"train on, or both sides the same after the cut); from the cache ({stats.cache_file})")
+    stream = MicroBatches(train_set, 1, 0, 3, cfg.seed, pad_token_id(tokenizer))
+    b = next(stream)
+    rows = [ids[:int(mask.sum())].tolist() for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    fed = [{"chosen": rows[p], "rejected": rows[3 + p]} for p in range(3)]
+    assert sorted(map(json.dumps, fed)) == sorted(json.dumps({"chosen": d["chosen_input_ids"],
+                                                              "rejected": d["rejected_input_ids"]}) for d in dumped)
+
+
+def test_dpo_objective_flag_is_trainings():
+    """`llama-ft data --objective` has training's name, default and help (one text, config.py's)."""
+    from llama_ft.config import build_parser as train_parser
+    from llama_ft.data.command import build_parser
+
+    def flag(parser):
+        return next(a for a in parser._actions if "--objective" in a.option_strings)
+
+    ours, theirs = flag(build_parser()), flag(train_parser())
+    assert (ours.default, ours.help, ours.type, ours.choices) == (theirs.default, theirs.help, theirs.type,
+                                                                 theirs.choices)
+    assert "dpo (preference pairs" in ours.help

@@ -10,7 +10,9 @@ pairs of -log sigmoid(beta d_p), its gradient, and one torch.optim.AdamW step. C
 - the gradient DeepSpeed reduced (exp_avg / (1 - beta1) after Adam's first step, from the checkpoint's
   optimizer partitions) is the reference gradient;
 - the adapters after the step are the AdamW reference step's;
-- eval_loss and eval_rewards/* on the held-out pairs are the float64 model's with the saved adapters.
+- eval_loss and eval_rewards/* on the held-out pairs are the float64 model's with the saved adapters;
+- the largest rank's peak RSS is within 15% of `llama-ft plan` for the run (train_results.json "memory": the
+  policy on 2P rows and the reference pass; --max_seq_len is the longest side, so the plan's rows occur).
 --dpo_loss ipo and --dpo_label_smoothing: one step against the same reference with that loss.
 --packing (pairs packed into rows, with offloaded checkpoints): the same reference. --precompute_ref_logprobs
 (at 2 ranks): the cached table is the float64 base's log-probs, and the step the same reference.
@@ -85,7 +87,10 @@ def case(tmp_path_factory, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = [_sides(tok, r) for r in _pairs()]
     train_idx, eval_idx = split_indices(len(pairs), EVAL_PAIRS, 42)  # --seed 42's split, by its documented rule
+    # the longest side: nothing is cut, and the plan's rows (--max_seq_len long) are the run's longest micro-batch
+    longest = max(len(ids) for pair in pairs for ids, _ in pair)
     flags = ["--dataset", str(data), "--dataset_format", "chat", "--objective", "dpo", "--dpo_beta", str(DPO_BETA),
+             "--max_seq_len", str(longest),
              "--max_steps", "1", "--save_steps", "1", "--bf16", "false", "--lora_dropout", "0", "--weight_decay", "0",
              "--max_grad_norm", "0", "--eval_dataset_size", str(EVAL_PAIRS), "--lora_r", str(R), "--lora_alpha",
              str(ALPHA), "--learning_rate", str(LR), "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
@@ -161,6 +166,12 @@ def check_against_reference(case, out: Path, world: int, kind: str = "sigmoid", 
         assert logged["rewards/accuracies"] == 0.0  # chosen > rejected never holds at a tie
 
     check_first_step(ckpt, adapters, ref_grads, ref_b, sure_share=0.8)  # tests/test_token_loss.py
+
+    # issue 21: the largest rank's peak RSS against `llama-ft plan` for this DPO run (2P rows, the reference
+    # pass), within the 15% the SFT runs are held to on CPU (tests/test_token_loss.py)
+    memory = json.loads((out / "train_results.json").read_text())["memory"]
+    assert memory["measured"] == "peak RSS" and memory["planned_bytes"], memory
+    assert abs(memory["planned_bytes"] - memory["measured_bytes"]) <= 0.15 * memory["measured_bytes"], memory
 
     # eval on the held-out pairs after the step (pair i on rank i mod W; with 3 pairs on 2 ranks one rank
     # repeats a pair it does not count), against float64 PEFT with the saved adapters

@@ -379,6 +379,194 @@ def test_activation_formula_is_what_autograd_saves(rows, dropout, mask, attn, dt
     assert sum(saved.values()) == sum(layer_saved(ModelShape(256, 768, 1, 8, 2, 32, 1000), mb).values())
 
 
+class LiveBytes:
+    """Bytes of tensor storage alive while a block runs, and their peak: every aten op's output storage is counted
+    from the op until the last tensor viewing it dies (a TorchDispatchMode sees every op, decomposed ops included;
+    views and in-place ops add nothing). Storages that exist before (parameters, inputs) are `skip`ped."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip, self.live, self.now, self.peak = skip, {}, 0, 0
+
+    def _dead(self, key: int, group: list) -> None:
+        group[1] -= 1
+        if group[1] == 0 and self.live.get(key) is group:
+            del self.live[key]
+            self.now -= group[0]
+
+    def __enter__(self):
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in tracker.skip:
+                        continue
+                    key = t.untyped_storage().data_ptr()
+                    if key not in tracker.live:
+                        tracker.live[key] = [t.untyped_storage().nbytes(), 0]
+                        tracker.now += tracker.live[key][0]
+                        tracker.peak = max(tracker.peak, tracker.now)
+                    group = tracker.live[key]
+                    group[1] += 1
+                    weakref.finalize(t, tracker._dead, key, group)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("kv_heads,inter,attn,dtype,layers,vocab,chunk,packed,peak_at", [
+    (2, 768, "sdpa", "bf16", 2, 1000, 64, False, "MLP"),  # GQA: k and v repeated (a padded batch has a mask)
+    (2, 768, "sdpa", "bf16", 1, 1000, 64, False, "MLP"),  # one layer: its input is the embeddings' output
+    (2, 64, "sdpa", "bf16", 2, 1000, 64, False, "attention core"),
+    (2, 64, "sdpa", "bf16", 2, 1000, 64, True, "attention core"),  # packed pairs: the mask from position_ids
+    (8, 64, "sdpa", "bf16", 2, 1000, 64, False, "k's RoPE"),  # no GQA: nothing repeated
+    (8, 64, "sdpa", "fp32", 2, 1000, 64, False, "k's RoPE"),
+    (2, 64, "eager", "bf16", 2, 1000, 64, False, "attention core"),
+    (2, 64, "sdpa", "bf16", 2, 32000, 64, False, "loss"),  # a large vocabulary: the head's chunk logits
+])
+def test_dpo_reference_pass_working_set_is_measured(kv_heads, inter, attn, dtype, layers, vocab, chunk, packed,
+                                                    peak_at):
+    """The DPO reference pass as train/objectives.py runs it (no_grad, lora_disabled, the model's forward to the
+    hidden states, then sequence_logprobs), on CPU for 2 pairs = 4 right-padded rows (packed: 4 pairs in 2 rows,
+    data/collate.collate_packed_pairs, as DPO._sequences feeds them): the peak of the tensor bytes alive (LiveBytes:
+    parameters and inputs aside) is the plan's reference forward + RoPE tables and mask, or at the loss the plan's
+    final hidden states + trained rows + chunk logits (the head itself is a parameter here, not a ZeRO-3 gather).
+    The plan counts every position trained (N = M); the run trains N < M (the padding and each row's last
+    position), and its loss also holds per-token vectors (nll, segments) the plan leaves out: 12 N bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_ft.data.collate import collate_packed_pairs
+    from llama_ft.lora import LoraSpec, inject_lora, lora_disabled
+    from llama_ft.plan.activations import reference_forward, reference_loss, shared_inputs
+    from llama_ft.train.loss import batch_targets, loss_targets, sequence_logprobs, use_chunked_loss
+
+    tdtype, seq, rows, h = (torch.bfloat16 if dtype == "bf16" else torch.float32), 96, 4, 256
+    if peak_at == "loss":
+        seq = 32
+    config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_attention_heads=8, num_key_value_heads=kv_heads,
+                         num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=False,
+                         attn_implementation=attn)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(tdtype)
+    inject_lora(model, LoraSpec(16, 32, 0.05))
+    head = use_chunked_loss(model)
+    model.train()
+    if packed:  # 4 pairs, sides of 48 tokens (prompt 40 + response 8): 2 rows of 192, position_ids restarting
+        side = {"input_ids": [1] * 48, "labels": [-100] * 40 + [2] * 8}
+        pair = {f"{s}_{k}": v for s in ("chosen", "rejected") for k, v in side.items()}
+        batch = collate_packed_pairs([[pair, pair], [pair, pair]], 0)
+        rows, seq = batch["input_ids"].shape
+        ids, position_ids, mask = batch["input_ids"], batch["position_ids"], None  # no mask: from position_ids
+        positions, targets = batch_targets(batch)
+        segments, sequences = batch["sequence_ids"].reshape(-1)[positions], 8
+    else:
+        ids = torch.randint(0, vocab, (rows, seq))
+        mask = torch.ones(rows, seq, dtype=torch.int64)
+        mask[-1, seq // 2:] = 0  # right padding: transformers builds the 4-D mask
+        positions, targets = loss_targets(ids.masked_fill(mask == 0, -100))
+        # position_ids per row, as the plan's RoPE tables assume (without them transformers builds one row's, shared)
+        position_ids = torch.arange(seq).expand(rows, seq).contiguous()
+        segments, sequences = None, None
+    given = [t for t in (ids, mask, positions, targets, position_ids, segments) if t is not None]
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *given)}
+    with torch.no_grad(), lora_disabled(model), LiveBytes(skip) as live:
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        sequence_logprobs(hidden, head, positions, targets, chunk, segments, sequences)
+        del hidden
+    shape = ModelShape(h, inter, layers, 8, kv_heads, 32, vocab)
+    mb = MicroBatch(rows, seq, tdtype.itemsize, 16, tuple(ALL), 0.05, packing=packed, attn_implementation=attn,
+                    device="cpu")
+    forward = shared_inputs(shape, mb) + reference_forward(shape, mb)
+    loss = reference_loss(shape, mb, chunk)
+    b, n = tdtype.itemsize, len(positions)
+    at_loss = loss["final hidden states"] + loss["trained rows"] - b * (rows * seq - n) * h + loss["chunk logits"]
+    if peak_at == "loss":
+        # the per-token vectors the plan leaves out: nll (fp32) and each position's sequence index (int64)
+        assert at_loss > forward and 0 <= live.peak - at_loss <= (4 + 8) * n + 64, (live.peak, at_loss, forward)
+    else:
+        assert forward > at_loss and live.peak == forward, (live.peak, forward, at_loss)
+
+
+def _reference_by_hand(rows: int, seq: int, chunk: int) -> int:
+    """The DPO reference pass's largest transient (activations + loss, gathering aside) on SMALL (hidden 320, 5 heads
+    of 64, 1 KV head, intermediate 832, vocab 1000, one layer) for `rows` rows of `seq` tokens in bf16 with a mask
+    (padded rows > 1, or packed rows), k and v repeated to the 5 heads: activations.py's "DPO" terms written out."""
+    b, h, q, kv, inter, vocab = 2, 320, 320, 64, 832, 1000
+    m = rows * seq
+    rope_tables_and_mask = 2 * b * m * 64 + rows * seq * seq
+    layer_input = b * m * h  # one layer: its input is the embeddings' output, one tensor
+    attention = b * m * h + max(b * m * (4 * q + 2 * kv), b * m * (2 * q + 5 * kv),
+                                b * m * (2 * q + 2 * kv) + 2 * b * m * q + 4 * rows * 5 * seq + b * rows * seq * seq)
+    mlp = 2 * b * m * h + 3 * b * m * inter
+    forward = rope_tables_and_mask + layer_input + max(attention, mlp)
+    at_loss = b * m * h + b * vocab * h + b * m * h + min(chunk, m) * vocab * (b + 4)
+    return max(forward, at_loss)
+
+
+@pytest.mark.parametrize("packing,precompute", [(False, False), (True, False), (False, True), (True, True)])
+def test_dpo_plan_is_sft_on_the_same_rows_plus_the_reference_pass(capsys, packing, precompute):
+    """--objective dpo: the same weights; the policy's moments those of SFT on the same rows (P pairs: 2P padded rows
+    of --max_seq_len; --packing: P rows of whole pairs, 2 x --max_seq_len); and a reference-pass moment computed here
+    by hand: on those rows, or with --precompute_ref_logprobs on the pass before training's padded batches of P pairs
+    (2P rows of --max_seq_len), a forward alone. In the step the reference forward gathers every offloaded partition
+    once more (PCIe); precomputed, the step is SFT's, gathers and all."""
+    pairs, seq, chunk = 3, 200, 512
+    dpo_flags = dict(max_seq_len=seq, dataset_format="chat", loss_chunk_size=chunk, packing=packing,
+                     per_device_train_batch_size=pairs, objective="dpo", precompute_ref_logprobs=precompute)
+    rows, row_len = (pairs, 2 * seq) if packing else (2 * pairs, seq)
+    sft_flags = dict(max_seq_len=row_len, dataset_format="chat", loss_chunk_size=chunk, packing=packing,
+                     per_device_train_batch_size=rows)
+    dpo, sft = small_plan(**dpo_flags), small_plan(**sft_flags)
+    for key in ("base_partitions_bytes", "persistent_bytes", "lora_bytes", "optimizer_bytes", "comm_bytes"):
+        assert dpo["per_gpu"][key] == sft["per_gpu"][key], key
+    same = ("activations", "loss", "gathered") if precompute else ("activations", "loss")
+    for moment in ("loss", "backward", "optimizer step"):
+        for term in same:
+            assert dpo["moments"][moment].get(term) == sft["moments"][moment].get(term), (moment, term)
+    assert "reference pass" not in sft["moments"]
+    t = dpo["inputs"]["training"]
+    assert (t["rows_per_micro_batch"], t["seq_len"], t["objective"]) == (rows, row_len, "dpo")
+    ref_rows, ref_len = (2 * pairs, seq) if precompute else (rows, row_len)
+    assert t["reference_pass"] == {"before_training": precompute, "rows": ref_rows, "seq_len": ref_len}
+    ref = dpo["moments"]["reference pass"]
+    assert ref["activations"] + ref.get("loss", 0) == _reference_by_hand(ref_rows, ref_len, chunk)
+    total = {k: sum(v.values()) for k, v in dpo["moments"].items()}
+    assert dpo["peak_at"] == max(total, key=total.get)  # the peak is the largest moment, the reference pass one
+    # PCIe: nothing is kept gathered between uses (reuse distance 0, no prefetch), so each use gathers again
+    off = dict(offload=True, offload_ratio=1.0, zero={"stage3_max_reuse_distance": 0})
+    dpo_off, sft_off = small_plan(**dpo_flags, **off), small_plan(**sft_flags, **off)
+    assert dpo_off["offloaded_bytes_per_gpu"] > 0
+    assert sft_off["h2d_bytes_per_micro_batch"] == 2 * sft_off["offloaded_bytes_per_gpu"]  # forward, backward
+    uses = 2 if precompute else 3  # + the reference forward
+    assert dpo_off["h2d_bytes_per_micro_batch"] == uses * dpo_off["offloaded_bytes_per_gpu"]
+
+
+def test_dpo_plan_report(capsys):
+    rc, out, _ = _main(capsys, "8b", "--gpu_memory_gb", "79.6", "--objective", "dpo", "--max_seq_len", "4096",
+                       "--per_device_train_batch_size", "2", "--gradient_checkpointing")
+    assert rc == 0 and "micro-batch 2 pairs = 4 rows x 4096 tokens" in out
+    assert "DPO reference pass (adapters off, no grad, first in each micro-batch, on the same 4 rows x 4096 tokens): " \
+        in out
+    rc, out, _ = _main(capsys, "8b", "--gpu_memory_gb", "79.6", "--", "--objective", "dpo", "--max_seq_len", "4096",
+                       "--per_device_train_batch_size", "2", "--packing", "--precompute_ref_logprobs", "--dpo_beta",
+                       "1", "--gradient_checkpointing")
+    assert rc == 0 and "micro-batch 2 x 8192 tokens (packed rows of whole pairs, 2 x --max_seq_len 4096)" in out
+    assert ("DPO reference pass (adapters off, no grad, once before training (--precompute_ref_logprobs), on padded "
+            "batches of 4 rows x 4096 tokens): ") in out
+
+
 def test_sequence_parallel_tiles_and_activation_offload_by_hand(capsys):
     """SP over 4 ranks: a rank holds 250 of 1000 tokens, and the attention core runs on all 1000 with 2 of the
     8 query heads and 1 KV head (2 KV heads / 4: replicated). Then 8B at 128k tokens on 8 GPUs."""
@@ -452,6 +640,13 @@ def test_bad_inputs_are_one_line_and_exit_2(capsys, tmp_path):
         (["8b", "--gpu_memory_gb", "80", "--deepspeed", str(tmp_path / "none.json")], "--deepspeed"),
         (["8b", "--gpu_memory_gb", "80", "--packing"], "--packing needs --max_seq_len"),
         ([str(tmp_path), "--gpu_memory_gb", "80"], "no config.json"),
+        (["8b", "--gpu_memory_gb", "80", "--objective", "kto"], "--objective 'kto': expected one of sft, dpo"),
+        (["8b", "--gpu_memory_gb", "80", "--objective", "dpo", "--sequence_parallel_size", "2"],
+         "--sequence_parallel_size > 1 with --objective dpo: not planned"),
+        (["8b", "--gpu_memory_gb", "80", "--precompute_ref_logprobs"],
+         "--precompute_ref_logprobs applies to --objective dpo (this run: sft)"),
+        (["8b", "--gpu_memory_gb", "80", "--objective", "dpo", "--tiled_mlp", "--lora_dropout", "0"],
+         "--tiled_mlp with --objective dpo: not planned"),
     ]
     for argv, needle in cases:
         rc, out, err = _main(capsys, *argv)

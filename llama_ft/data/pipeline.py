@@ -26,6 +26,7 @@ from llama_ft.data.pairs import PAIR_COLUMNS, check_pair_options, encode_pair_ro
 from llama_ft.data.readers import LINE, RowRef, one_line, open_source, quiet_datasets, read_rows
 from llama_ft.data.tokenize import check_lengths, encode_batch
 from llama_ft.errors import UserError
+from llama_ft.flags import check_objective_choice
 from llama_ft.fsutil import atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,11 @@ class DataOptions:
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataOptions:
-        # tools without a flag (llama-ft data, llama-ft eval have no --objective) get the default
+        # tools without a flag (llama-ft eval has no --objective) get the default
         return cls(**{f.name: getattr(cfg, f.name, f.default) for f in fields(cls)})
 
     def check(self) -> None:
+        check_objective_choice(self.objective)
         check_format(self.dataset_format)
         check_lengths(self.source_max_len, self.target_max_len, self.max_seq_len)
         if self.chat_template and self.dataset_format != CHAT:
@@ -60,22 +62,40 @@ class DataOptions:
             check_pair_options(self.dataset, self.dataset_format, self.train_on_source)
 
 
+DROPPED_EXAMPLE = "no token to train on"
+DROPPED_PAIR = "a side with no token to train on, or both sides the same after the cut"
+"""Why a row is left out after the --max_seq_len cut: an SFT example, a preference pair (pairs.encode_pair_rows)."""
+
+
 @dataclass
 class DataStats:
     rows: int  # rows read (after --max_train_samples)
-    examples: int  # examples kept
-    cut: int  # examples shortened to --max_seq_len
-    dropped: int  # rows without a token to train on (after truncation)
+    examples: int  # examples kept (pairs with --objective dpo)
+    cut: int  # examples shortened to --max_seq_len (pairs: either side)
+    dropped: int  # rows left out after the cut: DROPPED_EXAMPLE, or DROPPED_PAIR for pairs
     cache_file: str
     from_cache: bool
     rows_key: str = ""  # the content key of the rows read (readers.Source.key)
     train_index: list[int] = field(default_factory=list)  # training's examples -> their index in all examples
+    pairs: bool = False  # the examples are preference pairs (--objective dpo)
+
+    @property
+    def unit(self) -> str:
+        """What an example is: "pairs" or "examples"."""
+        return "pairs" if self.pairs else "examples"
+
+    @property
+    def dropped_why(self) -> str:
+        return DROPPED_PAIR if self.pairs else DROPPED_EXAMPLE
 
     def line(self, max_seq_len: int | None) -> str:
-        cut = f", {self.cut} cut at --max_seq_len {max_seq_len}" if max_seq_len else ""
-        dropped = f", {self.dropped} dropped (no token to train on)" if self.dropped else ""
+        """The data report: e.g. `5 rows -> 4 pairs, 2 pairs cut at --max_seq_len 64, 1 pairs dropped (a side with
+        no token to train on, or both sides the same after the cut); tokenized (CACHE)`."""
+        of = f" {self.unit}" if self.pairs else ""  # SFT keeps its shorter wording
+        cut = f", {self.cut}{of} cut at --max_seq_len {max_seq_len}" if max_seq_len else ""
+        dropped = f", {self.dropped}{of} dropped ({self.dropped_why})" if self.dropped else ""
         how = "from the cache" if self.from_cache else "tokenized"
-        return f"{self.rows} rows -> {self.examples} examples{cut}{dropped}; {how} ({self.cache_file})"
+        return f"{self.rows} rows -> {self.examples} {self.unit}{cut}{dropped}; {how} ({self.cache_file})"
 
 
 def prepare_examples(opts: DataOptions, tokenizer: Any, cache_dir: str | Path | None = None):
@@ -129,10 +149,14 @@ def prepare_examples(opts: DataOptions, tokenizer: Any, cache_dir: str | Path | 
 
 def _finish(examples, counts: dict[str, int], arrow: Path, source, opts: DataOptions, from_cache: bool):
     """(examples without the `cut` column, DataStats); UserError when nothing is left to train on."""
-    stats = DataStats(cache_file=str(arrow), from_cache=from_cache, rows_key=source.key, **counts)
+    stats = DataStats(cache_file=str(arrow), from_cache=from_cache, rows_key=source.key,
+                      pairs=opts.objective == "dpo", **counts)
     if stats.examples == 0:
         hint = (f"check the chat template and --max_seq_len {opts.max_seq_len}" if opts.dataset_format == CHAT
                 else f"check --target_max_len {opts.target_max_len} and --max_seq_len {opts.max_seq_len}")
+        if stats.pairs:
+            raise UserError(f"--dataset {opts.dataset}: none of its {stats.rows} pairs is left to train on (each has "
+                            f"{DROPPED_PAIR}; {hint})")
         raise UserError(f"--dataset {opts.dataset}: none of its {stats.rows} rows has a token to train on ({hint})")
     return examples.remove_columns(["cut"]), stats
 

@@ -22,7 +22,8 @@ What autograd keeps per decoder layer (a frozen W needs no input saved: its matm
                                                 once per distinct input (q/k/v share one, gate/up another; o's
                                                 is the attention output, already counted)
 
-Shared by all layers: RoPE's cos and sin (2 B M head_dim) and the boolean mask (b s^2) when one is built.
+Shared by all layers: RoPE's cos and sin (2 B M head_dim) and the mask when one is built: boolean (b s^2), or
+for eager additive in the training dtype (B b s^2; measured, tests/test_plan.py).
 Gradient checkpointing (non-reentrant, one checkpoint per decoder layer) keeps only each layer's input
 (B M h per layer) and recomputes one layer at a time in backward. The backward of a layer adds its
 gradients: the incoming and outgoing dL/dh (2 B M h) and, in the MLP, d(act*up), d(SiLU) and d(up)
@@ -42,6 +43,32 @@ c = min(--loss_chunk_size, N), V vocabulary: the whole head gathered (B V h), th
 their gradient (2 B N h), and per chunk the logits in the training dtype and in fp32 at once (c V (B + 4);
 4 c V in fp32 training, where the cast is the same tensor). After the final norm (outside any checkpoint):
 its fp32 input copy (4 M h + 4 M) and the hidden states it returns (B M h).
+
+DPO (--objective dpo, train/objectives.py). A micro-batch of P pairs is b = 2P right-padded rows (each side a
+sequence), or with --packing b rows of whole pairs, s = 2 x --max_seq_len (data/batches.py), so every term above
+counts those rows (with b > 1, or packed, there is always a mask, except flash-attention). Before the policy
+pass, the reference pass runs the same rows with the adapters off under no_grad (with --precompute_ref_logprobs
+once, before training, on padded batches of P pairs instead: train/reference.py): it saves nothing for
+backward, but has a working set of its own. No graph holds anything, so what is alive is what Python still
+references (measured op by op, tests/test_plan.py):
+  in a layer   the embeddings' output (the model's `inputs_embeds`, held through the whole forward) and the
+               layer's input (B M h each; one tensor when there is one layer), plus the largest of
+                 q's RoPE    normed input, q, q cos, rotate_half(q) and its product with sin, k, v:
+                             B M (h + 4q + 2kv)
+                 k's RoPE    normed input, q, RoPE'd q, k, k cos, rotate_half(k), its product, v:
+                             B M (h + 2q + 5kv)
+                 sdpa        normed input, RoPE'd q and k, v, k and v repeated to every head (when
+                             transformers repeats them, as above: 2 B M q), the output, the log-sum-exp
+                             and the mask's float copy: B M (h + 2q + 2kv) [+ 2 B M q] + 4 b heads s
+                             [+ B b s^2]
+                 (eager)     normed input, RoPE'd q, k, v, k and v repeated (always, when kv < heads),
+                             and at the softmax its fp32 input copy and output beside the scores:
+                             B M (h + q + 2kv) [+ 2 B M q] + (8 + B) b heads s^2 (fp32 training: 8)
+                 MLP         the attention's residual sum, the normed input, gate, SiLU(gate) and up
+                             (SiLU(gate) * up is made as gate is freed): 2 B M h + 3 B M I
+               (the RMSNorms' fp32 copies, 8 M h at most, stay below the MLP whenever I >= h: every Llama)
+  at its loss  the final hidden states (B M h), the whole head gathered (B V h), the trained rows (B N h,
+               no gradient) and one chunk's logits (c V (B + 4)): sequence_logprobs without dx.
 """
 
 from __future__ import annotations
@@ -156,8 +183,10 @@ def checkpoint_boundary(shape: ModelShape, mb: MicroBatch) -> int:
 
 
 def shared_inputs(shape: ModelShape, mb: MicroBatch) -> int:
-    """RoPE cos/sin and the boolean attention mask, built once per forward."""
-    mask = mb.rows * mb.seq_len * mb.seq_len if mb.has_mask else 0
+    """RoPE cos/sin and the attention mask (boolean; eager: additive, in the training dtype), built once per
+    forward."""
+    per_entry = mb.dtype_bytes if mb.attn_implementation == "eager" else 1
+    mask = per_entry * mb.rows * mb.seq_len * mb.seq_len if mb.has_mask else 0
     return 2 * mb.dtype_bytes * mb.tokens * shape.head_dim + mask
 
 
@@ -167,9 +196,41 @@ def final_norm(shape: ModelShape, mb: MicroBatch) -> int:
     return 4 * m * h + 4 * m + mb.dtype_bytes * m * h
 
 
-def loss_temporaries(shape: ModelShape, mb: MicroBatch, chunk: int) -> dict[str, int]:
-    """The chunked LM head + cross-entropy at its peak (bytes)."""
+def loss_temporaries(shape: ModelShape, mb: MicroBatch, chunk: int, grad: bool = True) -> dict[str, int]:
+    """The chunked LM head + cross-entropy at its peak (bytes); `grad` False: no dnll/dx is kept (no_grad)."""
     n, b, v, h = mb.tokens, mb.dtype_bytes, shape.vocab_size, shape.hidden_size
     c = min(chunk, n)
-    return {"lm_head gathered": b * v * h, "trained rows + their gradient": 2 * b * n * h,
-            "chunk logits": c * v * (4 if b == 4 else b + 4)}
+    rows = {"trained rows + their gradient": 2 * b * n * h} if grad else {"trained rows": b * n * h}
+    return {"lm_head gathered": b * v * h, **rows, "chunk logits": c * v * (4 if b == 4 else b + 4)}
+
+
+def attention_no_grad(shape: ModelShape, mb: MicroBatch) -> int:
+    """The largest set of tensors one layer's attention holds without autograd (module doc, DPO), its input
+    aside: the normed input and the largest of q's RoPE, k's RoPE and the attention core."""
+    m, b, q, kv = mb.tokens, mb.dtype_bytes, shape.q_width, shape.kv_width
+    heads, s = shape.num_attention_heads, mb.seq_len
+    rope = b * m * max(4 * q + 2 * kv, 2 * q + 5 * kv)
+    if mb.attn_implementation == "eager":
+        repeated = 2 * b * m * q if shape.num_key_value_heads < heads else 0
+        core = b * m * (q + 2 * kv) + repeated + (8 if b == 4 else 8 + b) * mb.rows * heads * s * s
+    else:
+        repeated = 2 * b * m * q if mb.has_mask and shape.num_key_value_heads < heads else 0
+        float_mask = b * mb.rows * s * s if mb.has_mask else 0
+        core = b * m * (2 * q + 2 * kv) + repeated + 4 * mb.rows * heads * s + float_mask
+    return b * m * shape.hidden_size + max(rope, core)
+
+
+def reference_forward(shape: ModelShape, mb: MicroBatch) -> int:
+    """The DPO reference pass's largest working set in its forward (no autograd), RoPE tables and mask aside
+    (shared_inputs): the embeddings' output, the layer's input, and the larger of its attention and its MLP."""
+    m, b, h = mb.tokens, mb.dtype_bytes, shape.hidden_size
+    inputs = (2 if shape.num_hidden_layers > 1 else 1) * b * m * h
+    mlp = 2 * b * m * h + 3 * b * m * shape.intermediate_size
+    return inputs + max(attention_no_grad(shape, mb), mlp)
+
+
+def reference_loss(shape: ModelShape, mb: MicroBatch, chunk: int) -> dict[str, int]:
+    """The DPO reference pass at its sequence_logprobs (bytes): the final hidden states and the chunked head
+    without gradients."""
+    return {"final hidden states": mb.dtype_bytes * mb.tokens * shape.hidden_size,
+            **loss_temporaries(shape, mb, chunk, grad=False)}

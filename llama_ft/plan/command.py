@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from llama_ft.errors import UserError, user_errors_exit
-from llama_ft.flags import float_or_auto, str2bool
+from llama_ft.flags import OBJECTIVE_HELP, float_or_auto, str2bool
 from llama_ft.hostfile import active_slots, parse_hostfile
 from llama_ft.plan.planner import (
     CPU_HEAP_RETENTION,
@@ -53,7 +53,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "source_max_len": 1024, "target_max_len": 256, "dataset_format": "alpaca", "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "packing": False, "loss_chunk_size": 1024,
     "bf16": True, "attn_implementation": "sdpa", "deepspeed": DEFAULT_DS_CONFIG, "sequence_parallel_size": 1,
-    "tiled_mlp": False, "activation_offload": False,
+    "tiled_mlp": False, "activation_offload": False, "objective": "sft", "precompute_ref_logprobs": False,
 }
 """The training flags the plan reads, with TrainConfig's defaults."""
 
@@ -83,7 +83,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                            ("gradient_checkpointing", "recompute each layer in backward"),
                            ("packing", "packed rows of --max_seq_len tokens"), ("bf16", "bf16 training (false: fp32)"),
                            ("tiled_mlp", "MLPs in slices of ~hidden_size tokens"),
-                           ("activation_offload", "activation checkpoints in host memory")):
+                           ("activation_offload", "activation checkpoints in host memory"),
+                           ("precompute_ref_logprobs", "DPO: the reference pass runs once before training, on padded "
+                                                       "batches of --per_device_train_batch_size pairs, not in each "
+                                                       "step")):
         g.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=s, metavar="BOOL",
                        help=f"{helptext} (default {TRAINING_DEFAULTS[name]})")
     g.add_argument("--offload_ratio", type=_ratio, default=s, metavar="R|auto",
@@ -98,6 +101,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn_implementation", default=s, help="sdpa (default), eager (keeps seq^2 probabilities), "
                                                             "flash_attention_2")
     g.add_argument("--deepspeed", default=s, metavar="CONFIG", help=f"DeepSpeed config (default {DEFAULT_DS_CONFIG})")
+    g.add_argument("--objective", default=s, help=f"{OBJECTIVE_HELP}. dpo: --per_device_train_batch_size counts "
+                                                  "pairs (2 rows each), and the reference pass is planned too "
+                                                  f"(default {TRAINING_DEFAULTS['objective']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

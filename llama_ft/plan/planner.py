@@ -11,6 +11,14 @@ Memory of one rank at its peak = what lives for the whole run + the largest of t
                          the backward (zero.py `simulate_gathered`: the prefetch gathers the embeddings
                          again once the last layer's first modules are released)
                step      the optimizer step's temporary fp32 copy
+               reference (--objective dpo only) the reference pass, which runs first on the same rows of a
+                         micro-batch (P pairs: 2P padded rows, or with --packing rows of whole pairs up to
+                         2 x --max_seq_len): its forward's working set with the most parameters gathered while
+                         its layers run, or its loss (sequence_logprobs without gradients) with what is
+                         gathered then, whichever is larger (activations.py, "DPO"); it keeps nothing for
+                         backward, so the policy's moments are those of SFT on the same rows. With
+                         --precompute_ref_logprobs it runs once, before training, on padded batches of P
+                         pairs (train/reference.py), a forward alone, and the steps run the policy only
     + the fragmentation margin on the moment's bytes (CPU: malloc's heap retention, CPU_HEAP_RETENTION),
     + the CUDA context (GPU) or the process baseline (CPU)
 
@@ -27,16 +35,18 @@ step time is those bytes over the per-GPU PCIe bandwidth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from llama_ft.errors import UserError
+from llama_ft.flags import check_objective_choice
 from llama_ft.plan import activations as act
 from llama_ft.plan.shape import ModelShape, Param, check_targets, model_params, shape_from_config
 from llama_ft.plan.zero import (
     Trace,
     ZeroSettings,
     build_trace,
+    forward_trace,
     is_persistent,
     modules_in_order,
     optimizer_bytes,
@@ -128,6 +138,12 @@ class Options:
     sp: int = 1  # --sequence_parallel_size
     tiled_mlp: bool = False
     activation_offload: bool = False
+    objective: str = "sft"  # "dpo": rows = 2 x pairs, and the reference pass (module doc)
+    precompute_ref: bool = False  # --precompute_ref_logprobs: the reference pass runs once, before training
+
+    @property
+    def dpo(self) -> bool:
+        return self.objective == "dpo"
 
 
 def _positive(name: str, value: Any) -> int:
@@ -147,9 +163,11 @@ def sequence_length(cfg: Any, shape: ModelShape) -> tuple[int, str]:
     if getattr(cfg, "packing", False):
         if max_seq is None:
             raise UserError("--packing needs --max_seq_len N: the length of a packed row")
+        if getattr(cfg, "objective", "sft") == "dpo":  # --max_seq_len bounds each side (data/batches.py)
+            return 2 * max_seq, f"packed rows of whole pairs, 2 x --max_seq_len {max_seq}"
         return max_seq, f"packed rows of --max_seq_len {max_seq}"
-    if getattr(cfg, "dataset_format", "alpaca") == "chat":
-        if max_seq is None:
+    if getattr(cfg, "dataset_format", "alpaca") == "chat" or getattr(cfg, "objective", "sft") == "dpo":
+        if max_seq is None:  # (pairs are chat rows, data/pairs.py, whatever --dataset_format says)
             longest = shape.max_position_embeddings
             return longest, f"chat data without --max_seq_len: max_position_embeddings {longest}, the longest possible"
         return max_seq, f"--max_seq_len {max_seq}"
@@ -174,6 +192,18 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
     sp = getattr(cfg, "sequence_parallel_size", 1)
     offload_acts = bool(getattr(cfg, "activation_offload", False))
     check_long_context_flags(sp, offload_acts, bool(cfg.gradient_checkpointing))
+    objective = getattr(cfg, "objective", "sft")
+    check_objective_choice(objective)
+    precompute = bool(getattr(cfg, "precompute_ref_logprobs", False))
+    if precompute and objective != "dpo":
+        raise UserError(f"--precompute_ref_logprobs applies to --objective dpo (this run: {objective})")
+    if objective == "dpo":
+        # what training refuses with DPO (config.py check_objective) has no plan either
+        for flag, on in (("--sequence_parallel_size > 1", sp > 1),
+                         ("--tiled_mlp", bool(getattr(cfg, "tiled_mlp", False)))):
+            if on:
+                raise UserError(f"{flag} with --objective dpo: not planned (training does not run it with DPO yet: "
+                                "DPO scores whole sequences on each rank)")
     chunk = _positive("loss_chunk_size", cfg.loss_chunk_size)
     dropout = float(getattr(cfg, "lora_dropout", 0.05))
     if not 0 <= dropout < 1:
@@ -188,7 +218,8 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
                    grad_accum=_positive("gradient_accumulation_steps", getattr(cfg, "gradient_accumulation_steps", 1)),
                    checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.packing), loss_chunk_size=chunk,
                    dtype_bytes=2 if getattr(cfg, "bf16", True) else 4, offload_ratio=ratio, attn_implementation=attn,
-                   sp=sp, tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)), activation_offload=offload_acts)
+                   sp=sp, tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)), activation_offload=offload_acts,
+                   objective=objective, precompute_ref=precompute)
 
 
 @dataclass(frozen=True)
@@ -255,8 +286,12 @@ def build_model(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: M
     params = model_params(shape, opts.targets, opts.lora_r, opts.quantize, opts.dtype_bytes)
     model = Model(shape, opts, zero, machine, params)
     modules = modules_in_order(params, zero)
-    trace = build_trace(modules, shape.num_hidden_layers, opts.checkpointing)
+    in_step = opts.dpo and not opts.precompute_ref  # DPO: the reference forward runs first in each micro-batch
+    trace = build_trace(modules, shape.num_hidden_layers, opts.checkpointing, reference_pass=in_step)
     model.moments = micro_batch_moments(model, trace)
+    if opts.dpo:
+        model.moments["reference pass"] = reference_moment(
+            model, trace if in_step else forward_trace(modules, shape.num_hidden_layers))
     return model
 
 
@@ -284,14 +319,42 @@ def micro_batch_moments(model: Model, trace: Trace) -> dict[str, dict[str, int]]
     }
 
 
+def reference_moment(model: Model, trace: Trace) -> dict[str, int]:
+    """The DPO reference pass at its peak (no grad, adapters off, on reference_micro_batch's rows): a layer's
+    working set with the RoPE tables and mask and the most parameters gathered while its layers run, or its
+    sequence_logprobs (final hidden states + chunked head without gradients) with what is gathered then,
+    whichever is larger. `trace`: the micro-batch's (the reference forward first), or the forward alone of
+    the pass before training (--precompute_ref_logprobs)."""
+    shape, end, mb = model.shape, trace.reference_end, reference_micro_batch(model)
+    assert end is not None, "a trace with a reference pass"
+    held = simulate_gathered(trace, model.zero)  # (no `gathers`: micro_batch_moments counted the step's)
+    in_layer = {"activations": act.shared_inputs(shape, mb) + act.reference_forward(shape, mb),
+                "gathered": max(held[:end])}
+    loss = act.reference_loss(shape, mb, model.opts.loss_chunk_size)
+    at_loss = {"activations": loss.pop("final hidden states"), "gathered": held[end], "loss": sum(loss.values())}
+    return max(in_layer, at_loss, key=lambda terms: sum(terms.values()))
+
+
 def micro_batch(model: Model) -> act.MicroBatch:
     """One rank's micro-batch: its 1/sp of the tokens, the tiled MLP's slices as training picks them
     (train/recipe.py: about hidden_size tokens each, from the longest sequence a rank holds)."""
     o, shape = model.opts, model.shape
     joined = o.rows if o.packing and o.attn_implementation == "flash_attention_2" else 1
     tiles = mlp_tiles(o.seq_len, joined, o.sp, shape.hidden_size) if o.tiled_mlp else 1
-    return act.MicroBatch(o.rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
+    # DPO: --per_device_train_batch_size counts pairs, each 2 rows (packed: rows of whole pairs, seq_len 2 x a side)
+    rows = 2 * o.rows if o.dpo and not o.packing else o.rows
+    return act.MicroBatch(rows, o.seq_len, o.dtype_bytes, o.lora_r, o.targets, o.lora_dropout, o.packing,
                           o.attn_implementation, model.machine.device, o.sp, tiles)
+
+
+def reference_micro_batch(model: Model) -> act.MicroBatch:
+    """The rows DPO's reference pass runs on: the micro-batch's, or with --precompute_ref_logprobs the pass before
+    training's padded batches of P pairs (2P rows of one side's length, data/collate.collate_pairs), packed
+    training or not."""
+    mb, o = micro_batch(model), model.opts
+    if not o.precompute_ref:
+        return mb
+    return replace(mb, rows=2 * o.rows, seq_len=o.seq_len // 2 if o.packing else o.seq_len, packing=False)
 
 
 def offloaded_activation_bytes(model: Model) -> int:
@@ -476,7 +539,12 @@ def inputs_echo(model: Model) -> dict[str, Any]:
                          "attn_implementation": o.attn_implementation,
                          "offload_ratio": o.offload_ratio, "sequence_parallel_size": o.sp,
                          "tokens_per_rank": micro_batch(model).tokens, "tiled_mlp_slices": micro_batch(model).mlp_tiles,
-                         "activation_offload": o.activation_offload},
+                         "activation_offload": o.activation_offload, "objective": o.objective,
+                         "rows_per_micro_batch": micro_batch(model).rows,
+                         **({"reference_pass": {"before_training": o.precompute_ref,
+                                                "rows": reference_micro_batch(model).rows,
+                                                "seq_len": reference_micro_batch(model).seq_len}}
+                            if o.dpo else {})},
             "deepspeed": {"reduce_bucket_size": z.reduce_bucket_size, "prefetch_bucket_size": z.prefetch_bucket_size,
                           "param_persistence_threshold": z.param_persistence_threshold,
                           "max_live_parameters": z.max_live_parameters, "max_reuse_distance": z.max_reuse_distance,

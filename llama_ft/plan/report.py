@@ -29,7 +29,7 @@ HOST_LABELS = {
 }
 CPU_HOST_LABELS = {"ranks_bytes": "the CPU ranks, each as above"}
 MOMENTS = {"loss": "at the loss, end of forward", "backward": "in the last layer's backward",
-           "optimizer step": "at the optimizer step"}
+           "optimizer step": "at the optimizer step", "reference pass": "in the DPO reference pass"}
 HINTS = {
     ("per_gpu", "base_partitions_bytes"): "more GPUs, --quantize (FP8: half the bytes) or --offload --offload_ratio",
     ("per_gpu", "activations_bytes"): "--gradient_checkpointing, --sequence_parallel_size, --tiled_mlp, "
@@ -85,7 +85,7 @@ def header(r: dict[str, Any]) -> list[str]:
     return [f"{mo['name'] or 'model'}: {count(mo['parameters'])} parameters, {base}; {lora} "
             f"({count(mo['lora_parameters'])} trainable, {t['dtype']})",
             f"  {m['nodes']} node(s) x {m['gpus_per_node']} {unit} = {m['world_size']} rank(s); {mem}host {host}",
-            f"  micro-batch {t['per_device_train_batch_size']} x {t['seq_len']} tokens ({t['seq_len_from']}), "
+            f"  micro-batch {micro_batch_text(t)} x {t['seq_len']} tokens ({t['seq_len_from']}), "
             f"{t['attn_implementation']}, gradient checkpointing {'on' if t['gradient_checkpointing'] else 'off'}, "
             f"loss chunk {t['loss_chunk_size']}, accumulation {t['gradient_accumulation_steps']}"
             + (f"; sequence parallel {t['sequence_parallel_size']} ({t['tokens_per_rank']} tokens per rank)"
@@ -98,6 +98,28 @@ def header(r: dict[str, Any]) -> list[str]:
             f"offload_param {z['offload_param']}, offload_optimizer {z['offload_optimizer']}"]
 
 
+def micro_batch_text(t: dict[str, Any]) -> str:
+    """`4`, or for DPO `4 pairs = 8 rows` (packed: `--per_device_train_batch_size` counts rows of whole pairs)."""
+    if t.get("objective") != "dpo" or t["packing"]:
+        return f"{t['per_device_train_batch_size']}"
+    return f"{t['per_device_train_batch_size']} pairs = {t['rows_per_micro_batch']} rows"
+
+
+def reference_line(r: dict[str, Any]) -> str:
+    """DPO: the reference pass beside the peak, each as the transient bytes of its moment."""
+    ref = sum(r["moments"]["reference pass"].values())
+    peak = sum(r["moments"][r["peak_at"]].values())
+    at = "the peak" if r["peak_at"] == "reference pass" else \
+        f"against {gib(peak)} GiB at the peak, {MOMENTS[r['peak_at']]}"
+    terms = ", ".join(f"{k} {gib(v)}" for k, v in r["moments"]["reference pass"].items())
+    rp = r["inputs"]["training"]["reference_pass"]
+    rows = f"{rp['rows']} rows x {rp['seq_len']} tokens"
+    when = (f"once before training (--precompute_ref_logprobs), on padded batches of {rows}" if rp["before_training"]
+            else f"first in each micro-batch, on the same {rows}")
+    return (f"DPO reference pass (adapters off, no grad, {when}): {gib(ref)} GiB of transients at its largest "
+            f"({terms}), {at}; it keeps nothing for backward and adds no weights")
+
+
 def report(r: dict[str, Any], brief: bool = False) -> str:
     """The plan as text (`brief`: the verdict line only)."""
     if brief:
@@ -108,6 +130,8 @@ def report(r: dict[str, Any], brief: bool = False) -> str:
     lines = header(r) + [""]
     lines += _table(gpu_title, r["per_gpu"], GPU_LABELS, None if cpu else m["gpu_memory_bytes"],
                     None if cpu else r["gpu_fits"])
+    if "reference pass" in r["moments"]:
+        lines.append(reference_line(r))
     ranks = m["gpus_per_node"]
     lines += [""] + _table(f"per host ({ranks} rank{'s' if ranks != 1 else ''})", r["per_host"],
                            CPU_HOST_LABELS if cpu else HOST_LABELS, m["host_memory_bytes"], r["host_fits"])

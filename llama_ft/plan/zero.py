@@ -195,19 +195,24 @@ class Trace:
     itself, train/loss.py). backward: the final norm, then each layer from the last: without
     checkpointing its modules in reverse; with it, its modules in forward order (the recompute) and
     then in reverse, and at the end the embeddings (their output requires a gradient then; seen in the
-    instrumented run's trace). `first_backward` is the position of the last layer's first backward module."""
+    instrumented run's trace). `first_backward` is the position of the last layer's first backward module.
+    DPO (`reference_pass`): the reference forward (the same modules; adapters off, no grad) comes first,
+    ending at `reference_end`, then the policy's forward and backward, as train/objectives.py runs them."""
 
     modules: list[Module]
     order: list[int]
     forward_end: int  # position of the final norm (the loss runs right after it)
     first_backward: int
+    reference_end: int | None = None  # DPO: position of the reference pass's final norm
 
 
-def build_trace(modules: list[Module], layers: int, checkpointing: bool) -> Trace:
+def build_trace(modules: list[Module], layers: int, checkpointing: bool, reference_pass: bool = False) -> Trace:
     by_name = {m.name: i for i, m in enumerate(modules)}
     layer_mods = [[by_name[m.name] for m in modules if m.name.startswith(f"model.layers.{n}.")] for n in range(layers)]
     embed, norm = by_name["model.embed_tokens"], by_name["model.norm"]
     forward = [embed] + [i for mods in layer_mods for i in mods] + [norm]
+    reference = list(forward) if reference_pass else []
+    forward = reference + forward
     backward = [norm]
     first_backward = None
     for mods in reversed(layer_mods):
@@ -218,7 +223,15 @@ def build_trace(modules: list[Module], layers: int, checkpointing: bool) -> Trac
         backward += list(reversed(mods))
     if checkpointing:  # transformers' gradient_checkpointing_enable makes the embedding's output require a
         backward.append(embed)  # gradient (enable_input_require_grads): its backward hook gathers it again
-    return Trace(modules, forward + backward, len(forward) - 1, first_backward)
+    return Trace(modules, forward + backward, len(forward) - 1, first_backward,
+                 len(reference) - 1 if reference_pass else None)
+
+
+def forward_trace(modules: list[Module], layers: int) -> Trace:
+    """A forward alone, no backward: the pass before training that computes DPO's reference log-probs
+    (--precompute_ref_logprobs); `reference_end` (= forward_end) is its final norm."""
+    t = build_trace(modules, layers, False)
+    return Trace(modules, t.order[:t.forward_end + 1], t.forward_end, t.forward_end + 1, t.forward_end)
 
 
 def next_uses(trace: Trace) -> tuple[list[int | None], list[int | None]]:
