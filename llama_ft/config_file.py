@@ -45,7 +45,7 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+def config_path(argv: Sequence[str]) -> str | None:
     """The value of --config in argv (the last one wins, like any flag), without parsing the rest."""
     path = None
     for i, arg in enumerate(argv):
@@ -172,20 +172,24 @@ def _actions(parsers: Iterable[argparse.ArgumentParser]) -> dict[str, argparse.A
 
 def known_parsers() -> list[argparse.ArgumentParser]:
     """Every parser whose flags a config file may set: training's first (it owns the shared keys' types)."""
-    from llama_ft.config import build_parser
-    from llama_ft.eval.command import build_parser as eval_parser
-    from llama_ft.plan.command import build_parser as plan_parser
+    # the training modules import DeepSpeed, whose first import logs a line to stdout: keep it out of the
+    # output of the command reading the file (llama-ft plan --json, llama-ft config --nul)
+    with contextlib.redirect_stdout(sys.stderr):
+        from llama_ft.config import build_parser
+        from llama_ft.eval.command import build_parser as eval_parser
+        from llama_ft.plan.command import build_parser as plan_parser
 
-    return [build_parser(), plan_parser(), eval_parser()]
+        return [build_parser(), plan_parser(), eval_parser()]
 
 
 def config_values(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The file's values for the flags of `parser`, typed and checked (module doc). A key of another llama-ft
     command is skipped; a key no command knows is a UserError naming the file, line and key."""
-    from llama_ft.config import flag_choices
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import-time line (known_parsers)
+        from llama_ft.config import flag_choices
 
     own = _actions([parser])
-    every = _actions([parser, *known_parsers()])
+    every = _actions([*known_parsers(), parser])  # training's flags type the keys every command shares
     choices = flag_choices()
     values = {}
     for key, (value, line) in read_config(path).items():
@@ -194,7 +198,7 @@ def config_values(path: str | Path, parser: argparse.ArgumentParser) -> dict[str
         if action is None:
             raise UserError(f"--config {path}: line {line}: unknown key '{key}' (keys are flag names without "
                             f"the dashes: `llama-ft train --help` lists them)")
-        checked = typed_value(value, own.get(key, action), where, choices.get(key))
+        checked = typed_value(value, action, where, choices.get(key))
         if key in own:
             values[key] = checked
     return values
@@ -203,7 +207,7 @@ def config_values(path: str | Path, parser: argparse.ArgumentParser) -> dict[str
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """parser.parse_args with `--config FILE`'s values as the defaults: flags on the command line win."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path = _config_path(argv)
+    path = config_path(argv)
     if path is not None:
         parser.set_defaults(**config_values(path, parser))
     ns = parser.parse_args(argv)

@@ -65,4 +65,6 @@ def test_example_data_settings_preview_on_the_embedded_default(example, tmp_path
     proc = _cli("data", "--config", str(example), "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
                 "--preview", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "rows ->" in proc.stdout + proc.stderr
+    assert "rows read" in proc.stdout and "[[" in proc.stdout  # the summary, and a preview with its trained tokens
+    if values.get("max_seq_len"):  # the file's data settings were the ones used
+        assert f"--max_seq_len {values['max_seq_len']}" in proc.stdout

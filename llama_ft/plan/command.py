@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from llama_ft.config_file import add_config_flag, config_path, config_values
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.flags import OBJECTIVE_HELP, float_or_auto, str2bool
 from llama_ft.hostfile import active_slots, parse_hostfile
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     o.add_argument("--brief", action="store_true", help="one line when it fits (the whole breakdown when not)")
     add_training_flags(p)
+    add_config_flag(p)
     return p
 
 
@@ -150,10 +152,16 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, SimpleNamespace]:
     """(plan options, training options): flags before `--` strictly, a training command line after it
     leniently; the flags before `--` win."""
     head, tail = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    ns = build_parser().parse_args(head)
+    parser = build_parser()
+    path = config_path(head)  # --config FILE: below both command lines, above the defaults
+    from_file = config_values(path, parser) if path is not None else {}
+    parser.set_defaults(**{k: v for k, v in from_file.items() if k not in TRAINING_DEFAULTS})
+    ns = parser.parse_args(head)
+    del ns.config
     lenient, _skipped = training_parser().parse_known_args(tail)
     given = {k: v for k, v in vars(ns).items() if k in TRAINING_DEFAULTS}
-    return ns, SimpleNamespace(**{**TRAINING_DEFAULTS, **vars(lenient), **given})
+    file_training = {k: v for k, v in from_file.items() if k in TRAINING_DEFAULTS}
+    return ns, SimpleNamespace(**{**TRAINING_DEFAULTS, **file_training, **vars(lenient), **given})
 
 
 def load_ds_config(path: str) -> tuple[dict, str]:
