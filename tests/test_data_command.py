@@ -128,8 +128,6 @@ def test_dump_is_what_the_training_loop_is_fed(tiny_model_dir, tmp_path, capsys)
      "data.jsonl: line 1: 'chosen' and 'rejected' are identical"),
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--objective", "kto"],
      "--objective 'kto': expected one of sft, dpo"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--objective", "dpo", "--packing", "--max_seq_len", "64"],
-     "--packing with --objective dpo: llama-ft data does not show packed pairs yet"),
 ])
 def test_bad_input_one_line_no_dump(tiny_model_dir, tmp_path, capsys, content, extra, needle):
     data = tmp_path / "data.jsonl"
@@ -342,6 +340,38 @@ def test_dpo_dump_is_what_training_reads(tiny_model_dir, dpo_data, tmp_path, cap
     fed = [{"chosen": rows[p], "rejected": rows[3 + p]} for p in range(3)]
     assert sorted(map(json.dumps, fed)) == sorted(json.dumps({"chosen": d["chosen_input_ids"],
                                                               "rejected": d["rejected_input_ids"]}) for d in dumped)
+
+
+def test_dpo_packed_dump_holds_whole_pairs_of_the_unpacked_dump(tiny_model_dir, dpo_data, tmp_path, capsys):
+    """--objective dpo --packing: every packed row holds whole pairs (<= 2 x --max_seq_len tokens), each side a
+    contiguous run of its sequence id with positions from 0, its ids and labels those of the (template-checked)
+    unpacked dump, every pair exactly once; padding has sequence id -1."""
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--dataset", str(dpo_data), "--dataset_format", "chat",
+             "--objective", "dpo", "--max_seq_len", str(DPO_MAX_LEN)]
+    run(capsys, *flags, "--dump", str(tmp_path / "unpacked.jsonl"))
+    pairs = [json.loads(ln) for ln in (tmp_path / "unpacked.jsonl").read_text().splitlines()]
+    out = run(capsys, *flags, "--packing", "--dump", str(tmp_path / "packed.jsonl"))
+    rows = [json.loads(ln) for ln in (tmp_path / "packed.jsonl").read_text().splitlines()]
+    assert f"rows of {2 * DPO_MAX_LEN} tokens for {len(pairs)} examples" in out
+    seen = []
+    for row in rows:
+        assert len(row["input_ids"]) <= 2 * DPO_MAX_LEN
+        ids = row["sequence_ids"]
+        sides = sorted({s for s in ids if s >= 0})
+        assert len(sides) % 2 == 0
+        n_pairs = len(sides) // 2
+        for k in range(n_pairs):
+            got = {}
+            for side, s in (("chosen", k), ("rejected", n_pairs + k)):
+                at = [i for i, v in enumerate(ids) if v == s]
+                assert at == list(range(at[0], at[0] + len(at)))  # contiguous
+                assert [row["position_ids"][i] for i in at] == list(range(len(at)))
+                got[f"{side}_input_ids"] = [row["input_ids"][i] for i in at]
+                got[f"{side}_labels"] = [IGNORE_INDEX] + [row["labels"][i] for i in at[1:]]
+            seen.append(got)
+        assert all(row["labels"][i] == IGNORE_INDEX for i, v in enumerate(ids) if v < 0)
+    want = [{k: (v if not k.endswith("labels") else [IGNORE_INDEX, *v[1:]]) for k, v in p.items()} for p in pairs]
+    assert sorted(map(json.dumps, seen)) == sorted(map(json.dumps, want))
 
 
 def test_dpo_objective_flag_is_trainings():

@@ -32,6 +32,12 @@ def example_lengths(examples: Sequence[Example]) -> list[int]:
     return [sum(len(e[c]) for c in columns) for e in examples]
 
 
+def pack_capacity(pack_len: int, pairs: bool) -> int:
+    """Tokens a packed row holds: --max_seq_len, or for preference pairs 2 x --max_seq_len (a row holds whole
+    pairs, and --max_seq_len bounds each side)."""
+    return 2 * pack_len if pairs else pack_len
+
+
 def epoch_rows(lengths: Sequence[int], seed: int, epoch: int, pack_len: int | None) -> list[list[int]]:
     """The rows of epoch `epoch`, in training order, as lists of example indices.
 
@@ -82,7 +88,7 @@ class MicroBatches:
 
     def _load(self, epoch: int) -> None:
         if self._rows_epoch != epoch:
-            capacity = 2 * self.pack_len if self.pairs and self.pack_len else self.pack_len
+            capacity = pack_capacity(self.pack_len, self.pairs) if self.pack_len else None
             self._rows, self._rows_epoch = epoch_rows(self.lengths, self.seed, epoch, capacity), epoch
 
     def __iter__(self) -> MicroBatches:

@@ -17,8 +17,8 @@ With `--objective dpo` the examples are preference pairs (data/pairs.py): the su
 gives the token statistics of each side; `--preview K` shows both sides of each of the first K pairs,
 labelled chosen and rejected, each decoded in full with its trained tokens (the response) marked; `--dump`
 writes one line per pair, {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"},
-the columns training collates (data/collate.py collate_pairs). Packed pairs are not shown yet (--packing
-with --objective dpo is one error line).
+the columns training collates (data/collate.py collate_pairs). With `--packing` the dump is the packed rows
+of whole pairs (2 x --max_seq_len tokens each), with "sequence_ids" (collate_packed_pairs).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 
 from llama_ft.config import DATA_FLAGS, TrainConfig, add_config_flags, validate_data_options
 from llama_ft.config_file import add_config_flag, parse_args
-from llama_ft.data.batches import epoch_rows, example_lengths
+from llama_ft.data.batches import epoch_rows, example_lengths, pack_capacity
 from llama_ft.data.chat import use_chat_template
-from llama_ft.data.collate import collate_packed, pad_token_id
+from llama_ft.data.collate import collate_packed, collate_packed_pairs, pad_token_id
 from llama_ft.data.formats import CHAT, IGNORE_INDEX
 from llama_ft.data.pairs import PAIR_COLUMNS, SIDES
 from llama_ft.data.pipeline import DataOptions, DataStats, load_tokenizer, prepare_examples
@@ -150,14 +150,17 @@ def dump(examples, path: Path, columns: tuple[str, ...] = EXAMPLE_COLUMNS) -> No
                 f.write(json.dumps(dict(zip(columns, values, strict=True)), separators=(",", ":")) + "\n")
 
 
-def dump_packed(examples, rows: list[list[int]], pad_id: int, path: Path) -> None:
-    """Each packed row as one JSON line {"input_ids", "labels", "position_ids"}, as collate_packed builds it."""
+def dump_packed(examples, rows: list[list[int]], pad_id: int, path: Path, pairs: bool = False) -> None:
+    """Each packed row as one JSON line {"input_ids", "labels", "position_ids"}, as collate_packed builds it;
+    rows of pairs add "sequence_ids" (collate_packed_pairs: pair k's chosen side k, its rejected side P + k)."""
     from tqdm import tqdm
 
+    collate_row = collate_packed_pairs if pairs else collate_packed
+    columns = ("input_ids", "labels", "position_ids", *(("sequence_ids",) if pairs else ()))
     with atomic_write(path) as f:
         for row in tqdm(rows, desc="dump", unit="row", disable=None):
-            t = collate_packed([[examples[i] for i in row]], pad_id)
-            line = {k: t[k][0].tolist() for k in ("input_ids", "labels", "position_ids")}
+            t = collate_row([[examples[i] for i in row]], pad_id)
+            line = {k: t[k][0].tolist() for k in columns}
             f.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
@@ -181,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump and Path(args.dump).resolve() == Path(cfg.dataset).expanduser().resolve():
         raise UserError(f"--dump {args.dump}: is the dataset itself; write the dump elsewhere")
     pairs = cfg.objective == "dpo"
-    if pairs and cfg.packing:
-        raise UserError("--packing with --objective dpo: llama-ft data does not show packed pairs yet; leave out "
-                        "--packing to see the pairs themselves")
     tokenizer = load_tokenizer(tok_path)
     if cfg.dataset_format == CHAT:
         use_chat_template(tokenizer, cfg.chat_template, tok_path)
@@ -193,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(opts, stats, toks))
     rows = None
     if cfg.packing:  # epoch 0 of the training stream, all examples
-        lengths = example_lengths(examples)
-        rows = epoch_rows(lengths, cfg.seed, 0, cfg.max_seq_len)
-        print(packing_line(rows, lengths, cfg.max_seq_len))
+        lengths = example_lengths(examples)  # a pair: both sides
+        capacity = pack_capacity(cfg.max_seq_len, pairs)
+        rows = epoch_rows(lengths, cfg.seed, 0, capacity)
+        print(packing_line(rows, lengths, capacity))
     if args.preview:
         preview(examples, tokenizer, args.preview, sys.stdout, pairs)
     if args.dump and rows is not None:
-        dump_packed(examples, rows, pad_token_id(tokenizer), Path(args.dump))
+        dump_packed(examples, rows, pad_token_id(tokenizer), Path(args.dump), pairs)
         print(f"\nwrote {len(rows)} packed rows to {args.dump}")
     elif args.dump:
         dump(examples, Path(args.dump), PAIR_COLUMNS if pairs else EXAMPLE_COLUMNS)
