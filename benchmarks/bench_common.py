@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,14 +267,15 @@ def write_json(path: Path, obj: Any) -> None:
 # what a run reports
 
 
-def metrics_steps(metrics_jsonl: Path, steps: int) -> list[dict[str, Any]]:
+def metrics_steps(metrics_jsonl: Path, steps: int, count: str = "trained_tokens") -> list[dict[str, Any]]:
     """The per-step records of a llama-ft run logged every step (--logging_steps 1), each with `time_s`: the
-    recipe's own logging window, i.e. that optimizer step's wall time (trained tokens / trained tokens per s)."""
+    recipe's own logging window, i.e. that optimizer step's wall time (`count` / `count`_per_s: trained tokens
+    for SFT, "pairs" for --objective dpo)."""
     rows = [json.loads(ln) for ln in metrics_jsonl.read_text().splitlines()]
-    rows = [r for r in rows if "trained_tokens" in r]
+    rows = [r for r in rows if f"{count}_per_s" in r]
     if [r["step"] for r in rows] != list(range(1, steps + 1)):
         raise RuntimeError(f"{metrics_jsonl}: steps {[r['step'] for r in rows]}, expected 1..{steps}")
-    return [{**r, "time_s": r["trained_tokens"] / r["trained_tokens_per_s"]} for r in rows]
+    return [{**r, "time_s": r[count] / r[f"{count}_per_s"]} for r in rows]
 
 
 def package_version(dist: str) -> str:
@@ -299,6 +300,18 @@ def run_header(cuda: bool) -> dict[str, Any]:
                 transformers=package_version("transformers"), python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+
+
+def print_report(run: Callable[[Any], dict[str, Any]], markdown: Callable[[dict[str, Any]], str], args: Any) -> int:
+    """`run(args)` with stdout sent to stderr, its report written to args.json (where given), then as a markdown
+    table on stdout. Exit code 1 when a method failed (report["methods"][name] has "failed"), else 0."""
+    with stdout_to_stderr():
+        report = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, report)
+    print(markdown(report), flush=True)
+    return 1 if any("failed" in m for m in report["methods"].values()) else 0
 
 
 def remove_shm_buffers(port: int) -> list[Path]:

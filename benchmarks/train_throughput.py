@@ -92,10 +92,10 @@ from bench_common import (
     install_probe,
     metrics_steps,
     package_version,
+    print_report,
     read_probes,
     run_header,
     run_job,
-    stdout_to_stderr,
     write_jsonl,
     write_model_dir,
 )
@@ -138,13 +138,14 @@ class Unavailable(Exception):
 
 
 def die(msg: str) -> None:
-    """Bad input: one line, exit code 2."""
-    print(f"train_throughput.py: error: {msg}", file=sys.stderr)
+    """Bad input: one line naming the script that runs (dpo_vs_trl.py shares the checks), exit code 2."""
+    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
 def log(msg: str) -> None:
-    print(f"[train_throughput] {msg}", file=sys.stderr, flush=True)
+    # the script that runs, so that benchmarks/dpo_vs_trl.py's launches (made here) log under its name
+    print(f"[{Path(sys.argv[0]).stem}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,8 +232,9 @@ def ours_batches(examples: Any, args: argparse.Namespace, pad_id: int, packed: b
     return steps
 
 
-def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
-    packed = method in ("ours_packed", "ours_fp8")
+def launch_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any], flags: list[str]) -> dict[str, Any]:
+    """`bash run-llama.sh FLAGS` on args.nproc ranks with ctx's model and data, in args.dir/runs/METHOD;
+    {"output" (its OUTPUT_DIR), "probes", "wall_s", "train_flags", "command"}; RuntimeError if it fails."""
     run_dir = args.dir / "runs" / method
     shutil.rmtree(run_dir, ignore_errors=True)
     probe_out = run_dir / "probe"
@@ -241,13 +243,19 @@ def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
     env.update(MODEL=str(ctx["model_dir"]), DATA=str(ctx["data_file"]), OUTPUT_DIR=str(run_dir / "output"),
                NPROC=str(args.nproc), PYTHON=sys.executable, DEEPSPEED=deepspeed_launcher(args.dir),
                MASTER_PORT=str(free_port()))
-    flags = ours_flags(args, method)
     cmd = ["bash", str(REPO / "run-llama.sh"), *flags]
     log(f"{method}: {' '.join(cmd[:2])} {' '.join(cmd[2:])}")
     rc, wall = run_job(cmd, env, run_dir / "log.txt", args.timeout, cwd=run_dir)
     if rc != 0:
         raise RuntimeError(failure_reason(rc, run_dir / "log.txt", args.timeout))
-    rows = metrics_steps(run_dir / "output" / "metrics.jsonl", args.steps)
+    return {"output": run_dir / "output", "probes": read_probes(probe_out, args.nproc), "wall_s": wall,
+            "train_flags": flags, "command": f"{env_prefix(env)} bash run-llama.sh {' '.join(cmd[2:])}"}
+
+
+def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    packed = method in ("ours_packed", "ours_fp8")
+    run = launch_ours(method, args, ctx, ours_flags(args, method))
+    rows = metrics_steps(run.pop("output") / "metrics.jsonl", args.steps)
     batches = ours_batches(ctx["examples"], args, ctx["pad_id"], packed)
     steps = []
     for r, b in zip(rows, batches, strict=True):
@@ -257,8 +265,7 @@ def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
             raise RuntimeError(f"step {r['step']}: metrics.jsonl counts {r['trained_tokens']} trained / "
                                f"{nonpad_logged:.0f} tokens, the batch stream {b['trained']} / {b['nonpad']}")
         steps.append({"time_s": window, **b})
-    return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall, "train_flags": flags,
-            "command": f"{env_prefix(env)} bash run-llama.sh {' '.join(cmd[2:])}"}
+    return {"steps": steps, **run}
 
 
 def env_prefix(env: dict[str, str]) -> str:
@@ -270,29 +277,33 @@ def env_prefix(env: dict[str, str]) -> str:
 # HF / TRL runs (the parent side)
 
 
-def peer_config(method: str, args: argparse.Namespace, ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Everything a --worker needs: the filled ZeRO-3 dict (llama-ft's fill_ds_config over the same flags)."""
+def peer_config(method: str, args: argparse.Namespace, ctx: dict[str, Any], run_dir: Path,
+                flags: list[str] | None = None) -> dict[str, Any]:
+    """Everything a --worker needs: the filled ZeRO-3 dict (llama-ft's fill_ds_config over the same flags: those of
+    `method`'s llama-ft counterpart, or `flags`)."""
     from llama_ft.config import fill_ds_config, load_ds_config, parse_train_args
 
-    flags = ours_flags(args, method)
+    flags = ours_flags(args, method) if flags is None else flags
     cfg = parse_train_args(["--model_name_or_path", str(ctx["model_dir"]), "--dataset", str(ctx["data_file"]),
                             "--output_dir", str(run_dir / "ds-config-check"), "--deepspeed",
                             str(REPO / "ds_configs" / "zero3.json"), *flags])
     ds = fill_ds_config(load_ds_config(cfg.deepspeed), cfg, args.nproc, ctx["dims"]["hidden_size"], args.cuda)
     return {"method": method, "model_dir": str(ctx["model_dir"]), "examples": str(ctx["examples_file"]),
             "output_dir": str(run_dir / "output"), "stats_dir": str(run_dir / "stats"), "ds_config": ds,
-            "batch": args.batch, "grad_accum": args.grad_accum, "steps": args.steps, "seq": args.seq,
+            "batch": args.batch, "grad_accum": args.grad_accum, "steps": args.steps,
+            "seq": getattr(args, "seq", None),  # TRL SFT's packed length; dpo_vs_trl.py has none (no cut)
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn,
-            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": LORA_DROPOUT,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": cfg.lora_dropout,
             "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
             "adam_beta1": cfg.adam_beta1, "adam_beta2": cfg.adam_beta2, "adam_epsilon": cfg.adam_epsilon,
-            "warmup_steps": math.ceil(WARMUP_RATIO * args.steps), "seed": args.seed, "cuda": args.cuda}
+            "warmup_steps": math.ceil(cfg.warmup_ratio * args.steps), "seed": args.seed, "cuda": args.cuda,
+            "dpo_beta": cfg.dpo_beta}
 
 
-def trl_unavailable(python: str, env: dict[str, str]) -> str | None:
-    """Why TRL cannot run with `python`, or None."""
+def trl_unavailable(python: str, env: dict[str, str], trainer: str = "SFTTrainer") -> str | None:
+    """Why TRL's `trainer` cannot run with `python`, or None."""
     try:
-        probe = subprocess.run([python, "-c", "import trl, sys; from trl import SFTConfig, SFTTrainer; "
+        probe = subprocess.run([python, "-c", f"import trl, sys; from trl import {trainer}; "
                                 "sys.stdout.write(trl.__version__)"], env=env, capture_output=True, text=True,
                                timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -306,22 +317,31 @@ def trl_unavailable(python: str, env: dict[str, str]) -> str | None:
 
 
 def run_peer(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    trl = method == "trl_packed"
+    return launch_peer(method, "trl" if trl else "hf", args.trl_python if trl else sys.executable, args, ctx,
+                       lambda run_dir: peer_config(method, args, ctx, run_dir), trl_trainer="SFTTrainer" if trl else "")
+
+
+def launch_peer(method: str, kind: str, python: str, args: argparse.Namespace, ctx: dict[str, Any],
+                make_config: Any, trl_trainer: str = "") -> dict[str, Any]:
+    """`kind`'s --worker (this file) on args.nproc torchrun ranks with `python`, in args.dir/runs/METHOD;
+    `make_config(run_dir)` gives its config. Per optimizer step: rank 0's wall time and the micro-batch counts
+    summed over ranks. Unavailable (the row's reason) where `trl_trainer` does not import or the job fails."""
     run_dir = args.dir / "runs" / method
     shutil.rmtree(run_dir, ignore_errors=True)
     probe_out = run_dir / "probe"
     probe_out.mkdir(parents=True)
     env = base_env(args, ctx["probe_dir"], probe_out)
-    python = args.trl_python if method == "trl_packed" else sys.executable
-    if method == "trl_packed":
-        why = trl_unavailable(python, {k: v for k, v in env.items() if k != PROBE_ENV})
+    if trl_trainer:
+        why = trl_unavailable(python, {k: v for k, v in env.items() if k != PROBE_ENV}, trl_trainer)
         if why:
             raise Unavailable(why)
-    conf = peer_config(method, args, ctx, run_dir)
+    conf = make_config(run_dir)
     (run_dir / "stats").mkdir()
     (run_dir / "worker.json").write_text(json.dumps(conf, indent=1))
     cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker",
-           "hf" if method == "hf" else "trl", "--config", str(run_dir / "worker.json")]
+           "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", kind, "--config",
+           str(run_dir / "worker.json")]
     log(f"{method}: {' '.join(cmd)}")
     rc, wall = run_job(cmd, env, run_dir / "log.txt", args.timeout, cwd=run_dir)
     if rc != 0:
@@ -331,7 +351,7 @@ def run_peer(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
     for k in range(args.steps):
         per_rank = [rk["steps"][k] for rk in ranks]
         steps.append({"time_s": per_rank[0]["time_s"], **{key: sum(p[key] for p in per_rank)
-                                                          for key in ("tokens", "nonpad", "trained")}})
+                                                          for key in per_rank[0] if key != "time_s"}})
     return {"steps": steps, "probes": read_probes(probe_out, args.nproc), "wall_s": wall,
             "versions": ranks[0].get("versions", {}),
             "command": f"{env_prefix(env)} {' '.join(cmd)}".strip()}
@@ -342,7 +362,8 @@ def run_peer(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict
 
 
 def worker(kind: str, config_path: str) -> None:
-    """One rank of the HF Trainer (kind "hf") or TRL SFTTrainer (kind "trl") run; writes stats/rank{R}.json."""
+    """One rank of the HF Trainer (kind "hf"), TRL SFTTrainer (kind "trl") or TRL DPOTrainer (kind "dpo",
+    benchmarks/dpo_vs_trl.py) run; writes stats/rank{R}.json."""
     import datasets
     import peft
     import torch
@@ -381,7 +402,7 @@ def worker(kind: str, config_path: str) -> None:
         dataset = datasets.Dataset.from_list([{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])
         extra: dict[str, Any] = dict(data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
                                                                            label_pad_token_id=-100))
-    else:
+    elif kind == "trl":
         import trl
         from trl import SFTConfig, SFTTrainer
 
@@ -389,6 +410,16 @@ def worker(kind: str, config_path: str) -> None:
         targs = SFTConfig(**common, packing=True, max_length=conf["seq"])
         base = SFTTrainer
         dataset = datasets.Dataset.from_list(rows)  # input_ids + labels: TRL keeps the labels, packs them (bfd)
+        extra = dict(peft_config=lora)
+    else:
+        import trl
+        from trl import DPOConfig, DPOTrainer
+
+        versions["trl"] = trl.__version__
+        # llama-ft's --objective dpo: the sigmoid loss, its beta, no cut (TRL's default max_length 1024 would cut)
+        targs = DPOConfig(**common, beta=conf["dpo_beta"], loss_type=["sigmoid"], max_length=None)
+        base = DPOTrainer
+        dataset = datasets.Dataset.from_list(rows)  # conversational pairs: TRL applies the chat template
         extra = dict(peft_config=lora)
     dtype = torch.bfloat16 if conf["bf16"] else torch.float32
     config = AutoConfig.from_pretrained(conf["model_dir"])
@@ -403,10 +434,13 @@ def worker(kind: str, config_path: str) -> None:
         """Records the tokens of every micro-batch the rank trains on, as the model gets it."""
 
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
-            ids, labels = inputs["input_ids"], inputs["labels"]
-            mask = inputs.get("attention_mask")
-            micro.append({"tokens": ids.numel(), "nonpad": int(mask.sum()) if mask is not None else ids.numel(),
-                          "trained": int((labels[:, 1:] != -100).sum())})
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            counts = {"tokens": ids.numel(), "nonpad": int(mask.sum()) if mask is not None else ids.numel()}
+            if kind == "dpo":  # rows [chosen.., rejected..]; the completion mask marks the tokens scored
+                counts.update(trained=int(inputs["completion_mask"][:, 1:].sum()), pairs=ids.shape[0] // 2)
+            else:
+                counts["trained"] = int((inputs["labels"][:, 1:] != -100).sum())
+            micro.append(counts)
             return super().training_step(model, inputs, *rest, **kw)
 
     class StepTimes(TrainerCallback):
@@ -431,7 +465,7 @@ def worker(kind: str, config_path: str) -> None:
         raise RuntimeError(f"recorded {len(ends) - 1} steps and {len(micro)} micro-batches, expected "
                            f"{conf['steps']} and {ga * conf['steps']}")
     steps = [{"time_s": ends[k + 1] - ends[k], **{key: sum(m[key] for m in micro[k * ga:(k + 1) * ga])
-                                                  for key in ("tokens", "nonpad", "trained")}}
+                                                  for key in micro[0]}}
              for k in range(conf["steps"])]
     rank = int(os.environ.get("RANK", 0))
     out = Path(conf["stats_dir"]) / f"rank{rank}.json"
@@ -507,48 +541,70 @@ def fmt_int(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def head_lines(title: str, report: dict[str, Any], batch: str) -> list[str]:
+    """A report's first lines: what ran where, with which versions; the command; the model shape, dtype, LoRA,
+    ZeRO-3, what a batch (`batch`) holds, accumulation, checkpointing, attention and the steps measured."""
+    h, c, d = report["header"], report["config"], report["config"]["dims"]
+    return [f"{title}: {h['device']}; {c['nproc']} ranks; {h['date']}; torch {h['torch']}, deepspeed "
+            f"{h['deepspeed']}, transformers {h['transformers']}, peft {h['peft']}, trl {h['trl']}",
+            f"`{h['command']}`",
+            f"shape {c['shape']} (hidden {d['hidden_size']}, {d['num_hidden_layers']} layers, "
+            f"{d['num_attention_heads']}/{d['num_key_value_heads']} heads, intermediate {d['intermediate_size']}, "
+            f"vocab {d['vocab_size']}, {c['params'] / 1e6:.1f}M params), {c['dtype']}, LoRA r={c['lora_r']} "
+            f"alpha={c['lora_alpha']:g} dropout {c['lora_dropout']:g} on q,k,v,o,gate,up,down, ZeRO-3, {batch}, "
+            f"accumulation {c['grad_accum']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
+            f"attention {c['attn']}; {c['steps']} steps, measured {c['warmup'] + 1}..{c['steps']}"]
+
+
+def memory_column(config: dict[str, Any]) -> str:
+    """The peak memory column's title: host RSS on CPU ranks, torch's allocator peak on GPUs."""
+    return "peak GPU mem / rank GiB (max_memory_allocated)" if config["cuda"] else "peak RSS / rank GiB"
+
+
+def peaks_cell(res: dict[str, Any]) -> str:
+    """A method's peak memory per rank, GiB."""
+    return ", ".join(f"{b / 2**30:.2f}" for b in res["peak_memory_bytes_per_rank"])
+
+
+def method_rows(methods: dict[str, dict[str, Any]], labels: dict[str, str], figure: str, cells: Any,
+                columns: int) -> list[str]:
+    """A table row per method, its label then `cells(figures)`; a method without `figure` (not run, failed) gets
+    n/a or failed and a numbered note, listed below the table."""
+    rows, notes = [], []
+    for name, label in labels.items():
+        res = methods[name]
+        if figure in res:
+            rows.append(f"| {label} | " + " | ".join(cells(res)) + " |")
+            continue
+        notes.append(res.get("unavailable") or res.get("failed") or "?")
+        rows.append(f"| {label} | {'failed' if 'failed' in res else 'n/a'} [{len(notes)}] |" + " |" * (columns - 2))
+    return rows + (["", *(f"[{i}] {n}" for i, n in enumerate(notes, 1))] if notes else [])
+
+
+def goal_lines(goals: list[dict[str, Any]]) -> list[str]:
+    return [f"- {g['goal']}: not measured" if g["ratio"] is None else
+            f"- {g['goal']}: {g['ratio']:.2f}x, {'holds' if g['holds'] else 'does not hold'}" for g in goals]
+
+
 def markdown(report: dict[str, Any]) -> str:
-    h, c, d = report["header"], report["config"], report["data"]
-    mem = "peak GPU mem / rank GiB (max_memory_allocated)" if c["cuda"] else "peak RSS / rank GiB"
-    out = [f"Training throughput: {h['device']}; {c['nproc']} ranks; {h['date']}; torch {h['torch']}, "
-           f"deepspeed {h['deepspeed']}, transformers {h['transformers']}, peft {h['peft']}, trl {h['trl']}",
-           f"`{h['command']}`",
-           f"shape {c['shape']} (hidden {c['dims']['hidden_size']}, {c['dims']['num_hidden_layers']} layers, "
-           f"{c['dims']['num_attention_heads']}/{c['dims']['num_key_value_heads']} heads, intermediate "
-           f"{c['dims']['intermediate_size']}, vocab {c['dims']['vocab_size']}, {c['params'] / 1e6:.1f}M params), "
-           f"{c['dtype']}, LoRA r={c['lora_r']} alpha={c['lora_alpha']:g} on q,k,v,o,gate,up,down, ZeRO-3, "
-           f"batch {c['batch']} per rank (examples unpacked, rows of <= {c['seq']} tokens packed), accumulation "
-           f"{c['grad_accum']}, gradient checkpointing {'on' if c['gradient_checkpointing'] else 'off'}, "
-           f"attention {c['attn']}; {c['steps']} steps, measured {c['warmup'] + 1}..{c['steps']}",
+    c, d = report["config"], report["data"]
+    out = [*head_lines("Training throughput", report, f"batch {c['batch']} per rank (examples unpacked, rows of "
+                                                      f"<= {c['seq']} tokens packed)"),
            f"data: {d['examples']} synthetic input-output examples, tokens per example median {d['median']:.0f}, "
            f"p90 {d['p90']:.0f}, p99 {d['p99']:.0f}, max {d['max']:.0f}; {100 * d['trained_share']:.0f}% trained",
            "",
            f"| method | trained tok/s | vs HF | all tok/s | step s | model TFLOP/s | tokens / step (all ranks) | "
-           f"padding share | {mem} |",
+           f"padding share | {memory_column(c)} |",
            "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     hf = report["methods"]["hf"].get("trained_tokens_per_s")
-    notes: list[str] = []
-    for name, label in METHODS.items():
-        res = report["methods"][name]
-        if "trained_tokens_per_s" not in res:
-            why = res.get("unavailable") or res.get("failed") or "?"
-            notes.append(why)
-            kind = "failed" if "failed" in res else "n/a"
-            out.append(f"| {label} | {kind} [{len(notes)}] | | | | | | | |")
-            continue
-        peaks = ", ".join(f"{b / 2**30:.2f}" for b in res["peak_memory_bytes_per_rank"])
-        vs = f"{res['trained_tokens_per_s'] / hf:.2f}x" if hf else ""
-        out.append(f"| {label} | {fmt_int(res['trained_tokens_per_s'])} | {vs} | {fmt_int(res['tokens_per_s'])} | "
-                   f"{res['step_time_s']:.2f} | {res['model_tflops_per_s']:.3g} | {fmt_int(res['tokens_per_step'])} | "
-                   f"{res['padding_share']:.3f} | {peaks} |")
-    if notes:
-        out += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
-    out.append("")
-    for g in report["goals"]:
-        if g["ratio"] is None:
-            out.append(f"- {g['goal']}: not measured")
-        else:
-            out.append(f"- {g['goal']}: {g['ratio']:.2f}x, {'holds' if g['holds'] else 'does not hold'}")
+
+    def cells(res: dict[str, Any]) -> list[str]:
+        return [fmt_int(res["trained_tokens_per_s"]), f"{res['trained_tokens_per_s'] / hf:.2f}x" if hf else "",
+                fmt_int(res["tokens_per_s"]), f"{res['step_time_s']:.2f}", f"{res['model_tflops_per_s']:.3g}",
+                fmt_int(res["tokens_per_step"]), f"{res['padding_share']:.3f}", peaks_cell(res)]
+
+    out += method_rows(report["methods"], METHODS, "trained_tokens_per_s", cells, 9)
+    out += ["", *goal_lines(report["goals"])]
     r = report["ratios"]
     if r["ours_unpacked_vs_hf"] is not None:
         same = report["hf_batches_equal_ours_unpacked"]
@@ -565,50 +621,59 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
 # arguments and main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def shared_args(ap: argparse.ArgumentParser, defaults: dict[str, Any], batch: str, scratch: str) -> None:
+    """The options this script and dpo_vs_trl.py share, same names and meaning (`batch`: what --batch counts)."""
     ap.add_argument("--shape", choices=sorted(SHAPES), help="model shape; default small (tiny with --smoke)")
-    ap.add_argument("--steps", type=int, help=f"optimizer steps per method; default {DEFAULTS['steps']}")
-    ap.add_argument("--warmup", type=int, help=f"first steps left out of the figures; default {DEFAULTS['warmup']}")
-    ap.add_argument("--batch", type=int, help=f"per-rank batch: examples unpacked, rows packed; default "
-                                              f"{DEFAULTS['batch']}")
+    ap.add_argument("--steps", type=int, help=f"optimizer steps per method; default {defaults['steps']}")
+    ap.add_argument("--warmup", type=int, help=f"first steps left out of the figures; default {defaults['warmup']}")
+    ap.add_argument("--batch", type=int, help=f"per-rank batch: {batch}; default {defaults['batch']}")
     ap.add_argument("--grad-accum", type=int, help="gradient accumulation steps; default 1")
-    ap.add_argument("--seq", type=int, help=f"--max_seq_len / packed row length; default {DEFAULTS['seq']}")
-    ap.add_argument("--methods", help=f"comma list of {','.join(METHODS)}; default all")
     ap.add_argument("--nproc", type=int, help="ranks; default: all GPUs, or 2 CPU ranks")
-    ap.add_argument("--examples", type=int, help="synthetic examples; default: enough for one packed pass")
     ap.add_argument("--seed", type=int, default=42, help="data and training seed; default 42")
-    ap.add_argument("--lora-r", type=int, help=f"LoRA rank; default {DEFAULTS['lora_r']}")
-    ap.add_argument("--lora-alpha", type=float, help=f"LoRA alpha; default {DEFAULTS['lora_alpha']:g}")
+    ap.add_argument("--lora-r", type=int, help=f"LoRA rank; default {defaults['lora_r']}")
+    ap.add_argument("--lora-alpha", type=float, help=f"LoRA alpha; default {defaults['lora_alpha']:g}")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="for every method; default off")
     ap.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                     help="attention implementation for every method; default sdpa")
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/llama-ft-trainbench"), help="scratch directory")
+    ap.add_argument("--dir", type=Path, default=Path(scratch), help="scratch directory")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter whose environment has trl")
-    ap.add_argument("--offload-ratio", metavar="R|auto",
-                    help="llama-ft runs only: --offload --offload_ratio R (auto: the planner's smallest that fits)")
     ap.add_argument("--timeout", type=float, help="seconds per method before it is killed")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few short steps: a check of the script")
-    ap.add_argument("--worker", choices=["hf", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--config", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        return args
-    defaults = {**DEFAULTS, **(SMOKE_DEFAULTS if args.smoke else {"shape": "small"})}
+
+
+def check_shared(args: argparse.Namespace, defaults: dict[str, Any], positive: tuple[str, ...] = ()) -> None:
+    """Fill the shared options' defaults (`defaults`, the smoke ones with --smoke) and refuse bad values (exit 2);
+    `positive`: more options that must be > 0."""
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.grad_accum is None:
         args.grad_accum = 1
-    for key in ("steps", "batch", "grad_accum", "seq", "lora_r", "timeout"):
+    for key in ("steps", "batch", "grad_accum", "lora_r", "timeout", *positive):
         if getattr(args, key) <= 0:
             die(f"--{key.replace('_', '-')} {getattr(args, key)}: expected a number > 0")
     if args.lora_alpha <= 0:
         die(f"--lora-alpha {args.lora_alpha}: expected a number > 0")
     if not 0 <= args.warmup < args.steps:
         die(f"--warmup {args.warmup}: expected 0 <= warmup < --steps {args.steps} (at least one measured step)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared_args(ap, DEFAULTS, "examples unpacked, rows packed", "/tmp/llama-ft-trainbench")
+    ap.add_argument("--seq", type=int, help=f"--max_seq_len / packed row length; default {DEFAULTS['seq']}")
+    ap.add_argument("--methods", help=f"comma list of {','.join(METHODS)}; default all")
+    ap.add_argument("--examples", type=int, help="synthetic examples; default: enough for one packed pass")
+    ap.add_argument("--offload-ratio", metavar="R|auto",
+                    help="llama-ft runs only: --offload --offload_ratio R (auto: the planner's smallest that fits)")
+    ap.add_argument("--worker", choices=["hf", "trl", "dpo"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return args
+    check_shared(args, {**DEFAULTS, **(SMOKE_DEFAULTS if args.smoke else {"shape": "small"})}, ("seq",))
     if args.seq < 2 * MIN_TOKENS:
         die(f"--seq {args.seq}: expected at least {2 * MIN_TOKENS} tokens")
     if args.seq > SHAPES[args.shape]["max_position_embeddings"]:
@@ -662,24 +727,64 @@ def main(argv: list[str] | None = None) -> int:
             die("--worker needs --config")
         worker(args.worker, args.config)
         return 0
-    with stdout_to_stderr():
-        report = run(args)
-    print(markdown(report), flush=True)
-    return 1 if any("failed" in m for m in report["methods"].values()) else 0
+    return print_report(run, markdown, args)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark (module doc); returns the report, written to --json too."""
+def start_run(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """Device, ranks and dtype (device_setup), the scratch directory, the model directory of --shape (random
+    weights: config + tokenizer); (the report's header, that directory, the shape's dims)."""
     device_setup(args)
     args.dir = args.dir.resolve()
     args.dir.mkdir(parents=True, exist_ok=True)
     head = header(args)
     log(f"{head['device']}, shape {args.shape}, {args.nproc} ranks, scratch {args.dir}")
+    model_dir = args.dir / f"model-{args.shape}"
+    dims = write_model_dir(model_dir, SHAPES[args.shape], "bfloat16" if args.bf16 else "float32")
+    return head, model_dir, dims
+
+
+def run_config(args: argparse.Namespace, dims: dict[str, Any], model_dir: Path, flops: int,
+               lora_dropout: float) -> dict[str, Any]:
+    """The report's "config": what every method of the run shares."""
+    return {"shape": args.shape, "dims": dims, "params": parameter_count(dims), "nproc": args.nproc,
+            "cuda": args.cuda, "dtype": "bf16" if args.bf16 else "fp32", "batch": args.batch,
+            "grad_accum": args.grad_accum, "steps": args.steps, "warmup": args.warmup, "lora_r": args.lora_r,
+            "lora_alpha": args.lora_alpha, "lora_dropout": lora_dropout,
+            "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn, "methods": args.methods,
+            "model_dir": str(model_dir), "model_flops_per_token": flops}
+
+
+def measure_methods(names: Any, args: argparse.Namespace, head: dict[str, Any], run_method: Any, figures: Any,
+                    figure: str) -> dict[str, dict[str, Any]]:
+    """Each method of `names` in turn: `figures(run_method(name))`, or why it did not run ("unavailable": not in
+    args.methods, or a peer that cannot run here) or failed (ours failing is a result too; the exit code says so).
+    The workers' TRL version goes into `head`; `figure` is the figure logged."""
+    methods: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name not in args.methods:
+            methods[name] = {"unavailable": "not run (--methods)"}
+            continue
+        try:
+            raw = run_method(name)
+            methods[name] = figures(raw)
+            if raw.get("versions", {}).get("trl"):
+                head["trl"] = raw["versions"]["trl"]
+            log(f"{name}: {methods[name][figure]:,.2f} {figure}")
+        except Unavailable as e:
+            methods[name] = {"unavailable": str(e)}
+            log(f"{name}: unavailable: {e}")
+        except Exception as e:  # noqa: BLE001 - ours failing is a result too; the exit code says so
+            methods[name] = {"failed": f"{type(e).__name__}: {e}"}
+            log(f"{name}: FAILED: {e}")
+    return methods
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark (module doc); returns the report (print_report writes it to --json)."""
+    head, model_dir, dims = start_run(args)
 
     from llama_ft.data import DataOptions, load_tokenizer, pad_token_id, prepare_examples
 
-    model_dir = args.dir / f"model-{args.shape}"
-    dims = write_model_dir(model_dir, SHAPES[args.shape], "bfloat16" if args.bf16 else "float32")
     flops_per_token = model_flops_per_token(dims, args.lora_r)
     tokenizer = load_tokenizer(str(model_dir))
     n = args.examples or examples_needed(args)
@@ -703,23 +808,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = {"model_dir": model_dir, "data_file": data_file, "examples_file": examples_file, "examples": examples,
            "pad_id": pad_token_id(tokenizer), "dims": dims, "probe_dir": probe_dir}
 
-    methods: dict[str, dict[str, Any]] = {}
-    for name in METHODS:
-        if name not in args.methods:
-            methods[name] = {"unavailable": "not run (--methods)"}
-            continue
-        try:
-            raw = run_ours(name, args, ctx) if name in OURS else run_peer(name, args, ctx)
-            methods[name] = summarize(raw, args, flops_per_token)
-            if raw.get("versions", {}).get("trl"):
-                head["trl"] = raw["versions"]["trl"]
-            log(f"{name}: {methods[name]['trained_tokens_per_s']:,.0f} trained tok/s")
-        except Unavailable as e:
-            methods[name] = {"unavailable": str(e)}
-            log(f"{name}: unavailable: {e}")
-        except Exception as e:  # noqa: BLE001 - ours failing is a result too; the exit code says so
-            methods[name] = {"failed": f"{type(e).__name__}: {e}"}
-            log(f"{name}: FAILED: {e}")
+    methods = measure_methods(
+        METHODS, args, head, lambda name: run_ours(name, args, ctx) if name in OURS else run_peer(name, args, ctx),
+        lambda raw: summarize(raw, args, flops_per_token), "trained_tokens_per_s")
     r = ratios(methods)
     same = None
     if "steps" in methods["hf"] and "steps" in methods["ours_unpacked"]:
@@ -727,19 +818,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return [(s["tokens"], s["nonpad"], s["trained"]) for s in methods[name]["steps"]]
 
         same = counts("hf") == counts("ours_unpacked")  # the same examples in the same micro-batches?
-    config = {"shape": args.shape, "dims": dims, "params": parameter_count(dims), "nproc": args.nproc,
-              "cuda": args.cuda, "dtype": "bf16" if args.bf16 else "fp32", "batch": args.batch,
-              "grad_accum": args.grad_accum, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-              "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": LORA_DROPOUT,
-              "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn, "methods": args.methods,
-              "offload_ratio": args.offload_ratio, "model_dir": str(model_dir),
-              "model_flops_per_token": flops_per_token}
-    report = {"header": head, "config": config, "data": data, "method_labels": METHODS, "methods": methods,
-              "ratios": r, "goals": goals(r), "hf_batches_equal_ours_unpacked": same}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    return report
+    config = {**run_config(args, dims, model_dir, flops_per_token, LORA_DROPOUT), "seq": args.seq,
+              "offload_ratio": args.offload_ratio}
+    return {"header": head, "config": config, "data": data, "method_labels": METHODS, "methods": methods,
+            "ratios": r, "goals": goals(r), "hf_batches_equal_ours_unpacked": same}
 
 
 if __name__ == "__main__":

@@ -93,10 +93,11 @@ def test_load_benchmark_smoke(tmp_path):
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["partition_bytes"] > 0
 
 
-# --- benchmarks/train_throughput.py and benchmarks/loss_memory.py: structure and consistency, not speed ---
+# --- benchmarks/train_throughput.py, dpo_vs_trl.py and loss_memory.py: structure and consistency, not speed ---
 
 TPUT = REPO / "benchmarks" / "train_throughput.py"
 LOSS_MEM = REPO / "benchmarks" / "loss_memory.py"
+DPO = REPO / "benchmarks" / "dpo_vs_trl.py"
 TPUT_METHODS = ["ours_unpacked", "ours_packed", "ours_fp8", "hf", "trl_packed"]
 
 
@@ -178,9 +179,64 @@ def test_train_throughput_smoke(tmp_path):
     assert head["torch"] in proc.stdout.splitlines()[0] and head["command"] in proc.stdout
 
 
+@pytest.mark.slow
+def test_dpo_vs_trl_smoke(tmp_path):
+    """--smoke: llama-ft --objective dpo and TRL's DPOTrainer (where it imports) train the tiny shape on 2 ranks from
+    the same pairs file; the figures are consistent with the per-step records, and both train the same
+    micro-batches token for token (TRL's sampler is the HF Trainer's, seeded like ours)."""
+    import importlib.util
+
+    out = tmp_path / "dpo.json"
+    proc = run_job([sys.executable, str(DPO), "--smoke", "--dir", str(tmp_path / "work"), "--json", str(out)],
+                   timeout=600, cwd=REPO, env=_bench_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    head, cfg, data, methods = report["header"], report["config"], report["data"], report["methods"]
+    for key in ("device", "date", "torch", "deepspeed", "transformers", "peft", "trl", "command"):
+        assert head[key], key
+    assert cfg["shape"] == "tiny" and cfg["steps"] > cfg["warmup"] >= 1 and cfg["lora_dropout"] == 0
+    assert data["pairs"] == cfg["steps"] * cfg["grad_accum"] * cfg["batch"] * cfg["nproc"]  # one pass, every pair
+    assert 0 < data["trained_share"] < 1 and data["side_median"] <= data["side_max"]
+    # 6 FLOPs per frozen matmul weight (reference forward, policy forward, input gradient), 6 per LoRA weight
+    d, r = cfg["dims"], cfg["lora_r"]
+    h, layers, inter = d["hidden_size"], d["num_hidden_layers"], d["intermediate_size"]
+    kv = d["num_key_value_heads"] * h // d["num_attention_heads"]
+    frozen = cfg["params"] - d["vocab_size"] * h - (2 * layers + 1) * h  # all but the embedding and the norms
+    lora = r * layers * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+    assert cfg["model_flops_per_token"] == 6 * frozen + 6 * lora
+    assert list(methods) == ["ours", "trl"] == list(report["method_labels"])
+    assert "pairs_per_s" in methods["ours"], methods["ours"]
+    if importlib.util.find_spec("trl") is None:  # the row says why not
+        assert "trl is not installed" in methods["trl"]["unavailable"]
+    measured = [m for m in methods.values() if "pairs_per_s" in m]
+    for res in measured:
+        assert len(res["steps"]) == cfg["steps"] and res["measured_steps"] == [cfg["warmup"] + 1, cfg["steps"]]
+        steps = res["steps"][cfg["warmup"]:]
+        for s in res["steps"]:
+            assert s["pairs"] == cfg["batch"] * cfg["nproc"] and 0 < s["trained"] < s["nonpad"] <= s["tokens"], s
+        seconds = sum(s["time_s"] for s in steps)
+        assert res["pairs_per_s"] == pytest.approx(sum(s["pairs"] for s in steps) / seconds)
+        assert res["tokens_per_s"] == pytest.approx(sum(s["nonpad"] for s in steps) / seconds)
+        assert len(res["peak_memory_bytes_per_rank"]) == cfg["nproc"]
+        assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
+    cmp = report["compare"]
+    if len(measured) == 2:
+        ours, trl = methods["ours"], methods["trl"]
+        assert cmp["same_batches"] is True
+        assert cmp["pairs_per_s_ratio"] == pytest.approx(ours["pairs_per_s"] / trl["pairs_per_s"])
+        assert [g["holds"] for g in cmp["goals"]] == [cmp["pairs_per_s_ratio"] >= 1.3,
+                                                      max(cmp["memory_ratio_per_rank"]) < 1]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3 and "pairs/s" in rows[0]
+    for label in report["method_labels"].values():
+        assert any(row.startswith(f"| {label} |") for row in rows), label
+    assert head["command"] in proc.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
-def test_train_throughput_8b_needs_cuda(tmp_path):
-    proc = subprocess.run([sys.executable, str(TPUT), "--shape", "8b", "--dir", str(tmp_path)], cwd=REPO,
+@pytest.mark.parametrize("script", [TPUT, DPO])
+def test_benchmark_8b_needs_cuda(tmp_path, script):
+    proc = subprocess.run([sys.executable, str(script), "--shape", "8b", "--dir", str(tmp_path)], cwd=REPO,
                           env=_bench_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -194,6 +250,9 @@ def test_train_throughput_8b_needs_cuda(tmp_path):
     (TPUT, ["--steps", "3", "--warmup", "3"], "--warmup 3"),
     (TPUT, ["--methods", "ours,hf"], "--methods"),
     (TPUT, ["--offload-ratio", "1.5"], "--offload-ratio 1.5"),
+    (DPO, ["--steps", "0"], "--steps 0"),
+    (DPO, ["--methods", "ours,hf"], "--methods"),
+    (DPO, ["--beta", "0"], "--beta 0"),
     (LOSS_MEM, ["--tokens", "1"], "--tokens 1"),
     (LOSS_MEM, ["--paths", "full,tiled"], "--paths"),
 ])
