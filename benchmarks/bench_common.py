@@ -1,4 +1,6 @@
-"""What the benchmark scripts share (importable because a script's own folder is on sys.path)."""
+"""What the benchmark scripts share (importable because a script's own folder is on sys.path): the repository root
+on sys.path, their log and bad-input lines, the peak-memory probe of a rank, launching and stopping jobs, model
+directories and data files of exact lengths, JSON / JSONL output, the run header and the report printer."""
 
 from __future__ import annotations
 
@@ -16,7 +18,26 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # llama_ft importable: a script runs from anywhere without installing
+
+
+def script_messages(name: str | None = None) -> tuple[Callable[[str], None], Callable[[str], NoReturn]]:
+    """log(msg) and die(msg) of a benchmark script: `[NAME] msg` on stderr, and for bad input the one line
+    `NAME.py: error: msg` on stderr, exit code 2. NAME: `name`, or (None) the script that runs, read at each call,
+    so that a script another one imports logs and refuses under the name of the one that runs."""
+
+    def log(msg: str) -> None:
+        print(f"[{name or Path(sys.argv[0]).stem}] {msg}", file=sys.stderr, flush=True)
+
+    def die(msg: str) -> NoReturn:
+        print(f"{f'{name}.py' if name else Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+    return log, die
 
 
 @contextlib.contextmanager

@@ -55,9 +55,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import stdout_to_stderr
+from bench_common import stdout_to_stderr  # also puts the repository root on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 with stdout_to_stderr():  # DeepSpeed's logger writes to the stdout of its import: import it here, not later
     import deepspeed  # noqa: F401 - the peer (OptimizedLinear) is imported from it below
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU proof in one command (benchmarks/gpu_proof.py says what each stage measures):
+# The GPU proof in one command (benchmarks/gpu_proof/, one module a stage in its stages/, says what each measures):
 #
 #   bash benchmarks/gpu_proof.sh [--dry-run] [--wheels DIR] [--budget S] [--stages LIST] OUTDIR
 #
@@ -14,4 +14,4 @@ PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || { echo "gpu_proof.sh: error: PYTHON=$PYTHON: not found" >&2; exit 2; }
 cd "$HERE/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" "$HERE/gpu_proof.py" "$@"
+exec "$PYTHON" "$HERE/gpu_proof" "$@"

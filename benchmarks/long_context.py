@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_common import (
+    REPO,
     bench_env,
     deepspeed_launcher,
     exact_length_rows,
@@ -85,15 +86,12 @@ from bench_common import (
     remove_shm_buffers,
     run_header,
     run_job,
+    script_messages,
     stdout_to_stderr,
     write_json,
     write_jsonl,
     write_model_dir,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 GiB = 2**30
 LLAMA_POSITIONS = 131072
@@ -139,14 +137,7 @@ OOM_PATTERNS = (r"CUDA out of memory", r"OutOfMemoryError", r"return code = -9\b
                 r"Killed\b")
 
 
-def die(msg: str) -> None:
-    """Bad input: one line, exit code 2."""
-    print(f"long_context.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def log(msg: str) -> None:
-    print(f"[long_context] {msg}", file=sys.stderr, flush=True)
+log, die = script_messages("long_context")  # die: bad input, one line, exit code 2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,19 +35,21 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import PROBE_ENV, PROBE_SOURCE, read_probes, stdout_to_stderr
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from anywhere without installing
+from bench_common import (
+    PROBE_SOURCE,
+    REPO,
+    bench_env,
+    free_port,
+    read_probes,
+    run_job,
+    script_messages,
+    stdout_to_stderr,
+)
 
 GiB = 2**30
 ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -56,19 +58,7 @@ SHAPE_DEFAULTS = {"tiny": dict(seq=256, batch=4, lora_r=16), "1b": dict(seq=512,
 NPROC = 2
 
 
-def log(msg: str) -> None:
-    print(f"[plan_vs_measured] {msg}", file=sys.stderr, flush=True)
-
-
-def die(msg: str) -> None:
-    print(f"plan_vs_measured.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+log, die = script_messages("plan_vs_measured")
 
 
 def host_memory_gb() -> float:
@@ -130,37 +120,14 @@ def predict(model: Path, flags: list[str], host_gb: float) -> dict[str, Any]:
 
 
 def run_env(scratch: Path, probe_dir: Path, probe_out: Path, model: Path, output: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("TRITON_INTERPRET", "DATA", "MERGE_DIR", "DS_CONFIG", "HOSTFILE", "NODE_RANK", "INCLUDE", "EXCLUDE",
-              "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "LLAMA_FT_GPU_MEMORY_GB", "LLAMA_FT_HOST_MEMORY_GB"):
+    """bench_env's environment of benchmark ranks (no OMP setting: the ranks' own), without the planner's memory
+    overrides, for one run-llama.sh job of NPROC ranks."""
+    env = bench_env(REPO, scratch, probe_dir, probe_out, None)
+    for k in ("LLAMA_FT_GPU_MEMORY_GB", "LLAMA_FT_HOST_MEMORY_GB"):
         env.pop(k, None)
     env.update(MODEL=str(model), OUTPUT_DIR=str(output), NPROC=str(NPROC), PYTHON=sys.executable,
-               DEEPSPEED=str(Path(sys.executable).parent / "deepspeed"), MASTER_PORT=str(free_port()),
-               LLAMA_FT_CACHE=str(scratch / "cache"), PYTHONPATH=os.pathsep.join(
-                   p for p in (str(probe_dir), str(REPO), os.environ.get("PYTHONPATH")) if p))
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
-    env[PROBE_ENV] = str(probe_out)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
+               DEEPSPEED=str(Path(sys.executable).parent / "deepspeed"), MASTER_PORT=str(free_port()))
     return env
-
-
-def run_job(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, cwd: Path) -> int:
-    """Run a job in its own session, output to log_path; on timeout or Ctrl-C its whole group is killed."""
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return 124
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
 
 
 def measure(run: dict[str, Any], args: argparse.Namespace, probe_dir: Path, host_gb: float) -> dict[str, Any]:
@@ -175,7 +142,7 @@ def measure(run: dict[str, Any], args: argparse.Namespace, probe_dir: Path, host
     cmd = ["bash", str(REPO / "run-llama.sh"), *flags]
     log(f"{run['name']}: {' '.join(cmd[:2])} {' '.join(flags)}")
     t0 = time.time()
-    rc = run_job(cmd, env, run_dir / "log.txt", args.timeout, run_dir)
+    rc, _ = run_job(cmd, env, run_dir / "log.txt", args.timeout, run_dir)  # kills every rank at the timeout
     if rc != 0:
         tail = (run_dir / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{run['name']}: exit {rc}: {' | '.join(tail)} (log: {run_dir / 'log.txt'})")

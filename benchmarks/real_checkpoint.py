@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,22 +121,24 @@ def pair_rows(n: int, seed: int) -> list[dict]:
     return pairs
 
 
+def _write_split(directory: Path, names: tuple[str, str], rows: Callable[[int, int], list[dict]], n_train: int,
+                 n_heldout: int) -> tuple[Path, Path]:
+    """The train and held-out files `names` in `directory`: rows(n, seed) with seeds 0 and 1 (disjoint draws)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / names[0], directory / names[1]
+    for path, drawn in zip(paths, (rows(n_train, 0), rows(n_heldout, 1)), strict=True):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in drawn))
+    return paths
+
+
 def write_pairs(directory: Path, n_train: int = 32, n_heldout: int = 12) -> tuple[Path, Path]:
     """pairs.jsonl and heldout_pairs.jsonl of the task in `directory` (disjoint draws: different seeds)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = directory / "pairs.jsonl", directory / "heldout_pairs.jsonl"
-    for path, rows in zip(paths, (pair_rows(n_train, 0), pair_rows(n_heldout, 1)), strict=True):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return _write_split(directory, ("pairs.jsonl", "heldout_pairs.jsonl"), pair_rows, n_train, n_heldout)
 
 
 def write_task(directory: Path, n_train: int = 32, n_heldout: int = 12) -> tuple[Path, Path]:
     """train.jsonl and heldout.jsonl of the task in `directory` (disjoint draws: different seeds)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = directory / "train.jsonl", directory / "heldout.jsonl"
-    for path, rows in zip(paths, (task_rows(n_train, 0), task_rows(n_heldout, 1)), strict=True):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    return _write_split(directory, ("train.jsonl", "heldout.jsonl"), task_rows, n_train, n_heldout)
 
 
 TRAIN_FLAGS = ("--dataset_format", "chat", "--max_seq_len", "128", "--bf16", "false", "--lora_r", "8",

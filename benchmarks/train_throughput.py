@@ -84,6 +84,7 @@ from typing import Any
 
 from bench_common import (
     PROBE_ENV,
+    REPO,
     bench_env,
     deepspeed_launcher,
     exact_length_rows,
@@ -96,13 +97,10 @@ from bench_common import (
     read_probes,
     run_header,
     run_job,
+    script_messages,
     write_jsonl,
     write_model_dir,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES: dict[str, dict[str, Any]] = {
@@ -137,15 +135,8 @@ class Unavailable(Exception):
     """A method that cannot run here; the message is the reason shown in its row."""
 
 
-def die(msg: str) -> None:
-    """Bad input: one line naming the script that runs (dpo_vs_trl.py shares the checks), exit code 2."""
-    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def log(msg: str) -> None:
-    # the script that runs, so that benchmarks/dpo_vs_trl.py's launches (made here) log under its name
-    print(f"[{Path(sys.argv[0]).stem}] {msg}", file=sys.stderr, flush=True)
+# under the name of the script that runs: dpo_vs_trl.py shares the checks, and its launches (made here) log as it
+log, die = script_messages()
 
 
 # ---------------------------------------------------------------------------------------------------------------
