@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from proc import run_job
 from safetensors.torch import load_file
 from test_e2e import EXT_DIR, REPO, _same_adapters, run_llama
+from test_faults import _finish, _steps_logged, _wait_for
 from test_pairs import reference
 from test_token_loss import adamw_first_step, check_first_step, peft_float64
 from transformers import AutoTokenizer
@@ -200,14 +203,25 @@ def test_two_ranks_dpo_step_matches_float64peft_float64(case):
             torch.testing.assert_close(tables[split].double(), want, rtol=1e-5, atol=1e-4)
 
 
-def _train_one_rank(case, out: Path, *flags: str):
+def _one_rank_command(case, out: Path, *flags: str, **extra_env: str) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR),
-           "LLAMA_FT_CACHE": str(case["cache"])}
+           "LLAMA_FT_CACHE": str(case["cache"]), **extra_env}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
         env.pop(k, None)
-    return run_job([str(Path(sys.executable).parent / "llama-ft"), "train", "--model_name_or_path", str(case["model"]),
-                    "--output_dir", str(out), "--deepspeed", str(REPO / "ds_configs/zero3.json"), *flags],
-                   timeout=600, env=env, cwd=case["tmp"])
+    return [str(Path(sys.executable).parent / "llama-ft"), "train", "--model_name_or_path", str(case["model"]),
+            "--output_dir", str(out), "--deepspeed", str(REPO / "ds_configs/zero3.json"), *flags], env
+
+
+def _train_one_rank(case, out: Path, *flags: str):
+    command, env = _one_rank_command(case, out, *flags)
+    return run_job(command, timeout=600, env=env, cwd=case["tmp"])
+
+
+def _start_one_rank(case, out: Path, *flags: str, **extra_env: str) -> subprocess.Popen:
+    command, env = _one_rank_command(case, out, *flags, **extra_env)
+    return subprocess.Popen(command, env=env, cwd=case["tmp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
 
 
 def test_one_rank_with_accumulation_and_checkpointing_matches_float64peft_float64(case):
@@ -273,16 +287,22 @@ def test_ipo_and_label_smoothing_match_float64peft_float64(case, kind, eps):
     check_against_reference(case, out, 1, kind, eps)
 
 
-def test_one_rank_dpo_resumes_exactly(case):
-    """Three DPO steps, then the same run resumed from its step-1 checkpoint: steps 2-3 (losses and rewards) and
-    the final adapters are bit for bit the same. With --precompute_ref_logprobs, the resumed run reads the
-    reference log-probs from the cache instead of recomputing them."""
+def test_one_rank_dpo_stopped_by_sigterm_resumes_exactly(case):
+    """Three DPO steps straight, and the same run stopped by SIGTERM after step 1 (it saves and says how to
+    resume), then resumed from `latest`: the later steps (losses and rewards) and the final adapters are bit for
+    bit the same. With --precompute_ref_logprobs, the resumed run reads the reference log-probs from the cache."""
     flags = [*case["flags"], "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
              "--precompute_ref_logprobs"]
     full, resumed = case["tmp"] / "r-full", case["tmp"] / "r-resumed"
     proc = _train_one_rank(case, full, *flags)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = _train_one_rank(case, resumed, *flags, "--resume_from_checkpoint", str(full / "checkpoint-1"))
+    stopped = _start_one_rank(case, resumed, *flags, LLAMA_FT_TEST_STEP_SLEEP="2")
+    _wait_for(lambda: _steps_logged(resumed) >= 1, timeout=300, what="step 1")
+    stopped.send_signal(signal.SIGTERM)
+    code, err = _finish(stopped)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in err, err[-3000:]
+    assert "--resume_from_checkpoint latest" in err and "Traceback" not in err
+    proc = _train_one_rank(case, resumed, *flags, "--resume_from_checkpoint", "latest")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "reference log-probs of 8 + 3 pairs from the cache" in proc.stderr
     _same_adapters(full, resumed)
@@ -291,4 +311,5 @@ def test_one_rank_dpo_resumes_exactly(case):
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k.startswith(("loss", "rewards/"))} for r in rows if "loss" in r]
 
-    assert steps(resumed) == steps(full)[1:] and steps(full)[2]["rewards/margins"] != 0
+    # metrics.jsonl is cut back to the resumed step, so the stopped-and-resumed history is the straight one
+    assert steps(resumed) == steps(full) and steps(full)[2]["rewards/margins"] != 0

@@ -1,13 +1,12 @@
-"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with an FP8 base, optimizer offload,
-a SIGTERM mid-run and a resume, then a merge.
+"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with an FP8 base and optimizer offload,
+then a merge.
 
 The pairs (benchmarks/real_checkpoint.pair_rows): "Mia has a orange house. Give the owner, object and color.";
 chosen "owner=Mia; object=house; color=orange", rejected the same with another color. Only the rule (copy the
 prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --quantize (the reference is the
-FP8 base under lora_disabled), DS_CONFIG zero3_offload.json, one optimizer step = the 24 training pairs; stopped
-by SIGTERM after step 1 is logged, resumed from `latest`, merged at the end (MERGE_DIR). Checked:
+FP8 base under lora_disabled), DS_CONFIG zero3_offload.json, one optimizer step = the 24 training pairs, 4 steps,
+merged at the end (MERGE_DIR). (SIGTERM and resume with DPO: tests/test_dpo_train.py.) Checked:
 - step 1's loss is ln 2 and its rewards are exactly 0 (B = 0: the policy is the reference, FP8 included);
-- the SIGTERM saves and says how to resume; the resumed run finishes;
 - on 12 held-out pairs (another draw), the reward accuracy [beta (pi_c - ref_c) > beta (pi_r - ref_r)] is above 0.9,
   measured with transformers + PEFT on the bf16 checkpoint (pi: the saved adapters; ref: disable_adapter()), the
   sides tokenized by hand from ChatML (test_real_checkpoint.chatml_example);
@@ -18,23 +17,20 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from real_checkpoint import TRAIN_FLAGS, write_pairs
-from test_e2e import REPO, llama_env
-from test_faults import _finish, _steps_logged, _wait_for
+from test_e2e import run_llama
 from test_real_checkpoint import chatml_example
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llama_ft.data import IGNORE_INDEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
-BETA, STEPS = 0.1, 5
+BETA, STEPS = 0.1, 4
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +39,12 @@ def run(tmp_path_factory, real_checkpoint):
     train, heldout = write_pairs(tmp / "task")
     out, merged = tmp / "dpo", tmp / "merged"
     flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--quantize", "--per_device_train_batch_size",
-             "12", "--max_steps", str(STEPS), "--save_steps", "1", "--eval_steps", str(STEPS)]
-    env = llama_env(tmp, out, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json", DATA=str(train))
-    proc = subprocess.Popen(["bash", str(REPO / "run-llama.sh"), *flags, "--overwrite_output_dir"], env=env, cwd=tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for(lambda: _steps_logged(out) >= 1, timeout=600, what="step 1")
-    proc.send_signal(signal.SIGTERM)
-    stopped = _finish(proc)
+             "12", "--max_steps", str(STEPS), "--save_steps", str(STEPS), "--eval_steps", str(STEPS),
+             "--overwrite_output_dir"]
+    run_llama(tmp, out, *flags, merge_dir=merged, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json",
+              DATA=str(train))
     first = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][0]
-    env = llama_env(tmp, out, merge_dir=merged, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json",
-                    DATA=str(train))
-    resumed = subprocess.run(["bash", str(REPO / "run-llama.sh"), *flags, "--resume_from_checkpoint", "latest"],
-                             env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    return {"out": out, "merged": merged, "stopped": stopped, "first": first, "model": real_checkpoint,
+    return {"out": out, "merged": merged, "first": first, "model": real_checkpoint,
             "heldout": [json.loads(ln) for ln in heldout.read_text().splitlines()]}
 
 
@@ -66,13 +54,6 @@ def test_first_step_is_ln2_with_zero_rewards_on_the_fp8_base(run):
     assert abs(first["loss"] - math.log(2)) < 1e-6, first
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert first[key] == 0.0, (key, first)
-
-
-def test_sigterm_saves_and_the_resumed_run_finishes(run):
-    code, err = run["stopped"]
-    assert code == 128 + signal.SIGTERM, err[-3000:]
-    assert "stopped by SIGTERM after step" in err and "--resume_from_checkpoint latest" in err, err[-3000:]
-    assert "Traceback" not in err
     done = json.loads((run["out"] / "train_results.json").read_text())
     assert done["global_step"] == STEPS
 
