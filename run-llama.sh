@@ -332,6 +332,10 @@ echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
 # it on to the ranks (below) instead of also setting off DeepSpeed's 30-second kill.
 SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)
+# Every rank on this host watches this script's pid (llama_ft/train/faults.py LauncherWatch): a kill -9 of the
+# script runs no trap, and the launcher's own session would otherwise keep the ranks training on, orphaned.
+export LLAMA_FT_LAUNCHER_PID=$$ LLAMA_FT_LAUNCHER_HOST
+LLAMA_FT_LAUNCHER_HOST=$(hostname 2>/dev/null || true)
 ${SETSID[@]+"${SETSID[@]}"} "$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
     --model_name_or_path "$MODEL" --output_dir "$OUTPUT_DIR" --deepspeed "$DS_CONFIG" --bf16 \
     ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} "$@" &

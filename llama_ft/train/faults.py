@@ -13,6 +13,11 @@
   while training runs, it prints one line naming that rank and ends this process too, instead of
   leaving it in a collective that can never complete. Ranks on other hosts are seen by their own
   host's watch; a collective with a dead remote rank fails (gloo) or times out (--dist_timeout).
+- LauncherWatch: a daemon thread that looks every POLL_S at this rank's parent (DeepSpeed's per-node process)
+  and at run-llama.sh (LLAMA_FT_LAUNCHER_PID, same host only); when either is gone it prints one line saying
+  so and ends the rank. Why: run-llama.sh starts the launcher in a session of its own, and a kill -9 of the
+  script (or of the launcher) runs no handler, so nothing else would stop ranks that go on training orphaned.
+  A parent-death signal (prctl) would cover only the direct parent and could not say why.
 """
 
 from __future__ import annotations
@@ -64,6 +69,75 @@ class StopSignals:
             print(f"[rank {rank}] llama-ft: error: second {signal.Signals(signum).name}: aborting without saving; "
                   "the last complete checkpoint is kept", file=sys.stderr, flush=True)
             os._exit(128 + signum)
+
+
+LAUNCHER_PID_ENV, LAUNCHER_HOST_ENV = "LLAMA_FT_LAUNCHER_PID", "LLAMA_FT_LAUNCHER_HOST"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot) from /proc, or None when it is gone or a zombie: with
+    the pid, it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3, starttime field 22
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+class LauncherWatch:
+    """Ends this rank when its parent or run-llama.sh is gone (module doc). start() first thing in a rank."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.parent = os.getppid()
+        self.watched: dict[int, tuple[str, str]] = {}  # pid -> (what, start time)
+        launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+        if launcher.isdigit() and (os.environ.get(LAUNCHER_HOST_ENV) or socket.gethostname()) == socket.gethostname():
+            self._add(int(launcher), "run-llama.sh")
+        if self.parent > 1:
+            self._add(self.parent, "the launcher's per-node process")
+        self.last_checkpoint = lambda: None
+        self._stop = threading.Event()
+
+    def _add(self, pid: int, what: str) -> None:
+        started = _start_time(pid)
+        if started is not None:
+            self.watched.setdefault(pid, (what, started))
+
+    def gone(self) -> tuple[int, str] | None:
+        """(pid, what) of a watched process that has ended, or None."""
+        for pid, (what, started) in self.watched.items():
+            if _start_time(pid) != started:
+                return pid, what
+        if self.parent > 1 and os.getppid() != self.parent:  # re-parented: the parent ended and was reaped
+            return self.parent, "the launcher's per-node process"
+        return None
+
+    def report(self, gone: tuple[int, str]) -> str:
+        ckpt = self.last_checkpoint()
+        kept = f"; the last complete checkpoint is {ckpt}" if ckpt else ""
+        return (f"[rank {self.rank}] llama-ft: error: {gone[1]} (pid {gone[0]}) is gone (killed?): stopping rank "
+                f"{self.rank}, which must not train on orphaned{kept}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            gone = self.gone()
+            if gone is not None and not self._stop.is_set():
+                try:  # stderr may be a pipe whose reader died with the launcher
+                    print(self.report(gone), file=sys.stderr, flush=True)
+                except (OSError, ValueError):
+                    pass
+                os._exit(1)
+
+    def start(self) -> LauncherWatch:
+        # only in a launched rank (LOCAL_RANK set by DeepSpeed's launcher or torchrun), not in-process callers
+        if self.watched and "LOCAL_RANK" in os.environ:
+            threading.Thread(target=self._run, name="llama-ft-launcher-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _ranks_dir(output_dir: Path) -> Path:
