@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -136,6 +137,10 @@ def read_safetensors_header(path: Path) -> dict:
             raise UserError(
                 f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end}, data has {data_len})"
             )
+        if dtype in ST_DTYPES and math.prod(shape) * ST_DTYPES[dtype].itemsize != end - start:
+            # a shape that does not fit its bytes went on to size the merge output (1e36 MiB "needed": fuzzer)
+            raise UserError(f"{path}: corrupt safetensors header entry for {name!r} (shape {list(shape)} of {dtype} "
+                            f"does not fit its {end - start} bytes)")
         meta["shape"] = shape
         meta["dtype"] = dtype
         meta["offset"] = 8 + n + start

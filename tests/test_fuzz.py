@@ -76,8 +76,8 @@ def test_safetensors_header_entry_of_the_wrong_type(seeds, tmp_path, entry):
 
 
 def test_safetensors_offsets_that_do_not_fit_the_shape(seeds, tmp_path):
-    """A header whose entries are well typed but whose byte range does not match shape x dtype: safetensors itself
-    refuses it when the shard is opened."""
+    """A header whose entries are well typed but whose byte range does not match shape x dtype (once sized a merge
+    output at 1e36 MiB)."""
     m = _copy_model(seeds, tmp_path)
     shard = sorted(m.glob("model-*.safetensors"))[0]
 
@@ -86,7 +86,11 @@ def test_safetensors_offsets_that_do_not_fit_the_shape(seeds, tmp_path):
         meta["shape"] = [1] * len(meta["shape"])
 
     _rewrite_header(shard, shrink)
-    _rejected(_merge(m, seeds.adapter, tmp_path, [str(shard)]), "corrupt safetensors file")
+    _rejected(_merge(m, seeds.adapter, tmp_path, [str(shard)]), "does not fit its")
+    meta = {}
+    _rewrite_header(shard, lambda h: meta.update(h[next(k for k in h if k != "__metadata__")]))
+    _rewrite_header(shard, lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=[10**12, 10**12]))
+    _rejected(_merge(m, seeds.adapter, tmp_path, [str(shard)]), "does not fit its")
 
 
 def _rewrite_header(path: Path, change) -> None:
