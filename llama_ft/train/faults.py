@@ -12,7 +12,8 @@
 - PeerWatch: a daemon thread that looks every POLL_S at the ranks of its own host; when one is gone
   while training runs, it prints one line naming that rank and ends this process too, instead of
   leaving it in a collective that can never complete. Ranks on other hosts are seen by their own
-  host's watch; a collective with a dead remote rank fails (gloo) or times out (--dist_timeout).
+  host's watch; a collective with a dead remote rank fails (gloo) or times out (--dist_timeout). When it times out
+  because a local peer is stopped (SIGSTOP), that peer is SIGKILLed with the job: stopped, it would take no SIGTERM.
 - LauncherWatch: a daemon thread that looks every POLL_S at this rank's parent (DeepSpeed's per-node process)
   and at run-llama.sh (LLAMA_FT_LAUNCHER_PID, same host only); when either is gone it prints one line saying
   so and ends the rank. Why: run-llama.sh starts the launcher in a session of its own, and a kill -9 of the
@@ -199,6 +200,18 @@ class PeerWatch:
                 continue
         return None
 
+    def stopped_peers(self) -> list[tuple[int, int]]:
+        """(rank, pid) of the local peers that are stopped (SIGSTOP, a debugger): alive, but never answering."""
+        out = []
+        for r, pid in self.peers.items():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2:].split()[0] in ("T", "t"):
+                out.append((r, pid))
+        return out
+
     def report(self, dead: tuple[int, int]) -> str:
         ckpt = self.last_checkpoint()
         kept = f"; the last complete checkpoint is {ckpt}" if ckpt else ""
@@ -239,6 +252,18 @@ class PeerWatch:
             if self.world > 1 and _looks_collective(e):
                 ckpt = self.last_checkpoint()
                 kept = f"; the last complete checkpoint is {ckpt}" if ckpt else ""
+                stopped = self.stopped_peers()
+                if stopped:
+                    # A stopped rank holds no signal handler: DeepSpeed's launcher would SIGTERM it and SIGKILL it
+                    # only 30 s later. The job ends now, so end the hung rank with it (found by tests/soak.py).
+                    self.stop()
+                    for _, pid in stopped:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
+                    r, pid = stopped[0]
+                    raise StopRun(1, f"error: rank {r} (pid {pid} on {socket.gethostname()}) is stopped (SIGSTOP?) "
+                                     f"and hung a collective for --dist_timeout; ended it and rank {self.rank}"
+                                     f"{kept}") from None
                 raise StopRun(1, f"error: a collective failed on rank {self.rank} ({' '.join(str(e).split())[:300]}): "
                                  f"a rank on another host died or hung{kept}") from None
             raise
