@@ -328,22 +328,33 @@ def _merged(d: Path) -> Callable[[str], str | None]:
     return check
 
 
+def _json_value(path: Path, keys: list[str], values: list, rng: random.Random) -> str:
+    """Set one of `keys` of a JSON file to junk or to one of `values`; the mutation's name."""
+    obj = json.loads(path.read_text())
+    key = rng.choice(keys)
+    obj[key] = rng.choice(JUNK_VALUES[:13] + values)
+    path.write_text(json.dumps(obj, allow_nan=True))
+    return f"config_{key}"
+
+
+def _file_bytes(path: Path, rng: random.Random) -> str:
+    """A byte mutation of a whole file; the mutation's name."""
+    kind, data = byte_mutations(path.read_bytes(), rng)
+    path.write_bytes(data)
+    return "config_" + kind
+
+
 def adapter_case(seeds: Seeds, d: Path, rng: random.Random) -> Case:
     a = _copy(seeds.adapter, d / "adapter")
     kind = rng.choice(["weights", "weights", "config_value", "config_bytes", "missing"])
     if kind == "weights":
         kind = "safetensors_" + _mutate_safetensors(a / "adapter_model.safetensors", rng)
     elif kind == "config_value":
-        cfg = json.loads((a / "adapter_config.json").read_text())
-        key = rng.choice(["r", "lora_alpha", "target_modules", "base_model_name_or_path", "peft_type", "use_dora",
-                          "fan_in_fan_out", "rank_pattern", "modules_to_save"])
-        cfg[key] = rng.choice(JUNK_VALUES[:13] + [2, 128, ["q_proj"], ["nope"], "LORA", "IA3"])
-        (a / "adapter_config.json").write_text(json.dumps(cfg, allow_nan=True))
-        kind = f"config_{key}"
+        kind = _json_value(a / "adapter_config.json", ["r", "lora_alpha", "target_modules", "base_model_name_or_path",
+                                                        "peft_type", "use_dora", "fan_in_fan_out", "rank_pattern",
+                                                        "modules_to_save"], [2, 128, ["q_proj"], ["nope"], "IA3"], rng)
     elif kind == "config_bytes":
-        kind, data = byte_mutations((a / "adapter_config.json").read_bytes(), rng)
-        (a / "adapter_config.json").write_bytes(data)
-        kind = "config_" + kind
+        kind = _file_bytes(a / "adapter_config.json", rng)
     else:
         (a / rng.choice(["adapter_config.json", "adapter_model.safetensors"])).unlink()
     return Case("adapter", kind, ["merge", "--base", str(seeds.tiny), "--adapter", str(a), "--output",
@@ -365,20 +376,13 @@ def model_case(seeds: Seeds, d: Path, rng: random.Random) -> Case:
         idx["weight_map"][k] = rng.choice(["model-99999.safetensors", "../escape.safetensors", "", None, 3])
         (m / "model.safetensors.index.json").write_text(json.dumps(idx))
     elif kind == "index_bytes":
-        kind, data = byte_mutations((m / "model.safetensors.index.json").read_bytes(), rng)
-        (m / "model.safetensors.index.json").write_bytes(data)
-        kind = "index_" + kind
+        kind = "index_" + _file_bytes(m / "model.safetensors.index.json", rng).removeprefix("config_")
     elif kind == "config_value":
-        cfg = json.loads((m / "config.json").read_text())
-        key = rng.choice(["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                          "intermediate_size", "vocab_size", "model_type", "torch_dtype", "rope_scaling"])
-        cfg[key] = rng.choice(JUNK_VALUES[:13] + [7, 3, "gpt2", "float8", -5])
-        (m / "config.json").write_text(json.dumps(cfg, allow_nan=True))
-        kind = f"config_{key}"
+        kind = _json_value(m / "config.json", ["hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "num_key_value_heads", "intermediate_size", "vocab_size", "model_type",
+                                               "torch_dtype", "rope_scaling"], [7, 3, "gpt2", "float8", -5], rng)
     elif kind == "config_bytes":
-        kind, data = byte_mutations((m / "config.json").read_bytes(), rng)
-        (m / "config.json").write_bytes(data)
-        kind = "config_" + kind
+        kind = _file_bytes(m / "config.json", rng)
     else:
         (m / "model.safetensors.index.json").unlink()
     return Case("model", kind, ["merge", "--base", str(m), "--adapter", str(seeds.adapter), "--output",

@@ -75,15 +75,20 @@ class StopSignals:
 LAUNCHER_PID_ENV, LAUNCHER_HOST_ENV = "LLAMA_FT_LAUNCHER_PID", "LLAMA_FT_LAUNCHER_HOST"
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot) from /proc, or None when it is gone or a zombie: with
-    the pid, it names one process even after the pid is reused."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after "pid (comm) " (state first, start time 20th), or None when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3, starttime field 22
-    return None if fields[0] in ("Z", "X") else fields[19]
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), or None when it is gone or a zombie: with the pid, it
+    names one process even after the pid is reused."""
+    fields = _proc_stat(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
 
 
 class LauncherWatch:
@@ -202,15 +207,7 @@ class PeerWatch:
 
     def stopped_peers(self) -> list[tuple[int, int]]:
         """(rank, pid) of the local peers that are stopped (SIGSTOP, a debugger): alive, but never answering."""
-        out = []
-        for r, pid in self.peers.items():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            if stat[stat.rindex(")") + 2:].split()[0] in ("T", "t"):
-                out.append((r, pid))
-        return out
+        return [(r, pid) for r, pid in self.peers.items() if (_proc_stat(pid) or ["?"])[0] in ("T", "t")]
 
     def report(self, dead: tuple[int, int]) -> str:
         ckpt = self.last_checkpoint()
