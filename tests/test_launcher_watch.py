@@ -32,6 +32,12 @@ def test_launcher_gone_reaped_or_zombie(monkeypatch):
         launcher.wait()
 
 
+def test_a_parent_that_is_no_launcher_is_not_watched(monkeypatch):
+    """`nohup llama-ft train &` from a shell that then exits: the process goes on (its parent was no launcher)."""
+    monkeypatch.delenv(LAUNCHER_PID_ENV, raising=False)
+    assert LauncherWatch(rank=0).watched == {}  # pytest's parent is a shell or CI's runner
+
+
 def test_launcher_of_another_host_is_not_watched(monkeypatch):
     monkeypatch.setenv(LAUNCHER_PID_ENV, str(os.getpid()))
     monkeypatch.setenv(LAUNCHER_HOST_ENV, "some-other-node")

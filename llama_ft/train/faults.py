@@ -84,6 +84,16 @@ def _proc_stat(pid: int) -> list[str] | None:
     return stat[stat.rindex(")") + 2:].split()
 
 
+def _is_launcher(pid: int) -> bool:
+    """Is `pid` DeepSpeed's per-node launcher or torchrun? Only then is the parent watched: a `nohup llama-ft train`
+    whose shell has exited must go on."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return any(s in cmd for s in (b"deepspeed.launcher.launch", b"torch.distributed.run", b"torchrun"))
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot), or None when it is gone or a zombie: with the pid, it
     names one process even after the pid is reused."""
@@ -101,7 +111,7 @@ class LauncherWatch:
         launcher = os.environ.get(LAUNCHER_PID_ENV, "")
         if launcher.isdigit() and (os.environ.get(LAUNCHER_HOST_ENV) or socket.gethostname()) == socket.gethostname():
             self._add(int(launcher), "run-llama.sh")
-        if self.parent > 1:
+        if self.parent > 1 and _is_launcher(self.parent):
             self._add(self.parent, "the launcher's per-node process")
         self.last_checkpoint = lambda: None
         self._stop = threading.Event()
@@ -116,7 +126,7 @@ class LauncherWatch:
         for pid, (what, started) in self.watched.items():
             if _start_time(pid) != started:
                 return pid, what
-        if self.parent > 1 and os.getppid() != self.parent:  # re-parented: the parent ended and was reaped
+        if self.parent in self.watched and os.getppid() != self.parent:  # re-parented: it ended and was reaped
             return self.parent, "the launcher's per-node process"
         return None
 
