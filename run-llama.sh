@@ -362,14 +362,15 @@ while true; do
     kill -0 "$RUNNER" 2>/dev/null || break  # done, not just woken by a signal
 done
 trap - TERM HUP INT
-RESULTS="$OUTPUT_DIR/train_results.json"
+RESULTS="$OUTPUT_DIR/train_results.json" HELP=0
 for ((i = 1; i <= $#; i++)); do  # the training flags' --output_dir, if any, wins over OUTPUT_DIR (last one)
     case "${!i}" in
         --output_dir) j=$((i + 1)); [ "$j" -gt $# ] || RESULTS="${!j}/train_results.json" ;;
         --output_dir=*) RESULTS="${!i#--output_dir=}/train_results.json" ;;
+        -h | --help) HELP=1 ;;  # the ranks printed the flags: nothing was to be trained
     esac
 done
-if [ "$STATUS" -eq 0 ] && [ "$ONE_NODE" -eq 1 ] &&
+if [ "$STATUS" -eq 0 ] && [ "$ONE_NODE" -eq 1 ] && [ "$HELP" -eq 0 ] &&
    [ "$(stat -c %Y "$RESULTS" 2>/dev/null || echo 0)" -lt "$STARTED_AT" ]; then
     # DeepSpeed's runner exits 0 when its per-node process is killed by a signal (it only passes on a positive
     # status): without this, a job whose launcher was killed mid-run would count as done (found by tests/soak.py).

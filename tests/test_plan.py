@@ -795,6 +795,8 @@ def test_launcher_exit_0_without_a_finished_run_is_a_failure(tmp_path, tiny_mode
     assert launched is not None and proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "run-llama.sh: error: the launcher exited 0, but training did not finish"), proc.stderr
+    proc, _ = _fake_launch(tmp_path, tiny_model_dir, "--help", finished=False)  # the flags printed: not a failure
+    assert proc.returncode == 0, proc.stderr
     # the training flags' own --output_dir is the one looked at
     proc, _ = _fake_launch(tmp_path, tiny_model_dir, "--output_dir", str(tmp_path / "elsewhere"))
     assert proc.returncode == 0 and (tmp_path / "elsewhere" / "train_results.json").is_file(), proc.stderr
