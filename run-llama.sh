@@ -332,6 +332,12 @@ echo "run-llama.sh: model $MODEL, hosts ${HOSTS[*]}, output $OUTPUT_DIR" >&2
 # it on to the ranks (below) instead of also setting off DeepSpeed's 30-second kill.
 SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)
+# Every rank on this host watches this script's pid (llama_ft/train/faults.py LauncherWatch): a kill -9 of the
+# script runs no trap, and the launcher's own session would otherwise keep the ranks training on, orphaned.
+export LLAMA_FT_LAUNCHER_PID=$$ LLAMA_FT_LAUNCHER_HOST
+LLAMA_FT_LAUNCHER_HOST=$(hostname 2>/dev/null || true)
+# Rank 0 writes OUTPUT_DIR/train_results.json last of all: written after this time, this run finished (below).
+STARTED_AT=$(date +%s)
 ${SETSID[@]+"${SETSID[@]}"} "$DEEPSPEED" "${LAUNCH[@]}" --module llama_ft.train \
     --model_name_or_path "$MODEL" --output_dir "$OUTPUT_DIR" --deepspeed "$DS_CONFIG" --bf16 \
     ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${DEFAULTS[@]}" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} "$@" &
@@ -356,6 +362,22 @@ while true; do
     kill -0 "$RUNNER" 2>/dev/null || break  # done, not just woken by a signal
 done
 trap - TERM HUP INT
+RESULTS="$OUTPUT_DIR/train_results.json" HELP=0
+for ((i = 1; i <= $#; i++)); do  # the training flags' --output_dir, if any, wins over OUTPUT_DIR (last one)
+    case "${!i}" in
+        --output_dir) j=$((i + 1)); [ "$j" -gt $# ] || RESULTS="${!j}/train_results.json" ;;
+        --output_dir=*) RESULTS="${!i#--output_dir=}/train_results.json" ;;
+        -h | --help) HELP=1 ;;  # the ranks printed the flags: nothing was to be trained
+    esac
+done
+if [ "$STATUS" -eq 0 ] && [ "$ONE_NODE" -eq 1 ] && [ "$HELP" -eq 0 ] &&
+   [ "$(stat -c %Y "$RESULTS" 2>/dev/null || echo 0)" -lt "$STARTED_AT" ]; then
+    # DeepSpeed's runner exits 0 when its per-node process is killed by a signal (it only passes on a positive
+    # status): without this, a job whose launcher was killed mid-run would count as done (found by tests/soak.py).
+    # (One node only: there every rank has ended, rank 0 included, when the launcher returns.)
+    die "the launcher exited 0, but training did not finish ($RESULTS was not written by this run): a launcher" \
+        "process was killed? The last complete checkpoint is kept; resume with --resume_from_checkpoint latest"
+fi
 [ "$STATUS" -eq 0 ] || exit "$STATUS"
 
 if [ -n "${MERGE_DIR:-}" ]; then

@@ -357,12 +357,19 @@ def check_objective(cfg: TrainConfig) -> None:
                             "rank, and evaluates with eval_loss and the rewards on held-out pairs)")
 
 
+MAX_SEED = 2**31 - 1
+
+
 def validate_data_options(cfg: Any) -> None:
     """The data flags (shared with `llama-ft data`): format, lengths, the chat template file.
     With `--dataset_format chat` and no `--dataset`, the bundled tiny chat set replaces the alpaca one."""
     if cfg.dataset_format == "chat" and cfg.dataset == str(BUNDLED_DATASET):
         cfg.dataset = str(BUNDLED_CHAT_DATASET)
     DataOptions.from_config(cfg).check()
+    # numpy's seed is 32 bits, and each rank seeds with seed + rank: beyond that, a traceback after every rank
+    # had started (fuzzer)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"--seed {cfg.seed}: expected an integer from 0 to {MAX_SEED}")
     if cfg.max_train_samples is not None and cfg.max_train_samples <= 0:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: expected an integer > 0")
     if cfg.chat_template:

@@ -69,7 +69,7 @@ def read_config(path: str | Path) -> dict[str, tuple[Any, int]]:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"--config {p}: file not found (expected a YAML or JSON file of flag values)") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise UserError(f"--config {p}: cannot be read ({e})") from None
     if p.suffix == ".json":
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from llama_ft.errors import UserError, user_errors_exit
 
+MAX_SLOTS = 4096  # ranks on one host: far above any node, far below what range() and the launcher choke on
 # DeepSpeed matches this at the start of a line and ignores the rest (e.g. OpenMPI's max_slots=16)
 _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+?)(?:\s+.*)?$")
 
@@ -52,8 +53,13 @@ def parse_hostfile(path: str | Path) -> list[Host]:
         if not m:
             raise UserError(f"hostfile {path}:{lineno}: {raw.strip()!r}: expected 'HOST slots=N'")
         name, slots = m["host"], m["slots"]
-        if not slots.isdigit() or int(slots) <= 0:
-            raise UserError(f"hostfile {path}:{lineno}: slots={slots}: expected an integer > 0")
+        # what ssh, pdsh and DNS could never reach (a NUL byte, a 70,000-character name) was accepted (fuzzer)
+        if len(name) > 253 or not name.isprintable():
+            raise UserError(f"hostfile {path}:{lineno}: host {name[:40]!r}{'...' if len(name) > 40 else ''}: expected "
+                            "a host name or address (printable, at most 253 characters)")
+        # isascii: str.isdigit accepts other scripts' digits; the cap: range() of a huge count overflowed
+        if not (slots.isascii() and slots.isdigit()) or not 0 < int(slots) <= MAX_SLOTS:
+            raise UserError(f"hostfile {path}:{lineno}: slots={slots}: expected an integer > 0 and <= {MAX_SLOTS}")
         if name in hosts:
             raise UserError(f"hostfile {path}:{lineno}: host {name!r} already listed on line {hosts[name].line}")
         hosts[name] = Host(name, int(slots), lineno)

@@ -129,6 +129,35 @@ def load_lora_config(adapter: Path):
     def bad(field: str, why: str) -> UserError:
         return UserError(f"{cfg_path}: field '{field}' is {getattr(cfg, field, None)!r} ({why})")
 
+    # peft takes wrong JSON types as they come; the merge's arithmetic then failed with TypeError tracebacks (fuzzer)
+    def count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not count(cfg.r):
+        raise bad("r", "expected an integer > 0")
+    if not number(cfg.lora_alpha):
+        raise bad("lora_alpha", "expected a number")
+    tm = cfg.target_modules
+    if not (tm is None or isinstance(tm, str) or (isinstance(tm, (list, set, tuple))
+                                                   and all(isinstance(t, str) for t in tm))):
+        raise bad("target_modules", "expected a list of module names, a regex string or null")
+    if isinstance(tm, str):
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise bad("target_modules", f"not a valid regex: {e}") from None
+    for field, ok in (("rank_pattern", count), ("alpha_pattern", number)):
+        patterns = getattr(cfg, field, None) or {}
+        if not isinstance(patterns, dict) or not all(isinstance(k, str) and ok(v) for k, v in patterns.items()):
+            raise bad(field, "expected {module pattern: " + ("rank}" if field == "rank_pattern" else "alpha}"))
+        for k in patterns:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise bad(field, f"{k!r} is not a valid regex: {e}") from None
     if getattr(cfg, "use_dora", False):
         raise bad("use_dora", "DoRA adapters are not supported by this merge; expected false")
     if cfg.bias != "none":
@@ -222,6 +251,9 @@ def load_adapter(adapter: Path, ckpt: Checkpoint) -> tuple[dict[str, LoraPair], 
                 f"{wpath}: shape mismatch for {ka!r}: rank {a.shape[0]} but adapter_config.json gives r={r} for it"
             )
         scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        if not abs(scale) <= torch.finfo(torch.float32).max:  # the fp32 merge could not take it (fuzzer)
+            raise UserError(f"{adapter / ADAPTER_CONFIG}: lora_alpha {alpha!r} / r {r!r} gives the scale {scale!r} "
+                            f"for {weight!r}, beyond float32")
         pairs[weight] = LoraPair(weight=weight, a=a, b=b, scale=float(scale))
     return pairs, cfg
 

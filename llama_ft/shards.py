@@ -12,14 +12,17 @@ Layout handled (as written by `save_pretrained`):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llama_ft.checkpoint.gguf import check_not_gguf
@@ -83,12 +86,12 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one whole tensor (mmap'ed by safetensors)."""
-        with safe_open(self.shard_path(self.tensors[name].shard), framework="pt") as f:
+        with _opened(self.shard_path(self.tensors[name].shard)) as f:
             return f.get_tensor(name)
 
     def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for every tensor of one shard, in file order."""
-        with safe_open(self.shard_path(shard), framework="pt") as f:
+        with _opened(self.shard_path(shard)) as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 
@@ -125,16 +128,39 @@ def read_safetensors_header(path: Path) -> dict:
         try:
             start, end = meta["data_offsets"]
             dtype, shape = meta["dtype"], tuple(meta["shape"])
+            # wrong JSON types reached the byte arithmetic later as TypeError tracebacks (fuzzer)
+            if not (isinstance(dtype, str) and all(_index(x) for x in (start, end, *shape))):
+                raise TypeError(name)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: corrupt safetensors header entry for {name!r}") from e
         if end > data_len or start > end:
             raise UserError(
                 f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end}, data has {data_len})"
             )
+        if dtype in ST_DTYPES and math.prod(shape) * ST_DTYPES[dtype].itemsize != end - start:
+            # a shape that does not fit its bytes went on to size the merge output (1e36 MiB "needed": fuzzer)
+            raise UserError(f"{path}: corrupt safetensors header entry for {name!r} (shape {list(shape)} of {dtype} "
+                            f"does not fit its {end - start} bytes)")
         meta["shape"] = shape
         meta["dtype"] = dtype
         meta["offset"] = 8 + n + start
     return header
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """safe_open, with what it refuses (a header read_safetensors_header let through: offsets that do not match
+    a shape and dtype, overlapping tensors) as one line naming the file, not a SafetensorError (fuzzer)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise UserError(f"{path}: corrupt safetensors file ({' '.join(str(e).split())})") from None
+
+
+def _index(x: object) -> bool:
+    """A non-negative int of JSON (not a bool): a byte offset or a dimension."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _load_json(path: Path, what: str) -> dict:
@@ -166,6 +192,10 @@ def open_checkpoint(path: str | Path, flag: str = "--model_name_or_path") -> Che
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index_path}: field 'weight_map' missing or empty (expected {{tensor: shard file}})")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:  # sorted() of mixed types was a TypeError traceback (fuzzer)
+            raise UserError(f"{index_path}: 'weight_map' names {bad[1]!r} as the shard of {bad[0]!r} (expected a "
+                            "file name)")
         metadata = index.get("metadata") or {}
     elif (root / SINGLE_NAME).exists():
         weight_map = None

@@ -26,6 +26,10 @@ def test_flags_parse_like_snowflake(tmp_path):
 
 @pytest.mark.parametrize("flag,value,needle", [
     ("--lora_r", "0", "--lora_r"),
+    # found by benchmarks/fuzz_inputs.py: tracebacks from numpy's 32-bit seed and the tokenizer's 32-bit length
+    ("--seed", "99999999999999999999", "--seed"),
+    ("--seed", "-1", "--seed"),
+    ("--source_max_len", "99999999999999999999", "--source_max_len"),
     ("--lora_r", "-4", "--lora_r"),
     ("--max_steps", "0", "--max_steps"),
     ("--dataset_format", "sharegpt", "--dataset_format"),

@@ -131,6 +131,34 @@ def test_signals_and_a_killed_save_lose_nothing(straight):
     assert got == ref
 
 
+def _job_leftovers(port: str) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers of the job on `port` still named in /dev/shm."""
+    return [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+
+
+def test_kill_9_of_run_llama_stops_every_rank(straight):
+    """kill -9 of run-llama.sh runs no trap, and the launcher is in a session of its own: the ranks' own watch on
+    the script's pid must stop them (and with them the launcher's processes) within seconds, saying why."""
+    tmp, out = straight, straight / "orphans"
+    env = llama_env(tmp, out, LLAMA_FT_TEST_STEP_SLEEP="1")
+    proc = subprocess.Popen(["bash", str(REPO / "run-llama.sh"), *FLAGS, "--save_steps", "1"], env=env, cwd=tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: _steps_logged(out) >= 2, what="step 2")
+    job = psutil.Process(proc.pid).children(recursive=True)  # the launcher, its per-node process, both ranks
+    assert len(job) >= 4, job
+    os.kill(proc.pid, signal.SIGKILL)
+    t0 = time.time()
+    _, alive = psutil.wait_procs(job, timeout=15)
+    took = time.time() - t0
+    for p in alive:
+        kill_tree(p.pid)
+    _, err = proc.communicate(timeout=60)
+    assert not alive, f"still running {took:.0f} s after kill -9 of run-llama.sh: {alive}"
+    assert f"llama-ft: error: run-llama.sh (pid {proc.pid}) is gone (killed?): stopping rank 0" in err, err[-3000:]
+    assert (out / _latest(out) / "trainer_state.json").is_file()  # `latest` names a complete checkpoint
+    assert not _job_leftovers(env["MASTER_PORT"])
+
+
 def test_nan_stop_keeps_the_last_good_checkpoint(straight):
     tmp, out = straight, straight / "nan-stop"
     code, err = _finish(_start(tmp, out, "--save_steps", "2", LLAMA_FT_TEST_NAN_AT_STEP="3"))

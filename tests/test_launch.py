@@ -34,6 +34,11 @@ def test_parses_comments_blank_lines_and_trailing_comments(tmp_path):
     ("node1 slots=x\n", ":1: slots=x: expected an integer > 0"),
     ("node1 slots=8\n# c\nnode1 slots=8\n", ":3: host 'node1' already listed on line 1"),
     ("# only a comment\n\n", "no host lines"),
+    # found by benchmarks/fuzz_inputs.py: an OverflowError traceback, and hosts no launcher could reach
+    ("node1 slots=99999999999999999999\n", ":1: slots=99999999999999999999: expected an integer > 0 and <= 4096"),
+    ("node1 slots=\u0663\n", ":1: slots=\u0663: expected an integer > 0"),
+    ("no\x00de slots=2\n", ":1: host 'no\\x00de': expected a host name or address"),
+    ("a" * 300 + " slots=2\n", ":1: host 'aaaa"),
 ])
 def test_bad_hostfiles_name_the_line(tmp_path, text, needle):
     p = _hf(tmp_path, text)

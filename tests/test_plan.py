@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_slurm import FINISHED
 
 from llama_ft.plan import command, plan_training
 from llama_ft.plan.activations import MicroBatch, layer_saved
@@ -768,12 +769,12 @@ def test_the_command_is_fast_and_imports_no_torch():
 # run-llama.sh: the plan before the launch
 
 
-def _fake_launch(tmp_path: Path, tiny_model_dir, *args: str, **env_extra: str) -> tuple[subprocess.CompletedProcess,
-                                                                                        str | None]:
+def _fake_launch(tmp_path: Path, tiny_model_dir, *args: str, finished: bool = True,
+                 **env_extra: str) -> tuple[subprocess.CompletedProcess, str | None]:
     launcher = tmp_path / "deepspeed"
     record = tmp_path / "launched.txt"
     record.unlink(missing_ok=True)
-    launcher.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{record}"\n')
+    launcher.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{record}"\n{FINISHED if finished else ""}\n')
     launcher.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_FT_") and k not in (
         "NPROC", "HOSTFILE", "NODE_RANK", "INCLUDE", "EXCLUDE", "DS_CONFIG", "MERGE_DIR")}
@@ -782,6 +783,23 @@ def _fake_launch(tmp_path: Path, tiny_model_dir, *args: str, **env_extra: str) -
     proc = subprocess.run(["bash", str(REPO / "run-llama.sh"), *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     return proc, record.read_text() if record.exists() else None
+
+
+def test_launcher_exit_0_without_a_finished_run_is_a_failure(tmp_path, tiny_model_dir):
+    """DeepSpeed's runner exits 0 when its per-node process is killed by a signal (tests/soak.py found it): a
+    launcher that returns 0 without this run's train_results.json is reported, not taken for success."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train_results.json").write_text("{}")
+    os.utime(tmp_path / "out" / "train_results.json", (1, 1))  # an earlier run's
+    proc, launched = _fake_launch(tmp_path, tiny_model_dir, "--max_steps", "3", finished=False)
+    assert launched is not None and proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "run-llama.sh: error: the launcher exited 0, but training did not finish"), proc.stderr
+    proc, _ = _fake_launch(tmp_path, tiny_model_dir, "--help", finished=False)  # the flags printed: not a failure
+    assert proc.returncode == 0, proc.stderr
+    # the training flags' own --output_dir is the one looked at
+    proc, _ = _fake_launch(tmp_path, tiny_model_dir, "--output_dir", str(tmp_path / "elsewhere"))
+    assert proc.returncode == 0 and (tmp_path / "elsewhere" / "train_results.json").is_file(), proc.stderr
 
 
 def test_run_llama_stops_a_launch_that_does_not_fit(tmp_path, tiny_model_dir):

@@ -20,6 +20,10 @@ from proc import run_jobs
 from test_e2e import REPO, _metrics, llama_env
 
 NODES = ("127.0.0.1", "localhost")
+# What a launcher whose run finished leaves: train_results.json in the (last) --output_dir. run-llama.sh takes a
+# launcher's exit 0 without it for a killed launcher.
+FINISHED = ('prev=; for a in "$@"; do [ "$prev" = --output_dir ] && out=$a; prev=$a; done\n'
+            'mkdir -p "$out" && echo "{}" > "$out/train_results.json"')
 
 
 def _bin(tmp: Path, scontrol: str | None = "ok", fake_launch: bool = True) -> Path:
@@ -30,7 +34,7 @@ def _bin(tmp: Path, scontrol: str | None = "ok", fake_launch: bool = True) -> Pa
     (bindir / "scontrol").unlink(missing_ok=True)
     stubs = {}
     if fake_launch:
-        stubs["deepspeed"] = f'printf "%s\\n" "$@" > "{tmp}/launched.txt"'
+        stubs["deepspeed"] = f'printf "%s\\n" "$@" > "{tmp}/launched.txt"\n{FINISHED}'
         stubs["python"] = f'[ "$1 $2 $3" = "-m llama_ft.cli plan" ] && exit 0\nexec "{sys.executable}" "$@"'
     if scontrol == "ok":
         stubs["scontrol"] = ('[ "$1 $2" = "show hostnames" ] || exit 3\n'

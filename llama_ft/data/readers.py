@@ -113,6 +113,9 @@ def open_source(dataset: str) -> Source:
 
     A name that ends in .json/.jsonl/.parquet or starts with / ./ ../ ~ is always a local path.
     """
+    if not dataset.strip():  # Path("") is the current directory: the error named "." (fuzzer)
+        raise UserError(f"--dataset {dataset!r}: empty (expected a .json, .jsonl or .parquet file or a hub dataset "
+                        "name)")
     path = Path(dataset).expanduser()
     if not (path.exists() or _looks_like_path(dataset)):
         rows = _load_hub(dataset)

@@ -28,13 +28,18 @@ def trained_tokens(labels: list[int]) -> int:
     return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
+# The tokenizers library keeps max_length in 32 bits: a larger one was an OverflowError traceback (fuzzer).
+MAX_TOKENS = 2**31 - 1
+
+
 def check_lengths(source_max_len: int, target_max_len: int, max_seq_len: int | None) -> None:
     for flag, value in (("--source_max_len", source_max_len), ("--target_max_len", target_max_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{flag} must be an integer >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS:
+            raise UserError(f"{flag} must be an integer >= 1 and <= {MAX_TOKENS}, got {value!r}")
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 2):
-        raise UserError(f"--max_seq_len must be an integer >= 2 (a token and the one it predicts), got {max_seq_len!r}")
+                                    or not 2 <= max_seq_len <= MAX_TOKENS):
+        raise UserError(f"--max_seq_len must be an integer >= 2 (a token and the one it predicts) and <= {MAX_TOKENS}, "
+                        f"got {max_seq_len!r}")
 
 
 def encode_source_target(sources: list[str], targets: list[str], tokenizer: Any, source_max_len: int,

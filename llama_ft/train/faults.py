@@ -12,7 +12,13 @@
 - PeerWatch: a daemon thread that looks every POLL_S at the ranks of its own host; when one is gone
   while training runs, it prints one line naming that rank and ends this process too, instead of
   leaving it in a collective that can never complete. Ranks on other hosts are seen by their own
-  host's watch; a collective with a dead remote rank fails (gloo) or times out (--dist_timeout).
+  host's watch; a collective with a dead remote rank fails (gloo) or times out (--dist_timeout). When it times out
+  because a local peer is stopped (SIGSTOP), that peer is SIGKILLed with the job: stopped, it would take no SIGTERM.
+- LauncherWatch: a daemon thread that looks every POLL_S at this rank's parent (DeepSpeed's per-node process)
+  and at run-llama.sh (LLAMA_FT_LAUNCHER_PID, same host only); when either is gone it prints one line saying
+  so and ends the rank. Why: run-llama.sh starts the launcher in a session of its own, and a kill -9 of the
+  script (or of the launcher) runs no handler, so nothing else would stop ranks that go on training orphaned.
+  A parent-death signal (prctl) would cover only the direct parent and could not say why.
 """
 
 from __future__ import annotations
@@ -64,6 +70,90 @@ class StopSignals:
             print(f"[rank {rank}] llama-ft: error: second {signal.Signals(signum).name}: aborting without saving; "
                   "the last complete checkpoint is kept", file=sys.stderr, flush=True)
             os._exit(128 + signum)
+
+
+LAUNCHER_PID_ENV, LAUNCHER_HOST_ENV = "LLAMA_FT_LAUNCHER_PID", "LLAMA_FT_LAUNCHER_HOST"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after "pid (comm) " (state first, start time 20th), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _is_launcher(pid: int) -> bool:
+    """Is `pid` DeepSpeed's per-node launcher or torchrun? Only then is the parent watched: a `nohup llama-ft train`
+    whose shell has exited must go on."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return any(s in cmd for s in (b"deepspeed.launcher.launch", b"torch.distributed.run", b"torchrun"))
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), or None when it is gone or a zombie: with the pid, it
+    names one process even after the pid is reused."""
+    fields = _proc_stat(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
+
+
+class LauncherWatch:
+    """Ends this rank when its parent or run-llama.sh is gone (module doc). start() first thing in a rank."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.parent = os.getppid()
+        self.watched: dict[int, tuple[str, str]] = {}  # pid -> (what, start time)
+        launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+        if launcher.isdigit() and (os.environ.get(LAUNCHER_HOST_ENV) or socket.gethostname()) == socket.gethostname():
+            self._add(int(launcher), "run-llama.sh")
+        if self.parent > 1 and _is_launcher(self.parent):
+            self._add(self.parent, "the launcher's per-node process")
+        self.last_checkpoint = lambda: None
+        self._stop = threading.Event()
+
+    def _add(self, pid: int, what: str) -> None:
+        started = _start_time(pid)
+        if started is not None:
+            self.watched.setdefault(pid, (what, started))
+
+    def gone(self) -> tuple[int, str] | None:
+        """(pid, what) of a watched process that has ended, or None."""
+        for pid, (what, started) in self.watched.items():
+            if _start_time(pid) != started:
+                return pid, what
+        if self.parent in self.watched and os.getppid() != self.parent:  # re-parented: it ended and was reaped
+            return self.parent, "the launcher's per-node process"
+        return None
+
+    def report(self, gone: tuple[int, str]) -> str:
+        ckpt = self.last_checkpoint()
+        kept = f"; the last complete checkpoint is {ckpt}" if ckpt else ""
+        return (f"[rank {self.rank}] llama-ft: error: {gone[1]} (pid {gone[0]}) is gone (killed?): stopping rank "
+                f"{self.rank}, which must not train on orphaned{kept}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            gone = self.gone()
+            if gone is not None and not self._stop.is_set():
+                try:  # stderr may be a pipe whose reader died with the launcher
+                    print(self.report(gone), file=sys.stderr, flush=True)
+                except (OSError, ValueError):
+                    pass
+                os._exit(1)
+
+    def start(self) -> LauncherWatch:
+        # only in a launched rank (LOCAL_RANK set by DeepSpeed's launcher or torchrun), not in-process callers
+        if self.watched and "LOCAL_RANK" in os.environ:
+            threading.Thread(target=self._run, name="llama-ft-launcher-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _ranks_dir(output_dir: Path) -> Path:
@@ -125,6 +215,10 @@ class PeerWatch:
                 continue
         return None
 
+    def stopped_peers(self) -> list[tuple[int, int]]:
+        """(rank, pid) of the local peers that are stopped (SIGSTOP, a debugger): alive, but never answering."""
+        return [(r, pid) for r, pid in self.peers.items() if (_proc_stat(pid) or ["?"])[0] in ("T", "t")]
+
     def report(self, dead: tuple[int, int]) -> str:
         ckpt = self.last_checkpoint()
         kept = f"; the last complete checkpoint is {ckpt}" if ckpt else ""
@@ -165,6 +259,18 @@ class PeerWatch:
             if self.world > 1 and _looks_collective(e):
                 ckpt = self.last_checkpoint()
                 kept = f"; the last complete checkpoint is {ckpt}" if ckpt else ""
+                stopped = self.stopped_peers()
+                if stopped:
+                    # A stopped rank holds no signal handler: DeepSpeed's launcher would SIGTERM it and SIGKILL it
+                    # only 30 s later. The job ends now, so end the hung rank with it (found by tests/soak.py).
+                    self.stop()
+                    for _, pid in stopped:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
+                    r, pid = stopped[0]
+                    raise StopRun(1, f"error: rank {r} (pid {pid} on {socket.gethostname()}) is stopped (SIGSTOP?) "
+                                     f"and hung a collective for --dist_timeout; ended it and rank {self.rank}"
+                                     f"{kept}") from None
                 raise StopRun(1, f"error: a collective failed on rank {self.rank} ({' '.join(str(e).split())[:300]}): "
                                  f"a rank on another host died or hung{kept}") from None
             raise

@@ -62,7 +62,7 @@ from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import use_tiled_mlp
 from llama_ft.train.cpu_heap import fix_mmap_threshold
 from llama_ft.train.evaluate import example_answers, greedy_answers
-from llama_ft.train.faults import PeerWatch, StopSignals, register_ranks
+from llama_ft.train.faults import LauncherWatch, PeerWatch, StopSignals, register_ranks
 from llama_ft.train.loss import backward_scale, global_count, use_chunked_loss
 from llama_ft.train.objectives import make_objective
 from llama_ft.train.parallel import register_ulysses, shard_micro_batch
@@ -203,6 +203,7 @@ def train(cfg: TrainConfig) -> dict:
     # --- inputs first: every user mistake surfaces before any rank starts distributed work ---
     rank, world_env = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     setup_logging(rank)
+    launcher = LauncherWatch(rank).start()  # run-llama.sh or the per-node launcher killed: this rank stops too
     if not torch.cuda.is_available() and fix_mmap_threshold():  # before the data and the model are built
         log.info("CPU ranks: malloc returns freed blocks of 1 MiB and more to the system (peak RSS as planned; "
                  "MALLOC_MMAP_THRESHOLD_ overrides)")
@@ -296,7 +297,7 @@ def train(cfg: TrainConfig) -> dict:
     reporter = Reporter.open(out, cfg.report_to, options, progress.step if cfg.resume_from_checkpoint else None, rank)
     stop = StopSignals().install()  # SIGTERM/SIGINT: finish the step, save, exit (a second one aborts)
     last_saved = progress.step if cfg.resume_from_checkpoint else None
-    watch.last_checkpoint = lambda: resolve_checkpoint("auto", out)
+    watch.last_checkpoint = launcher.last_checkpoint = lambda: resolve_checkpoint("auto", out)
     skipped = engine.skipped_steps  # DeepSpeed drops an update whose gradient norm is not finite
 
     def save() -> None:  # collective: checkpoint-STEP of the current step, then `latest`
