@@ -37,7 +37,8 @@ setup(
         # both reporters are tested in CI: on top of the rest, tensorboard installs in ~9 s and wandb in ~10 s
         # gguf: the real-checkpoint tests convert SmolLM2's GGUF; lm_eval: they check lm-evaluation-harness reads
         # what we write (about 25 s more to install; tests/test_real_checkpoint.py)
-        # trl: tests/test_dpo_vs_trl.py checks our DPO loss, rewards and tokens against TRL's DPOTrainer. Below 2:
+        # trl: tests/test_dpo_vs_trl.py checks our DPO loss, rewards and tokens against TRL's DPOTrainer, and
+        # benchmarks/dpo_vs_trl.py (smoke-tested) runs DPOTrainer as the peer. Below 2:
         # TRL 1.x marks APIs "removed in v2.0.0". 1.16.0 installs without moving torch, transformers, peft,
         # datasets or accelerate (checked 2026-12-07)
         "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17", "gguf>=0.10",

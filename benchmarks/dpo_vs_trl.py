@@ -1,6 +1,6 @@
 """DPO throughput: llama-ft `--objective dpo` vs TRL DPOTrainer + PEFT + ZeRO-3 on the same pairs (issue 21, item 6).
 
-    python benchmarks/dpo_vs_trl.py --json dpo.json                    # CPU: small Llama shape, 2 ranks, fp32
+    python benchmarks/dpo_vs_trl.py --rounds 3 --json dpo.json         # CPU: small Llama shape, 2 ranks, fp32
     python benchmarks/dpo_vs_trl.py --shape 8b --json dpo-8b.json      # GPU: Llama 3.1 8B shape, all GPUs, bf16
     python benchmarks/dpo_vs_trl.py --smoke --json /tmp/smoke.json     # a minute-long check of the script
     python benchmarks/dpo_vs_trl.py --trl-python PYTHON ...            # TRL from another environment
@@ -39,6 +39,11 @@ Measured per method over steps W+1..N (the first --warmup W steps left out, the 
     peak memory     per rank: peak host RSS of the rank's process on CPU, torch.cuda.max_memory_allocated on GPU
                     (recorded at exit by bench_common's probe, the same way for both)
 Goals (issue 21): ours >= 1.3x TRL's pairs/s, and less peak memory than TRL on every rank.
+
+--rounds R runs each method R times, alternating which goes first; the table shows each method's round with the
+median pairs/s and lists every round's. Because both train the same micro-batches, the report also gives the
+median over every measured step of every round of TRL's step time / ours for the same micro-batch: on a shared
+machine a burst of other work slows a few steps of one method, which moves a mean more than this median.
 
 Shapes are train_throughput.py's: tiny (--smoke), small (hidden 512, 4 layers: the CPU run, fp32), 8b, 70b (CUDA,
 bf16). Output: a markdown table on stdout (progress and logs on stderr), --json everything.
@@ -177,12 +182,27 @@ def figures(raw: dict[str, Any], args: argparse.Namespace, flops: int) -> dict[s
 # report
 
 
-def compare(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The goals' ratios, and whether both trained the same micro-batches, token for token."""
+def median_round(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A method's figures over the rounds: those of the round with the median pairs/s (the lower of the two
+    middle ones for an even count), plus every round's pairs/s; a round that failed or did not run decides."""
+    missing = [r for r in records if "pairs_per_s" not in r]
+    if missing:
+        return missing[0]
+    ordered = sorted(records, key=lambda r: r["pairs_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_pairs_per_s": [r["pairs_per_s"] for r in records]}
+
+
+def compare(methods: dict[str, dict[str, Any]], rounds: list[dict[str, dict[str, Any]]], warmup: int) -> dict[str, Any]:
+    """The goals' ratios (of the methods' median rounds), whether both trained the same micro-batches token for
+    token, and the median over every measured step of every round of TRL's step time / ours for the same
+    micro-batch: a paired figure that a burst of other load on the machine moves less than it moves a mean."""
     ours, trl = methods["ours"], methods["trl"]
     if "pairs_per_s" not in ours or "pairs_per_s" not in trl:
-        return {"pairs_per_s_ratio": None, "memory_ratio_per_rank": None, "same_batches": None, "goals": []}
+        return {"pairs_per_s_ratio": None, "memory_ratio_per_rank": None, "same_batches": None,
+                "step_time_ratio_median": None, "goals": []}
     ratio = ours["pairs_per_s"] / trl["pairs_per_s"]
+    paired = [t["time_s"] / o["time_s"] for r in rounds
+              for o, t in zip(r["ours"]["steps"][warmup:], r["trl"]["steps"][warmup:], strict=True)]
     memory = [a / b for a, b in zip(ours["peak_memory_bytes_per_rank"], trl["peak_memory_bytes_per_rank"],
                                     strict=True)]
     keys = ("pairs", "tokens", "nonpad", "trained")
@@ -191,7 +211,8 @@ def compare(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
               "holds": ratio >= GOAL_PAIRS_PER_S},
              {"goal": "llama-ft's peak memory below TRL's on every rank", "ratio": max(memory),
               "holds": max(memory) < 1}]
-    return {"pairs_per_s_ratio": ratio, "memory_ratio_per_rank": memory, "same_batches": same, "goals": goals}
+    return {"pairs_per_s_ratio": ratio, "memory_ratio_per_rank": memory, "same_batches": same,
+            "step_time_ratio_median": statistics.median(paired), "goals": goals}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -215,7 +236,13 @@ def markdown(report: dict[str, Any]) -> str:
     cmp = report["compare"]
     out += ["", *goal_lines(cmp["goals"])]
     if cmp["same_batches"] is not None:
-        out.append(f"- {'the same' if cmp['same_batches'] else 'different'} micro-batches, token for token")
+        out.append(f"- {'the same' if cmp['same_batches'] else 'different'} micro-batches, token for token; "
+                   f"TRL's step time / ours, same micro-batch, median over the measured steps of "
+                   f"{c['rounds']} round(s): {cmp['step_time_ratio_median']:.2f}")
+    if c["rounds"] > 1:
+        out += [f"- pairs/s of each round ({label}): " + ", ".join(f"{x:.2f}" for x in res["rounds_pairs_per_s"])
+                for label, res in ((METHODS[m], report["methods"][m]) for m in METHODS)
+                if "rounds_pairs_per_s" in res]
     return "\n".join(out)
 
 
@@ -229,12 +256,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared_args(ap, DEFAULTS, "preference pairs (2 rows each)", "/tmp/llama-ft-dpobench")
     ap.add_argument("--methods", default="ours,trl", help="comma list of ours,trl; default both")
     ap.add_argument("--pairs", type=int, help="synthetic pairs; default: as many as the run trains")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each method, alternating which goes first; the "
+                                                          "table shows each method's median round; default 1")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta; default 0.1")
     ap.add_argument("--prompt-words", type=int, help=f"median prompt words; default {DEFAULTS['prompt_words']}")
     ap.add_argument("--response-words", type=int, help=f"median words of a response; default "
                                                        f"{DEFAULTS['response_words']}")
     args = ap.parse_args(argv)
-    check_shared(args, SMOKE if args.smoke else DEFAULTS, ("beta", "prompt_words", "response_words"))
+    check_shared(args, SMOKE if args.smoke else DEFAULTS, ("beta", "prompt_words", "response_words", "rounds"))
     if args.pairs is not None and args.pairs < 1:
         die(f"--pairs {args.pairs}: expected a number > 0")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -266,12 +295,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "pad_id": pad_token_id(tokenizer), "dims": dims, "probe_dir": install_probe(args.dir / "probe-site")}
     flops = dpo_flops_per_token(dims, args.lora_r)
 
-    methods = measure_methods(METHODS, args, head, lambda name: run_ours(args, ctx) if name == "ours" else
-                              run_trl(args, ctx), lambda raw: figures(raw, args, flops), "pairs_per_s")
-    config = {**run_config(args, dims, model_dir, flops, 0.0), "beta": args.beta,
+    # rounds alternate the order (ours first, then TRL first, ...) so that a slow stretch of a shared machine does
+    # not always fall on the same method
+    rounds = [measure_methods(list(METHODS)[::1 if k % 2 == 0 else -1], args, head,
+                              lambda name: run_ours(args, ctx) if name == "ours" else run_trl(args, ctx),
+                              lambda raw: figures(raw, args, flops), "pairs_per_s") for k in range(args.rounds)]
+    methods = {name: median_round([r[name] for r in rounds]) for name in METHODS}
+    config = {**run_config(args, dims, model_dir, flops, 0.0), "beta": args.beta, "rounds": args.rounds,
               "prompt_words": args.prompt_words, "response_words": args.response_words}
     return {"header": head, "config": config, "data": data_summary(data_file, examples), "method_labels": METHODS,
-            "methods": methods, "compare": compare(methods)}
+            "methods": methods, "compare": compare(methods, rounds, args.warmup)}
 
 
 if __name__ == "__main__":

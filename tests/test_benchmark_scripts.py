@@ -219,6 +219,7 @@ def test_dpo_vs_trl_smoke(tmp_path):
         assert res["tokens_per_s"] == pytest.approx(sum(s["nonpad"] for s in steps) / seconds)
         assert len(res["peak_memory_bytes_per_rank"]) == cfg["nproc"]
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
+        assert res["rounds_pairs_per_s"] == [res["pairs_per_s"]]
     cmp = report["compare"]
     if len(measured) == 2:
         ours, trl = methods["ours"], methods["trl"]
@@ -226,11 +227,38 @@ def test_dpo_vs_trl_smoke(tmp_path):
         assert cmp["pairs_per_s_ratio"] == pytest.approx(ours["pairs_per_s"] / trl["pairs_per_s"])
         assert [g["holds"] for g in cmp["goals"]] == [cmp["pairs_per_s_ratio"] >= 1.3,
                                                       max(cmp["memory_ratio_per_rank"]) < 1]
+        assert _positive(cmp["step_time_ratio_median"])
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 3 and "pairs/s" in rows[0]
     for label in report["method_labels"].values():
         assert any(row.startswith(f"| {label} |") for row in rows), label
     assert head["command"] in proc.stdout
+
+
+def test_dpo_vs_trl_rounds_report_the_median_round():
+    """--rounds: a method's row is its round with the median pairs/s (the lower middle one of an even count); a
+    round that failed decides; the paired figure is the median over every measured step of TRL's time / ours."""
+    sys.path.insert(0, str(DPO.parent))
+    try:
+        import dpo_vs_trl as dv
+    finally:
+        sys.path.remove(str(DPO.parent))
+
+    def rec(pps: float, times: list[float]) -> dict:
+        return {"pairs_per_s": pps, "peak_memory_bytes_per_rank": [1.0, 1.0], "steps": [
+            {"time_s": t, "pairs": 4, "tokens": 10, "nonpad": 8, "trained": 4} for t in times]}
+
+    three = [rec(1.0, [1, 1]), rec(3.0, [1, 1]), rec(2.0, [1, 1])]
+    assert dv.median_round(three)["pairs_per_s"] == 2.0
+    assert dv.median_round(three)["rounds_pairs_per_s"] == [1.0, 3.0, 2.0]
+    assert dv.median_round(three[:2])["pairs_per_s"] == 1.0
+    assert dv.median_round([three[0], {"failed": "x"}]) == {"failed": "x"}
+    # two rounds, warmup 1: measured steps 2..3; TRL / ours per step: 2.0, 3.0 | 4.0, 0.5 -> median 2.5
+    rounds = [{"ours": rec(1.0, [9, 1, 1]), "trl": rec(0.5, [9, 2, 3])},
+              {"ours": rec(1.0, [9, 1, 4]), "trl": rec(0.5, [9, 4, 2])}]
+    cmp = dv.compare({m: dv.median_round([r[m] for r in rounds]) for m in ("ours", "trl")}, rounds, 1)
+    assert cmp["step_time_ratio_median"] == 2.5 and cmp["pairs_per_s_ratio"] == 2.0 and cmp["same_batches"]
+    assert [g["holds"] for g in cmp["goals"]] == [True, False]  # 2x pairs/s; memory equal, not below
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
