@@ -311,3 +311,25 @@ def test_gpu_weight_only_error_vs_float64(m, n, k, r):
     assert _rel(y8, ref) <= 6e-2
     dx8 = kernels.dx_triton(dy, q, s, u, a, 2.0, True)
     assert _rel(dx8, dy.double() @ wd + 2.0 * u.double() @ a.double()) <= 6e-2
+
+
+@pytest.mark.gpu
+def test_gpu_integer_decode_equals_the_hardware_conversion_and_autotune_reports():
+    """The sm_80/86 path (integer e4m3 decoding) run on this GPU gives, with the same tiles, the very outputs of the
+    hardware conversion: both widen e4m3 exactly. And autotune (the default on a GPU) says what it picked."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, 2048, device="cuda") * 0.02
+    q, s = kernels.quantize_fp8_triton(w.to(torch.bfloat16))
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    fwd = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    dxt = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    for cap in ((8, 0), (9, 0)) if torch.cuda.get_device_capability() >= (8, 9) else ((8, 0),):
+        y = kernels.forward_triton(x, q, s, None, None, 1.0, tiles=fwd, capability=cap)
+        dx = kernels.dx_triton(dy, q, s, None, None, 1.0, tiles=dxt, capability=cap)
+        if cap == (8, 0):
+            y_int, dx_int = y, dx
+    assert torch.equal(y, y_int) and torch.equal(dx, dx_int)
+    kernels.forward_triton(x, q, s, None, None, 1.0)  # no tiles: autotuned on a GPU
+    picked = kernels.tuned_configs()
+    assert not kernels.autotuning() or any(t["kernel"] == "_fwd_kernel" for t in picked), picked

@@ -272,24 +272,24 @@ def generation(cap: tuple[int, int]) -> str:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per (kernel, mode, generation): (for M > 64, for M <= 64), the
 # default first. In dx, BLOCK_N is the contraction tile and BLOCK_K the output's columns. Every entry compiles
-# with zero spill stores for bf16 and fp16 at r 16..64 and without LoRA, on each architecture of its generation
-# (`llama-ft kernels --compile all`; the table is in docs/fp8.md). What the table ruled out:
+# with zero spill stores for bf16, fp16 and fp32, with LoRA at r 16..64 and without, on each architecture of its
+# generation (`llama-ft kernels --compile all`, triton 3.9; the table is in docs/fp8.md). What it ruled out:
 #   - 128 x 256 output tiles: 280-1,400 B of spills on every generation.
 #   - fp8 compute with 4 warps on a 128 x 128 tile: ~800-1,100 B (two fp32 accumulators over 128 threads).
-#   - weight-only sm80 (integer decode) forward: 128 x 128 x 64 runs at 242-255 registers (spill-free only since
-#     the weight scale became a scalar per tile); the default takes a 32-deep K tile at 128-169 registers.
-#   - dx at M <= 64 with a 64 x 128 output tile on 4 warps: 8-56 B on sm_80, sm_86, sm_89, sm_120; 8 warps: none.
-# fp32 inputs (tf32 dots) hold twice the bytes per tile: their contraction tile is halved (`_halve`), which the
-# table shows spill-free where the bf16 tiles spill 16-380 B.
+#   - a vector of weight scales across the tile's columns (now one scalar per tile): it alone made the 128 x 128
+#     tiles spill 8-300 B on sm_80/86 (weight-only) and sm_89/90 (fp8 compute).
+#   - 32-deep K tiles on 128 x 128 (sm_80, sm_89): ptxas settles at 128 registers and spills 4-8 B there.
+#   - sm80 (integer decode): 128 x 128 x 64 is spill-free but at 242-255 registers on sm_86; the default takes
+#     128 x 64 x 64 (136-172 registers) and leaves the wider tile to autotune.
+#   - 64 x 64 x 64 on 4 warps (sm_89 forward, sm_80/86 dx at M <= 64): 8-16 B; on 8 warps: none.
+# fp32 inputs (tf32 dots) hold twice the bytes per tile: their contraction tile is halved down to 32 (`_halve`).
+_WO_SMALL = [[64, 128, 32, 4, 4], [64, 128, 32, 8, 3]]
 _TILES: dict[tuple[str, str, str], tuple[list[list[int]], list[list[int]]]] = {
-    ("fwd", "weight-only", "sm80"): ([[128, 128, 32, 8, 4], [128, 128, 64, 8, 3], [128, 64, 64, 8, 3]],
-                                     [[64, 128, 32, 4, 4], [64, 64, 64, 4, 3]]),
-    ("fwd", "weight-only", "sm89"): ([[128, 128, 64, 8, 3], [128, 128, 32, 8, 4], [128, 64, 64, 8, 3]],
-                                     [[64, 128, 32, 4, 4], [64, 64, 64, 4, 3]]),
-    ("fwd", "weight-only", "sm90"): ([[128, 128, 64, 8, 3], [128, 128, 64, 8, 4], [128, 64, 64, 8, 3]],
-                                     [[64, 128, 32, 4, 4], [64, 64, 64, 4, 3]]),
+    ("fwd", "weight-only", "sm80"): ([[128, 64, 64, 8, 3], [128, 128, 64, 8, 3]], _WO_SMALL),
+    ("fwd", "weight-only", "sm89"): ([[128, 128, 64, 8, 3], [128, 64, 64, 8, 3]], _WO_SMALL),
+    ("fwd", "weight-only", "sm90"): ([[128, 128, 64, 8, 3], [128, 128, 64, 8, 4], [128, 64, 64, 8, 3]], _WO_SMALL),
     ("dx", "weight-only", "*"): ([[128, 64, 128, 8, 3], [128, 32, 128, 8, 4], [128, 64, 64, 8, 3]],
-                                 [[64, 64, 128, 8, 3], [64, 64, 64, 4, 3]]),
+                                 [[64, 64, 128, 8, 3], [64, 64, 64, 8, 3]]),
     ("fwd", "fp8-compute", "sm89"): ([[128, 128, 128, 8, 3], [128, 64, 128, 8, 3]], [[64, 64, 128, 4, 4]]),
     ("fwd", "fp8-compute", "sm90"): ([[128, 128, 128, 8, 3], [128, 128, 128, 8, 4], [128, 64, 128, 8, 3]],
                                      [[64, 128, 128, 4, 4], [64, 64, 128, 4, 4]]),
@@ -300,9 +300,9 @@ _TILES: dict[tuple[str, str, str], tuple[list[list[int]], list[list[int]]]] = {
 
 
 def _halve(kernel: str, t: list[int]) -> list[int]:
-    """The tile with its contraction dimension halved: BLOCK_K of the forward, BLOCK_N of dx."""
+    """The tile with its contraction dimension halved, to 32 at least: BLOCK_K of the forward, BLOCK_N of dx."""
     bm, bn, bk, warps, stages = t
-    return [bm, bn, bk // 2, warps, stages] if kernel == "fwd" else [bm, bn // 2, bk, warps, stages]
+    return [bm, bn, max(32, bk // 2), warps, stages] if kernel == "fwd" else [bm, max(32, bn // 2), bk, warps, stages]
 
 
 def tile_configs(kernel: str, fp8_compute: bool, cap: tuple[int, int], m: int,
