@@ -1,4 +1,4 @@
-"""`llama-ft` command line: train | data | generate | merge | quantize | download | hostfile | plan | make-tiny.
+"""`llama-ft` command line: train | data | generate | merge | quantize | download | hostfile | plan | kernels | ...
 
     llama-ft train ...        one process (no launcher); for several ranks use run-llama.sh
     llama-ft data ...         what training will read: summary, --preview K, --dump OUT.jsonl
@@ -9,6 +9,8 @@
                               fetch a checkpoint from the Hugging Face Hub, checked before and after
     llama-ft hostfile check F validate a DeepSpeed hostfile before launching
     llama-ft plan MODEL ...   memory per GPU / per host, the verdict, the smallest offload ratio
+    llama-ft kernels --compile sm_80,sm_90
+                              compile every Triton kernel for those GPUs (no GPU needed): registers, spills
     llama-ft make-tiny DIR    write the embedded tiny Llama + tokenizer (the default model)
     llama-ft eval ...         loss and greedy exact match on held-out data: base, base + adapters, or merged
     llama-ft convert-gguf F D a GGUF model file -> a Hugging Face safetensors directory to train on
@@ -33,6 +35,7 @@ COMMANDS = {
     "download": "download a safetensors checkpoint + tokenizer from the Hugging Face Hub (resumable, verified)",
     "hostfile": "check a DeepSpeed hostfile (syntax, duplicates, slots, the ranks asked for)",
     "plan": "memory per GPU and per host of a run, whether it fits, the smallest --offload_ratio that does",
+    "kernels": "compile every Triton kernel for GPU architectures without a GPU: errors, registers, spills",
     "make-tiny": "write the embedded tiny Llama checkpoint and tokenizer to a directory",
     "eval": "did the fine-tune work: token-weighted loss and greedy exact match on held-out data",
     "convert-gguf": "convert a GGUF model file (llama.cpp) into a Hugging Face safetensors directory",
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from llama_ft.plan import command as plan_command
 
         return plan_command.main(rest)
+    if cmd == "kernels":
+        from llama_ft.kernelcheck import command as kernels_command
+
+        return kernels_command.main(rest)
     if cmd == "eval":
         from llama_ft.eval import command as eval_command
 

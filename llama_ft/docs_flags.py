@@ -36,6 +36,7 @@ PARSERS: dict[str, str] = {
     "convert-gguf": "llama_ft.checkpoint.gguf:build_parser",
     "make-tiny": "llama_ft.cli:make_tiny_parser",
     "config": "llama_ft.config_file:build_parser",
+    "kernels": "llama_ft.kernelcheck.command:build_parser",
 }
 """`llama-ft COMMAND` -> "module:function [subcommand]" building its parser (imported only when rendered:
 the training parser imports torch)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llama_ft.errors import UserError
 from llama_ft.fp8 import (
     FP8LoRALinear,
     dequantize_fp8,
@@ -18,6 +19,18 @@ from llama_ft.fp8 import (
     scales_to_bytes,
 )
 from llama_ft.lora import LoraSpec
+
+if kernels.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _e4m3_roundtrip_kernel(b_ptr, decoded_ptr, value_ptr, encoded_ptr):
+        """All 256 bytes through the integer decoder (bf16, stored widened to fp32), and the fp32 e4m3 values
+        through the integer encoder."""
+        i = tl.arange(0, 256)
+        tl.store(decoded_ptr + i, kernels._e4m3_to_bf16(tl.load(b_ptr + i)).to(tl.float32))
+        tl.store(encoded_ptr + i, kernels._e4m3_bits(tl.load(value_ptr + i)))
 
 SHAPES = [(1, 1), (127, 129), (130, 200), (256, 384), (64, 300)]
 E4M3_GRID = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
@@ -85,6 +98,25 @@ def test_triton_quantize_matches_torch_bit_for_bit(shape):
     assert torch.equal(q, q_ref)
 
 
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+def test_e4m3_integer_decode_and_encode_are_exact_for_all_256_bytes():
+    """sm_80/86 decode e4m3 bytes with integer operations: every byte, NaNs and -0.0 included, must give what
+    torch's own float8_e4m3fn gives; the quantizer's integer encoder must give each finite value's byte back."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    want = byte.view(torch.float8_e4m3fn).float()  # torch's cast: the independent reference
+    finite = torch.isfinite(want)
+    values = torch.where(finite, want, torch.zeros(()))
+    decoded = torch.empty(256, device=device)
+    encoded = torch.empty(256, dtype=torch.uint8, device=device)
+    _e4m3_roundtrip_kernel[(1,)](byte.to(device), decoded, values.to(device), encoded)
+    decoded, encoded = decoded.cpu(), encoded.cpu()
+    assert torch.equal(decoded.isnan(), ~finite) and (~finite).sum() == 2  # 0x7F and 0xFF
+    assert torch.equal(decoded[finite], want[finite])
+    assert torch.equal(torch.signbit(decoded[finite]), torch.signbit(want[finite]))  # 0x80 is -0.0
+    assert torch.equal(encoded[finite], byte[finite])
+
+
 def test_activation_quantization_is_per_1x128_tile():
     torch.manual_seed(2)
     x = torch.randn(3, 300, dtype=torch.float64)
@@ -131,26 +163,79 @@ def test_reference_matches_float64_math(fp8_compute, stripe, monkeypatch):
         assert _rel(y, x.double() @ wd.T + 2.0 * t.double() @ b.double().T) < 5e-2
 
 
-GPU_TILES = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8)  # the tile sizes kernels.py picks on a GPU
+GPU_TILES = dict(BLOCK_M=128, GROUP_M=8, num_warps=8)  # a GPU-sized row tile, under the interpreter
+
+
+def _gpu_tiles(fp8_compute: bool) -> tuple[dict, dict]:
+    """(forward, dx) tiles in each kernel's own names: the contraction tile is 128 for fp8 compute."""
+    red = 128 if fp8_compute else 64
+    return dict(GPU_TILES, BLOCK_N=128, BLOCK_K=red), dict(GPU_TILES, BLOCK_N=red, BLOCK_K=128)
 
 
 @cpu_kernels
-@pytest.mark.parametrize("m,n,k,r,tiles", [(33, 130, 200, 8, {}), (16, 64, 128, 16, {}), (5, 257, 96, 4, {}),
-                                           (130, 300, 260, 16, GPU_TILES)])
-@pytest.mark.parametrize("fp8_compute", [False, True])
+@pytest.mark.parametrize("m,n,k,r,gpu_tiles", [(33, 130, 200, 8, False), (16, 64, 128, 16, False),
+                                               (5, 257, 96, 4, False), (130, 300, 260, 16, True)])
+@pytest.mark.parametrize("mode", ["weight-only", "weight-only-int", "fp8-compute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_match_reference(m, n, k, r, tiles, fp8_compute, dtype):
+def test_triton_kernels_match_reference(m, n, k, r, gpu_tiles, mode, dtype):
+    """Both dispatch paths of weight-only mode (the hardware e4m3 conversion of 8.9+, the integer decode of
+    sm_80/86) and fp8 compute, against the PyTorch reference (itself checked against float64 above)."""
+    fp8_compute = mode == "fp8-compute"
+    cap = (8, 0) if mode == "weight-only-int" else (9, 0)
     q, s, x, a, b, dy = _case(m, n, k, r, dtype, seed=m)
     t, u = x @ a.T, dy @ b
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # the interpreter truncates fp32 -> bf16
-    blocks = dict(tiles, BLOCK_K=128 if fp8_compute else 64) if tiles else {}
+    fwd_tiles, dx_tiles = _gpu_tiles(fp8_compute) if gpu_tiles else (None, None)
     for lora in (True, False):
-        y = kernels.forward_triton(x, q, s, t if lora else None, b if lora else None, 0.5, fp8_compute, **blocks)
+        y = kernels.forward_triton(x, q, s, t if lora else None, b if lora else None, 0.5, fp8_compute,
+                                   tiles=fwd_tiles, capability=cap)
         y_ref = reference.forward_ref(x, q, s, t if lora else None, b if lora else None, 0.5, fp8_compute)
         assert y.dtype == dtype and _rel(y, y_ref) < tol
-        dx = kernels.dx_triton(dy, q, s, u if lora else None, a if lora else None, 0.5, fp8_compute, **blocks)
+        dx = kernels.dx_triton(dy, q, s, u if lora else None, a if lora else None, 0.5, fp8_compute,
+                               tiles=dx_tiles, capability=cap)
         dx_ref = reference.dx_ref(dy, q, s, u if lora else None, a if lora else None, 0.5, fp8_compute)
         assert dx.dtype == dtype and _rel(dx, dx_ref) < tol
+
+
+@cpu_kernels
+@pytest.mark.parametrize("m,k", [(1, 1), (37, 300), (130, 128)])
+def test_row_quantizer_matches_the_reference_bit_for_bit(m, k):
+    """fp8 compute quantizes x (and dy) once, before the GEMM: per 1 x 128 tile, s = absmax / 448 in fp32 and the
+    nearest e4m3 of x / s; the dequantized tiles must equal quantize_activation_reference's exactly."""
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) * 10
+    x[0, : min(k, 128)] = 0  # an all-zero tile: scale 1
+    q, s = kernels.quantize_rows_triton(x)
+    assert q.dtype == torch.uint8 and s.shape == (m, (k + 127) // 128)
+    want_s = torch.zeros(m, (k + 127) // 128)
+    for j in range(want_s.shape[1]):
+        amax = x[:, j * 128:(j + 1) * 128].abs().amax(dim=1)
+        want_s[:, j] = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    assert torch.equal(s, want_s)
+    got = q.view(torch.float8_e4m3fn).float() * s.repeat_interleave(128, 1)[:, :k]
+    assert torch.equal(got, quantize_activation_reference(x))
+
+
+@cpu_kernels
+def test_rank_above_the_fused_tile_adds_lora_after_the_kernel():
+    """r > FUSED_R_MAX: the kernel runs without LoRA and one addmm adds s t B^T (and s u A): still the formula."""
+    r = kernels.FUSED_R_MAX + 16
+    q, s, x, a, b, dy = _case(20, 130, 200, r, torch.float32, seed=9)
+    t, u = x @ a.T, dy @ b
+    wd = dequantize_fp8(q, s, torch.float64)
+    y = kernels.forward_triton(x, q, s, t, b, 0.5)
+    assert _rel(y, x.double() @ wd.T + 0.5 * t.double() @ b.double().T) < 1e-5
+    dx = kernels.dx_triton(dy, q, s, u, a, 0.5)
+    assert _rel(dx, dy.double() @ wd + 0.5 * u.double() @ a.double()) < 1e-5
+
+
+@cpu_kernels
+def test_kernels_refuse_fp8_compute_without_fp8_tensor_cores():
+    q, s, x, a, b, dy = _case(16, 64, 128, 4, torch.float32)
+    for run in (lambda: kernels.forward_triton(x, q, s, None, None, 1.0, True, capability=(8, 0)),
+                lambda: kernels.dx_triton(dy, q, s, None, None, 1.0, True, capability=(8, 6))):
+        with pytest.raises(UserError, match="has no FP8 tensor cores"):
+            run()
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
@@ -226,3 +311,25 @@ def test_gpu_weight_only_error_vs_float64(m, n, k, r):
     assert _rel(y8, ref) <= 6e-2
     dx8 = kernels.dx_triton(dy, q, s, u, a, 2.0, True)
     assert _rel(dx8, dy.double() @ wd + 2.0 * u.double() @ a.double()) <= 6e-2
+
+
+@pytest.mark.gpu
+def test_gpu_integer_decode_equals_the_hardware_conversion_and_autotune_reports():
+    """The sm_80/86 path (integer e4m3 decoding) run on this GPU gives, with the same tiles, the very outputs of the
+    hardware conversion: both widen e4m3 exactly. And autotune (the default on a GPU) says what it picked."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, 2048, device="cuda") * 0.02
+    q, s = kernels.quantize_fp8_triton(w.to(torch.bfloat16))
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    fwd = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    dxt = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    for cap in ((8, 0), (9, 0)) if torch.cuda.get_device_capability() >= (8, 9) else ((8, 0),):
+        y = kernels.forward_triton(x, q, s, None, None, 1.0, tiles=fwd, capability=cap)
+        dx = kernels.dx_triton(dy, q, s, None, None, 1.0, tiles=dxt, capability=cap)
+        if cap == (8, 0):
+            y_int, dx_int = y, dx
+    assert torch.equal(y, y_int) and torch.equal(dx, dx_int)
+    kernels.forward_triton(x, q, s, None, None, 1.0)  # no tiles: autotuned on a GPU
+    picked = kernels.tuned_configs()
+    assert not kernels.autotuning() or any(t["kernel"] == "_fwd_kernel" for t in picked), picked

@@ -721,6 +721,44 @@ def test_json_object(capsys):
     assert p["inputs"]["machine"]["world_size"] == 8
 
 
+@pytest.mark.parametrize("gpu,flags,memory,mode", [
+    ("a100-80gb", [], "GPU 80.00 GiB", "FP8 (A100 80GB, sm_80): weight-only (e4m3 weights decoded with integer "
+                                       "operations to bf16"),
+    ("a6000", [], "GPU 48.00 GiB", "FP8 (RTX A6000, sm_86): weight-only (e4m3 weights decoded with integer"),
+    ("l40s", [], "GPU 45.00 GiB", "FP8 (L40S, sm_89): weight-only (e4m3 weights converted by the hardware"),
+    ("h100", ["--fp8_compute"], "GPU 79.60 GiB", "FP8 (H100 80GB, sm_90): fp8 compute (activations rounded to e4m3"),
+    ("8.0", ["--gpu_memory_gb", "39.5"], "GPU 39.50 GiB",
+     "FP8 (a GPU of compute capability 8.0, sm_80): weight-only (e4m3 weights decoded with integer"),
+    ("b200", ["--gpu_memory_gb", "170"], "GPU 170.00 GiB", "FP8 (B200, sm_100): weight-only"),
+])
+def test_gpu_kind_gives_memory_and_the_fp8_mode(capsys, gpu, flags, memory, mode):
+    rc, out, err = _main(capsys, "70b", "--quantize", "--gpu", gpu, "--nodes", "2", "--gradient_checkpointing",
+                         "--max_seq_len", "2048", *flags)
+    assert rc in (0, 1), err
+    assert memory in out and mode in out, out
+    rc, out, _ = _main(capsys, "70b", "--quantize", "--gpu", gpu, "--nodes", "2", "--max_seq_len", "2048", "--json",
+                       *flags)
+    f = json.loads(out)["fp8"]
+    assert f["mode"] in mode or mode.split(": ", 1)[1] in f["mode"]
+    rc, out, _ = _main(capsys, "70b", "--gpu", gpu, "--nodes", "2", "--max_seq_len", "2048", *flags)
+    assert "FP8" not in out  # no --quantize: no FP8 line
+
+
+def test_fp8_compute_on_a_gpu_without_fp8_tensor_cores_is_refused(capsys):
+    rc, out, err = _main(capsys, "70b", "--quantize", "--fp8_compute", "--gpu", "a100-40gb")
+    line = _one_error_line(err)
+    assert rc == 2 and "--fp8_compute: A100 40GB (compute capability 8.0) has no FP8 tensor cores" in line, line
+    assert "--quantize alone runs weight-only FP8 on it (e4m3 weights decoded with integer operations" in line
+    for bad, needle in (("v100", "--gpu v100: unknown GPU; expected one of a100-40gb"),
+                        ("7.5", "--gpu 7.5: compute capability 7.5 has no bf16 tensor cores")):
+        rc, out, err = _main(capsys, "70b", "--quantize", "--gpu", bad)
+        assert rc == 2 and needle in _one_error_line(err), err
+    # no --gpu: the rule, decided at launch
+    rc, out, _ = _main(capsys, "70b", "--quantize", "--fp8_compute", "--gpu_memory_gb", "79.6", "--nodes", "2",
+                       "--max_seq_len", "2048")
+    assert "FP8 (GPU not given (--gpu)): fp8 compute (needs compute capability 8.9+, checked at launch)" in out
+
+
 def test_cpu_ranks_hold_every_term_in_host_memory(capsys):
     gpu = small_plan(world=2, lora_r=8)
     cpu = small_plan(world=2, device="cpu", lora_r=8)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,3 +211,38 @@ def test_resume_mismatch_is_refused_before_start(capsys, tiny_model_dir, data_fi
     state.pop(saved.get("drop", "none"), None)
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
     _fail(capsys, _argv(tiny_model_dir, data_file, tmp_path / "out", "--resume_from_checkpoint", str(ckpt)), needle)
+
+
+def _fake_gpu(monkeypatch, name: str, cap: tuple[int, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+
+
+def test_fp8_compute_is_refused_on_a_gpu_without_fp8_tensor_cores(capsys, monkeypatch, model_copy, data_file,
+                                                                    tmp_path):
+    """An A100 (compute capability 8.0, faked): --quantize --fp8_compute stops before anything is built or launched,
+    in one line that names the GPU and says what runs instead."""
+    _fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
+    out = tmp_path / "out"
+    line = _fail(capsys, _argv(model_copy, data_file, out, "--quantize", "--fp8_compute"),
+                 "--fp8_compute: NVIDIA A100-SXM4-80GB (compute capability 8.0) has no FP8 tensor cores")
+    assert "--quantize alone runs weight-only FP8 on it (e4m3 weights decoded with integer operations" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name,cap,fp8_compute,mode", [
+    ("NVIDIA A100-SXM4-80GB", (8, 0), False, "weight-only (e4m3 weights decoded with integer operations"),
+    ("NVIDIA RTX A6000", (8, 6), False, "weight-only (e4m3 weights decoded with integer operations"),
+    ("NVIDIA L40S", (8, 9), True, "fp8 compute"),
+    ("NVIDIA H100 80GB HBM3", (9, 0), False, "weight-only (e4m3 weights converted by the hardware"),
+])
+def test_quantize_runs_on_every_supported_gpu(monkeypatch, caplog, name, cap, fp8_compute, mode):
+    """--quantize is no longer refused below 8.9: weight-only mode decodes the e4m3 bytes itself there."""
+    from llama_ft.train.recipe import check_fp8_mode
+
+    _fake_gpu(monkeypatch, name, cap)
+    cfg = SimpleNamespace(quantize=True, fp8_compute=fp8_compute)
+    with caplog.at_level("INFO", logger="llama_ft"):
+        check_fp8_mode(cfg)
+    assert f"FP8 on {name} (compute capability {cap[0]}.{cap[1]}): {mode}" in caplog.text

@@ -1,6 +1,7 @@
 """`llama-ft plan`: the memory plan of a LoRA run on the command line.
 
     llama-ft plan 405b --quantize --nodes 1 --gpus_per_node 8 --gpu_memory_gb 79.6
+    llama-ft plan 70b --quantize --fp8_compute --gpu h100        (--gpu: memory and the FP8 mode of that GPU)
     llama-ft plan /data/Meta-Llama-3.1-70B --hostfile hostfiles/my-two-nodes --gpu_memory_gb 79.6 --json
     llama-ft plan --hostfile H --gpu_memory_gb 79.6 --brief -- TRAINING FLAGS...   (run-llama.sh)
 
@@ -27,6 +28,7 @@ from typing import Any
 from llama_ft.config_file import add_config_flag, config_path, config_values
 from llama_ft.errors import UserError, user_errors_exit
 from llama_ft.flags import OBJECTIVE_HELP, float_or_auto, str2bool
+from llama_ft.gpus import GPU_KINDS, arch_of, capability_text, fp8_compute_refusal, fp8_mode, parse_gpu
 from llama_ft.hostfile import active_slots, parse_hostfile
 from llama_ft.plan.planner import (
     CPU_HEAP_RETENTION,
@@ -55,6 +57,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "packing": False, "loss_chunk_size": 1024,
     "bf16": True, "attn_implementation": "sdpa", "deepspeed": DEFAULT_DS_CONFIG, "sequence_parallel_size": 1,
     "tiled_mlp": False, "activation_offload": False, "objective": "sft", "precompute_ref_logprobs": False,
+    "fp8_compute": False,
 }
 """The training flags the plan reads, with TrainConfig's defaults."""
 
@@ -80,6 +83,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
     g.add_argument("--model_name_or_path", default=s, help="the model: same as MODEL")
     for name, helptext in (("quantize", "FP8 e4m3 frozen base weights of the LoRA-targeted linears"),
+                           ("fp8_compute", "with --quantize: fp8 tensor cores (compute capability 8.9+); the plan "
+                                           "says which FP8 mode --gpu runs"),
                            ("offload", "offload base-weight partitions (ratio 1.0 unless --offload_ratio)"),
                            ("gradient_checkpointing", "recompute each layer in backward"),
                            ("packing", "packed rows of --max_seq_len tokens"), ("bf16", "bf16 training (false: fp32)"),
@@ -126,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--exclude", default="", help="with --hostfile: the launcher's --exclude filter")
     m.add_argument("--nodes", type=int, help="nodes (default 1; or --hostfile)")
     m.add_argument("--gpus_per_node", type=int, help="ranks per node (default 8; with --hostfile: its slots)")
-    m.add_argument("--gpu_memory_gb", type=float, help="memory of one GPU, GiB (79.6 for an H100 80GB)")
+    m.add_argument("--gpu", metavar="KIND",
+                   help=f"the GPU: {', '.join(GPU_KINDS)}, or a compute capability (8.0): its memory (unless "
+                        "--gpu_memory_gb) and the FP8 mode it runs")
+    m.add_argument("--gpu_memory_gb", type=float, help="memory of one GPU, GiB (79.6 for an H100 80GB; default: "
+                                                        "--gpu's)")
     m.add_argument("--host_memory_gb", type=float, help="memory of one host, GiB (default: the host is not checked "
                                                         "on GPUs; required with --device cpu)")
     m.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -212,6 +221,10 @@ def make_plan(argv: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
     if not model:
         raise UserError(f"MODEL: expected {', '.join(ALIASES)} or a model directory (or --model_name_or_path)")
     shape = resolve_model(model, "MODEL" if ns.model else "--model_name_or_path")
+    gpu = parse_gpu(ns.gpu) if ns.gpu else None
+    if gpu and ns.gpu_memory_gb is None:
+        ns.gpu_memory_gb = gpu[2]
+    fp8 = fp8_line(gpu, train) if train.quantize else None
     machine = machine_from(ns)
     opts = options_from(train, shape)
     ds, ds_path = load_ds_config(train.deepspeed)
@@ -224,7 +237,22 @@ def make_plan(argv: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
             raise UserError(str(e)) from None
         raise
     result["inputs"]["deepspeed"]["config"] = ds_path
+    if fp8:
+        result["fp8"] = fp8
     return result, ns
+
+
+def fp8_line(gpu: tuple[str, tuple[int, int], float | None] | None, train: SimpleNamespace) -> dict[str, Any]:
+    """The FP8 mode --quantize runs on --gpu (as training decides it at launch); --fp8_compute on a GPU without
+    FP8 tensor cores is refused with training's own line."""
+    if gpu is None:
+        return {"gpu": None, "capability": None, "mode": fp8_mode(None, train.fp8_compute)}
+    label, cap, _ = gpu
+    refusal = fp8_compute_refusal(label, cap) if train.fp8_compute else None
+    if refusal:
+        raise UserError(refusal)
+    return {"gpu": label, "capability": capability_text(cap), "arch": arch_of(cap),
+            "mode": fp8_mode(cap, train.fp8_compute)}
 
 
 def _exact_ranks(ns: argparse.Namespace) -> bool:

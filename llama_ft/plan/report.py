@@ -95,7 +95,16 @@ def header(r: dict[str, Any]) -> list[str]:
             f"  ZeRO-3 ({z.get('config', 'config')}): reduce bucket {count(z['reduce_bucket_size'])}, prefetch "
             f"{count(z['prefetch_bucket_size'])}, persistence <= {count(z['param_persistence_threshold'])}, max live "
             f"{count(z['max_live_parameters'])}, reuse distance {count(z['max_reuse_distance'])} elements; "
-            f"offload_param {z['offload_param']}, offload_optimizer {z['offload_optimizer']}"]
+            f"offload_param {z['offload_param']}, offload_optimizer {z['offload_optimizer']}"] + fp8_lines(r)
+
+
+def fp8_lines(r: dict[str, Any]) -> list[str]:
+    """--quantize: the FP8 mode the GPU runs (llama_ft/gpus.py), or the rule when no --gpu was given."""
+    f = r.get("fp8")
+    if not f:
+        return []
+    on = f"{f['gpu']}, {f['arch']}" if f.get("gpu") else "GPU not given (--gpu)"
+    return [f"  FP8 ({on}): {f['mode']}"]
 
 
 def micro_batch_text(t: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ from llama_ft.data.cache import tokenizer_fingerprint
 from llama_ft.data.split import split_examples
 from llama_ft.errors import StopRun, UserError, user_errors_exit
 from llama_ft.fsutil import atomic_write_json
+from llama_ft.gpus import fp8_compute_refusal, fp8_mode
 from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
 from llama_ft.metrics import plot_loss
 from llama_ft.model.meter import peak_rss_bytes
@@ -156,6 +157,18 @@ def apply_test_hooks(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     return nll
 
 
+def check_fp8_mode(cfg: TrainConfig) -> None:
+    """--quantize runs on every supported GPU (weight-only below compute capability 8.9: the kernels decode the
+    e4m3 bytes themselves); --fp8_compute needs FP8 tensor cores, refused here in one line before any launch."""
+    if not (cfg.quantize and torch.cuda.is_available()):
+        return
+    cap, name = tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name()
+    refusal = fp8_compute_refusal(name, cap) if cfg.fp8_compute else None
+    if refusal:
+        raise UserError(refusal)
+    log.info("FP8 on %s (compute capability %d.%d): %s", name, *cap, fp8_mode(cap, cfg.fp8_compute))
+
+
 def check_model_options(cfg: TrainConfig, world_env: int):
     """The options that need the checkpoint, the GPU or the DeepSpeed config, checked before any distributed
     work: (DeepSpeed config as read, the model's LlamaConfig). An FP8 checkpoint turns --quantize on."""
@@ -168,9 +181,7 @@ def check_model_options(cfg: TrainConfig, world_env: int):
         log.warning("--init random: random weights, for benchmarks only; the adapters are meaningless")
     if prequantized:
         cfg.quantize = True  # the checkpoint holds FP8 layers
-    if cfg.quantize and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
-        raise UserError(f"--quantize: FP8 kernels need compute capability 8.9+ (Ada/Hopper); this GPU has "
-                        f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
+    check_fp8_mode(cfg)
     ds_config = load_ds_config(cfg.deepspeed)
     llama_config = load_llama_config(cfg.model_name_or_path)
     check_sequence_parallel(cfg.sequence_parallel_size, world_env, llama_config.num_attention_heads,
