@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama_ft.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """`llama-ft ARGS` in this process (the paths in the examples are relative to the checkout): exit status,
+    stdout, stderr."""
+    from llama_ft.cli import main
+
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return int(code or 0), out.out, out.err
 
 
 def test_there_are_examples_for_each_setup_the_docs_promise():
@@ -35,13 +43,13 @@ def test_there_are_examples_for_each_setup_the_docs_promise():
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_example_fits_by_its_own_plan_command(example):
+def test_example_fits_by_its_own_plan_command(example, capsys, monkeypatch):
     [line] = [ln for ln in example.read_text().splitlines() if ln.startswith("# plan: ")]
     command = shlex.split(line.removeprefix("# plan: "))
     assert command[:2] == ["llama-ft", "plan"] and f"examples/{example.name}" in command
-    proc = _cli(*command[1:], "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]  # 0: fits
-    plan = json.loads(proc.stdout)
+    code, out, err = _cli(capsys, monkeypatch, *command[1:], "--json")
+    assert code == 0, err[-2000:]  # 0: fits
+    plan = json.loads(out)
     values = yaml.safe_load(example.read_text())
     assert plan["fits"] is True
     # the file's machine and training settings are the ones planned for
@@ -54,7 +62,8 @@ def test_example_fits_by_its_own_plan_command(example):
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_example_data_settings_preview_on_the_embedded_default(example, tmp_path, tiny_model_dir):
+def test_example_data_settings_preview_on_the_embedded_default(example, tmp_path, tiny_model_dir, capsys,
+                                                               monkeypatch):
     values = yaml.safe_load(example.read_text())
     if values.get("objective") == "dpo":
         data = tmp_path / "pairs.jsonl"
@@ -62,9 +71,10 @@ def test_example_data_settings_preview_on_the_embedded_default(example, tmp_path
                                 for w in ("apple", "river", "stone", "meadow")))
     else:
         data = BUNDLED_CHAT_DATASET if values["dataset_format"] == "chat" else BUNDLED_DATASET
-    proc = _cli("data", "--config", str(example), "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                "--preview", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "rows read" in proc.stdout and "[[" in proc.stdout  # the summary, and a preview with its trained tokens
+    monkeypatch.setenv("LLAMA_FT_CACHE", str(tmp_path / "cache"))
+    code, out, err = _cli(capsys, monkeypatch, "data", "--config", str(example), "--model_name_or_path",
+                          str(tiny_model_dir), "--dataset", str(data), "--preview", "1")
+    assert code == 0, err[-2000:]
+    assert "rows read" in out and "[[" in out  # the summary, and a preview with its trained tokens
     if values.get("max_seq_len"):  # the file's data settings were the ones used
-        assert f"--max_seq_len {values['max_seq_len']}" in proc.stdout
+        assert f"--max_seq_len {values['max_seq_len']}" in out

@@ -4,7 +4,7 @@ then a merge.
 The pairs (benchmarks/real_checkpoint.pair_rows): "Mia has a orange house. Give the owner, object and color.";
 chosen "owner=Mia; object=house; color=orange", rejected the same with another color. Only the rule (copy the
 prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --quantize (the reference is the
-FP8 base under lora_disabled), DS_CONFIG zero3_offload.json, one optimizer step = the 24 training pairs, 4 steps,
+FP8 base under lora_disabled), DS_CONFIG zero3_offload.json, one optimizer step = the 24 training pairs, 3 steps,
 merged at the end (MERGE_DIR). (SIGTERM and resume with DPO: tests/test_dpo_train.py.) Checked:
 - step 1's loss is ln 2 and its rewards are exactly 0 (B = 0: the policy is the reference, FP8 included);
 - on 12 held-out pairs (another draw), the reward accuracy [beta (pi_c - ref_c) > beta (pi_r - ref_r)] is above 0.9,
@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llama_ft.data import IGNORE_INDEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
-BETA, STEPS = 0.1, 4
+BETA, STEPS = 0.1, 3
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The fault soak's CI slice (tests/soak.py): one fault of three kinds, in turn,
+"""The fault soak's CI slice (tests/soak.py): one fault of two kinds, in turn,
 on a short requeued job; the finished run must equal an undisturbed one bit for bit, and after every fault no
 process, /dev/shm buffer or listening port of the job may be left. The long run is in BENCHMARKS.md."""
 
@@ -12,9 +12,10 @@ pytestmark = pytest.mark.slow
 
 def test_soak_slice_ends_bit_identical(tmp_path):
     # kill -9 of a rank, of run-llama.sh, SIGTERM and a full disk are tested one by one in test_faults.py; here the
-    # launcher alone, a hung rank and a full disk at a random moment, on one requeued run (about 2 minutes)
-    kinds = ["kill9_launcher", "sigstop_rank", "enospc"]
-    s, problems = soak(len(kinds), 20261207, tmp_path, kinds, steps=30, in_order=True)
+    # launcher alone and a hung rank at a random moment, on one requeued run (the full disk is in the long run and
+    # in test_faults.py: the suite's time)
+    kinds = ["kill9_launcher", "sigstop_rank"]
+    s, problems = soak(len(kinds), 20261207, tmp_path, kinds, steps=20, in_order=True)
     try:
         assert not problems, "\n".join(problems) + "\n" + report(s)
         assert [f.kind for f in s.faults] == [k for k in kinds if k in s.kinds]  # each one landed
