@@ -368,8 +368,9 @@ def validate_data_options(cfg: Any) -> None:
     DataOptions.from_config(cfg).check()
     # numpy's seed is 32 bits, and each rank seeds with seed + rank: beyond that, a traceback after every rank
     # had started (fuzzer)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
-        raise UserError(f"--seed {cfg.seed}: expected an integer from 0 to {MAX_SEED}")
+    seed = getattr(cfg, "seed", 0)  # llama-ft eval has no --seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: expected an integer from 0 to {MAX_SEED}")
     if cfg.max_train_samples is not None and cfg.max_train_samples <= 0:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: expected an integer > 0")
     if cfg.chat_template:
