@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -153,8 +153,7 @@ class DPO:
         --precompute_ref_logprobs."""
         if self.train_refs is None:
             return batch
-        picked = self.train_refs[list(examples)]  # (P, 2)
-        return {**batch, "ref_logps": torch.cat([picked[:, 0], picked[:, 1]])}
+        return {**batch, "ref_logps": side_columns(self.train_refs[list(examples)])}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         terms = self.terms(batch)
@@ -177,19 +176,30 @@ class DPO:
         was_training = engine.training
         engine.eval()
         meter = PreferenceMeter(engine.device)
-        mine = list(range(len(pairs)))[self.rank::self.world]
-        for k in range(math.ceil(math.ceil(len(pairs) / self.world) / batch)):
-            picked = mine[k * batch:(k + 1) * batch]
+        for picked in rank_batches(len(pairs), self.world, self.rank, batch):
             micro = collate_pairs([pairs[i] for i in picked or [0]], self.pad_id)
             if self.eval_refs is not None:
-                refs = self.eval_refs[picked or [0]]
-                micro["ref_logps"] = torch.cat([refs[:, 0], refs[:, 1]])
+                micro["ref_logps"] = side_columns(self.eval_refs[picked or [0]])
             terms = self.terms(micro)
             if picked:
                 meter.add(terms)
         engine.train(was_training)
         w = meter.mean()
         return {f"eval_{k}": v for k, v in w.items()}
+
+
+def rank_batches(n: int, world: int, rank: int, batch: int) -> Iterator[list[int]]:
+    """This rank's batches of up to `batch` of n items, item i on rank i mod `world`. Every rank gets the same
+    number of batches (ZeRO-3 forward passes are collective): a rank with nothing left gets [] (the caller runs
+    item 0 and does not count it)."""
+    mine = list(range(n))[rank::world]
+    for k in range(math.ceil(math.ceil(n / world) / batch)):
+        yield mine[k * batch:(k + 1) * batch]
+
+
+def side_columns(refs: torch.Tensor) -> torch.Tensor:
+    """(P, 2) per-pair [chosen, rejected] values as the (2P,) sequence order of a pair batch: chosen first."""
+    return torch.cat([refs[:, 0], refs[:, 1]])
 
 
 def make_objective(cfg: Any, engine, head_weight, pad_id: int, world: int, rank: int, eval_args: dict[str, Any]):

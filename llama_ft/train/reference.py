@@ -39,6 +39,7 @@ from tqdm import tqdm
 from llama_ft.data.collate import collate_pairs
 from llama_ft.fsutil import atomic_write
 from llama_ft.hostcomm import any_rank
+from llama_ft.train.objectives import rank_batches
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,12 @@ def _write(path: Path, train: torch.Tensor, evals: torch.Tensor) -> None:
 def compute_references(objective: Any, pairs: Sequence[Any], world: int, rank: int) -> torch.Tensor:
     """(n, 2) fp32 reference log-prob sums of `pairs` (module doc); collective over the data-parallel ranks."""
     engine, batch = objective.engine, objective.cfg.per_device_train_batch_size
-    mine = list(range(len(pairs)))[rank::world]
     per_rank = math.ceil(len(pairs) / world)
     local = torch.zeros(per_rank, 2, dtype=torch.float32, device=engine.device)
     was_training = engine.training
     engine.eval()  # no dropout: the reference is the frozen base as it is
-    steps = math.ceil(per_rank / batch)
-    for k in tqdm(range(steps), desc="reference log-probs", disable=rank != 0, dynamic_ncols=True):
-        picked = mine[k * batch:(k + 1) * batch]
+    batches = list(rank_batches(len(pairs), world, rank, batch))
+    for k, picked in enumerate(tqdm(batches, desc="reference log-probs", disable=rank != 0, dynamic_ncols=True)):
         micro = collate_pairs([pairs[i] for i in picked or [0]], objective.pad_id)
         ref = objective.reference(micro)  # (2P,) = [chosen .., rejected ..]
         if picked:
