@@ -1,6 +1,7 @@
 """Triton kernels for FP8 (e4m3, 128x128 block scales) frozen weights with a fused LoRA term.
 
     quantize:  W (N, K) -> q uint8 (N, K), s fp32 (ceil(N/128), ceil(K/128))
+    quantize rows (fp8 compute): a (M, K) -> a8 uint8 (M, K), sa fp32 (M, ceil(K/128)), one scale per 1 x 128
     forward:   y  = x W^T + s_lora * t B^T     tile (BLOCK_M, BLOCK_N) of y, loop over K
     dx:        dx = dy W  + s_lora * u A       tile (BLOCK_M, BLOCK_K) of dx, loop over N
 t = x A^T and u = dy B are (M, r) and come in precomputed (tiny GEMMs); the kernels add their
@@ -11,8 +12,9 @@ Weight-only mode: e4m3 tiles widen exactly to the dot dtype (bf16 on a GPU), the
 dot runs on (x, q), and the block scale multiplies the fp32 partial product. On GPUs without an
 e4m3 type (compute capability < 8.9: A100, A6000) the bytes are decoded with integer operations
 (INT_DECODE, `_e4m3_to_bf16`); from 8.9 on the hardware converts them.
-fp8-compute mode (8.9+): the left operand tile is scaled per row over its 128 contraction elements,
-rounded to e4m3, and the dot runs fp8 x fp8; both scales multiply the fp32 partial product.
+fp8-compute mode (8.9+): the left operand (x, or dy) is quantized once, per 1 x 128 tile of its
+contraction dim, by `_quantize_rows_kernel`; the GEMM's dot runs fp8 x fp8 and both scales multiply
+the fp32 partial product.
 
 Block-size rules: both tiles of W divide 128 (one weight scale per tile, loaded as a scalar) and the
 contraction tile is exactly 128 in fp8-compute mode (one activation scale per 1 x 128 tile).
@@ -23,8 +25,9 @@ registers, spills and shared memory). The first is the default; on a GPU, triton
 them once per (power-of-two bucket of M, N, K, r) and `tuned_configs()` says what it picked.
 
 Interpreter notes (TRITON_INTERPRET=1, CPU): tl.dot on bf16 multiplies raw bits, so DOT_DTYPE
-is fp32 there; fp32 -> fp8 casts round wrongly, so values are first rounded onto the e4m3 grid
-in fp32 arithmetic (`_round_e4m3`), after which the cast is exact on every backend.
+is fp32 there; fp32 -> fp8 casts round wrongly, so values are rounded onto the e4m3 grid in fp32
+arithmetic (`_round_e4m3`) and their bytes assembled with integer operations (`_e4m3_bits`), which
+is exact on every backend and needs no e4m3 type (sm_80/86 have none).
 """
 
 from __future__ import annotations
