@@ -175,11 +175,13 @@ def _gpu_tiles(fp8_compute: bool) -> tuple[dict, dict]:
 @cpu_kernels
 @pytest.mark.parametrize("m,n,k,r,gpu_tiles", [(33, 130, 200, 8, False), (16, 64, 128, 16, False),
                                                (5, 257, 96, 4, False), (130, 300, 260, 16, True)])
-@pytest.mark.parametrize("mode", ["weight-only", "weight-only-int", "fp8-compute"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,dtype", [("weight-only", torch.float32), ("weight-only", torch.bfloat16),
+                                        ("weight-only-int", torch.bfloat16), ("fp8-compute", torch.float32),
+                                        ("fp8-compute", torch.bfloat16)])
 def test_triton_kernels_match_reference(m, n, k, r, gpu_tiles, mode, dtype):
     """Both dispatch paths of weight-only mode (the hardware e4m3 conversion of 8.9+, the integer decode of
-    sm_80/86) and fp8 compute, against the PyTorch reference (itself checked against float64 above)."""
+    sm_80/86: its bytes alone differ, so one dtype) and fp8 compute, against the PyTorch reference (itself checked
+    against float64 above)."""
     fp8_compute = mode == "fp8-compute"
     cap = (8, 0) if mode == "weight-only-int" else (9, 0)
     q, s, x, a, b, dy = _case(m, n, k, r, dtype, seed=m)
