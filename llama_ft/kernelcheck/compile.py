@@ -122,7 +122,11 @@ def _ptxas_rerun(ptx: str, cap: int) -> str:
     """ptxas -v on the PTX with the flags Triton passes, for a Triton without the knob that prints its log."""
     from triton.backends.nvidia import compiler as nv
 
-    tool = nv.get_ptxas(cap).path if hasattr(nv, "get_ptxas") else nv._path_to_binary("ptxas")[0]
+    try:  # get_ptxas(arch) in triton 3.4+ (an NvidiaTool, or (path, version) before knobs); get_ptxas() earlier
+        tool = nv.get_ptxas(cap)
+    except TypeError:
+        tool = nv.get_ptxas()
+    tool = tool.path if hasattr(tool, "path") else tool[0]
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -153,7 +157,8 @@ def compile_spec(spec: dict[str, Any], arch: Arch) -> dict[str, Any]:
     cap = arch.capability[0] * 10 + arch.capability[1]
     knobs = getattr(triton, "knobs", None)
     nv_knobs = getattr(knobs, "nvidia", None)
-    has_log = nv_knobs is not None and hasattr(nv_knobs, "dump_ptxas_log")
+    has_log = (nv_knobs is not None and hasattr(nv_knobs, "dump_ptxas_log") and hasattr(nv_knobs, "scope")
+               and hasattr(knobs.compilation, "always_compile"))
     out = io.StringIO()
     t0 = time.monotonic()
     try:
