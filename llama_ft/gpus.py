@@ -120,8 +120,7 @@ def parse_archs(text: str) -> list[Arch]:
     for name in names or [text]:
         arch = ARCHS.get(name.lower())
         if arch is None:
-            m = re.fullmatch(r"sm_?([1-9]\d?)(\d)a?", name.lower())
-            if m and (int(m.group(1)), int(m.group(2))) < MIN_CAPABILITY:
+            if re.fullmatch(r"sm_?[1-7][0-9x]a?", name.lower()):  # sm_70, sm_75, sm_7x: Volta and Turing
                 raise UserError(f"--compile {name}: no bf16 tensor cores below sm_80 (V100, T4); supported: "
                                 f"{supported} (or all)")
             raise UserError(f"--compile {name}: unknown architecture; supported: {supported} (or all)")

@@ -163,6 +163,7 @@ print("ok")
 @pytest.mark.parametrize("arg,needle", [
     ("sm_75", "no bf16 tensor cores below sm_80"),
     ("sm_70,sm_90", "no bf16 tensor cores below sm_80"),
+    ("sm_7x", "no bf16 tensor cores below sm_80"),
     ("a100", "unknown architecture"),
     ("sm_91", "unknown architecture"),
     ("", "unknown architecture"),
