@@ -60,7 +60,7 @@ from bench_common import stdout_to_stderr  # also puts the repository root on sy
 with stdout_to_stderr():  # DeepSpeed's logger writes to the stdout of its import: import it here, not later
     import deepspeed  # noqa: F401 - the peer (OptimizedLinear) is imported from it below
 
-    from llama_ft.fp8 import BLOCK, fp8_lora_linear, quantize_fp8, scales_from_bytes, scales_to_bytes
+    from llama_ft.fp8 import BLOCK, fp8_lora_linear, kernels, quantize_fp8, scales_from_bytes, scales_to_bytes
 
 
 @dataclass(frozen=True)
@@ -434,10 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     for i, (model, layer, m, r) in enumerate(shapes, 1):
         print(f"[{i}/{len(shapes)}] {model} {layer}_proj M={m} r={r}", file=sys.stderr, flush=True)
         rows.append(run_row(model, layer, m, r, args, device))
+    tuned = kernels.tuned_configs()  # what triton.autotune picked for each shape (empty without a GPU)
     print(markdown(head, rows, args))
+    if tuned:
+        print("\nTiles autotune picked (kernel, mode, M bucket, N K r dtypes: BLOCK_M x N x K, warps, stages):\n")
+        for t in tuned:
+            c = t["config"]
+            print(f"- {t['kernel']} {t['mode']} M<={t['m_bucket']} {' '.join(t['key'])}: {c['BLOCK_M']} x "
+                  f"{c['BLOCK_N']} x {c['BLOCK_K']}, {c['num_warps']} warps, {c['num_stages']} stages")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(header=head, methods=METHODS, baseline=BASELINE, rows=rows), indent=1))
+        args.json.write_text(json.dumps(dict(header=head, methods=METHODS, baseline=BASELINE, rows=rows,
+                                             autotune=tuned), indent=1))
     return 0
 
 

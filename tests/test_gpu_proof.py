@@ -21,7 +21,7 @@ from proc import run_job
 REPO = Path(__file__).resolve().parents[1]
 PROOF = REPO / "benchmarks" / "gpu_proof.sh"
 WHEELS = REPO / "benchmarks" / "gpu_wheels.sh"
-STAGES = ["env", "gpu_tests", "fp8_kernels", "throughput", "capacity", "load"]
+STAGES = ["env", "compile", "gpu_tests", "fp8_kernels", "throughput", "capacity", "load"]
 
 
 def _env() -> dict[str, str]:
@@ -69,8 +69,8 @@ def test_dry_run_records_every_stage(tmp_path):
     assert head["dry_run"] is True and "no GPU" in head["device"] and head["date"] and head["commit"]
     assert "--dry-run" in head["command"] and head["versions"]["torch"] and head["versions"]["deepspeed"]
     stages = {s["key"]: s for s in report["stages"]}
-    assert [s["key"] for s in report["stages"]] == STAGES and [s["stage"] for s in report["stages"]] == [1, 2, 3, 4,
-                                                                                                         5, 6]
+    assert [s["key"] for s in report["stages"]] == STAGES and [s["stage"] for s in report["stages"]] == list(
+        range(1, 8))
     for s in report["stages"]:
         assert s["status"] in ("ok", "skipped"), (s["key"], s["status"], s.get("reason"))
         assert _finite(s["seconds"]) and 0 <= s["seconds"] <= s["limit_s"] + 15, s["key"]
@@ -81,6 +81,14 @@ def test_dry_run_records_every_stage(tmp_path):
     assert env["cuda_available"] is False and not env["import_errors"]
     assert any("llama-ft-proof-probe needs torch>=999" in u for u in env["carried_unmet_requirements"])
     assert "--no-index --no-deps" in stages["env"]["commands"][0]
+
+    # the kernels compiled for sm_90 (the default configurations), the table in the markdown
+    comp = stages["compile"]
+    assert comp["status"] == "ok" and comp["results"]["arch"] == "sm_90", comp.get("reason")
+    assert comp["results"]["rows"] and all(r["ok"] and r["arch"] == "sm_90" for r in comp["results"]["rows"])
+    assert {r["mode"] for r in comp["results"]["rows"]} >= {"weight-only", "fp8-compute"}
+    assert all(r["spill_stores"] == 0 for r in comp["results"]["rows"] if r["default"])
+    assert "| fp8 fwd | weight-only |" in md
 
     # no CUDA: pytest ran the gpu-marked tests and skipped each; the stage says so
     tests = stages["gpu_tests"]
@@ -132,9 +140,9 @@ def test_dry_run_records_every_stage(tmp_path):
     lines = md.splitlines()
     assert "dry run" in lines[0] and head["device"] in lines[0] and head["date"] in lines[0]
     rows = [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip()[:2] in {f"{i}." for i in
-                                                                                           range(1, 7)}]
+                                                                                           range(1, 8)}]
     assert [r.split("|")[2].strip() for r in rows] == [stages[k]["status"] for k in STAGES]
-    assert "no CUDA device" in rows[1]
+    assert "no CUDA device" in rows[2]
     for s in report["stages"]:
         assert all(f"- {s['stage']}: `{c}`" in md for c in s["commands"])
     assert "rel err weight-only" in md and "trained tok/s" in md and "| stream | all |" in md  # the scripts' tables
@@ -153,7 +161,7 @@ def test_budget_cut_short_still_records_every_stage(tmp_path):
     assert report["stages"][0]["status"] == "ok"
     for s in report["stages"][1:]:
         assert s["status"] == "skipped" and s["reason"].startswith("no time left"), s
-    assert (out / "gpu_proof.md").read_text().count("| skipped |") == 5
+    assert (out / "gpu_proof.md").read_text().count("| skipped |") == 6
 
 
 @pytest.mark.parametrize("args,expect", [

@@ -11,10 +11,11 @@ report and the --stages choices follow this table. env stays first: every later 
 from __future__ import annotations
 
 from ..runner import Stage
-from . import capacity, env, fp8_kernels, gpu_tests, load, throughput
+from . import capacity, compile_kernels, env, fp8_kernels, gpu_tests, load, throughput
 
 STAGES: list[Stage] = [
     env.STAGE,
+    compile_kernels.STAGE,
     gpu_tests.STAGE,
     fp8_kernels.STAGE,
     throughput.STAGE,

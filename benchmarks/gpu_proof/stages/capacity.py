@@ -1,4 +1,4 @@
-"""Stage 5, capacity: a 70B-shape FP8 LoRA run (r 64, one packed row of 2,048 tokens, gradient checkpointing,
+"""Stage 6, capacity: a 70B-shape FP8 LoRA run (r 64, one packed row of 2,048 tokens, gradient checkpointing,
 --offload_ratio auto) for 4 steps on one GPU, beside `llama-ft plan --json` for the very same flags:
 predicted vs measured peak memory (max_memory_allocated against the plan's total less its CUDA context and
 fragmentation margin; max_memory_reserved against the total less the context), the offload ratio auto chose,

@@ -1,4 +1,4 @@
-"""Stage 3, fp8_kernels: benchmarks/fp8_lora_linear.py at the 8B and 70B layer shapes (q, gate, down; 4,096
+"""Stage 4, fp8_kernels: benchmarks/fp8_lora_linear.py at the 8B and 70B layer shapes (q, gate, down; 4,096
 tokens; r 16 and 64): ours weight-only, ours fp8 compute, bf16 F.linear + eager LoRA, forward + backward,
 CUDA-event medians, and the float64 error check. Dry run: --smoke (tiny q_proj) with TRITON_INTERPRET=1, so
 the Triton kernels themselves run, on CPU."""
@@ -49,7 +49,8 @@ def stage_fp8_kernels(p: Proof, limit: float) -> dict[str, Any]:
                         f"{v['fp8_compute_speedup'] or float('nan'):.2f}x vs bf16 + eager LoRA (geomean), worst "
                         f"weight-only rel err {v['worst_rel_err_weight_only'] or float('nan'):.1e}"
                         for m, v in models.items())
-    result.update(results={"models": models, "rows": report["rows"], "header": report["header"]},
+    result.update(results={"models": models, "rows": report["rows"], "header": report["header"],
+                           "autotune": report.get("autotune", [])},
                   table_md=ran.stdout.strip(), summary=summary)
     if unmeasured:
         return {**result, "status": "failed", "reason": f"not measured: {unmeasured[0]}"}

@@ -1,4 +1,4 @@
-"""Stage 2, gpu_tests: `pytest -m gpu -x -q` on the test files that have gpu-marked tests: the Triton kernels at
+"""Stage 3, gpu_tests: `pytest -m gpu -x -q` on the test files that have gpu-marked tests: the Triton kernels at
 real sizes against PyTorch and float64, pinned offload. Dry run: the same command; every test skips without
 CUDA, so the stage is "skipped" with that reason."""
 

@@ -1,4 +1,4 @@
-"""Stage 6, load: benchmarks/load.py writes a random 70B-shape FP8 checkpoint (llama-ft's pre-quantized layout)
+"""Stage 7, load: benchmarks/load.py writes a random 70B-shape FP8 checkpoint (llama-ft's pre-quantized layout)
 to the machine's local disk, with 16 of the 80 layers (8 or 4 when less time is left: a whole one is ~70 GB,
 more than the disk and the minutes allow), empties the page cache, and times streaming it into one GPU with
 half of the frozen base partitions offloaded to pinned host memory; the 80-layer time is extrapolated from

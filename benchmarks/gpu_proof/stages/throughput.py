@@ -1,4 +1,4 @@
-"""Stage 4, throughput: benchmarks/train_throughput.py --shape 8b (random weights) on one GPU: llama-ft packed
+"""Stage 5, throughput: benchmarks/train_throughput.py --shape 8b (random weights) on one GPU: llama-ft packed
 bf16, llama-ft packed FP8, HF Trainer + PEFT + ZeRO-3: trained and all tokens/s, model TFLOP/s, MFU (against
 the device's dense bf16 peak), peak torch.cuda.max_memory_allocated. Dry run: the tiny shape, one CPU rank,
 3 steps, HF only (llama-ft's run: the capacity stage)."""
