@@ -78,7 +78,7 @@ class TrainConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_NAMES))
-    # FP8 frozen base weights (Snowflake's --quantize --bits 8)
+    # quantized frozen base weights (Snowflake's --quantize --bits 8; --bits 4: NF4, QLoRA's format)
     quantize: bool = False
     bits: int = 8
     fp8_compute: bool = False
@@ -189,8 +189,9 @@ _HELP = {
     "report_to": "none | tensorboard | wandb: also send the metrics to TensorBoard (OUTPUT_DIR/tensorboard) or "
                  "Weights & Biases (OUTPUT_DIR/wandb; offline with WANDB_MODE=offline); metrics.jsonl is always "
                  "written",
-    "quantize": "store the frozen base of every LoRA-targeted linear as FP8 e4m3 (128x128 block scales)",
-    "bits": "bits of the quantized base weights (only 8: FP8 e4m3)",
+    "quantize": "store the frozen base of every LoRA-targeted linear quantized: FP8 e4m3 (128x128 block scales) "
+                "with --bits 8, NF4 (QLoRA's 4-bit format, bitsandbytes' blocks of 64) with --bits 4",
+    "bits": "bits of the quantized base weights: 8 (FP8 e4m3) or 4 (NF4); --bits 4 implies --quantize",
     "init": "checkpoint: load the weights of --model_name_or_path; random: random weights built straight into "
             "the partitions, for benchmarks only (the directory needs only config.json and a tokenizer)",
     "loader": "stream: each rank reads only its own partition bytes; hf: rank 0 reads all and scatters",
@@ -272,8 +273,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--init {cfg.init!r}: expected 'checkpoint' or 'random' (benchmarks only)")
     if cfg.loader not in ("stream", "hf"):
         raise UserError(f"--loader {cfg.loader!r}: expected 'stream' or 'hf'")
-    if cfg.bits != 8:
-        raise UserError(f"--bits {cfg.bits}: only 8 is supported (FP8 e4m3 base weights)")
+    if cfg.bits not in (4, 8):
+        raise UserError(f"--bits {cfg.bits}: expected 8 (FP8 e4m3 base weights) or 4 (NF4, as QLoRA)")
+    if cfg.bits == 4:
+        cfg.quantize = True  # the only thing 4 bits can mean here (--help says so)
+        if cfg.fp8_compute:
+            raise UserError("--fp8_compute with --bits 4: FP8 compute multiplies FP8-stored weights; NF4 weights are "
+                            "decoded to the training dtype (drop --fp8_compute, or use --bits 8)")
     if cfg.offload_ratio is not None:
         if not cfg.offload:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: needs --offload")

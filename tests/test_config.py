@@ -38,7 +38,8 @@ def test_flags_parse_like_snowflake(tmp_path):
     ("--warmup_ratio", "2", "--warmup_ratio"),
     ("--eval_dataset_size", "2.5", "--eval_dataset_size"),
     ("--resume_from_checkpoint", "/nonexistent/checkpoint-3", "--resume_from_checkpoint"),
-    ("--bits", "4", "--bits 4: only 8"),
+    ("--bits", "3", "--bits 3: expected 8 .* or 4"),
+    ("--bits", "16", "--bits 16: expected 8 .* or 4"),
     ("--fp8_compute", "true", "--fp8_compute needs --quantize"),
     ("--offload_ratio", "0.5", "--offload_ratio 0.5: needs --offload"),
     # schedulers that need settings we do not pass, refused when the flags are parsed
@@ -51,6 +52,13 @@ def test_flags_parse_like_snowflake(tmp_path):
 def test_bad_flags_name_the_flag(tmp_path, flag, value, needle):
     with pytest.raises(UserError, match=needle):
         parse_train_args(_args(tmp_path, flag, value))
+
+
+def test_bits_4_implies_quantize_and_refuses_fp8_compute(tmp_path):
+    assert parse_train_args(_args(tmp_path, "--bits", "4")).quantize is True
+    assert parse_train_args(_args(tmp_path, "--bits", "8")).quantize is False  # 8 alone is the unused default
+    with pytest.raises(UserError, match="--fp8_compute with --bits 4"):
+        parse_train_args(_args(tmp_path, "--bits", "4", "--quantize", "--fp8_compute", "true"))
 
 
 def test_scheduler_checked_with_the_runs_learning_rate(tmp_path):

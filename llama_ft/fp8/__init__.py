@@ -8,7 +8,7 @@ Public API:
     FP8LoRALinear.from_linear(nn.Linear, LoraSpec, fp8_compute=False)                        (module)
 """
 
-from llama_ft.fp8.autograd import FP8LinearFunction, FP8LoRAFunction, fp8_linear, fp8_lora_linear
+from llama_ft.fp8.autograd import FP8Ops, fp8_linear, fp8_lora_linear
 from llama_ft.fp8.format import (
     BLOCK,
     E4M3_MAX,
@@ -23,9 +23,8 @@ from llama_ft.fp8.module import FP8LoRALinear, quantize_fp8
 __all__ = [
     "BLOCK",
     "E4M3_MAX",
-    "FP8LinearFunction",
-    "FP8LoRAFunction",
     "FP8LoRALinear",
+    "FP8Ops",
     "dequantize_fp8",
     "fp8_linear",
     "fp8_lora_linear",

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from llama_ft.fp8 import kernels
-from llama_ft.fp8.autograd import fp8_linear, fp8_lora_linear
+from llama_ft.fp8.autograd import FP8Ops
 from llama_ft.fp8.format import num_blocks, quantize_fp8_reference, scales_to_bytes
-from llama_ft.lora import LoRALinear, LoraSpec
+from llama_ft.lora import LoraSpec
+from llama_ft.quant.module import QuantLoRALinear
 
 
 def quantize_device() -> torch.device:
@@ -35,7 +36,10 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_fp8_reference(w)
 
 
-class FP8LoRALinear(LoRALinear):
+class FP8LoRALinear(QuantLoRALinear):
+    STORAGE = ("weight", "weight_scale")
+    FORMAT = "fp8"
+
     def __init__(self, q: torch.Tensor, scale_bytes: torch.Tensor, in_features: int, out_features: int,
                  spec: LoraSpec, lora_dtype: torch.dtype, fp8_compute: bool = False) -> None:
         super().__init__(nn.Parameter(q, requires_grad=False), in_features, out_features, spec, lora_dtype)
@@ -60,12 +64,8 @@ class FP8LoRALinear(LoRALinear):
         dtype = w.dtype
         return cls(q, scales_to_bytes(scales), linear.in_features, linear.out_features, spec, dtype, fp8_compute)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.lora_enabled:  # lora.lora_disabled: the base kernel alone
-            return fp8_linear(x, self.weight, self.weight_scale, self.fp8_compute)
-        x_lora = None if isinstance(self.lora_dropout, nn.Identity) or not self.training else self.lora_dropout(x)
-        return fp8_lora_linear(x, self.weight, self.weight_scale, self.lora_A, self.lora_B, self.scaling,
-                               x_lora=x_lora, fp8_compute=self.fp8_compute)
+    def ops(self) -> FP8Ops:
+        return FP8Ops(self.fp8_compute)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8=e4m3 128x128, compute={'fp8' if self.fp8_compute else 'weight-only'}"
