@@ -52,8 +52,8 @@ if HAS_TRITON:
 
     from llama_ft.fp8.kernels import _grouped_tile
 
-__all__ = ["FUSED_R_MAX", "dx_launch", "dx_triton", "forward_triton", "fwd_launch", "tile_configs", "tuned_configs",
-           "use_triton"]
+__all__ = ["FUSED_R_MAX", "dx_launch", "dx_triton", "forward_triton", "fwd_launch", "supports", "tile_configs",
+           "tuned_configs", "use_triton"]
 
 FUSED_R_MAX = 64
 """The largest LoRA rank whose up-projection is fused into the kernels' output tile (BLOCK_R 16..64)."""
@@ -172,6 +172,12 @@ def tile_configs(kernel: str, cap: tuple[int, int], m: int, dtype: torch.dtype =
 
 # ---------------------------------------------------------------------------------------------------------------
 # launches
+
+
+def supports(k: int) -> bool:
+    """Whether the kernels take a weight of K columns (whole absmax groups); the dispatcher sends others to the
+    reference."""
+    return k % GROUP == 0
 
 
 def _check(packed: torch.Tensor, absmax: torch.Tensor, k: int) -> None:
