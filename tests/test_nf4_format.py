@@ -146,3 +146,21 @@ def test_double_quantization_of_equal_absmax():
         _, state = bnb_quantize(w, nested=True)
         assert same_bits(qa, state.absmax) and same_bits(nested, state.state2.absmax)
         assert offset == state.offset.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_a_multiple_of_16_but_not_64(dtype):
+    """bitsandbytes 0.50.2's native CPU dequantize_4bit (its AVX512 build) takes blocks of 64 per ROW where
+    K % 16 == 0 and K % 64 != 0 (e.g. K = 96, 224), which is not how its quantizer (or its CUDA kernel) lays
+    them out: over the flattened weight. There its PyTorch backend (the same op, blocks over the flattened
+    weight) is the reference; everywhere else the two agree (test above)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # no torch.compile
+    for shape in [(6, 96), (5, 224), (3, 16)]:
+        w = torch.randn(shape)
+        packed, absmax = quantize_nf4_reference(w)
+        q, state = bnb_quantize(w)
+        assert same_bits(packed, q.view(-1)) and same_bits(absmax, state.absmax)
+        want = eager(q.view(-1), state.absmax, NF4_CODE, BLOCK, shape, dtype)
+        assert same_bits(dequantize_nf4(packed, absmax, shape, dtype), want)
