@@ -36,6 +36,7 @@ collective per weight to get). Double quantization (8/64 + 4/(64*256) bytes a we
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,6 +75,7 @@ DYNAMIC_CODE = _dynamic_code()
 _LUT_SIZE = 65536
 
 
+@functools.cache
 def _dynamic_lut() -> torch.Tensor:
     """uint8 (65536,): the DYNAMIC_CODE index for each of 65536 evenly spaced points of [-1, 1].
 
@@ -171,7 +173,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     normed = torch.where(zero, 0.0, padded * inv.view(-1, 1)).clamp(-1, 1).nan_to_num(0.0)  # NaN: non-finite w
     # the 65536-bin table position of each value, in fp32 as bitsandbytes rounds it: ((v + 1) * 0.5) * 65535 + 0.5
     pos = (((normed + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
-    q = _dynamic_lut().to(a.device)[pos]
+    q = _dynamic_lut().to(a.device)[pos]  # cached on the CPU (64 KiB)
     q = torch.where(zero, torch.zeros_like(q), q).view(-1)[:nb]
     return q, nested_absmax, DYNAMIC_CODE.to(a.device).clone(), float(offset)
 
