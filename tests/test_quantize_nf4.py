@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -144,19 +142,40 @@ def test_read_nf4_tensor_gives_bitsandbytes_dequantization(dirs):
     reader.close()
 
 
+@pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
+def test_read_without_double_quantization(dirs, tmp_path):
+    """bnb_4bit_use_double_quant=False (some Hub repos): absmax stored as F32, no nested tensors."""
+    src, _, _, dtype = dirs
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=dtype)
+    transformers.AutoModelForCausalLM.from_pretrained(src, device_map="cpu", quantization_config=cfg) \
+        .save_pretrained(tmp_path / "plain")
+    ckpt = open_checkpoint(tmp_path / "plain")
+    names = check_bnb_checkpoint(ckpt)
+    stored = tensors(tmp_path / "plain")
+    reader = ShardReader(ckpt)
+    for name in names:
+        w = read_quant_state(ckpt, name, reader)
+        assert not w.nested and stored[name + ".absmax"].dtype == torch.float32
+        state = bnbf.QuantState.from_dict({k[len(name) + 1:]: v for k, v in stored.items()
+                                           if k.startswith(name + ".")}, device=torch.device("cpu"))
+        packed, absmax, shape = read_nf4_tensor(reader, w)
+        assert same_bits(dequantize_nf4(packed, absmax, shape, dtype), bnbf.dequantize_4bit(stored[name], state))
+    reader.close()
+
+
 def test_output_size_estimate_covers_what_is_written(dirs):
     src, _, ours, _ = dirs
     written = sum(p.stat().st_size for p in ours.iterdir())
     assert written <= output_bytes(open_checkpoint(src), LLAMA_LINEAR_NAMES, 4) <= 1.05 * written
 
 
+@pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
 def test_not_enough_disk_space_is_one_line(dirs, tmp_path, monkeypatch, capsys):
     """--bits 4 goes through the FP8 path's space check with its own size estimate, before writing anything."""
     from llama_ft import fsutil
 
     src, _, _, dtype = dirs
-    if dtype != torch.bfloat16:
-        pytest.skip("one dtype is enough")
     needed = output_bytes(open_checkpoint(src), LLAMA_LINEAR_NAMES, 4)
     monkeypatch.setattr(fsutil, "_free_bytes", lambda path: needed - 1)
     out = tmp_path / "q4"
@@ -217,27 +236,25 @@ BAD = [
 
 @pytest.mark.parametrize("config,change,needle", BAD, ids=["8bit", "fp4", "absmax", "packed", "no-state",
                                                            "quant-map", "blocksize", "shape"])
+@pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
 def test_bad_checkpoints_are_one_line(dirs, tmp_path, config, change, needle):
     _, hf, _, dtype = dirs
-    if dtype != torch.bfloat16:
-        pytest.skip("the checks do not depend on the dtype")
     bad = broken_copy(hf, tmp_path / "bad", config, change)
     with pytest.raises(UserError, match=needle) as e:
         check_bnb_checkpoint(open_checkpoint(bad))
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
 def test_quantize_cli_bits(dirs, tmp_path, capsys):
     src, hf, _, dtype = dirs
-    if dtype != torch.bfloat16:
-        pytest.skip("one dtype is enough for the command line")
     assert quantize_main(["--model", str(src), "--output", str(tmp_path / "q4"), "--bits", "4", "--no-progress"]) == 0
     assert "14 weights to NF4 (bnb-4bit)" in capsys.readouterr().out
     for args, needle in [(["--bits", "3"], "--bits 3: expected 4"),
                          (["--model", str(hf), "--bits", "4"], "already quantized (bitsandbytes")]:
         argv = ["--model", str(src), "--output", str(tmp_path / "x"), "--no-progress", *args]
-        r = subprocess.run([sys.executable, "-m", "llama_ft.cli", "quantize", *argv], capture_output=True, text=True,
-                           timeout=300)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+        with pytest.raises(SystemExit) as e:
+            quantize_main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("llama-ft: error: ") and needle in lines[0]
         assert not (tmp_path / "x").exists()
