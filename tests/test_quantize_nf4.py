@@ -108,6 +108,27 @@ def test_transformers_loads_ours_with_the_same_logits(dirs):
     assert got.dtype == want.dtype == dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
+def test_some_targets_only(dirs, tmp_path):
+    """--target_modules q_proj v_proj: the other linears stay bf16 and config.json lists them (with lm_head) in
+    llm_int8_skip_modules, so transformers builds them as plain Linear; logits equal transformers' quantization
+    with that skip list."""
+    src, _, _, dtype = dirs
+    out = tmp_path / "qv"
+    quantize_checkpoint(src, out, targets=("q_proj", "v_proj"), progress=False, bits=4)
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert "lm_head" in skip and "model.layers.1.self_attn.k_proj" in skip and len(skip) == 2 + 2 * 5
+    mine = load_4bit(out)
+    attn = mine.model.layers[1].self_attn
+    assert type(attn.q_proj).__name__ == "Linear4bit" and type(attn.k_proj) is torch.nn.Linear
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    ref = load_4bit(src, quantization_config=cfg)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(mine(x).logits, ref(x).logits)
+
+
 def test_read_nf4_tensor_gives_bitsandbytes_dequantization(dirs):
     """On the directory transformers wrote: our reads + dequantize_nf4 == bitsandbytes' dequantize_4bit of the
     QuantState it rebuilds from the same stored tensors, whole weights and row ranges."""
