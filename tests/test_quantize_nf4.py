@@ -267,6 +267,16 @@ def test_bad_checkpoints_are_one_line(dirs, tmp_path, config, change, needle):
 
 
 @pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
+def test_shape_the_model_does_not_need(dirs):
+    _, hf, _, _ = dirs
+    ckpt = open_checkpoint(hf)
+    assert len(check_bnb_checkpoint(ckpt, {W: (128, 200)})) == 14
+    with pytest.raises(UserError, match=rf"tensor '{W}{QUANT_STATE}' says shape \[128, 200\], the model "
+                                        r"\(config.json\) needs \[128, 256\]"):
+        check_bnb_checkpoint(ckpt, {W: (128, 256)})
+
+
+@pytest.mark.parametrize("dirs", [torch.bfloat16], indirect=True, ids=["bf16"])
 def test_quantize_cli_bits(dirs, tmp_path, capsys):
     src, hf, _, dtype = dirs
     assert quantize_main(["--model", str(src), "--output", str(tmp_path / "q4"), "--bits", "4", "--no-progress"]) == 0

@@ -154,13 +154,14 @@ def _check_sizes(ckpt: Checkpoint, w: NF4Weight, reader: ShardReader | None) -> 
                         "(a different 4-bit data type; NF4 is supported)")
 
 
-def check_bnb_checkpoint(ckpt: Checkpoint) -> list[str]:
+def check_bnb_checkpoint(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None) -> list[str]:
     """Validate a bnb-4bit checkpoint (config.json and every quantized weight's tensors, headers plus a few
     hundred bytes a weight) and return the names of its NF4 weights ("<m>.weight"), in checkpoint order.
 
     Raises UserError (one line naming config.json or the tensor) for: 8-bit (load_in_8bit), fp4 (config or a
     fp4 quant state), a blocksize other than 64, a packed / absmax / nested size that does not fit the weight
-    shape, a missing quant_state tensor, a quant_map that is not NF4.
+    shape, a missing quant_state tensor, a quant_map that is not NF4; with `expected` (weight name -> the shape
+    the model needs, e.g. from config.json), a quant-state shape that differs from it.
     """
     _check_config(ckpt)
     fp4 = next((n for n in ckpt.tensors if n.endswith(FP4_QUANT_STATE)), None)
@@ -176,7 +177,11 @@ def check_bnb_checkpoint(ckpt: Checkpoint) -> list[str]:
     reader = ShardReader(ckpt)
     try:
         for name in names:
-            _check_sizes(ckpt, read_quant_state(ckpt, name, reader), reader)
+            w = read_quant_state(ckpt, name, reader)
+            if expected is not None and name in expected and tuple(expected[name]) != w.shape:
+                raise UserError(f"{_where(ckpt, name)}: tensor {name + QUANT_STATE!r} says shape {list(w.shape)}, "
+                                f"the model ({CONFIG_NAME}) needs {list(expected[name])}")
+            _check_sizes(ckpt, w, reader)
     finally:
         reader.close()
     return names

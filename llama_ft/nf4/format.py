@@ -23,8 +23,11 @@ bnb_4bit_use_double_quant=True): the fp32 absmax (nb,) becomes
     offset = mean(absmax)                                                         one fp32 scalar
     a = absmax - offset, in blocks of NESTED_BLOCK = 256:
     nested_absmax[j] = max |a[256j : 256j + 256]|                                 fp32 (ceil(nb / 256),)
-    qabsmax[i] = nearest index into DYNAMIC_CODE of a[i] / nested_absmax[i // 256] uint8 (nb,)
-        (fp32 division; nearest by fp32 distance, a tie to the lower index; 0/0 = NaN gives index 0)
+    v = a[i] * (1 / nested_absmax[i // 256])   (fp32 reciprocal, then product; clamped to [-1, 1])
+    qabsmax[i] = LUT[int(((v + 1) * 0.5) * 65535 + 0.5)]                          uint8 (nb,)
+        LUT (65536,): for point p_k = -1 + 2k / 65535 the index of the nearest DYNAMIC_CODE value (a tie to the
+        lower one). This is bitsandbytes' CPU 8-bit quantizer: the nearest code up to a 2/65535 grid, not always
+        the exact nearest. A nested block whose absmax values are all equal (nested_absmax 0) stores code 0.
     absmax'[i] = fp32(DYNAMIC_CODE[qabsmax[i]] * nested_absmax[i // 256]) + offset  (fp32 add)
 DYNAMIC_CODE is bitsandbytes' signed 8-bit "dynamic" map (256 sorted values in [-0.993, 1]: per decade
 10^-6 .. 10^0, 2^i midpoints of linspace(0.1, 1, 2^i + 1), both signs; plus 0 and 1).
