@@ -41,8 +41,11 @@ setup(
         # benchmarks/dpo_vs_trl.py (smoke-tested) runs DPOTrainer as the peer. Below 2:
         # TRL 1.x marks APIs "removed in v2.0.0". 1.16.0 installs without moving torch, transformers, peft,
         # datasets or accelerate (checked 2026-12-07)
+        # bitsandbytes: the NF4 tests' reference (tests/test_nf4_format.py, tests/test_quantize_nf4.py: its
+        # quantize_4bit / dequantize_4bit bytes, and transformers loading the bnb-4bit layout we write); the
+        # product implements NF4 itself. Pinned: the tests match its bytes exactly, quirks included
         "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "wandb>=0.17", "gguf>=0.10",
-                 "lm_eval[hf]>=0.4.13,<0.5", "trl>=1.16,<2"],
+                 "lm_eval[hf]>=0.4.13,<0.5", "trl>=1.16,<2", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": ["llama-ft=llama_ft.cli:main"]},
 )

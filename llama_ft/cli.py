@@ -4,7 +4,7 @@
     llama-ft data ...         what training will read: summary, --preview K, --dump OUT.jsonl
     llama-ft generate ...     a completion from the base model + trained adapters (or a merged model)
     llama-ft merge ...        fold PEFT adapters into a new checkpoint, shard by shard
-    llama-ft quantize ...     write a pre-quantized FP8 checkpoint (half the bytes to load)
+    llama-ft quantize ...     write a pre-quantized FP8 (--bits 8) or bnb-4bit NF4 (--bits 4) checkpoint
     llama-ft download REPO --local-dir DIR
                               fetch a checkpoint from the Hugging Face Hub, checked before and after
     llama-ft hostfile check F validate a DeepSpeed hostfile before launching
@@ -31,7 +31,8 @@ COMMANDS = {
     "data": "show what the model will be trained on: example summary, decoded preview, JSONL dump",
     "generate": "generate a completion with the trained adapters (or a merged model): the sanity check",
     "merge": "merge PEFT adapters into a base checkpoint, streaming one shard at a time",
-    "quantize": "write an FP8 (e4m3, 128x128 block scales) copy of a checkpoint for faster loading",
+    "quantize": "write an FP8 (--bits 8: e4m3, 128x128 block scales) or NF4 (--bits 4: the bnb-4bit layout) copy of "
+                "a checkpoint",
     "download": "download a safetensors checkpoint + tokenizer from the Hugging Face Hub (resumable, verified)",
     "hostfile": "check a DeepSpeed hostfile (syntax, duplicates, slots, the ranks asked for)",
     "plan": "memory per GPU and per host of a run, whether it fits, the smallest --offload_ratio that does",

@@ -52,23 +52,25 @@ BITS = (4, 8)
 
 
 def output_bytes(ckpt: Checkpoint, targets: tuple[str, ...] | list[str], bits: int = 8) -> int:
-    """About the size of the quantized checkpoint, every other tensor keeping its bytes, plus the non-weight files.
+    """About the size of the quantized checkpoint, every other tensor keeping its bytes, plus the non-weight files,
+    a safetensors header entry and an index entry a tensor (about 2 * len(name) + 128 bytes).
 
     bits 8: 1 byte per value plus a float32 scale per BLOCK x BLOCK block. bits 4: ceil(n / 2) bytes of codes,
     one absmax code byte per 64 values, a float32 per 256 of those, the two code books (16 + 256 float32) and
-    the quant-state JSON (under 256 bytes).
+    the quant-state JSON (under 256 bytes): six tensors a weight.
     """
     total = 0
     for name, info in ckpt.tensors.items():
+        header = 2 * len(name) + 128
         if not is_target(name, targets):
-            total += info.nbytes
+            total += info.nbytes + header
             continue
         n = math.prod(info.shape)
         if bits == 4:
             nb = -(-n // NF4_BLOCK)
-            total += -(-n // 2) + nb + 4 * -(-nb // NESTED_BLOCK) + 4 * (16 + 256) + 256
+            total += -(-n // 2) + nb + 4 * -(-nb // NESTED_BLOCK) + 4 * (16 + 256) + 256 + 6 * (header + 36)
             continue
-        total += n
+        total += n + 2 * header + 24
         if len(info.shape) == 2:
             total += -(-info.shape[0] // BLOCK) * -(-info.shape[1] // BLOCK) * 4
     return total + non_weight_bytes(ckpt.root)
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the quantized checkpoint")
     p.add_argument("--bits", type=int, default=8,
                    help="8: FP8 e4m3 (llama-ft's layout); 4: NF4 in the bnb-4bit layout transformers and "
-                        "bitsandbytes read (default 8)")
+                        "bitsandbytes read")
     p.add_argument("--target_modules", nargs="+", default=list(LLAMA_LINEAR_NAMES),
                    help="linear layers to quantize (the LoRA targets you will train)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")

@@ -23,6 +23,16 @@ from llama_ft.nf4.format import (
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes(monkeypatch):
+    """bitsandbytes' PyTorch fallback of dequantize_4bit (taken for odd K) is torch.compile'd: seconds of compiling
+    per shape and dtype for the values its eager function gives. The eager one, for these tests only."""
+    from bitsandbytes.backends.default import ops
+
+    fn = ops._dequantize_4bit_compute
+    monkeypatch.setattr(ops, "_dequantize_4bit_compute", getattr(fn, "__wrapped__", fn))
 SHAPES = [(128, 200), (96, 128), (300, 67), (7, 9), (3,), (64,), (1, 1)]
 
 
@@ -114,6 +124,11 @@ def test_row_ranges_give_slices_of_the_whole(dtype, monkeypatch):
         p, a = quantize_nf4_reference(w[r0:r1])
         assert same_bits(p, whole_p[e0 // 2: -(-e1 // 2)])
         assert same_bits(a, whole_a[e0 // BLOCK: -(-e1 // BLOCK)])
+    # a ZeRO-3 partition is a flat range: any block-aligned one (or one running to the end) is a slice too
+    flat = w.reshape(-1)
+    for e0, e1 in [(64, 640), (128 * 64, n * k), (0, 64)]:
+        p, a = quantize_nf4_reference(flat[e0:e1])
+        assert same_bits(p, whole_p[e0 // 2: -(-e1 // 2)]) and same_bits(a, whole_a[e0 // BLOCK: -(-e1 // BLOCK)])
     # K = 200: a block spans two rows; rows [8r, 8r + 8) hold 1600 = 25 blocks, so such ranges are aligned
     w = torch.randn(40, 200).to(dtype)
     whole_p, whole_a = quantize_nf4_reference(w)
@@ -146,3 +161,20 @@ def test_double_quantization_of_equal_absmax():
         _, state = bnb_quantize(w, nested=True)
         assert same_bits(qa, state.absmax) and same_bits(nested, state.state2.absmax)
         assert offset == state.offset.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_a_multiple_of_16_but_not_64(dtype):
+    """bitsandbytes 0.50.2's native CPU dequantize_4bit (its AVX512 build) takes blocks of 64 per ROW where
+    K % 16 == 0 and K % 64 != 0 (e.g. K = 96, 224), which is not how its quantizer (or its CUDA kernel) lays
+    them out: over the flattened weight. There its PyTorch backend (the same op, blocks over the flattened
+    weight) is the reference; everywhere else the two agree (test above)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute as eager  # (made eager above)
+
+    for shape in [(6, 96), (5, 224), (3, 16)]:
+        w = torch.randn(shape)
+        packed, absmax = quantize_nf4_reference(w)
+        q, state = bnb_quantize(w)
+        assert same_bits(packed, q.view(-1)) and same_bits(absmax, state.absmax)
+        want = eager(q.view(-1), state.absmax, NF4_CODE, BLOCK, shape, dtype)
+        assert same_bits(dequantize_nf4(packed, absmax, shape, dtype), want)

@@ -154,13 +154,14 @@ def _check_sizes(ckpt: Checkpoint, w: NF4Weight, reader: ShardReader | None) -> 
                         "(a different 4-bit data type; NF4 is supported)")
 
 
-def check_bnb_checkpoint(ckpt: Checkpoint) -> list[str]:
+def check_bnb_checkpoint(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None) -> list[str]:
     """Validate a bnb-4bit checkpoint (config.json and every quantized weight's tensors, headers plus a few
     hundred bytes a weight) and return the names of its NF4 weights ("<m>.weight"), in checkpoint order.
 
     Raises UserError (one line naming config.json or the tensor) for: 8-bit (load_in_8bit), fp4 (config or a
     fp4 quant state), a blocksize other than 64, a packed / absmax / nested size that does not fit the weight
-    shape, a missing quant_state tensor, a quant_map that is not NF4.
+    shape, a missing quant_state tensor, a quant_map that is not NF4; with `expected` (weight name -> the shape
+    the model needs, e.g. from config.json), a quant-state shape that differs from it.
     """
     _check_config(ckpt)
     fp4 = next((n for n in ckpt.tensors if n.endswith(FP4_QUANT_STATE)), None)
@@ -176,7 +177,11 @@ def check_bnb_checkpoint(ckpt: Checkpoint) -> list[str]:
     reader = ShardReader(ckpt)
     try:
         for name in names:
-            _check_sizes(ckpt, read_quant_state(ckpt, name, reader), reader)
+            w = read_quant_state(ckpt, name, reader)
+            if expected is not None and name in expected and tuple(expected[name]) != w.shape:
+                raise UserError(f"{_where(ckpt, name)}: tensor {name + QUANT_STATE!r} says shape {list(w.shape)}, "
+                                f"the model ({CONFIG_NAME}) needs {list(expected[name])}")
+            _check_sizes(ckpt, w, reader)
     finally:
         reader.close()
     return names
@@ -210,22 +215,32 @@ def read_absmax(reader: ShardReader, w: NF4Weight, start: int, end: int) -> torc
     return double_dequantize(padded, nested, code, w.offset)[lead:]
 
 
+def aligned_rows(w: NF4Weight, r0: int, r1: int) -> tuple[int, int]:
+    """The smallest row range holding rows [r0, r1) that starts and ends on a block boundary (or the end).
+
+    Rows per whole number of blocks: 64 / gcd(K, 64) (K = 200: 8 rows hold 25 blocks)."""
+    row = math.prod(w.shape[1:])
+    step = BLOCK // math.gcd(row, BLOCK)
+    return (r0 // step) * step, min(-(-r1 // step) * step, w.shape[0])
+
+
 def read_nf4_tensor(reader: ShardReader, w: NF4Weight,
                     rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """(packed uint8, absmax fp32, shape) of one stored NF4 weight, or of rows [r0, r1) of it only.
 
     Whole weight: packed (ceil(numel / 2),), absmax (ceil(numel / 64),), shape the logical shape, so that
     format.dequantize_nf4(packed, absmax, shape, dtype) is bitsandbytes' dequantize_4bit of the stored state.
-    Rows [r0, r1) (elements e0 = r0 * K .. e1 = r1 * K of the flattened weight): the bytes
-    [e0 // 2, ceil(e1 / 2)) and the absmax of blocks [e0 // 64, ceil(e1 / 64)), shape (r1 - r0, K). When e0 is
-    a multiple of 64 and e1 is too (or the end), that is exactly the weight's blocks holding those rows and
-    dequantize_nf4(packed, absmax, (r1 - r0, K)) gives those rows; otherwise the caller cuts the elements it
-    wants out of the blocks returned (a block spans rows when K is not a multiple of 64).
+    Rows [r0, r1), elements e0 = r0 * K .. e1 = r1 * K of the flattened weight, read alone: the bytes
+    [e0 / 2, ceil(e1 / 2)) and absmax[e0 / 64 : ceil(e1 / 64)], shape (r1 - r0, K). The range must start on a
+    block boundary and end on one or at the last row (aligned_rows widens a range to that: a block spans rows
+    when K is not a multiple of 64); then dequantize_nf4 of the result is exactly those rows of the weight.
+    A ZeRO-3 partition (a range of packed bytes, a range of absmax) reads with read_packed / read_absmax.
     """
     row = math.prod(w.shape[1:])
     r0, r1 = rows if rows is not None else (0, w.shape[0])
-    if not 0 <= r0 <= r1 <= w.shape[0]:
-        raise ValueError(f"rows {rows} outside {w.name} of shape {list(w.shape)}")
+    if not 0 <= r0 <= r1 <= w.shape[0] or (r0, r1) != aligned_rows(w, r0, r1):
+        raise ValueError(f"rows {rows} of {w.name} (shape {list(w.shape)}) are not a block-aligned range "
+                         f"(aligned_rows gives {aligned_rows(w, max(r0, 0), min(r1, w.shape[0]))})")
     e0, e1 = r0 * row, r1 * row
     packed = read_packed(reader, w, e0 // 2, -(-e1 // 2))
     absmax = read_absmax(reader, w, e0 // BLOCK, -(-e1 // BLOCK))

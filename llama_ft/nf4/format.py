@@ -23,8 +23,11 @@ bnb_4bit_use_double_quant=True): the fp32 absmax (nb,) becomes
     offset = mean(absmax)                                                         one fp32 scalar
     a = absmax - offset, in blocks of NESTED_BLOCK = 256:
     nested_absmax[j] = max |a[256j : 256j + 256]|                                 fp32 (ceil(nb / 256),)
-    qabsmax[i] = nearest index into DYNAMIC_CODE of a[i] / nested_absmax[i // 256] uint8 (nb,)
-        (fp32 division; nearest by fp32 distance, a tie to the lower index; 0/0 = NaN gives index 0)
+    v = a[i] * (1 / nested_absmax[i // 256])   (fp32 reciprocal, then product; clamped to [-1, 1])
+    qabsmax[i] = LUT[int(((v + 1) * 0.5) * 65535 + 0.5)]                          uint8 (nb,)
+        LUT (65536,): for point p_k = -1 + 2k / 65535 the index of the nearest DYNAMIC_CODE value (a tie to the
+        lower one). This is bitsandbytes' CPU 8-bit quantizer: the nearest code up to a 2/65535 grid, not always
+        the exact nearest. A nested block whose absmax values are all equal (nested_absmax 0) stores code 0.
     absmax'[i] = fp32(DYNAMIC_CODE[qabsmax[i]] * nested_absmax[i // 256]) + offset  (fp32 add)
 DYNAMIC_CODE is bitsandbytes' signed 8-bit "dynamic" map (256 sorted values in [-0.993, 1]: per decade
 10^-6 .. 10^0, 2^i midpoints of linspace(0.1, 1, 2^i + 1), both signs; plus 0 and 1).
@@ -36,6 +39,7 @@ collective per weight to get). Double quantization (8/64 + 4/(64*256) bytes a we
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,6 +78,7 @@ DYNAMIC_CODE = _dynamic_code()
 _LUT_SIZE = 65536
 
 
+@functools.cache
 def _dynamic_lut() -> torch.Tensor:
     """uint8 (65536,): the DYNAMIC_CODE index for each of 65536 evenly spaced points of [-1, 1].
 
@@ -171,7 +176,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     normed = torch.where(zero, 0.0, padded * inv.view(-1, 1)).clamp(-1, 1).nan_to_num(0.0)  # NaN: non-finite w
     # the 65536-bin table position of each value, in fp32 as bitsandbytes rounds it: ((v + 1) * 0.5) * 65535 + 0.5
     pos = (((normed + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
-    q = _dynamic_lut().to(a.device)[pos]
+    q = _dynamic_lut().to(a.device)[pos]  # cached on the CPU (64 KiB)
     q = torch.where(zero, torch.zeros_like(q), q).view(-1)[:nb]
     return q, nested_absmax, DYNAMIC_CODE.to(a.device).clone(), float(offset)
 
