@@ -304,6 +304,18 @@ def _check_output(base: Path, adapter: Path, output: Path, overwrite: bool) -> N
             raise UserError(f"--output {output}: exists and is not empty (pass --overwrite to replace it)")
 
 
+
+def check_unquantized_base(ckpt) -> None:
+    """The merge folds s B A into the base's own weights: a pre-quantized base (FP8 by `llama-ft quantize`, NF4
+    by bitsandbytes) has no weights to fold into. QLoRA practice merges onto the bf16 weights; one line says so."""
+    qc = ckpt.config.get("quantization_config")
+    if isinstance(qc, dict) and qc:
+        kind = {"bitsandbytes": "bitsandbytes (4-bit or 8-bit)", "fp8": "FP8"}.get(qc.get("quant_method"),
+                                                                                 repr(qc.get("quant_method")))
+        raise UserError(f"--base {ckpt.root}: a {kind} quantized checkpoint (config.json quantization_config); "
+                        "the merge needs the bf16 base the adapters were trained from (the unquantized weights, "
+                        "as QLoRA merges)")
+
 def merge_adapters(
     base: Path,
     adapter: Path,
@@ -325,6 +337,7 @@ def merge_adapters(
     target_dtype = DTYPES[dtype] if dtype else None
 
     ckpt = open_checkpoint(base, "--base")
+    check_unquantized_base(ckpt)
     pairs, _ = load_adapter(adapter, ckpt)
     _check_output(base, adapter, output, overwrite)
 

@@ -490,3 +490,14 @@ def test_streams_one_shard_at_a_time(tiny_model_dir, adapter_dir, tmp_path, monk
     assert events == [(kind, s) for s in shards for kind in ("read", "write")]
     assert len(alive) == len(read_all(tiny_model_dir))
     assert alive_shards() == set()
+
+
+@pytest.mark.parametrize("bits,kind", [(4, "bitsandbytes"), (8, "FP8")])
+def test_a_quantized_base_is_refused_in_one_line(tiny_model_dir, adapter_dir, tmp_path, bits, kind):
+    """A 4-bit (bnb-4bit) or FP8 checkpoint as --base: one line saying the merge needs the bf16 base."""
+    from llama_ft.quantize import quantize_checkpoint
+
+    qdir = Path(quantize_checkpoint(tiny_model_dir, tmp_path / "q", bits=bits, progress=False)["output"])
+    with pytest.raises(UserError, match=f"--base {qdir}: a {kind}.*needs the bf16 base") as e:
+        merge_adapters(qdir, adapter_dir, tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
