@@ -272,16 +272,20 @@ def test_fp8_training_matches_bf16(default_run):
     assert plain - adapted > 0.5 and abs(adapted - fp8_eval) < 0.05 * fp8_eval
 
 
-def test_nf4_training_matches_bf16_and_resumes_exactly(default_run):
-    """--bits 4 (NF4 base, quantized on load): the default run's steps, final loss within 5% of bf16's; the base
+def test_nf4_training_learns_and_resumes_exactly(default_run):
+    """--bits 4 (NF4 base, quantized on load), 20 steps: the first step's loss (B = 0: the base alone) is within 5%
+    of the bf16 run's first step on the same batch (4-bit rounding of the base), and the run learns; the base
     linears' partitions hold 0.5625 bytes a weight (0.28x bf16); the adapters load on the bf16 base with PEFT and
-    give the run's own eval loss; resumed from its mid-way checkpoint it reproduces its adapters bit for bit."""
+    give the run's own eval loss; resumed from its step-10 checkpoint it reproduces its adapters bit for bit."""
     tmp, out = default_run["tmp"], default_run["out"]
     nf4_out, resumed = tmp / "nf4", tmp / "nf4-resumed"
-    proc = run_llama(tmp, nf4_out, "--bits", "4")
+    steps = ("--max_steps", "20", "--save_steps", "10")
+    proc = run_llama(tmp, nf4_out, "--bits", "4", *steps)
     assert "(NF4)" in proc.stderr
-    bf16_loss, nf4_loss = _last_losses(out), _last_losses(nf4_out)
-    assert abs(nf4_loss - bf16_loss) <= 0.05 * bf16_loss, (nf4_loss, bf16_loss)
+    bf16_losses = [r["loss"] for r in _metrics(out) if "loss" in r]
+    nf4_losses = [r["loss"] for r in _metrics(nf4_out) if "loss" in r]
+    assert abs(nf4_losses[0] - bf16_losses[0]) <= 0.05 * bf16_losses[0], (nf4_losses[0], bf16_losses[0])
+    assert sum(nf4_losses[-5:]) / 5 < sum(nf4_losses[:5]) / 5 - 0.5, nf4_losses
     held_bf16 = json.loads((out / "train_results.json").read_text())["partition_bytes_all_ranks"]
     held_nf4 = json.loads((nf4_out / "train_results.json").read_text())["partition_bytes_all_ranks"]
     assert 0.27 <= held_nf4["frozen_linear"] / held_bf16["frozen_linear"] <= 0.30, (held_nf4, held_bf16)
@@ -295,12 +299,12 @@ def test_nf4_training_matches_bf16_and_resumes_exactly(default_run):
     with peft_model.disable_adapter():
         plain = _token_loss(peft_model, batch)
     nf4_eval = json.loads((nf4_out / "train_results.json").read_text())["eval_loss"]
-    assert plain - adapted > 0.5 and abs(adapted - nf4_eval) < 0.05 * nf4_eval
+    assert plain - adapted > 0.3 and abs(adapted - nf4_eval) < 0.05 * nf4_eval
 
-    run_llama(tmp, resumed, "--bits", "4", "--resume_from_checkpoint", str(nf4_out / f"checkpoint-{SAVE_STEPS}"))
+    run_llama(tmp, resumed, "--bits", "4", *steps, "--resume_from_checkpoint", str(nf4_out / "checkpoint-10"))
     _same_adapters(nf4_out, resumed)
-    assert [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > SAVE_STEPS] == \
-        [r["loss"] for r in _metrics(nf4_out) if "loss" in r and r["step"] > SAVE_STEPS]
+    assert [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > 10] == \
+        [r["loss"] for r in _metrics(nf4_out) if "loss" in r and r["step"] > 10]
 
 
 def test_fp8_compute_mode_trains(tmp_path):
