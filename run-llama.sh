@@ -231,7 +231,7 @@ else
               --gradient_checkpointing --max_grad_norm 0.3)
 fi
 if [ -n "${MERGE_DIR:-}" ] && grep -qs '"quantization_config"' "$MODEL/config.json"; then
-    die "MERGE_DIR: $MODEL is a pre-quantized FP8 checkpoint; merge into its bf16 original (apply_ds_adapters.py --base BF16_DIR)"
+    die "MERGE_DIR: $MODEL is a pre-quantized (FP8 or bnb-4bit) checkpoint; merge into its bf16 original (apply_ds_adapters.py --base BF16_DIR)"
 fi
 DATA_ARGS=()
 [ -n "${DATA:-}" ] && DATA_ARGS=(--dataset "$DATA")
