@@ -23,15 +23,15 @@ def seeds(tmp_path_factory) -> Seeds:
 
 
 def test_fuzz_slice_every_case_accepted_or_named(seeds):
-    """600 seeded cases, 100 per kind of input (about 10 s): every one follows the rule."""
-    outcomes = fuzz(600, SEED, seeds.work)
+    """700 seeded cases, 100 per kind of input (about 15 s): every one follows the rule."""
+    outcomes = fuzz(700, SEED, seeds.work)
     bad = [o for o in outcomes if o.verdict not in ("accepted", "rejected")]
     assert not bad, "\n".join(f"{o.case.target} {o.case.mutation} {o.case.argv}: {o.verdict}: {o.detail[-600:]}"
                               for o in bad[:5]) + "\n" + table(outcomes)
     # the slice reaches both sides of the rule for every kind of input (a seed that only broke files, or only
     # made valid ones, would test nothing)
     seen = Counter((o.case.target, o.verdict) for o in outcomes)
-    for target in ("data", "config", "hostfile", "adapter", "model", "flags"):
+    for target in ("data", "config", "hostfile", "adapter", "model", "flags", "parquet"):
         assert seen[(target, "rejected")] >= 10 and seen[(target, "accepted")] >= 1, table(outcomes)
 
 
