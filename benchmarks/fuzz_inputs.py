@@ -456,7 +456,7 @@ def _table_mutation(rows: list[dict], rng: random.Random):
     n = table.num_rows
     kind = rng.choice(["wrong_type", "nulls", "all_null", "missing_column", "empty_table", "deep", "huge_string",
                        "invalid_utf8", "struct_missing_fields", "list_of_strings", "renamed", "many_columns",
-                       "odd_types", "hf_metadata", *PARQUET_INTACT])
+                       "odd_types", "hf_metadata", "zero_row_groups", *PARQUET_INTACT])
     opts: dict = {}
     col = rng.choice(cols)
     i = table.schema.get_field_index(col)
@@ -480,8 +480,8 @@ def _table_mutation(rows: list[dict], rng: random.Random):
         table = table.set_column(i, col, pa.nulls(n))
     elif kind == "missing_column":
         table = table.drop_columns([col])
-    elif kind == "empty_table":
-        table = table.slice(0, 0)
+    elif kind in ("empty_table", "zero_row_groups"):  # pyarrow writes one empty row group, or with
+        table = table.slice(0, 0)                        # zero_row_groups (parquet_case) none at all
         opts["row_group_size"] = rng.choice([1, 1024])
     elif kind == "deep":
         value, typ = _deep_type_value(rng.choice([3, 40, 200]), "x")
@@ -615,7 +615,10 @@ def parquet_case(seeds: Seeds, d: Path, rng: random.Random) -> Case:
     mutation, table, opts = _table_mutation(rows, rng)
     f = d / "train.parquet"
     try:
-        pq.write_table(table, f, **opts)
+        if mutation == "zero_row_groups":
+            pq.ParquetWriter(f, table.schema).close()
+        else:
+            pq.write_table(table, f, **opts)
     except Exception as e:  # noqa: BLE001 - a table pyarrow will not write is no input a user could hand us
         mutation = f"unwritable_{mutation}({type(e).__name__})"
         pq.write_table(pa_table(rows), f)
