@@ -78,13 +78,15 @@ def _check_utf8(path: Path, table) -> None:
             try:
                 chunk.validate(full=True)
             except pa.ArrowInvalid as e:
-                row = start + _first_bad_row(chunk)
-                raise UserError(f"dataset file {path}: row {row}: column '{name}' holds text that is not valid UTF-8 "
+                bad = _first_bad_row(chunk)
+                at = f": row {start + bad}" if bad is not None else ""
+                raise UserError(f"dataset file {path}{at}: column '{name}' holds text that is not valid UTF-8 "
                                 f"({_one_line(e)})") from None
             start += len(chunk)
 
 
-def _first_bad_row(chunk) -> int:
+def _first_bad_row(chunk) -> int | None:
+    """The first row of `chunk` that Python cannot decode; None if none (the array is invalid otherwise)."""
     step = 1024
     for lo in range(0, len(chunk), step):
         try:
@@ -95,7 +97,7 @@ def _first_bad_row(chunk) -> int:
                     chunk.slice(j, 1).to_pylist()
                 except (UnicodeDecodeError, ValueError):
                     return j
-    return 0
+    return None
 
 
 def read_parquet_table(path: Path, dataset_format: str):
