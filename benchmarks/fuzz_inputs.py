@@ -487,16 +487,16 @@ def _table_mutation(rows: list[dict], rng: random.Random):
         value, typ = _deep_type_value(rng.choice([3, 40, 200]), "x")
         table = table.set_column(i, col, pa.array([value] * n, typ))
     elif kind == "huge_string":
-        # 1-2 MB of text; "ab " * 1M (3 MB, 2M tokens) took the tokenizer alone 10-13 s on the loaded 2-core machine,
-        # past the case timeout, and is no different in kind
+        # 1-2 MB of text in one value (3 MB in each of a row's messages took the tokenizer 10 s of CPU: past the case
+        # timeout on the loaded 2-core machine, and no different in kind)
         huge = rng.choice(["a" * 2_000_000, "ab " * 300_000, "\u00e9" * 1_000_000])
         values = table.column(col).to_pylist()
         if pa.types.is_string(table.schema.field(col).type):
             values[bad] = huge
         else:  # chat: one message's text
             j = rng.choice([j for j, v in enumerate(values) if v])
-            values[j] = [{k: huge if isinstance(v, str) and k in ("content", "value") else v for k, v in m.items()}
-                         for m in values[j]]
+            k = rng.randrange(len(values[j]))
+            values[j][k] = {f: huge if f in ("content", "value") else v for f, v in values[j][k].items()}
         table = table.set_column(i, col, pa.array(values, table.schema.field(col).type))
     elif kind == "invalid_utf8":
         if pa.types.is_string(table.schema.field(col).type):
