@@ -4,6 +4,11 @@
 
 What a user hands us, and the command each case runs:
 - data files (alpaca JSONL/JSON, chat JSONL, CSV-ish text) -> `llama-ft data --dataset F --dataset_format ...`
+- Parquet data files (alpaca, chat, oasst1, chip2, self-instruct, DPO pairs), written with pyarrow, then a
+  table change (wrong column types, nulls, a missing column, an empty table, deep types, huge strings,
+  invalid UTF-8 under a string type, garbage `huggingface` schema metadata, odd Arrow types) or a byte change
+  (footer, its length, the magic, the pages); layout-only changes (codecs, one-row row groups, page v2,
+  large_string, dictionaries, extra columns) must be accepted with every row -> the same `llama-ft data`
 - chat messages (unknown roles, missing content, content as a list of parts, no assistant turn) -> the same
 - config files (YAML, JSON)                 -> `llama-ft config F`
 - hostfiles                                -> `llama-ft hostfile check F`
@@ -24,6 +29,7 @@ import contextlib
 import io
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -52,6 +58,7 @@ class Case:
     argv: list[str]
     names: list[str]  # what an error line must name (one of): files, basenames, flags
     accepted: Callable[[str], str | None] | None = None  # given stdout: what is wrong with an accepted case, if any
+    must_accept: bool = False  # a valid input (only its layout changed): a refusal is wrong too
 
 
 @dataclass
@@ -389,6 +396,263 @@ def model_case(seeds: Seeds, d: Path, rng: random.Random) -> Case:
                                 str(d / "merged"), "--no-progress"], [str(m), m.name, "--base"], _merged(d))
 
 
+# --- Parquet data files: valid tables written with pyarrow, then broken as tables or as bytes ---
+
+PARQUET_FORMATS = ("alpaca", "alpaca", "chat", "chat", "oasst1", "chip2", "self-instruct", "dpo")
+PARQUET_ROWS = 8
+# layout-only changes: every row stays valid, so an accepted case must count all PARQUET_ROWS examples
+PARQUET_INTACT = ("tiny_row_groups", "codec", "page_v2", "large_string", "dictionary", "extra_column",
+                  "no_statistics", "reordered_columns", "intact")
+
+
+def _parquet_rows(fmt: str) -> list[dict]:
+    """PARQUET_ROWS valid rows of `fmt` (dpo: {prompt, chosen, rejected} pairs), from the bundled sets."""
+    alpaca = [json.loads(x) for x in (ASSETS / "alpaca_tiny.jsonl").read_text().splitlines()[:PARQUET_ROWS]]
+    if fmt == "alpaca":
+        return alpaca
+    if fmt == "chat":
+        return [json.loads(x) for x in (ASSETS / "chat_tiny.jsonl").read_text().splitlines()[:PARQUET_ROWS]]
+    if fmt == "oasst1":
+        return [{"text": f"### Human: {r['instruction']} {r['input']}### Assistant: {r['output']}"} for r in alpaca]
+    if fmt == "chip2":
+        return [{"text": f"<human>: {r['instruction']} {r['input']}\n<bot>: {r['output']}"} for r in alpaca]
+    if fmt == "self-instruct":
+        return [{"prompt": f"{r['instruction']} {r['input']}", "completion": r["output"]} for r in alpaca]
+    return [{"prompt": f"{r['instruction']} {r['input']}", "chosen": r["output"], "rejected": "no"} for r in alpaca]
+
+
+def _invalid_utf8_strings(n: int, bad: int):
+    """A string array of n values whose value `bad` is not UTF-8: built from raw buffers, as a writer in
+    another language could leave it (pyarrow checks UTF-8 when it converts Python values, not here)."""
+    import pyarrow as pa
+
+    values = [b"ok %d" % i for i in range(n)]
+    values[bad] = b"bad \xff\xfe \xc3\x28"
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.array(offsets, pa.int32()).buffers()[1],
+                                                  pa.py_buffer(b"".join(values))])
+
+
+def _deep_type_value(depth: int, leaf):
+    import pyarrow as pa
+
+    value, typ = leaf, pa.string()
+    for k in range(depth):
+        if k % 2:
+            value, typ = {"x": value}, pa.struct([("x", typ)])
+        else:
+            value, typ = [value], pa.list_(typ)
+    return value, typ
+
+
+def _table_mutation(rows: list[dict], rng: random.Random):
+    """(name, table, write options) of the seed rows with one thing about the table changed."""
+    import pyarrow as pa
+
+    table = pa_table(rows)
+    cols = table.column_names
+    n = table.num_rows
+    kind = rng.choice(["wrong_type", "nulls", "all_null", "missing_column", "empty_table", "deep", "huge_string",
+                       "invalid_utf8", "struct_missing_fields", "list_of_strings", "renamed", "many_columns",
+                       "odd_types", "hf_metadata", "zero_row_groups", *PARQUET_INTACT])
+    opts: dict = {}
+    col = rng.choice(cols)
+    i = table.schema.get_field_index(col)
+    bad = rng.randrange(n)
+    if kind == "wrong_type":
+        values = [rng.choice([7, -1, 2**62]) for _ in range(n)]
+        typ = rng.choice([pa.int64(), pa.float64(), pa.int8(), pa.bool_()])
+        if typ == pa.float64():
+            values = [rng.choice([0.5, -1.0, 1e300, float("nan")]) for _ in range(n)]
+        elif typ == pa.bool_():
+            values = [bool(v % 2) for v in values]
+        elif typ == pa.int8():
+            values = [v % 100 for v in values]
+        table = table.set_column(i, col, pa.array(values, typ))
+    elif kind == "nulls":
+        values = table.column(col).to_pylist()
+        for j in rng.sample(range(n), rng.randint(1, n)):
+            values[j] = None
+        table = table.set_column(i, col, pa.array(values, table.schema.field(col).type))
+    elif kind == "all_null":
+        table = table.set_column(i, col, pa.nulls(n))
+    elif kind == "missing_column":
+        table = table.drop_columns([col])
+    elif kind in ("empty_table", "zero_row_groups"):  # pyarrow writes one empty row group, or with
+        table = table.slice(0, 0)                        # zero_row_groups (parquet_case) none at all
+        opts["row_group_size"] = rng.choice([1, 1024])
+    elif kind == "deep":
+        value, typ = _deep_type_value(rng.choice([3, 40, 200]), "x")
+        table = table.set_column(i, col, pa.array([value] * n, typ))
+    elif kind == "huge_string":
+        # 1-2 MB of text in one value (3 MB in each of a row's messages took the tokenizer 10 s of CPU: past the case
+        # timeout on the loaded 2-core machine, and no different in kind)
+        huge = rng.choice(["a" * 2_000_000, "ab " * 300_000, "\u00e9" * 1_000_000])
+        values = table.column(col).to_pylist()
+        if pa.types.is_string(table.schema.field(col).type):
+            values[bad] = huge
+        else:  # chat: one message's text
+            j = rng.choice([j for j, v in enumerate(values) if v])
+            k = rng.randrange(len(values[j]))
+            values[j][k] = {f: huge if f in ("content", "value") else v for f, v in values[j][k].items()}
+        table = table.set_column(i, col, pa.array(values, table.schema.field(col).type))
+    elif kind == "invalid_utf8":
+        if pa.types.is_string(table.schema.field(col).type):
+            table = table.set_column(i, col, _invalid_utf8_strings(n, bad))
+        else:  # chat: one message's text, inside the list of structs
+            lists = table.column(col).combine_chunks()
+            inner = lists.flatten()
+            names = [f.name for f in inner.type]
+            fields = [inner.field(k) for k in range(len(names))]
+            fields[-1] = _invalid_utf8_strings(len(inner), rng.randrange(len(inner)))
+            inner = pa.StructArray.from_arrays(fields, names=names)
+            table = table.set_column(i, col, pa.ListArray.from_arrays(lists.offsets, inner, mask=lists.is_null()))
+    elif kind == "struct_missing_fields":
+        keep = rng.choice([["role"], ["content"], ["role", "text"], []])
+        listed = pa.types.is_list(table.schema.field(col).type)
+        values = [[{k: m.get(k, "x") for k in keep} for m in r or []] if listed else {k: "x" for k in keep}
+                  for r in table.column(col).to_pylist()]
+        typ = pa.struct([(k, pa.string()) for k in keep])
+        typ = pa.list_(typ) if listed else typ
+        if not keep:
+            values, typ = [[{}]] * n, pa.list_(pa.struct([("role", pa.string())]))
+        table = table.set_column(i, col, pa.array(values, typ))
+    elif kind == "list_of_strings":
+        table = table.set_column(i, col, pa.array([["a", "b"]] * n, pa.list_(pa.string())))
+    elif kind == "renamed":
+        table = table.rename_columns([c.upper() if c == col else c for c in cols])
+    elif kind == "many_columns":
+        extra = {f"c{k}": pa.array(["v"] * n) for k in range(rng.choice([50, 2000]))}
+        table = pa.table({**{c: table.column(c) for c in cols}, **extra})
+    elif kind == "odd_types":
+        import datetime
+        import decimal
+
+        choices = [
+            pa.array([datetime.datetime(1, 1, 1)] * n, pa.timestamp("us")),
+            pa.array([2**62] * n, pa.timestamp("ns")),
+            pa.array([10**13] * n, pa.timestamp("s")),  # beyond Python's datetime
+            pa.array([decimal.Decimal("1.5")] * n, pa.decimal128(38, 10)),
+            pa.array([b"\xff\x00"] * n, pa.binary()),
+            pa.array([[("k", "v")]] * n, pa.map_(pa.string(), pa.string())),
+            pa.array([datetime.timedelta(days=1)] * n, pa.duration("s")),
+            pa.array([1.5] * n, pa.float16()) if hasattr(pa, "float16") else pa.array([1.5] * n),
+            pa.array([[1, 2]] * n, pa.list_(pa.int32(), 2)),
+            pa.array([None] * n, pa.struct([])),
+        ]
+        table = table.set_column(i, col, rng.choice(choices))
+    elif kind == "hf_metadata":
+        # datasets reads a `huggingface` key of the schema metadata as the table's features
+        meta = rng.choice([b"{", b"null", b"[]", b'{"info": 3}', b'{"info": {"features": {"x": 1}}}',
+                           json.dumps({"info": {"features": {c: {"dtype": "int64", "_type": "Value"}
+                                                             for c in cols}}}).encode(),
+                           json.dumps({"info": {"features": {col: {"_type": "Nope"}}}}).encode(),
+                           b"\xff\xfe"])
+        table = table.replace_schema_metadata({b"huggingface": meta})
+    elif kind == "tiny_row_groups":
+        opts["row_group_size"] = 1
+    elif kind == "codec":
+        opts["compression"] = rng.choice(["none", "snappy", "gzip", "zstd", "brotli", "lz4"])
+    elif kind == "page_v2":
+        opts.update(data_page_version="2.0", use_dictionary=False)
+    elif kind == "large_string":
+        table = pa_table(rows).cast(pa.schema(
+            [pa.field(f.name, pa.large_string()) if pa.types.is_string(f.type) else f for f in table.schema]))
+    elif kind == "dictionary":
+        opts["use_dictionary"] = True
+        if pa.types.is_string(table.schema.field(col).type):
+            table = table.set_column(i, col, table.column(col).dictionary_encode())
+    elif kind == "extra_column":
+        table = table.append_column("extra", pa.array([rng.choice([1, 2])] * n))
+    elif kind == "no_statistics":
+        opts["write_statistics"] = False
+    elif kind == "reordered_columns":
+        table = table.select(list(reversed(cols)))
+    return kind, table, opts
+
+
+def _parquet_bytes(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """A byte mutation aimed at what a Parquet reader trusts: the footer, its length, the magic, the pages."""
+    n = len(data)
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    footer0 = max(4, n - 8 - footer_len)
+    kind = rng.choice(["truncate", "truncate_footer", "flip_footer", "flip_pages", "footer_len", "magic",
+                       "only_magic", "append", "generic"])
+    b = bytearray(data)
+    if kind == "truncate":
+        return kind, data[: rng.randrange(1, n)]
+    if kind == "truncate_footer":
+        return kind, data[: rng.randrange(footer0, n)]
+    if kind == "flip_footer":
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(footer0, n - 8)] ^= 1 << rng.randrange(8)
+        return kind, bytes(b)
+    if kind == "flip_pages":
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(4, max(footer0, 5))] ^= 1 << rng.randrange(8)
+        return kind, bytes(b)
+    if kind == "footer_len":
+        v = rng.choice([0, 1, n, n - 8, 2**31 - 1, 2**32 - 1, footer_len + 1, footer_len - 1])
+        b[-8:-4] = v.to_bytes(4, "little")
+        return kind, bytes(b)
+    if kind == "magic":
+        where = rng.choice([slice(0, 4), slice(n - 4, n)])
+        b[where] = rng.choice([b"PAR0", b"PARE", b"\x00\x00\x00\x00"])
+        return kind, bytes(b)
+    if kind == "only_magic":
+        return kind, rng.choice([b"PAR1", b"PAR1PAR1", b"PAR1\x00\x00\x00\x00PAR1"])
+    if kind == "append":
+        return kind, data + data[: rng.randrange(1, n)]
+    kind, out = byte_mutations(data, rng)
+    return "bytes_" + kind, out
+
+
+def parquet_case(seeds: Seeds, d: Path, rng: random.Random) -> Case:
+    import pyarrow.parquet as pq
+
+    fmt = rng.choice(PARQUET_FORMATS)
+    rows = _parquet_rows(fmt)
+    mutation, table, opts = _table_mutation(rows, rng)
+    f = d / "train.parquet"
+    try:
+        if mutation == "zero_row_groups":
+            pq.ParquetWriter(f, table.schema).close()
+        else:
+            pq.write_table(table, f, **opts)
+    except Exception as e:  # noqa: BLE001 - a table pyarrow will not write is no input a user could hand us
+        mutation = f"unwritable_{mutation}({type(e).__name__})"
+        pq.write_table(pa_table(rows), f)
+    if mutation not in PARQUET_INTACT and rng.random() < 0.35:
+        kind, data = _parquet_bytes(f.read_bytes(), rng)
+        f.write_bytes(data)
+        mutation = f"{mutation}+{kind}"
+    argv = ["data", "--dataset", str(f), "--model_name_or_path", str(seeds.tiny), "--source_max_len", "64",
+            "--target_max_len", "32"]
+    argv += ["--dataset_format", "chat", "--objective", "dpo"] if fmt == "dpo" else ["--dataset_format", fmt]
+    expect = len(rows) if mutation in PARQUET_INTACT else None
+
+    def accepted(out: str) -> str | None:
+        if "examples" not in out:
+            return f"no summary of the examples printed: {out[-300:]!r}"
+        if expect is not None and not re.search(rf"\bexamples\s+{expect}\b", out):
+            return f"a layout-only change ({mutation}) lost rows: expected {expect} examples in {out[-400:]!r}"
+        return None
+
+    return Case("parquet", f"{fmt}:{mutation}", argv, [str(f), f.name, "--dataset"], accepted,
+                must_accept=expect is not None and fmt != "dpo")
+
+
+def pa_table(rows: list[dict]):
+    """The rows as a table with a column for every key of any row (null where a row lacks it): chat seeds mix
+    OpenAI `messages` rows and ShareGPT `conversations` rows (Table.from_pylist would keep row 0's keys only)."""
+    import pyarrow as pa
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys})
+
+
 FLAG_VALUES = ["-1", "0", "abc", "1e999", "nan", "", "99999999999999999999", "1.5", "true", "/nonexistent", "\x00",
                "--", "ü"]
 
@@ -411,7 +675,7 @@ def flags_case(seeds: Seeds, d: Path, rng: random.Random) -> Case:
 
 TARGETS: dict[str, Callable[[Seeds, Path, random.Random], Case]] = {
     "data": data_case, "config": config_case, "hostfile": hostfile_case, "adapter": adapter_case,
-    "model": model_case, "flags": flags_case,
+    "model": model_case, "flags": flags_case, "parquet": parquet_case,
 }
 
 
@@ -451,6 +715,8 @@ def run_case(case: Case, timeout: float) -> Outcome:
         wrong = case.accepted(out.getvalue()) if case.accepted else None
         return Outcome(case, "wrong", wrong) if wrong else Outcome(case, "accepted")
     lines = [ln for ln in text.splitlines() if "error:" in ln.lower()]
+    if case.must_accept:
+        return Outcome(case, "wrong", f"a valid input was refused (exit {code}): {(lines or [text])[-1][:500]}")
     if not lines:
         return Outcome(case, "unnamed", f"exit {code}, no error line: {text[-500:]!r}")
     if len(lines) > 1:

@@ -339,6 +339,37 @@ def test_parquet_rows_read_like_json_lines(tok, tmp_path):
                          cache_dir=tmp_path / "c")
 
 
+def test_parquet_chat_text_that_is_not_utf8_names_its_row(tok, tmp_path):
+    """Invalid UTF-8 inside a message (a list of structs) was a UnicodeDecodeError traceback (fuzzer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    contents = [b"hi", b"hello", b"q", b"bad \xff", b"a"]
+    offsets = [0]
+    for c in contents:
+        offsets.append(offsets[-1] + len(c))
+    text = pa.Array.from_buffers(pa.string(), len(contents), [None, pa.array(offsets, pa.int32()).buffers()[1],
+                                                               pa.py_buffer(b"".join(contents))])
+    roles = pa.array(["user", "assistant", "user", "assistant", "user"])
+    messages = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5], pa.int32()),
+                                        pa.StructArray.from_arrays([roles, text], names=["role", "content"]))
+    f = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"messages": messages}), f)
+    with pytest.raises(UserError, match=rf"{f}: row 1: column 'messages' holds text that is not valid UTF-8"):
+        prepare_examples(DataOptions(dataset=str(f), dataset_format="chat"), tok, cache_dir=tmp_path / "c")
+
+
+def test_parquet_messages_of_the_wrong_type_name_the_column(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"messages": pa.array([[{"role": "user", "content": 3}]])}), f)
+    with pytest.raises(UserError, match=r"column 'messages' is of type list<element: struct<role: string, content: "
+                                        r"int64>> \(expected a list of \{role, content\} messages with string fields"):
+        prepare_examples(DataOptions(dataset=str(f), dataset_format="chat"), tok, cache_dir=tmp_path / "c")
+
+
 def _prepare_in_child(model_dir: str, data: str, cache: str) -> bool:
     tok = AutoTokenizer.from_pretrained(model_dir)
     return prepare_examples(DataOptions(dataset=data, dataset_format="chat"), tok, cache_dir=cache)[1].from_cache

@@ -277,6 +277,96 @@ def test_hub_name_offline_is_user_error(monkeypatch, tmp_path):
     assert name in msg and "neither a local file nor reachable" in msg
 
 
+# --------------------------------------------------------------------------- Parquet (found by the fuzzer)
+
+
+def _invalid_utf8_strings(values: list[bytes]):
+    """A pyarrow string array holding exactly these bytes (no UTF-8 check: as a writer in another language
+    can leave it)."""
+    import pyarrow as pa
+
+    offsets = [0]
+    for v in values:
+        offsets.append(offsets[-1] + len(v))
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.array(offsets, pa.int32()).buffers()[1],
+                                                            pa.py_buffer(b"".join(values))])
+
+
+def test_parquet_text_that_is_not_utf8_names_its_row(tmp_path):
+    """Was a UnicodeDecodeError traceback out of datasets.map."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    out = _invalid_utf8_strings([b"a", b"b", b"c \xff\xfe", b"d"])
+    pq.write_table(pa.table({"instruction": ["i"] * 4, "output": out}), f, row_group_size=3)
+    msg = user_error(load_rows, str(f), "alpaca")
+    assert f"{f}: row 2: column 'output' holds text that is not valid UTF-8" in msg, msg
+    # in the second row group: the row counts across chunks
+    pq.write_table(pa.table({"instruction": ["i"] * 4, "output": _invalid_utf8_strings([b"a"] * 3 + [b"\xc3\x28"])}),
+                   f, row_group_size=2)
+    assert f"{f}: row 3: column 'output'" in user_error(load_rows, str(f), "alpaca")
+
+
+@pytest.mark.parametrize("meta", [b"{", b"null", b'{"info": 3}', b"\xff",
+                                  b'{"info": {"features": {"output": {"_type": "Nope"}}}}',
+                                  b'{"info": {"features": {"output": {"dtype": "int64", "_type": "Value"}}}}'])
+def test_parquet_schema_metadata_is_not_trusted(tmp_path, meta):
+    """A `huggingface` key in the schema metadata is read by datasets as features: a wrong one was a JSONDecodeError,
+    TypeError or ValueError traceback. The rows read as written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    table = pa.table({"instruction": ["A", "D"], "input": ["b", None], "output": ["c", "e"]})
+    pq.write_table(table.replace_schema_metadata({b"huggingface": meta}), f)
+    assert load_rows(str(f), "alpaca") == [{"source": WITH_INPUT.format(instruction="A", input="b"), "target": "c"},
+                                           {"source": NO_INPUT.format(instruction="D"), "target": "e"}]
+
+
+def test_parquet_columns_the_format_does_not_read_are_not_read(tmp_path):
+    """A map column (no datasets feature: a ValueError traceback) or a corrupt-looking extra column is left alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"meta": pa.array([[("k", "v")]], pa.map_(pa.string(), pa.string())),
+                             "when": pa.array([10**13], pa.timestamp("s")), "input": ["q"], "output": ["a"]}), f)
+    assert load_rows(str(f), "input-output") == [{"source": "q", "target": "a"}]
+
+
+@pytest.mark.parametrize("column,needle", [
+    ("map", "column 'output' is of type map<string, string"),
+    ("timestamp", "column 'output' is of type timestamp[ms]"),
+    ("binary", "column 'output' is of type binary"),
+    ("int", "column 'output' is of type int64"),
+])
+def test_parquet_column_of_the_wrong_type_is_named(tmp_path, column, needle):
+    """A read column that holds no strings: one line naming the column and what was expected (a map or a timestamp
+    beyond Python's datetime was a traceback)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = {"map": pa.array([[("k", "v")]], pa.map_(pa.string(), pa.string())),
+              "timestamp": pa.array([10**13], pa.timestamp("s")), "binary": pa.array([b"\xff"]),
+              "int": pa.array([3])}[column]
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"input": ["q"], "output": values}), f)
+    msg = user_error(load_rows, str(f), "input-output")
+    assert str(f) in msg and needle in msg and "expected strings, read by --dataset_format input-output" in msg, msg
+
+
+def test_parquet_without_any_column_the_format_reads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"TEXT": ["x"], "id": [1]}), f)
+    msg = user_error(load_rows, str(f), "oasst1")
+    assert msg == (f"dataset file {f}: none of the columns --dataset_format oasst1 reads (text) is there (it has: "
+                   "TEXT, id)")
+
+
 # --------------------------------------------------------------------------- tokenize_rows
 
 

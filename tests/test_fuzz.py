@@ -23,15 +23,15 @@ def seeds(tmp_path_factory) -> Seeds:
 
 
 def test_fuzz_slice_every_case_accepted_or_named(seeds):
-    """600 seeded cases, 100 per kind of input (about 10 s): every one follows the rule."""
-    outcomes = fuzz(600, SEED, seeds.work)
+    """700 seeded cases, 100 per kind of input (about 15 s): every one follows the rule."""
+    outcomes = fuzz(700, SEED, seeds.work)
     bad = [o for o in outcomes if o.verdict not in ("accepted", "rejected")]
     assert not bad, "\n".join(f"{o.case.target} {o.case.mutation} {o.case.argv}: {o.verdict}: {o.detail[-600:]}"
                               for o in bad[:5]) + "\n" + table(outcomes)
     # the slice reaches both sides of the rule for every kind of input (a seed that only broke files, or only
     # made valid ones, would test nothing)
     seen = Counter((o.case.target, o.verdict) for o in outcomes)
-    for target in ("data", "config", "hostfile", "adapter", "model", "flags"):
+    for target in ("data", "config", "hostfile", "adapter", "model", "flags", "parquet"):
         assert seen[(target, "rejected")] >= 10 and seen[(target, "accepted")] >= 1, table(outcomes)
 
 
@@ -140,3 +140,33 @@ def test_mutations_are_seeded():
 
     data = b'{"instruction": "a", "output": "b"}\n' * 4
     assert [byte_mutations(data, random.Random(3)) for _ in range(2)][0] == byte_mutations(data, random.Random(3))
+
+
+def test_a_refused_valid_input_is_a_failure(seeds, tmp_path):
+    """A case marked must_accept (a Parquet file whose layout only changed) that is refused counts as 'wrong'."""
+    f = tmp_path / "train.parquet"
+    f.write_bytes(b"PAR1")
+    case = Case("t", "t", ["data", "--dataset", str(f), "--model_name_or_path", str(seeds.tiny)], [str(f)],
+                must_accept=True)
+    o = run_case(case, timeout=60)
+    assert o.verdict == "wrong" and "a valid input was refused" in o.detail, (o.verdict, o.detail)
+
+
+@pytest.mark.parametrize("mutation", ["tiny_row_groups", "large_string", "dictionary", "intact"])
+def test_parquet_layout_changes_keep_every_row(seeds, tmp_path, mutation):
+    """The Parquet target's layout-only tables, written and read back by pyarrow, hold the seed rows unchanged
+    (so the fuzzer's 'accepted with every row' check is a fair one)."""
+    import pyarrow.parquet as pq
+    from fuzz_inputs import _parquet_rows, _table_mutation
+
+    rows = _parquet_rows("alpaca")
+    rng = random.Random(0)
+    while True:
+        kind, table, opts = _table_mutation(rows, rng)
+        if kind == mutation:
+            break
+    pq.write_table(table, tmp_path / "t.parquet", **opts)
+    back = pq.read_table(tmp_path / "t.parquet")
+    assert back.to_pylist() == rows
+    if mutation == "tiny_row_groups":
+        assert pq.ParquetFile(tmp_path / "t.parquet").metadata.num_row_groups == len(rows)

@@ -1,6 +1,7 @@
 """Training data: rows from files or the Hub -> `{"input_ids", "labels"}` examples -> micro-batches.
 
     readers.py   read rows with `datasets` (.json/.jsonl/.parquet, Hub names); name the file and line
+    parquet.py   a .parquet file: the columns a format reads, their types and UTF-8 checked first
     formats.py   what a row holds: alpaca-family source/target pairs, chat conversations (OpenAI, ShareGPT)
     chat.py      chat template rendering and assistant-only labels
     tokenize.py  rows -> examples, --max_seq_len cuts, the trained-token count

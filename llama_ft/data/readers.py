@@ -9,7 +9,8 @@ time, and every row is checked by its format (formats.typed_row) as it is read, 
 merely looks like a date stays text (Arrow's JSON reader would turn it into a timestamp), and no
 Python list of rows is ever held. Only the first `max_samples` rows are read.
 
-Parquet files are memory-mapped with pyarrow (typed already); Hub names go through
+Parquet files are memory-mapped with pyarrow, only the columns the format reads, their types and UTF-8
+checked first (data/parquet.py); Hub names go through
 `datasets.load_dataset(name, split="train")`. Their rows are checked as they are tokenized, and named
 `FILE: row i` / `--dataset NAME: row i`.
 
@@ -222,13 +223,15 @@ def read_rows(source: Source, dataset_format: str, max_samples: int | None, cach
     if source.path is None:
         rows, where = source.hub_rows, Locator(source.dataset, "hub")
     elif source.path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from llama_ft.data.parquet import read_parquet_table
 
+        table = read_parquet_table(source.path, dataset_format)
         try:
-            table = pq.read_table(source.path, memory_map=True)
-        except Exception as e:  # pyarrow raises its own types for files that are not Parquet
-            raise UserError(f"dataset file {source.path}: not a readable Parquet file ({one_line(e)})") from None
-        rows, where = datasets.Dataset(table), Locator(str(source.path), "parquet")
+            rows = datasets.Dataset(table)
+        except Exception as e:  # noqa: BLE001 - an Arrow type `datasets` has no feature for raises ValueError/TypeError
+            raise UserError(f"dataset file {source.path}: its columns cannot be read as a dataset ({one_line(e)})"
+                            ) from None
+        where = Locator(str(source.path), "parquet")
         if len(rows) == 0:
             raise UserError(f"dataset file {source.path} holds no rows (expected at least one)")
     else:
