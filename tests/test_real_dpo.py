@@ -1,10 +1,10 @@
-"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with a 4-bit (NF4, QLoRA's) base, packed
-pairs and optimizer offload, then a merge onto the bf16 base.
+"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with a 4-bit (NF4, QLoRA's) base and
+optimizer offload, then a merge onto the bf16 base.
 
 The pairs (benchmarks/real_checkpoint.pair_rows): "Mia has a orange house. Give the owner, object and color.";
 chosen "owner=Mia; object=house; color=orange", rejected the same with another color. Only the rule (copy the
 prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --bits 4 (the reference is the
-NF4 base under lora_disabled; hidden 576 and MLP 1536 are whole blocks of 64), --packing, DS_CONFIG
+NF4 base under lora_disabled; hidden 576 and MLP 1536 are whole blocks of 64), DS_CONFIG
 zero3_offload.json, one optimizer step = the 24 training pairs, 3 steps, merged at the end (MERGE_DIR) onto the bf16
 base, as QLoRA practice merges. (SIGTERM and resume with DPO: tests/test_dpo_train.py; FP8 on this checkpoint:
 tests/test_real_checkpoint.py.) Checked:
@@ -43,8 +43,7 @@ def run(tmp_path_factory, real_checkpoint):
     tmp = tmp_path_factory.mktemp("real-dpo")
     train, heldout = write_pairs(tmp / "task")
     out, merged = tmp / "dpo", tmp / "merged"
-    flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--bits", "4", "--packing",
-             "--per_device_train_batch_size",
+    flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--bits", "4", "--per_device_train_batch_size",
              "12", "--max_steps", str(STEPS), "--save_steps", str(STEPS), "--eval_steps", str(STEPS),
              "--overwrite_output_dir"]
     run_llama(tmp, out, *flags, merge_dir=merged, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json",
