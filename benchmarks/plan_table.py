@@ -74,20 +74,24 @@ def card_cell(argv: list[str], gpu: str) -> str:
     return f"offload {best:.2f} (host {p['per_host']['total_bytes'] / GiB:.0f} GiB)"
 
 
+def bits_row(model: str, gpus: int, bits: int, r: int, seq: int) -> str:
+    argv = [model, "--gpus_per_node", str(gpus), "--lora_r", str(r), "--packing", "--max_seq_len", str(seq),
+            "--per_device_train_batch_size", "1", "--gradient_checkpointing", *BITS[bits]]
+    at_zero, _ = make_plan([*argv, "--gpu", "h100"])
+    cells = [card_cell(argv, gpu) for gpu in CARDS.values()]
+    gib = at_zero["per_gpu"]["total_bytes"] / GiB
+    return f"| {model.upper()} | {BASE[bits]} | {gpus} | {r} | {seq} | {gib:.1f} | {' | '.join(cells)} |"
+
+
 def bits_table() -> None:
     print(f"| model | base | GPUs | r | tokens | GiB per GPU, no offload | {' | '.join(CARDS)} |")
     print("|---|---|---:|---:|---:|---:|" + "---|" * len(CARDS))
     for model in ("8b", "70b", "405b"):
         for gpus in (8, 1) if model != "405b" else (8,):
-            for bits, flags in BITS.items():
+            for bits in BITS:
                 for r in (16, 64):
                     for seq in (2048, 8192):
-                        argv = [model, "--gpus_per_node", str(gpus), "--lora_r", str(r), "--packing", "--max_seq_len",
-                                str(seq), "--per_device_train_batch_size", "1", "--gradient_checkpointing", *flags]
-                        at_zero, _ = make_plan([*argv, "--gpu", "h100"])
-                        cells = [card_cell(argv, gpu) for gpu in CARDS.values()]
-                        print(f"| {model.upper()} | {BASE[bits]} | {gpus} | {r} | {seq} | "
-                              f"{at_zero['per_gpu']['total_bytes'] / GiB:.1f} | {' | '.join(cells)} |")
+                        print(bits_row(model, gpus, bits, r, seq))
 
 
 def longest_sequence(argv: list[str], gpu_gib: float, step: int = 256, top: int = 131072) -> int:

@@ -1055,3 +1055,18 @@ def test_fp8_checkpoint_refuses_bits_4(capsys, tmp_path):
     rc, _, err = _main(capsys, str(d), "--bits", "4", "--gpu_memory_gb", "8", "--max_seq_len", "64")
     assert rc == 2 and "pre-quantized FP8 (llama-ft quantize) checkpoint, which trains at --bits 8" in \
         _one_error_line(err)
+
+
+def test_bits_table_in_benchmarks_md_is_what_the_script_prints():
+    """The 405B and one-GPU 70B rows of BENCHMARKS.md's 16/8/4-bit table are `benchmarks/plan_table.py --bits`'s
+    output today (the table is the planner's arithmetic: a change to it must regenerate the table)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import plan_table
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = {line for line in (REPO / "BENCHMARKS.md").read_text().splitlines() if line.startswith("| 405B | NF4 |")
+            or line.startswith("| 70B | NF4 | 1 | 64 |")}
+    assert len(rows) == 6
+    for model, gpus, r, seq in (("405b", 8, 64, 2048), ("405b", 8, 16, 8192), ("70b", 1, 64, 2048)):
+        assert plan_table.bits_row(model, gpus, 4, r, seq) in rows, (model, r, seq)
