@@ -123,11 +123,12 @@ def checkpoint_bits(qc: Any, where: str) -> int | None:
         return 8
     supported = ("supported: a bitsandbytes checkpoint with load_in_4bit and bnb_4bit_quant_type nf4 (QLoRA's "
                  "format, --bits 4), or an FP8 one written by llama-ft quantize (--bits 8)")
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit") and str(qc.get("bnb_4bit_quant_type", "fp4")).lower() == "nf4":
+    if method == "bitsandbytes":  # as llama_ft/nf4/checkpoint.py reads it (transformers writes both spellings)
+        four, eight = (bool(qc.get(k) or qc.get(f"_{k}")) for k in ("load_in_4bit", "load_in_8bit"))
+        if four and not eight and qc.get("bnb_4bit_quant_type", "fp4") == "nf4":
             return 4
-        kind = ("8-bit (load_in_8bit)" if qc.get("load_in_8bit") else
-                f"4-bit {qc.get('bnb_4bit_quant_type', 'fp4')}" if qc.get("load_in_4bit") else "neither 4- nor 8-bit")
+        kind = ("8-bit (load_in_8bit)" if eight else
+                f"4-bit {qc.get('bnb_4bit_quant_type', 'fp4')}" if four else "neither 4- nor 8-bit")
         raise UserError(f"{where}: quantization_config is bitsandbytes {kind}; {supported}")
     raise UserError(f"{where}: quantization_config quant_method is {method!r}; {supported}")
 
