@@ -80,7 +80,7 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_NAMES))
     # quantized frozen base weights (Snowflake's --quantize --bits 8; --bits 4: NF4, QLoRA's format)
     quantize: bool = False
-    bits: int = 8
+    bits: int | None = None  # None: 8, or what a pre-quantized checkpoint holds
     fp8_compute: bool = False
     loader: str = "stream"
     init: str = "checkpoint"
@@ -191,7 +191,8 @@ _HELP = {
                  "written",
     "quantize": "store the frozen base of every LoRA-targeted linear quantized: FP8 e4m3 (128x128 block scales) "
                 "with --bits 8, NF4 (QLoRA's 4-bit format, bitsandbytes' blocks of 64) with --bits 4",
-    "bits": "bits of the quantized base weights: 8 (FP8 e4m3) or 4 (NF4); --bits 4 implies --quantize",
+    "bits": "bits of the quantized base weights: 8 (FP8 e4m3, the default) or 4 (NF4); --bits 4 implies "
+            "--quantize; a pre-quantized checkpoint sets it (bitsandbytes' bnb-4bit: 4)",
     "init": "checkpoint: load the weights of --model_name_or_path; random: random weights built straight into "
             "the partitions, for benchmarks only (the directory needs only config.json and a tokenizer)",
     "loader": "stream: each rank reads only its own partition bytes; hf: rank 0 reads all and scatters",
@@ -273,7 +274,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"--init {cfg.init!r}: expected 'checkpoint' or 'random' (benchmarks only)")
     if cfg.loader not in ("stream", "hf"):
         raise UserError(f"--loader {cfg.loader!r}: expected 'stream' or 'hf'")
-    if cfg.bits not in (4, 8):
+    if cfg.bits not in (None, 4, 8):
         raise UserError(f"--bits {cfg.bits}: expected 8 (FP8 e4m3 base weights) or 4 (NF4, as QLoRA)")
     if cfg.bits == 4:
         cfg.quantize = True  # the only thing 4 bits can mean here (--help says so)

@@ -1,5 +1,8 @@
 """Run under 2 ranks (torchrun): compare our streaming loader's partitions with Hugging Face
-`from_pretrained` under ZeRO-3, bf16 and FP8, and report bytes read. Writes a JSON verdict."""
+`from_pretrained` under ZeRO-3 (bf16), our FP8 quantizer, and bitsandbytes' NF4 (with --nf4: the 4-bit
+partitions against bitsandbytes' quantize_4bit of the same weights, and those of a bnb-4bit checkpoint that
+transformers wrote against bitsandbytes' own reading of its statistics), and report bytes read. Writes a JSON
+verdict."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from llama_ft.fp8.module import FP8LoRALinear
 from llama_ft.lora import LoraSpec
 from llama_ft.model.build import build_lora_model
 from llama_ft.model.meter import BuildMeter
+from llama_ft.nf4.module import NF4LoRALinear
 from llama_ft.ops import prepare_ops
 
 DS = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
@@ -67,11 +71,26 @@ def gathered(p: torch.nn.Parameter) -> torch.Tensor:
         return p.detach().clone().cpu()
 
 
+def bnb_nf4(w: torch.Tensor, compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' NF4 of `w`: (code bytes (numel/2,), fp32 absmax per 64); `compressed`: the absmax as
+    bitsandbytes reads it back from double quantization (what transformers' bnb_4bit_use_double_quant stores)."""
+    import bitsandbytes.functional as bnbf
+
+    q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=compressed,
+                                  quant_storage=torch.uint8)
+    absmax = state.absmax
+    if compressed:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return q.reshape(-1), absmax.float()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--prequantized", help="the same model written by llama-ft quantize")
+    ap.add_argument("--nf4", action="store_true", help="also the 4-bit builds (needs bitsandbytes)")
+    ap.add_argument("--bnb", help="the same model as a bnb-4bit checkpoint (transformers + bitsandbytes wrote it)")
     args, _ = ap.parse_known_args()
     prepare_ops(DS, on_gpu=torch.cuda.is_available())  # one compile at a time; stale build locks cleared
     deepspeed.init_distributed()
@@ -82,12 +101,14 @@ def main() -> None:
     ref_params = dict(ref.named_parameters())
     verdict: dict = {"world_size": dist.get_world_size()}
     spec = LoraSpec(4, 8)
-    modes = ("bf16", "fp8", "fp8-hf", "prequantized") if args.prequantized else ("bf16", "fp8", "fp8-hf")
+    modes = ["bf16", "fp8", "fp8-hf"] + (["prequantized"] if args.prequantized else []) + \
+        (["nf4", "nf4-hf"] if args.nf4 else []) + (["bnb"] if args.bnb else [])
     for mode in modes:
-        src = args.prequantized if mode == "prequantized" else args.model
+        src = {"prequantized": args.prequantized, "bnb": args.bnb}.get(mode, args.model)
         with logging_allocations() as allocs:
-            model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode.startswith("fp8"),
-                                             loader="hf" if mode == "fp8-hf" else "stream")
+            model, report = build_lora_model(src, spec, DS, torch.bfloat16, quantize=mode.startswith(("fp8", "nf4")),
+                                             bits=4 if mode.startswith("nf4") else 8,
+                                             loader="hf" if mode.endswith("-hf") else "stream")
         # floating tensors created before the load phase: the partitions themselves (and small scratch)
         before_load = [(d, n) for ph, d, n in allocs.events if ph < 2 and d.is_floating_point]
         # what a build at the final format must allocate in floating point: the floating partitions, and
@@ -96,17 +117,21 @@ def main() -> None:
                                if p.dtype.is_floating_point and not p.requires_grad)
         lora_whole = sum(p.ds_numel * p.element_size() for p in model.parameters() if p.requires_grad)
         fp8_partition_numels = sorted({m.weight.ds_tensor.numel() for m in model.modules()
-                                       if isinstance(m, FP8LoRALinear)})
+                                       if isinstance(m, (FP8LoRALinear, NF4LoRALinear))})
         mismatched = []
         checked = 0
         for name, p in model.named_parameters():
-            if p.requires_grad or name.endswith("weight_scale"):
+            if p.requires_grad or name.endswith(("weight_scale", "weight_absmax")):
                 continue
             want = gathered(ref_params[name])
             mod = model.get_submodule(name.rsplit(".", 1)[0])
             if isinstance(mod, FP8LoRALinear):
                 q, s = quantize_fp8_reference(want)
                 ok = torch.equal(gathered(p), q) and torch.equal(gathered(mod.weight_scale), scales_to_bytes(s))
+            elif isinstance(mod, NF4LoRALinear):
+                packed, absmax = bnb_nf4(want, compressed=mode == "bnb")
+                ok = torch.equal(gathered(p), packed) and torch.equal(gathered(mod.weight_absmax).view(torch.float32),
+                                                                      absmax)
             else:
                 ok = torch.equal(gathered(p), want)
             checked += 1
@@ -116,7 +141,7 @@ def main() -> None:
         dist.all_reduce(totals)
         verdict[mode] = {"checked": checked, "mismatched": mismatched, "bytes_read_rank": report.bytes_read,
                          "bytes_read_total": int(totals.item()), "checkpoint_bytes": report.checkpoint_bytes,
-                         "fp8_layers": report.fp8_layers, "build": report.build,
+                         "quantized_layers": report.quantized_layers, "build": report.build,
                          "float_bytes_before_load": sum(n * d.itemsize for d, n in before_load),
                          "float_partition_bytes": float_partitions, "lora_bytes": lora_whole,
                          "largest_float_before_load": max((n for _, n in before_load), default=0),

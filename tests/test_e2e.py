@@ -272,6 +272,37 @@ def test_fp8_training_matches_bf16(default_run):
     assert plain - adapted > 0.5 and abs(adapted - fp8_eval) < 0.05 * fp8_eval
 
 
+def test_nf4_training_matches_bf16_and_resumes_exactly(default_run):
+    """--bits 4 (NF4 base, quantized on load): the default run's steps, final loss within 5% of bf16's; the base
+    linears' partitions hold 0.5625 bytes a weight (0.28x bf16); the adapters load on the bf16 base with PEFT and
+    give the run's own eval loss; resumed from its mid-way checkpoint it reproduces its adapters bit for bit."""
+    tmp, out = default_run["tmp"], default_run["out"]
+    nf4_out, resumed = tmp / "nf4", tmp / "nf4-resumed"
+    proc = run_llama(tmp, nf4_out, "--bits", "4")
+    assert "(NF4)" in proc.stderr
+    bf16_loss, nf4_loss = _last_losses(out), _last_losses(nf4_out)
+    assert abs(nf4_loss - bf16_loss) <= 0.05 * bf16_loss, (nf4_loss, bf16_loss)
+    held_bf16 = json.loads((out / "train_results.json").read_text())["partition_bytes_all_ranks"]
+    held_nf4 = json.loads((nf4_out / "train_results.json").read_text())["partition_bytes_all_ranks"]
+    assert 0.27 <= held_nf4["frozen_linear"] / held_bf16["frozen_linear"] <= 0.30, (held_nf4, held_bf16)
+    assert held_nf4["lora"] == held_bf16["lora"] and held_nf4["frozen_other"] == held_bf16["frozen_other"]
+
+    model_dir = default_run["model"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+                                           nf4_out).eval()
+    batch = _eval_batches(model_dir)
+    adapted = _token_loss(peft_model, batch)
+    with peft_model.disable_adapter():
+        plain = _token_loss(peft_model, batch)
+    nf4_eval = json.loads((nf4_out / "train_results.json").read_text())["eval_loss"]
+    assert plain - adapted > 0.5 and abs(adapted - nf4_eval) < 0.05 * nf4_eval
+
+    run_llama(tmp, resumed, "--bits", "4", "--resume_from_checkpoint", str(nf4_out / f"checkpoint-{SAVE_STEPS}"))
+    _same_adapters(nf4_out, resumed)
+    assert [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > SAVE_STEPS] == \
+        [r["loss"] for r in _metrics(nf4_out) if "loss" in r and r["step"] > SAVE_STEPS]
+
+
 def test_fp8_compute_mode_trains(tmp_path):
     run_llama(tmp_path, tmp_path / "out", "--quantize", "--fp8_compute", "--max_steps", "20", "--save_steps", "20")
     losses = [r["loss"] for r in _metrics(tmp_path / "out") if "loss" in r]

@@ -44,34 +44,63 @@ def odd_tied_model(tmp_path_factory):
     return out
 
 
+def write_bnb_4bit(model: Path, out: Path) -> Path:
+    """`model` as transformers + bitsandbytes save it with NF4 and double quantization (the Hub's *-bnb-4bit
+    layout): the independent writer of the pre-quantized 4-bit checkpoints users download."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, quantization_config=qc, device_map="cpu")
+    m.save_pretrained(out)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "odd_tied"])
 def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_model, tmp_path):
+    """bf16 partitions equal HF's ZeRO-3 load; FP8 ones our float64-checked quantizer's bytes; NF4 ones
+    bitsandbytes' quantize_4bit bytes and absmax, quantized on load (stream and hf loaders) and copied from a
+    bnb-4bit checkpoint transformers wrote (odd_tied: hidden 72 and MLP 200 put blocks of 64 across rows, and
+    partition boundaries inside blocks)."""
     from llama_ft.quantize import quantize_checkpoint
 
     model = tiny_model_dir if which == "tiny" else odd_tied_model
     prequantized = quantize_checkpoint(model, tmp_path / "fp8", progress=False)["output"]
+    bnb = write_bnb_4bit(model, tmp_path / "bnb")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))}
     env.pop("TRITON_INTERPRET", None)
     proc = run_job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(_free_port()), str(REPO / "tests" / "dist_loader_check.py"), "--model", str(model),
-                    "--out", str(tmp_path / "v.json"), "--prequantized", prequantized], timeout=600, env=env)
+                    "--out", str(tmp_path / "v.json"), "--prequantized", prequantized, "--nf4", "--bnb", str(bnb)],
+                   timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     verdicts = json.loads((tmp_path / "v.json").read_text())
     ckpt_bytes = open_checkpoint(model).total_bytes()
     fp8_bytes = open_checkpoint(prequantized).total_bytes()
     for v in verdicts:
-        for mode in ("bf16", "fp8", "fp8-hf", "prequantized"):  # fp8-hf: rank 0 quantizes, scatters the bytes
-            assert v[mode]["mismatched"] == [] and v[mode]["checked"] >= 20, v[mode]
+        for mode in ("bf16", "fp8", "fp8-hf", "prequantized", "nf4", "nf4-hf", "bnb"):  # -hf: rank 0 quantizes
+            assert v[mode]["mismatched"] == [] and v[mode]["checked"] >= 20, (mode, v[mode])
+        for mode in ("nf4", "nf4-hf", "bnb"):
+            assert v[mode]["quantized_layers"] == 14, (mode, v[mode])
+        # NF4 on load reads each rank's own elements (widened to blocks of 64); a bnb file's bytes are copied
+        assert v["nf4"]["bytes_read_total"] <= 1.1 * ckpt_bytes
+        bnb_bytes = open_checkpoint(bnb).total_bytes()
+        # each rank also reads every weight's quant state and 256-entry nested code (about 1.3 KB a weight): at
+        # this size that is 10%, at 8B's 4 GB it is nothing
+        assert v["bnb"]["checkpoint_bytes"] == bnb_bytes
+        assert v["bnb"]["bytes_read_total"] <= 1.05 * bnb_bytes + 2 * 14 * 1536, v["bnb"]
+        # 0.5625 bytes a frozen linear weight (codes + fp32 absmax), against FP8's 1 and a few scale bytes
+        assert v["nf4"]["partition_bytes"] < v["fp8"]["partition_bytes"]
         bf16 = v["bf16"]
         assert bf16["checkpoint_bytes"] == ckpt_bytes
         assert bf16["bytes_read_total"] <= 1.05 * ckpt_bytes
         assert 0.4 * ckpt_bytes <= bf16["bytes_read_rank"] <= 0.6 * ckpt_bytes
-        assert v["fp8"]["fp8_layers"] == 14
+        assert v["fp8"]["quantized_layers"] == 14
         # FP8 on load widens each rank's rows to whole 128-row block stripes: never more than all of W twice
         assert v["fp8"]["bytes_read_total"] <= 2 * ckpt_bytes
-        for mode in ("bf16", "fp8", "fp8-hf", "prequantized"):
+        for mode in ("bf16", "fp8", "fp8-hf", "prequantized", "nf4", "nf4-hf", "bnb"):
             m = v[mode]
             # built at the final format: before the load, the only floating tensors created are the floating
             # partitions and LoRA's A and B (whole once, then their partitions); no bf16 partition (or whole
@@ -79,7 +108,7 @@ def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_mod
             assert m["float_bytes_before_load"] <= m["float_partition_bytes"] + 1.5 * m["lora_bytes"] + 1024, m
             phases = [p["phase"] for p in m["build"]["phases"]]
             assert phases == ["skeleton (meta device)", "partitions (final format, empty)", "load"], phases
-            if mode == "fp8-hf":
+            if mode.endswith("-hf"):
                 continue  # the HF way gathers every tensor from rank 0's copy: the whole model's traffic, by design
             # nothing is broadcast but LoRA's init (and the FP8 block scales' max-reduce): no full-model traffic
             assert m["build"]["comm_bytes"] <= m["lora_bytes"] + 1024, m["build"]
@@ -87,7 +116,7 @@ def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_mod
         assert v["fp8"]["float_partition_bytes"] < v["bf16"]["float_partition_bytes"] / 2
         pre = v["prequantized"]  # FP8 bytes and scales copied as stored: each byte read once
         assert pre["checkpoint_bytes"] == fp8_bytes and pre["bytes_read_total"] <= 1.05 * fp8_bytes
-        assert pre["fp8_layers"] == 14 and 0.35 * fp8_bytes <= pre["bytes_read_rank"] <= 0.65 * fp8_bytes
+        assert pre["quantized_layers"] == 14 and 0.35 * fp8_bytes <= pre["bytes_read_rank"] <= 0.65 * fp8_bytes
 
 
 def test_reader_reads_only_the_rows_it_needs_and_counts_honestly(tiny_model_dir, monkeypatch):

@@ -58,7 +58,7 @@ def test_loading_prequantized_equals_quantizing_on_load(tiny_model_dir, fp8_dir)
     a, _ = build_lora_model(tiny_model_dir, spec, None, torch.float32, quantize=True)
     torch.manual_seed(0)
     b, report = build_lora_model(fp8_dir, spec, None, torch.float32)
-    assert report.fp8_layers == 14
+    assert report.quantized_layers == 14
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb), na
     layer = b.model.layers[0].mlp.down_proj
@@ -88,7 +88,7 @@ def test_prequantized_needs_matching_lora_targets(fp8_dir):
 @pytest.mark.parametrize("change,needle", [
     ({"weight_block_size": [64, 64]}, "weight_block_size"),
     ({"fmt": "e5m2"}, "expected fp8/e4m3"),
-    ({"quant_method": "bitsandbytes"}, "expected fp8/e4m3"),
+    ({"quant_method": "bitsandbytes"}, "neither load_in_4bit nor load_in_8bit"),
 ])
 def test_foreign_quantization_layout_is_refused(fp8_dir, tmp_path, change, needle):
     bad = tmp_path / "bad"

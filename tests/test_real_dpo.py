@@ -1,16 +1,21 @@
-"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with an FP8 base and optimizer offload,
-then a merge.
+"""DPO on a real checkpoint: SmolLM2-135M-Instruct learns a preference rule, with a 4-bit (NF4, QLoRA's) base, packed
+pairs and optimizer offload, then a merge onto the bf16 base.
 
 The pairs (benchmarks/real_checkpoint.pair_rows): "Mia has a orange house. Give the owner, object and color.";
 chosen "owner=Mia; object=house; color=orange", rejected the same with another color. Only the rule (copy the
-prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --quantize (the reference is the
-FP8 base under lora_disabled), DS_CONFIG zero3_offload.json, one optimizer step = the 24 training pairs, 3 steps,
-merged at the end (MERGE_DIR). (SIGTERM and resume with DPO: tests/test_dpo_train.py.) Checked:
-- step 1's loss is ln 2 and its rewards are exactly 0 (B = 0: the policy is the reference, FP8 included);
+prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --bits 4 (the reference is the
+NF4 base under lora_disabled; hidden 576 and MLP 1536 are whole blocks of 64), --packing, DS_CONFIG
+zero3_offload.json, one optimizer step = the 24 training pairs, 3 steps, merged at the end (MERGE_DIR) onto the bf16
+base, as QLoRA practice merges. (SIGTERM and resume with DPO: tests/test_dpo_train.py; FP8 on this checkpoint:
+tests/test_real_checkpoint.py.) Checked:
+- step 1's loss is ln 2 and its rewards are exactly 0 (B = 0: the policy is the reference, 4-bit base included);
 - on 12 held-out pairs (another draw), the reward accuracy [beta (pi_c - ref_c) > beta (pi_r - ref_r)] is above 0.9,
   measured with transformers + PEFT on the bf16 checkpoint (pi: the saved adapters; ref: disable_adapter()), the
   sides tokenized by hand from ChatML (test_real_checkpoint.chatml_example);
-- the merged checkpoint (transformers alone) prefers the chosen side on the same pairs by the margins PEFT gives.
+- the merged checkpoint (transformers alone) prefers the chosen side on the same pairs by the margins PEFT gives;
+- the QLoRA serving path: transformers loads the checkpoint 4-bit with bitsandbytes (NF4, Linear4bit), PEFT puts the
+  same adapters on it, and its logits equal those of llama-ft's own 4-bit model with the adapters (within fp32
+  rounding: the same codes and absmax, decoded in fp32).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def run(tmp_path_factory, real_checkpoint):
     tmp = tmp_path_factory.mktemp("real-dpo")
     train, heldout = write_pairs(tmp / "task")
     out, merged = tmp / "dpo", tmp / "merged"
-    flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--quantize", "--per_device_train_batch_size",
+    flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--bits", "4", "--packing",
+             "--per_device_train_batch_size",
              "12", "--max_steps", str(STEPS), "--save_steps", str(STEPS), "--eval_steps", str(STEPS),
              "--overwrite_output_dir"]
     run_llama(tmp, out, *flags, merge_dir=merged, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json",
@@ -48,7 +54,7 @@ def run(tmp_path_factory, real_checkpoint):
             "heldout": [json.loads(ln) for ln in heldout.read_text().splitlines()]}
 
 
-def test_first_step_is_ln2_with_zero_rewards_on_the_fp8_base(run):
+def test_first_step_is_ln2_with_zero_rewards_on_the_4bit_base(run):
     first = run["first"]
     assert first["step"] == 1 and first["pairs"] == 24
     assert abs(first["loss"] - math.log(2)) < 1e-6, first
@@ -87,3 +93,33 @@ def test_heldout_reward_accuracy_above_0_9_by_peft_and_the_merged_model_agrees(r
     # the merge stores W + s B A in bf16: margins within a few percent of PEFT's, not bit for bit
     for m, want in zip(merged_margins, margins, strict=True):
         assert abs(m - want) < 0.05 * abs(want) + 0.02, (merged_margins, margins)
+
+
+@torch.no_grad()
+def test_qlora_serving_path_equals_llama_fts_4bit_model(run, monkeypatch):
+    """transformers + bitsandbytes (NF4 Linear4bit) + PEFT with the saved adapters == our NF4 model with them."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # our CPU path (the kernels are checked elsewhere)
+    from transformers import BitsAndBytesConfig
+
+    from llama_ft.adapters import load_adapters, read_adapter_tensors
+    from llama_ft.lora import LoraSpec
+    from llama_ft.model.build import build_lora_model
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                            bnb_4bit_compute_dtype=torch.float32)
+    qbase = AutoModelForCausalLM.from_pretrained(run["model"], dtype=torch.float32, quantization_config=qc,
+                                                 device_map="cpu").eval()
+    assert type(qbase.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    qlora = PeftModel.from_pretrained(qbase, str(run["out"])).eval()
+    cfg = json.loads((run["out"] / "adapter_config.json").read_text())
+    spec = LoraSpec(cfg["r"], cfg["lora_alpha"], target_modules=tuple(cfg["target_modules"]))
+    ours, _ = build_lora_model(run["model"], spec, ds_config=None, dtype=torch.float32, quantize=True, bits=4)
+    load_adapters(ours, read_adapter_tensors(run["out"]), str(run["out"]))
+    ours.eval()
+    tok = AutoTokenizer.from_pretrained(run["model"])
+    pair = run["heldout"][0]
+    ids = torch.tensor([chatml_example(tok, [*pair["prompt"], *pair["chosen"]])["input_ids"]])
+    theirs, mine = qlora(input_ids=ids).logits, ours(input_ids=ids).logits
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    with qlora.disable_adapter():
+        assert (theirs - qlora(input_ids=ids).logits).abs().max() > 1e-3  # the adapters matter: it can fail

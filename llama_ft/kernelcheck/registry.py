@@ -1,6 +1,6 @@
 """Which kernels the compile check covers: each family's function that lists its dispatcher's launches.
 
-A new family of Triton kernels (the 4-bit NF4 base, say) adds one entry here: a function
+A family of Triton kernels (FP8, the 4-bit NF4 base) has one entry here: a function
 `check_launches(capability, defaults_only) -> list[CheckLaunch]` (see llama_ft/fp8/launches.py). The CI test
 also fails when a `@triton.jit` kernel of llama_ft (a function named `_..._kernel`) is launched by no entry.
 """
@@ -12,9 +12,11 @@ from typing import Any
 
 from llama_ft.fp8 import launches as fp8_launches
 from llama_ft.gpus import Arch
+from llama_ft.nf4 import launches as nf4_launches
 
 FAMILIES: dict[str, Callable[..., list[Any]]] = {
     "fp8": fp8_launches.check_launches,
+    "nf4": nf4_launches.check_launches,
 }
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -31,10 +32,14 @@ from llama_ft.fp8.checkpoint import check_prequantized, is_target, prequantized_
 from llama_ft.fp8.format import scales_to_bytes
 from llama_ft.fp8.module import FP8LoRALinear, quantize_device, quantize_fp8
 from llama_ft.lora import LoRALinear, LoraSpec, inject_lora, lora_modules
-from llama_ft.model.loader import LoadReport, fp8_modules, stream_checkpoint_into_partitions
+from llama_ft.model.loader import LoadReport, stream_checkpoint_into_partitions
 from llama_ft.model.meter import BuildMeter
 from llama_ft.model.offload import choose_offloaded
 from llama_ft.model.partition import DirectPartitioner, materialize_unpartitioned
+from llama_ft.nf4 import checkpoint as nf4_checkpoint
+from llama_ft.nf4.format import quantize_nf4_reference
+from llama_ft.nf4.module import NF4LoRALinear
+from llama_ft.quant.module import quant_modules
 from llama_ft.shards import ST_DTYPES, Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -61,45 +66,63 @@ def full_shape(p: nn.Parameter) -> tuple[int, ...]:
 
 
 def check_checkpoint_fits(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint,
-                          fp8_names: set[str] = frozenset()) -> None:
+                          quantized_names: set[str] = frozenset()) -> None:
     """Every tensor the model needs is in the checkpoint, with the shape config.json implies.
 
-    `shapes`: parameter name -> logical shape; `fp8_names`: weights stored pre-quantized (F8_E4M3).
-    Raises UserError naming the file and tensor.
+    `shapes`: parameter name -> logical shape; `quantized_names`: weights stored pre-quantized (FP8 or NF4
+    bytes, checked by their format's own check). Raises UserError naming the file and tensor.
     """
     index = ckpt.root / "model.safetensors.index.json"
     missing = [n for n in shapes if n not in ckpt.tensors]
     if missing:
         raise UserError(f"{index}: checkpoint lacks tensor {missing[0]!r} the model needs ({len(missing)} missing)")
     for name, shape in shapes.items():
+        if name in quantized_names:
+            continue  # dtype, shape and scales checked by the format (fp8/checkpoint.py, nf4/checkpoint.py)
         info = ckpt.tensors[name]
         if tuple(info.shape) != tuple(shape):
             raise UserError(
                 f"{ckpt.root / info.shard}: tensor {name!r} has shape {list(info.shape)}, "
                 f"config.json implies {list(shape)}"
             )
-        if name in fp8_names:
-            continue  # dtype and scales checked by quantize.check_prequantized
         if ST_DTYPES.get(info.dtype) not in (torch.bfloat16, torch.float16, torch.float32):
             raise UserError(f"{ckpt.root / info.shard}: tensor {name!r} has dtype {info.dtype}, expected BF16/F16/F32")
 
 
+@dataclass(frozen=True)
+class Prequantized:
+    """What a pre-quantized checkpoint holds: its format (bits) and the module names quantized in it."""
+
+    bits: int
+    targets: list[str]
+
+
+def prequantized_layout(ckpt: Checkpoint, flag: str = "--model_name_or_path") -> Prequantized | None:
+    """FP8 (`llama-ft quantize`) or NF4 (bitsandbytes' bnb-4bit layout) checkpoint, checked; None for a plain
+    one. A bitsandbytes checkpoint in another form (8-bit, fp4) is one UserError (nf4/checkpoint.py)."""
+    if nf4_checkpoint.is_bnb(ckpt.config):
+        return Prequantized(4, nf4_checkpoint.targets_of(nf4_checkpoint.check_bnb_checkpoint(ckpt)))
+    targets = prequantized_targets(ckpt, flag)
+    if targets is None:
+        return None
+    check_prequantized(ckpt, targets)
+    return Prequantized(8, targets)
+
+
 def inspect_checkpoint(model_dir: str | Path, spec: LoraSpec,
-                       flag: str = "--model_name_or_path") -> tuple[Checkpoint, list[str] | None]:
+                       flag: str = "--model_name_or_path") -> tuple[Checkpoint, Prequantized | None]:
     """Open and check a checkpoint against its config and the LoRA targets, reading only headers.
 
-    Returns the checkpoint and, for one written by `llama-ft quantize`, its FP8 module names
-    (which must be the LoRA targets: each FP8 layer is an FP8LoRALinear).
+    Returns the checkpoint and, for a pre-quantized one (FP8 by `llama-ft quantize`, or bitsandbytes' NF4),
+    its layout: the quantized module names must be the LoRA targets (each is a QuantLoRALinear).
     """
     ckpt = open_checkpoint(model_dir, flag)
-    pre = prequantized_targets(ckpt, flag)
-    if pre is not None:
-        check_prequantized(ckpt, pre)
-        if sorted(pre) != sorted(spec.target_modules):
-            raise UserError(f"--lora_target_modules {sorted(spec.target_modules)}: {model_dir} is quantized for "
-                            f"{sorted(pre)}; the LoRA targets must be exactly those layers")
+    pre = prequantized_layout(ckpt, flag)
+    if pre is not None and sorted(pre.targets) != sorted(spec.target_modules):
+        raise UserError(f"--lora_target_modules {sorted(spec.target_modules)}: {model_dir} is quantized for "
+                        f"{sorted(pre.targets)}; the LoRA targets must be exactly those layers")
     shapes = expected_shapes(model_dir)
-    check_checkpoint_fits(shapes, ckpt, {n for n in shapes if pre and is_target(n, pre)})
+    check_checkpoint_fits(shapes, ckpt, {n for n in shapes if pre and is_target(n, pre.targets)})
     linear_names = {n.rsplit(".", 2)[-2] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2}
     unknown = sorted(set(spec.target_modules) - linear_names)
     if unknown:
@@ -136,14 +159,14 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
     """`--loader hf`: write every checkpoint tensor into the model's (possibly partitioned) parameters.
 
     Rank 0 reads each tensor once and ZeRO-3 scatters it into the ranks' partitions
-    (`GatheredParameters(modifier_rank=0)`); one parameter is whole at a time. An FP8 layer's
-    bf16 weight is quantized by rank 0 (on its GPU when it has one) and only the FP8 bytes and
-    scales are scattered. Returns bytes read. The caller checks first that the checkpoint fits
+    (`GatheredParameters(modifier_rank=0)`); one parameter is whole at a time. A quantized layer's
+    bf16 weight is quantized by rank 0 (FP8 on its GPU when it has one) and only the quantized bytes
+    and scales are scattered. Returns bytes read. The caller checks first that the checkpoint fits
     (`check_checkpoint_fits`).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = dict(model.named_parameters(remove_duplicate=True))
-    fp8 = fp8_modules(model)
+    quant = quant_modules(model)
 
     nbytes = 0
     for shard in ckpt.shards:
@@ -152,36 +175,45 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint) -> int:
             continue
         with safe_open(ckpt.shard_path(shard), framework="pt") as f:
             for name in wanted:
-                m = fp8.get(name)
-                targets = [m.weight, m.weight_scale] if m is not None else [params[name]]
+                m = quant.get(name)
+                targets = list(m.storage()) if m is not None else [params[name]]
                 z3 = hasattr(targets[0], "ds_id")
                 with deepspeed.zero.GatheredParameters(targets, modifier_rank=0, enabled=z3):
                     if rank == 0 or not z3:
                         t = f.get_tensor(name)
                         nbytes += t.numel() * t.element_size()
-                        if m is None:
-                            targets[0].data.copy_(t)
-                        else:
-                            q, scales = quantize_fp8(t.to(quantize_device()))
-                            m.weight.data.copy_(q)
-                            m.weight_scale.data.copy_(scales_to_bytes(scales))
+                        values = [t] if m is None else quantized_storage(m, t)
+                        for param, v in zip(targets, values, strict=True):
+                            param.data.copy_(v.reshape(param.data.shape))
     return nbytes
 
 
+def quantized_storage(m: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The storage tensors (m.STORAGE order) of a whole weight `w` quantized in `m`'s format."""
+    if m.FORMAT == "nf4":
+        packed, absmax = quantize_nf4_reference(w)
+        return packed, absmax.view(torch.uint8)
+    q, scales = quantize_fp8(w.to(quantize_device()))
+    return q, scales_to_bytes(scales)
+
+
 def build_skeleton(config, spec: LoraSpec, dtype: torch.dtype, quantize: bool, fp8_compute: bool,
-                   attn_implementation: str) -> tuple[nn.Module, list[str]]:
+                   attn_implementation: str, bits: int = 8) -> tuple[nn.Module, list[str]]:
     """The model on the meta device (shapes and dtypes, no storage) with its final layer classes: every
-    targeted linear is already a LoRALinear or, with `quantize`, an FP8LoRALinear with uint8 storage."""
+    targeted linear is already a LoRALinear or, with `quantize`, a QuantLoRALinear with uint8 storage
+    (FP8LoRALinear at 8 bits, NF4LoRALinear at 4)."""
     from transformers import AutoModelForCausalLM
 
-    def make_fp8(lin: nn.Linear, spec: LoraSpec) -> nn.Module:
+    def make_quantized(lin: nn.Linear, spec: LoraSpec) -> nn.Module:
+        if bits == 4:
+            return NF4LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype)
         return FP8LoRALinear.empty(lin.in_features, lin.out_features, spec, dtype, fp8_compute)
 
     with torch.device("meta"), _skip_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
                                                  trust_remote_code=False)
         model.tie_weights()  # transformers ties lm_head to the embeddings inside its weight init, which is skipped
-        wrapped = inject_lora(model, spec, make_fp8 if quantize else None)
+        wrapped = inject_lora(model, spec, make_quantized if quantize else None)
     return model, wrapped
 
 
@@ -206,6 +238,7 @@ def build_lora_model(
     quantize: bool = False,
     fp8_compute: bool = False,
     loader: str = "stream",
+    bits: int = 8,
     offload_ratio: float | None = None,
     attn_implementation: str = "sdpa",
     init: str = "checkpoint",
@@ -214,7 +247,9 @@ def build_lora_model(
 
     `ds_config` is the resolved DeepSpeed config; None builds an ordinary (unpartitioned)
     model, used by single-process tools and tests. Only A and B require grad afterwards.
-    With `quantize`, every targeted linear is an FP8LoRALinear (e4m3, 128x128 block scales).
+    With `quantize`, every targeted linear is a QuantLoRALinear: FP8LoRALinear (e4m3, 128x128 block scales)
+    with `bits` 8, NF4LoRALinear (bitsandbytes' NF4, blocks of 64) with `bits` 4. A pre-quantized checkpoint
+    sets both (its own format; a `bits` that differs is the caller's to refuse: recipe.check_model_options).
 
     The build never holds more than the final model: the skeleton is built on the meta device with
     the final layer classes, each parameter then gets only this rank's partition, in its final
@@ -235,13 +270,15 @@ def build_lora_model(
     The report carries the build's peak memory per phase and the bytes its collectives moved (model/meter.py).
     """
     ckpt, prequantized = (None, None) if init == "random" else inspect_checkpoint(model_dir, spec, flag)
-    quantize = quantize or prequantized is not None
+    if prequantized is not None:
+        quantize, bits = True, prequantized.bits
     offload_param = (ds_config or {}).get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     nvme = offload_param == "nvme"  # partitions live in swap files, not in ds_tensor: loaded the HF way
     if nvme and (init == "random" or prequantized is not None or quantize):
+        fmt = "NF4" if bits == 4 else "FP8"
         what = ("--init random cannot fill" if init == "random" else
-                f"{flag} {model_dir}: a pre-quantized FP8 checkpoint cannot be loaded into" if prequantized is not None
-                else "--quantize: FP8 layers cannot live in")
+                f"{flag} {model_dir}: a pre-quantized {fmt} checkpoint cannot be loaded into"
+                if prequantized is not None else f"--quantize: {fmt} layers cannot live in")
         raise UserError(f"{what} NVMe-offloaded partitions (offload_param.device 'nvme': DeepSpeed's NVMe swapper "
                         "keeps partitions in the training dtype); use ds_configs/zero3.json or zero3_offload.json")
     config = load_llama_config(model_dir)
@@ -255,12 +292,12 @@ def build_lora_model(
         offload_ratio = None
     if zero3 and loader == "stream" and nvme:
         log.info("offload_param to NVMe: loading through ZeRO-3 gathers instead of streaming into partitions")
-    # a pre-quantized checkpoint is always streamed: its FP8 bytes go straight into the FP8 storage
+    # a pre-quantized checkpoint is always streamed: its bytes go straight into the quantized storage
     streaming = (loader == "stream" and not nvme) or prequantized is not None
 
     meter = BuildMeter()
     with meter.measure():
-        model, wrapped = build_skeleton(config, spec, dtype, quantize, fp8_compute, attn_implementation)
+        model, wrapped = build_skeleton(config, spec, dtype, quantize, fp8_compute, attn_implementation, bits)
         meter.phase("skeleton (meta device)")
         device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))) if zero3 \
             else torch.device("cpu")
@@ -287,7 +324,7 @@ def build_lora_model(
             report = LoadReport(rank=dist.get_rank() if dist.is_initialized() else 0,
                                 world_size=dist.get_world_size() if dist.is_initialized() else 1,
                                 checkpoint_bytes=ckpt.total_bytes(), bytes_read=nbytes, seconds=time.time() - t0,
-                                peak_rss_bytes=0, fp8_layers=len(fp8_modules(model)), extra={"loader": "hf"})
+                                peak_rss_bytes=0, quantized_layers=len(quant_modules(model)), extra={"loader": "hf"})
         meter.phase("load" if init == "checkpoint" else "random fill")
     report.set_partition_bytes(model)
     report.build = meter.summary()
@@ -307,8 +344,9 @@ def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -
     """Random weights written where each rank's partitions live (benchmarks: no checkpoint, no disk).
 
     Norm weights 1, other bf16/fp32 weights N(0, std^2), FP8 layers e4m3(N(0, 1)) bytes with every block
-    scale `std`. An FP8 scale partition starts at byte rank * partition_size of the flat fp32 bytes, so
-    the bytes of the repeated scale are laid out from that offset. LoRA tensors keep their own init.
+    scale `std`, NF4 layers random code bytes with every absmax 2 * std (NF4 levels are in [-1, 1]). A scale
+    partition starts at byte rank * partition_size of the flat fp32 bytes, so the bytes of the repeated
+    scale are laid out from that offset. LoRA tensors keep their own init.
 
     Values are drawn on the partition's own device (one generator per device), RANDOM_FILL_CHUNK elements
     at a time: drawing a 70B model's 70e9 values on the CPU and copying them over took minutes, and a whole
@@ -323,16 +361,18 @@ def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -
             generators[device] = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
         return generators[device]
 
-    scale_names = {f"{path}.weight_scale" for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-    scale_pattern = torch.tensor([std], dtype=torch.float32).view(torch.uint8)
+    scale_values = {"fp8": std, "nf4": 2 * std}
+    scales = {f"{weight[:-len('weight')]}{m.STORAGE[1]}":
+              torch.tensor([scale_values[m.FORMAT]], dtype=torch.float32).view(torch.uint8)
+              for weight, m in quant_modules(model).items()}
     for name, p in model.named_parameters():
         if p.requires_grad:
             continue
         t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
         flat = t.data.view(-1)
-        if name in scale_names:
+        if name in scales:
             start = rank * flat.numel() if hasattr(p, "ds_tensor") else 0
-            flat.copy_(scale_pattern[(start + torch.arange(flat.numel())) % 4])
+            flat.copy_(scales[name][(start + torch.arange(flat.numel())) % 4])
             continue
         if name.endswith("norm.weight"):
             flat.fill_(1)
@@ -345,8 +385,8 @@ def fill_random_partitions(model: nn.Module, seed: int = 0, std: float = 0.02) -
             else:
                 part.copy_(values * std)
     return LoadReport(rank=rank, world_size=dist.get_world_size() if dist.is_initialized() else 1, checkpoint_bytes=0,
-                      bytes_read=0, seconds=time.time() - t0, peak_rss_bytes=0, fp8_layers=len(fp8_modules(model)),
-                      extra={"loader": "random init"})
+                      bytes_read=0, seconds=time.time() - t0, peak_rss_bytes=0,
+                      quantized_layers=len(quant_modules(model)), extra={"loader": "random init"})
 
 
 def partition_bytes(model: nn.Module) -> dict[str, int]:

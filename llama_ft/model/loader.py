@@ -8,11 +8,17 @@ contiguous byte range of the shard, which is all the rank reads (`ShardReader`),
 does not keep, and summed over ranks the bytes read are the checkpoint plus at most one
 partial row per partition boundary.
 
-FP8 layers (FP8LoRALinear) are quantized on load: a rank reads the rows of W its FP8 bytes
-cover, widened to whole 128-row block stripes (a block scale needs its whole block), quantizes
-them, and keeps its slice of the bytes. Each rank thus knows the block scales of the stripes it
-read; one max-all-reduce of the (tiny) scale matrix gives every rank all of them, and each keeps
-its own slice of the scale bytes. Extra reading: under one stripe per partition boundary.
+Quantized layers (llama_ft/quant: FP8LoRALinear, NF4LoRALinear) are quantized on load:
+- FP8: a rank reads the rows of W its FP8 bytes cover, widened to whole 128-row block stripes (a block
+  scale needs its whole block), quantizes them, and keeps its slice of the bytes. Each rank thus knows
+  the block scales of the stripes it read; one max-all-reduce of the (tiny) scale matrix gives every rank
+  all of them, and each keeps its own slice of the scale bytes. Extra reading: under one stripe per
+  partition boundary.
+- NF4: blocks of 64 run over the flattened W, and both storage tensors are flat, so a rank reads the
+  elements its code bytes and its absmax bytes cover, widened to whole blocks, quantizes them chunk by
+  chunk and keeps its slices: no collective, extra reading under two blocks per partition boundary.
+From a pre-quantized checkpoint (ours for FP8, bitsandbytes' for NF4) the stored bytes are copied into
+the partitions, no weight is dequantized.
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ from torch import nn
 
 from llama_ft.fp8.checkpoint import SCALE_SUFFIX
 from llama_ft.fp8.format import BLOCK, num_blocks, scales_to_bytes
-from llama_ft.fp8.module import FP8LoRALinear, quantize_device, quantize_fp8
+from llama_ft.fp8.module import quantize_device, quantize_fp8
+from llama_ft.nf4 import checkpoint as nf4_checkpoint
+from llama_ft.nf4.format import BLOCK as NF4_BLOCK
+from llama_ft.nf4.format import quantize_nf4_reference
+from llama_ft.quant.module import quant_modules
 from llama_ft.shards import Checkpoint, ShardReader
 
 log = logging.getLogger(__name__)
@@ -49,7 +59,7 @@ class LoadReport:
     partition_bytes_gpu: int = 0
     partition_bytes_host: int = 0
     tensors: int = 0
-    fp8_layers: int = 0
+    quantized_layers: int = 0
     extra: dict = field(default_factory=dict)
     # the whole build (model/meter.py): phases with seconds and peak memory, bytes of collectives
     build: dict = field(default_factory=dict)
@@ -78,11 +88,6 @@ class LoadReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
-
-
-def fp8_modules(model: nn.Module) -> dict[str, FP8LoRALinear]:
-    """Weight name -> FP8 layer, in model order."""
-    return {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, FP8LoRALinear)}
 
 
 def owned_range(p: nn.Parameter) -> tuple[int, int, torch.Tensor]:
@@ -142,22 +147,79 @@ def _fill_fp8_prequantized(m: nn.Module, reader: ShardReader, name: str) -> None
         s_part.data[: s_end - s_start].copy_(raw[s_start - 4 * e0: s_end - 4 * e0])
 
 
+NF4_CHUNK = NF4_BLOCK * 16384
+"""Weights read and quantized at a time by the NF4 loader (1M: a few MiB of fp32 scratch)."""
+
+
+def _copy_overlap(part: torch.Tensor, p0: int, p1: int, src: torch.Tensor, s0: int) -> None:
+    """part holds bytes [p0, p1) of a flat tensor, src bytes [s0, s0 + len(src)): copy what they share."""
+    lo, hi = max(p0, s0), min(p1, s0 + src.numel())
+    if hi > lo:
+        part.data[lo - p0: hi - p0].copy_(src[lo - s0: hi - s0])
+
+
+def _nf4_span(m: nn.Module) -> tuple[int, int, int, int, torch.Tensor, int, int, torch.Tensor]:
+    """(e0, e1) the elements of the flattened W this rank's code and absmax bytes cover, widened to whole
+    blocks (e1 may be the tensor's end); then (start, end, partition) of `weight` and of `weight_absmax`."""
+    numel = m.out_features * m.in_features
+    w0, w1, w_part = owned_range(m.weight)
+    a0, a1, a_part = owned_range(m.weight_absmax)
+    spans = [(2 * w0, min(2 * w1, numel))] if w1 > w0 else []
+    if a1 > a0:
+        spans.append((a0 // 4 * NF4_BLOCK, min(-(-a1 // 4) * NF4_BLOCK, numel)))
+    if not spans:
+        return 0, 0, w0, w1, w_part, a0, a1, a_part
+    e0 = min(s for s, _ in spans) // NF4_BLOCK * NF4_BLOCK
+    e1 = min(-(-max(e for _, e in spans) // NF4_BLOCK) * NF4_BLOCK, numel)
+    return e0, e1, w0, w1, w_part, a0, a1, a_part
+
+
+def _fill_nf4(m: nn.Module, reader: ShardReader, name: str) -> None:
+    """Quantize this rank's share of W on load into m.weight (codes) and m.weight_absmax (fp32 bytes), one
+    NF4_CHUNK of the flattened W at a time. Chunks start on block boundaries and hold whole blocks (or run to
+    the tensor's end), so each gives exactly its slice of the whole tensor's quantization (format.py)."""
+    e0, e1, w0, w1, w_part, a0, a1, a_part = _nf4_span(m)
+    for c0 in range(e0, e1, NF4_CHUNK):
+        c1 = min(c0 + NF4_CHUNK, e1)
+        packed, absmax = quantize_nf4_reference(reader.read_flat(name, c0, c1).to(quantize_device()))
+        _copy_overlap(w_part, w0, w1, packed.to(w_part.device), c0 // 2)
+        _copy_overlap(a_part, a0, a1, absmax.view(torch.uint8).to(a_part.device), c0 // NF4_BLOCK * 4)
+
+
+def _fill_nf4_prequantized(m: nn.Module, reader: ShardReader, name: str) -> None:
+    """Copy this rank's code bytes from a bnb-4bit checkpoint, and its absmax (double-dequantized when the file
+    holds it compressed, an exact fp32 computation on 1/64 of the elements): no weight is dequantized."""
+    numel = m.out_features * m.in_features
+    w0, w1, w_part = owned_range(m.weight)
+    if w1 > w0:
+        w_part.data[: w1 - w0].copy_(reader.read_flat(name, w0, w1).view(torch.uint8).reshape(-1))
+    a0, a1, a_part = owned_range(m.weight_absmax)
+    if a1 > a0:
+        b0, b1 = a0 // 4, min(-(-a1 // 4), -(-numel // NF4_BLOCK))
+        absmax = nf4_checkpoint.read_absmax(reader, nf4_checkpoint.read_quant_state(reader.ckpt, name, reader), b0, b1)
+        _copy_overlap(a_part, a0, a1, absmax.view(torch.uint8).to(a_part.device), 4 * b0)
+
+
+FILLERS = {"fp8": (_fill_fp8, _fill_fp8_prequantized), "nf4": (_fill_nf4, _fill_nf4_prequantized)}
+"""A quantized layer's format -> (quantize on load, copy from a pre-quantized checkpoint)."""
+
+
 def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint, prequantized: bool = False) -> LoadReport:
     """Fill every ZeRO-3 partition of `model` from `ckpt`, reading only this rank's bytes. Collective
     for models with FP8 layers (one scale all-reduce per layer, in model order on every rank)."""
     t0 = time.time()
     reader = ShardReader(ckpt)
-    fp8 = fp8_modules(model)
-    fp8_params = {id(p) for m in fp8.values() for p in (m.weight, m.weight_scale)}
+    quant = quant_modules(model)
+    quant_params = {id(p) for m in quant.values() for p in m.storage()}
     tensors = 0
     try:
         for name, p in model.named_parameters(remove_duplicate=True):
-            if p.requires_grad or id(p) in fp8_params:
+            if p.requires_grad or id(p) in quant_params:
                 continue
             _fill_plain(p, reader, name)
             tensors += 1
-        for name, m in fp8.items():
-            (_fill_fp8_prequantized if prequantized else _fill_fp8)(m, reader, name)
+        for name, m in quant.items():
+            FILLERS[m.FORMAT][1 if prequantized else 0](m, reader, name)
             tensors += 1
     finally:
         reader.close()
@@ -165,5 +227,5 @@ def stream_checkpoint_into_partitions(model: nn.Module, ckpt: Checkpoint, prequa
         rank=dist.get_rank() if dist.is_initialized() else 0,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,
         checkpoint_bytes=ckpt.total_bytes(), bytes_read=reader.bytes_read, seconds=time.time() - t0,
-        peak_rss_bytes=0, tensors=tensors, fp8_layers=len(fp8),
+        peak_rss_bytes=0, tensors=tensors, quantized_layers=len(quant),
     )

@@ -160,7 +160,7 @@ def apply_test_hooks(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 def check_fp8_mode(cfg: TrainConfig) -> None:
     """--quantize runs on every supported GPU (weight-only below compute capability 8.9: the kernels decode the
     e4m3 bytes themselves); --fp8_compute needs FP8 tensor cores, refused here in one line before any launch."""
-    if not (cfg.quantize and torch.cuda.is_available()):
+    if not (cfg.quantize and cfg.bits == 8 and torch.cuda.is_available()):
         return
     cap, name = tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name()
     refusal = fp8_compute_refusal(name, cap) if cfg.fp8_compute else None
@@ -171,7 +171,8 @@ def check_fp8_mode(cfg: TrainConfig) -> None:
 
 def check_model_options(cfg: TrainConfig, world_env: int):
     """The options that need the checkpoint, the GPU or the DeepSpeed config, checked before any distributed
-    work: (DeepSpeed config as read, the model's LlamaConfig). An FP8 checkpoint turns --quantize on."""
+    work: (DeepSpeed config as read, the model's LlamaConfig). A pre-quantized checkpoint turns --quantize on
+    and sets --bits (8: ours, FP8; 4: bitsandbytes' NF4); a --bits that differs from it is one line."""
     from llama_ft.model.build import inspect_checkpoint, load_llama_config
 
     prequantized = None
@@ -180,7 +181,17 @@ def check_model_options(cfg: TrainConfig, world_env: int):
     else:
         log.warning("--init random: random weights, for benchmarks only; the adapters are meaningless")
     if prequantized:
-        cfg.quantize = True  # the checkpoint holds FP8 layers
+        if cfg.bits not in (None, prequantized.bits):
+            kind = "NF4 (bitsandbytes bnb-4bit)" if prequantized.bits == 4 else "FP8 (llama-ft quantize)"
+            raise UserError(f"--bits {cfg.bits}: {cfg.model_name_or_path} is a pre-quantized {kind} checkpoint, "
+                            f"{prequantized.bits}-bit; drop --bits (or pass --bits {prequantized.bits}), or give "
+                            "the bf16 checkpoint to quantize it on load")
+        cfg.quantize, cfg.bits = True, prequantized.bits
+        if cfg.bits == 4 and cfg.fp8_compute:
+            raise UserError(f"--fp8_compute: {cfg.model_name_or_path} holds NF4 weights (4-bit); FP8 compute "
+                            "multiplies FP8-stored weights (drop --fp8_compute)")
+    if cfg.quantize and cfg.bits is None:
+        cfg.bits = 8
     check_fp8_mode(cfg)
     ds_config = load_ds_config(cfg.deepspeed)
     llama_config = load_llama_config(cfg.model_name_or_path)
@@ -256,8 +267,8 @@ def train(cfg: TrainConfig) -> dict:
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model, report = build_lora_model(cfg.model_name_or_path, cfg.lora_spec, ds_config, dtype,
                                      cfg.gradient_checkpointing, quantize=cfg.quantize, fp8_compute=cfg.fp8_compute,
-                                     loader=cfg.loader, attn_implementation=cfg.attn_implementation, init=cfg.init,
-                                     offload_ratio=offload_ratio)
+                                     bits=cfg.bits or 8, loader=cfg.loader, init=cfg.init,
+                                     attn_implementation=cfg.attn_implementation, offload_ratio=offload_ratio)
     report.write(out)
     logging.getLogger("llama_ft.load").info(report.line())
     head_weight = use_chunked_loss(model)  # the forward now returns hidden states; the loss applies the head
@@ -280,8 +291,8 @@ def train(cfg: TrainConfig) -> dict:
         log.info("sequence parallel: %d ranks per sequence, %d data-parallel groups", sp.size, sp.dp_world)
     held = partition_bytes(model)
     log.info("parameter bytes on this rank: frozen linears %.2f MB%s, other frozen %.2f MB, LoRA %.2f MB",
-             held["frozen_linear"] / 2**20, " (FP8)" if cfg.quantize else "", held["frozen_other"] / 2**20,
-             held["lora"] / 2**20)
+             held["frozen_linear"] / 2**20, {4: " (NF4)", 8: " (FP8)"}.get(cfg.bits, "") if cfg.quantize else "",
+             held["frozen_other"] / 2**20, held["lora"] / 2**20)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     log.info("LoRA r=%d alpha=%g on %s: %.2fM trainable parameters", cfg.lora_r, cfg.lora_alpha,

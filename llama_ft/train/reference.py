@@ -16,7 +16,7 @@ Cache: LLAMA_FT_CACHE (or ~/.cache/llama-ft) / reference / KEY.safetensors, writ
 cache key (the rows, the tokenizer and template, the data options), the eval split (size, seed), the model's
 identity (its config.json bytes and each weight file's name, size and mtime: hashing the bytes of a 405B
 checkpoint would take longer than the pass), and the run options that change the base's numerics (precision,
---quantize and its targets, --fp8_compute, the attention implementation, --init and --seed). A run resumed with
+--quantize, --bits and the targets, --fp8_compute, the attention implementation, --init and --seed). A run resumed with
 the same options reads the file instead of recomputing. A step's own reference pass sees the same pairs padded
 or packed differently; the sums agree up to float rounding (tests/test_dpo_reference.py).
 """
@@ -66,7 +66,8 @@ def reference_key(cfg: Any, examples_cache_file: str) -> str:
     """The cache key of a run's reference log-probs (module doc)."""
     blob = {"examples": Path(examples_cache_file).stem, "eval": [cfg.eval_dataset_size, cfg.seed],
             "model": model_identity(cfg.model_name_or_path), "bf16": cfg.bf16, "quantize": cfg.quantize,
-            "fp8_compute": cfg.fp8_compute, "targets": sorted(cfg.lora_target_modules),
+            "bits": cfg.bits if cfg.quantize else None, "fp8_compute": cfg.fp8_compute,
+            "targets": sorted(cfg.lora_target_modules),
             "attn": cfg.attn_implementation, "init": cfg.init, "seed": cfg.seed if cfg.init != "checkpoint" else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -1,0 +1,265 @@
+"""Triton kernels for NF4 (QLoRA 4-bit) frozen weights with a fused LoRA term.
+
+    forward:   y  = x W^T + s_lora * t B^T     tile (BLOCK_M, BLOCK_N) of y, loop over K
+    dx:        dx = dy W  + s_lora * u A       tile (BLOCK_M, BLOCK_K) of dx, loop over N
+    W[n, k] = NF4[code(n, k)] * absmax[n, k // 64]  from packed uint8 (N, K/2) and absmax fp32 (N, K/64)
+t = x A^T and u = dy B are (M, r) and come in precomputed (tiny GEMMs); the kernels add their up-projection
+into the same accumulator before the single store (r <= FUSED_R_MAX; a larger r adds its term with one addmm
+after the kernel), as the FP8 kernels do.
+
+The decode runs inside the GEMM's loop, on the weight tile (BLOCK_N rows x 64 columns, one absmax group):
+load the packed tile (BLOCK_N, 32) bytes, split the nibbles (high = even column, low = odd: bitsandbytes'
+order), look both up in the 16-entry code book (a gather from a 64-byte table that stays in L1), interleave
+them (tl.join + reshape: (BLOCK_N, 32, 2) -> (BLOCK_N, 64)), multiply each row by its absmax in fp32, cast to
+the activation dtype and hand the tile to tl.dot. No dequantized copy of W exists in memory.
+
+Block-size rule: the weight tile's K extent is exactly one absmax group (BLOCK_K = 64 in both kernels: the
+forward's contraction tile, dx's output columns), so each row of the tile has one scale, loaded as a vector
+of BLOCK_N. K % 64 == 0 is required (every Llama projection); N and M are masked.
+
+Tiles: `tile_configs` gives, per kernel and size of M, a few configurations, the default first; on a GPU
+triton.autotune picks among them once per (power-of-two bucket of M, N, K, r) through the FP8 family's
+`run` (shared: Launch, run, tuned_configs, use_triton). `llama-ft kernels --compile` compiles every one.
+
+Interpreter (TRITON_INTERPRET=1, CPU): DOT_DTYPE is fp32 there (its bf16 dot multiplies raw bits), so the
+tile is not rounded to bf16 before the dot under the interpreter; on a GPU it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llama_ft.fp8.kernels import (  # shared with the FP8 family: dispatch, launches, autotune, tile order
+    HAS_TRITON,
+    Launch,
+    _bucket,
+    _dot_dtype,
+    _r_block,
+    _tiles,
+    device_capability,
+    interpreting,
+    run,
+    tuned_configs,
+    use_triton,
+)
+from llama_ft.nf4.reference import GROUP, code_table
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from llama_ft.fp8.kernels import _grouped_tile
+
+__all__ = ["FUSED_R_MAX", "dx_launch", "dx_triton", "forward_triton", "fwd_launch", "supports", "tile_configs",
+           "tuned_configs", "use_triton"]
+
+FUSED_R_MAX = 64
+"""The largest LoRA rank whose up-projection is fused into the kernels' output tile (BLOCK_R 16..64)."""
+MODE = "nf4"
+"""The mode label of these launches (FP8's are weight-only and fp8-compute) in autotune keys and the compile check."""
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """W[rn, k0:k0+64] (BLOCK_N, 64) in DOT_DTYPE from the packed bytes: k0 is a multiple of 64, so the tile
+        is one absmax group per row; rows past N read as 0."""
+        half = tl.arange(0, 32)
+        p = tl.load(q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0)
+        p = p.to(tl.int32)
+        hi = tl.load(code_ptr + (p >> 4))  # element 2j of the pair
+        lo = tl.load(code_ptr + (p & 0xF))  # element 2j + 1
+        w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 64))
+        s = tl.load(s_ptr + rn * NB_K + k0 // 64, mask=n_ok, other=0.0)
+        return (w * s[:, None]).to(DOT_DTYPE)
+
+    @triton.jit
+    def _nf4_fwd_kernel(
+        x_ptr, q_ptr, s_ptr, code_ptr, t_ptr, b_ptr, y_ptr,
+        M, N, K, R, scaling, NB_K,
+        stride_xm, stride_xk, stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, HAS_LORA: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ):
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+        # int64 row indices: M x K and M x N pass 2^31 elements at long sequences on 405B shapes
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # K % 64 == 0 and BLOCK_K == 64: no column mask
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=m_ok[:, None],
+                        other=0.0)
+            w = _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N, DOT_DTYPE)
+            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w))
+        if HAS_LORA:
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += scaling * tl.dot(t.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)))
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _nf4_dx_kernel(
+        dy_ptr, q_ptr, s_ptr, code_ptr, u_ptr, a_ptr, dx_ptr,
+        M, N, K, R, scaling, NB_K,
+        stride_dym, stride_dyn, stride_um, stride_ur, stride_ar, stride_ak, stride_dxm, stride_dxk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, HAS_LORA: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ):
+        pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        k0 = pid_k * BLOCK_K  # the output's columns: one absmax group (BLOCK_K == 64), always inside K
+        rk = k0 + tl.arange(0, BLOCK_K)
+        rn = tl.arange(0, BLOCK_N).to(tl.int64)
+        m_ok = rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + rn
+            n_ok = nn < N
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + nn[None, :] * stride_dyn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            w = _nf4_tile(q_ptr, s_ptr, code_ptr, nn, n_ok, k0, K, NB_K, BLOCK_N, DOT_DTYPE)
+            acc += tl.dot(dy.to(DOT_DTYPE), w)
+        if HAS_LORA:
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
+            acc += scaling * tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE))
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiles
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int, group_m: int = 8) -> Any:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, GROUP_M=group_m), num_warps=warps,
+                         num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel: (for M > 64, for M <= 64), the default first. BLOCK_K is one
+# absmax group (64) in both kernels; in dx, BLOCK_N is the contraction tile.
+_TILES: dict[str, tuple[list[list[int]], list[list[int]]]] = {
+    "fwd": ([[128, 128, 8, 3], [128, 64, 8, 3], [128, 128, 8, 4]], [[64, 128, 4, 4], [64, 64, 4, 4]]),
+    "dx": ([[128, 64, 8, 3], [128, 128, 8, 3], [64, 64, 4, 4]], [[64, 64, 4, 4], [64, 128, 4, 3]]),
+}
+
+
+def tile_configs(kernel: str, cap: tuple[int, int], m: int, dtype: torch.dtype = torch.bfloat16) -> list[Any]:
+    """The tile configurations of `kernel` ("fwd" or "dx") for M and the input dtype: the default first.
+    `cap` is kept for the GPU generations' own tables (one table serves sm_80..sm_120 today)."""
+    del cap, dtype
+    if interpreting():  # cost is per program and op: small grids
+        return [_cfg(32, 64, 4, 1, group_m=4)]
+    large, small = _TILES[kernel]
+    return [_cfg(*t) for t in (small if m <= 64 else large)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launches
+
+
+def supports(k: int) -> bool:
+    """Whether the kernels take a weight of K columns (whole absmax groups); the dispatcher sends others to the
+    reference."""
+    return k % GROUP == 0
+
+
+def _check(packed: torch.Tensor, absmax: torch.Tensor, k: int) -> None:
+    assert k % GROUP == 0, f"the NF4 kernels need K % {GROUP} == 0, got K = {k}"
+    assert packed.dtype == torch.uint8 and packed.shape[1] * 2 == k and packed.is_contiguous(), packed.shape
+    assert absmax.dtype == torch.float32 and absmax.shape == (packed.shape[0], k // GROUP), absmax.shape
+    assert absmax.is_contiguous()
+
+
+def fwd_launch(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               t: torch.Tensor | None, b: torch.Tensor | None, y: torch.Tensor, scaling: float,
+               cap: tuple[int, int], tiles: dict | None = None) -> Launch:
+    """The forward launch writing y (M, N) = x W^T [+ scaling * t B^T]; t (M, r) and b (N, r) or both None.
+    code: the 16 fp32 NF4 values on x's device."""
+    m, k = x.shape
+    n = packed.shape[0]
+    _check(packed, absmax, k)
+    has_lora = t is not None
+    r = t.shape[1] if has_lora else 1
+    t_ = t if has_lora else y
+    b_ = b if has_lora else y
+    configs = _tiles(tile_configs("fwd", cap, m, y.dtype), tiles)
+    assert all(c.kwargs["BLOCK_K"] == GROUP for c in configs)
+    args = (x, packed, absmax, code, t_, b_, y, m, n, k, r, float(scaling), absmax.shape[1],
+            x.stride(0), x.stride(1), t_.stride(0), t_.stride(1), b_.stride(0), b_.stride(1), y.stride(0), y.stride(1))
+    constexprs = dict(BLOCK_R=_r_block(r), HAS_LORA=has_lora, DOT_DTYPE=_dot_dtype(y))
+    return Launch(_nf4_fwd_kernel, args, constexprs, configs,
+                  lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+                  MODE, cap, _bucket(m))
+
+
+def dx_launch(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+              u: torch.Tensor | None, a: torch.Tensor | None, dx: torch.Tensor, scaling: float,
+              cap: tuple[int, int], tiles: dict | None = None) -> Launch:
+    """The input-gradient launch writing dx (M, K) = dy W [+ scaling * u A]; u (M, r) and a (r, K) or both None."""
+    m, n = dy.shape
+    k = dx.shape[1]
+    _check(packed, absmax, k)
+    has_lora = u is not None
+    r = u.shape[1] if has_lora else 1
+    u_ = u if has_lora else dx
+    a_ = a if has_lora else dx
+    configs = _tiles(tile_configs("dx", cap, m, dx.dtype), tiles)
+    assert all(c.kwargs["BLOCK_K"] == GROUP for c in configs)
+    args = (dy, packed, absmax, code, u_, a_, dx, m, n, k, r, float(scaling), absmax.shape[1],
+            dy.stride(0), dy.stride(1), u_.stride(0), u_.stride(1), a_.stride(0), a_.stride(1), dx.stride(0),
+            dx.stride(1))
+    constexprs = dict(BLOCK_R=_r_block(r), HAS_LORA=has_lora, DOT_DTYPE=_dot_dtype(dx))
+    return Launch(_nf4_dx_kernel, args, constexprs, configs,
+                  lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
+                  MODE, cap, _bucket(m))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _fused(t: torch.Tensor | None) -> bool:
+    return t is not None and t.shape[1] <= FUSED_R_MAX
+
+
+def forward_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, t: torch.Tensor | None,
+                   b: torch.Tensor | None, scaling: float, *, tiles: dict | None = None) -> torch.Tensor:
+    """y (M, N) = x W^T + scaling * t B^T; x (M, K), packed (N, K/2) uint8, absmax (N, K/64) fp32, t (M, r),
+    b (N, r). K % 64 == 0."""
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
+    fused = _fused(t)
+    run(fwd_launch(x, packed, absmax, code_table(x.device), t if fused else None, b if fused else None, y, scaling,
+                   device_capability(x), tiles))
+    if t is not None and not fused:
+        y.addmm_(t, b.T, alpha=scaling)
+    return y
+
+
+def dx_triton(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, u: torch.Tensor | None,
+              a: torch.Tensor | None, scaling: float, *, tiles: dict | None = None) -> torch.Tensor:
+    """dx (M, K) = dy W + scaling * u A; dy (M, N), packed (N, K/2) uint8, absmax (N, K/64) fp32, u (M, r),
+    a (r, K). K % 64 == 0."""
+    dx = torch.empty(dy.shape[0], packed.shape[1] * 2, dtype=dy.dtype, device=dy.device)
+    fused = _fused(u)
+    run(dx_launch(dy, packed, absmax, code_table(dy.device), u if fused else None, a if fused else None, dx, scaling,
+                  device_capability(dy), tiles))
+    if u is not None and not fused:
+        dx.addmm_(u, a, alpha=scaling)
+    return dx
