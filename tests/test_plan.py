@@ -369,29 +369,35 @@ def test_config_json_is_read_as_autoconfig_reads_it(tiny_model_dir, tmp_path):
         assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields], d
 
 
-@pytest.mark.parametrize("quantize", [False, True])
-def test_parameters_are_those_llama_ft_builds(quantize):
+@pytest.mark.parametrize("bits,hidden,inter,heads", [(16, 320, 832, 5), (8, 320, 832, 5), (4, 320, 832, 5),
+                                                     (4, 102, 37, 3)])
+def test_parameters_are_those_llama_ft_builds(bits, hidden, inter, heads):
+    """The plan's parameter list against a llama-ft build on the meta device: names, elements, element sizes and
+    which train; at 4 bits also a shape whose N K are not multiples of 64 (blocks span rows)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama_ft.lora import LoraSpec, inject_lora
     from llama_ft.plan.shape import named_parameters
 
-    config = LlamaConfig(hidden_size=320, intermediate_size=832, num_hidden_layers=2, num_attention_heads=5,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
                          num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=False)
     spec = LoraSpec(8, 16, 0.05, ("q_proj", "v_proj", "down_proj"))
     make = None
-    if quantize:
+    if bits != 16:
         from llama_ft.fp8 import FP8LoRALinear
+        from llama_ft.nf4.module import NF4LoRALinear
+
+        layer = NF4LoRALinear if bits == 4 else FP8LoRALinear
 
         def make(lin, s):
-            return FP8LoRALinear.empty(lin.in_features, lin.out_features, s, torch.bfloat16)
+            return layer.empty(lin.in_features, lin.out_features, s, torch.bfloat16)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
         inject_lora(model, spec, make)
     built = {n: (p.numel(), p.element_size(), p.requires_grad) for n, p in model.named_parameters()}
-    shape = ModelShape(320, 832, 2, 5, 1, 64, 1000)
-    assert named_parameters(model_params(shape, spec.target_modules, 8, quantize, 2)) == built
+    shape = ModelShape(hidden, inter, 2, heads, 1, hidden // heads, 1000)
+    assert named_parameters(model_params(shape, spec.target_modules, 8, bits != 16, 2, bits=bits)) == built
 
 
 @pytest.mark.parametrize("rows,dropout,mask,attn,dtype,tiles", [
@@ -1032,8 +1038,10 @@ def test_bnb_4bit_checkpoint_implies_bits_4(capsys, tmp_path):
     assert api["inputs"]["training"]["bits"] == 4
     # what the checkpoint cannot be: one line each, exit 2
     rc, _, err = _main(capsys, str(nf4), "--bits", "8", *flags)
-    assert rc == 2 and "--bits 8: nf4 is a pre-quantized NF4 (bitsandbytes 4-bit) checkpoint, which trains at " \
-        "--bits 4" in _one_error_line(err)
+    assert rc == 2 and "--bits 8: nf4 is a pre-quantized NF4 (bitsandbytes bnb-4bit) checkpoint, 4-bit; drop " \
+        "--bits (or pass --bits 4)" in _one_error_line(err)
+    rc, _, err = _main(capsys, str(nf4), "--fp8_compute", *flags)
+    assert rc == 2 and "--fp8_compute: nf4 holds NF4 weights (4-bit)" in _one_error_line(err)
     for name, bnb, needle in (("fp4", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "bitsandbytes 4-bit fp4"),
                               ("int8", {"load_in_8bit": True}, "bitsandbytes 8-bit (load_in_8bit)")):
         d = _bnb_checkpoint(tmp_path / name, **bnb)
@@ -1053,8 +1061,7 @@ def test_fp8_checkpoint_refuses_bits_4(capsys, tmp_path):
     rc, out, _ = _main(capsys, str(d), "--gpu_memory_gb", "8", "--max_seq_len", "64", "--json")
     assert rc == 0 and json.loads(out)["inputs"]["training"]["bits"] == 8
     rc, _, err = _main(capsys, str(d), "--bits", "4", "--gpu_memory_gb", "8", "--max_seq_len", "64")
-    assert rc == 2 and "pre-quantized FP8 (llama-ft quantize) checkpoint, which trains at --bits 8" in \
-        _one_error_line(err)
+    assert rc == 2 and "pre-quantized FP8 (llama-ft quantize) checkpoint, 8-bit; drop --bits" in _one_error_line(err)
 
 
 def test_bits_table_in_benchmarks_md_is_what_the_script_prints():

@@ -58,7 +58,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "packing": False, "loss_chunk_size": 1024,
     "bf16": True, "attn_implementation": "sdpa", "deepspeed": DEFAULT_DS_CONFIG, "sequence_parallel_size": 1,
     "tiled_mlp": False, "activation_offload": False, "objective": "sft", "precompute_ref_logprobs": False,
-    "fp8_compute": False, "bits": 8,
+    "fp8_compute": False, "bits": None,
 }
 """The training flags the plan reads, with TrainConfig's defaults."""
 
@@ -100,7 +100,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, default=s, metavar="{8,4}",
                    help="bits of the quantized base weights: 8 FP8 e4m3 (1 byte a weight + 128x128 block scales), "
                         "4 NF4 (0.5625 bytes a weight: codes + an fp32 absmax per 64); --bits 4 implies --quantize "
-                        f"(default {TRAINING_DEFAULTS['bits']})")
+                        "(default: 8, or what a pre-quantized checkpoint holds)")
     g.add_argument("--offload_ratio", type=_ratio, default=s, metavar="R|auto",
                    help="fraction of the frozen base-weight partitions kept in host memory; 'auto': the smallest "
                         "that fits (default: none)")
@@ -176,9 +176,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, SimpleNamespace]:
     lenient, _skipped = training_parser().parse_known_args(tail)
     given = {k: v for k, v in vars(ns).items() if k in TRAINING_DEFAULTS}
     file_training = {k: v for k, v in from_file.items() if k in TRAINING_DEFAULTS}
-    train = SimpleNamespace(**{**TRAINING_DEFAULTS, **file_training, **vars(lenient), **given})
-    train.bits_given = any("bits" in d for d in (given, vars(lenient), file_training))  # vs the default 8
-    return ns, train
+    return ns, SimpleNamespace(**{**TRAINING_DEFAULTS, **file_training, **vars(lenient), **given})
 
 
 def load_ds_config(path: str) -> tuple[dict, str]:

@@ -106,7 +106,7 @@ class TrainOptions(Protocol):
     """The TrainConfig fields the plan reads (a TrainConfig, or the planner's own parsed flags)."""
 
     quantize: bool
-    bits: int
+    bits: int | None
     lora_r: int
     lora_target_modules: list[str]
     max_seq_len: int | None
@@ -194,25 +194,27 @@ FP8_COMPUTE_WITH_4_BITS = ("--fp8_compute with --bits 4: FP8 compute multiplies 
 
 
 def quantized_bits(cfg: Any, shape: ModelShape) -> tuple[bool, int]:
-    """(--quantize, --bits) as training settles them: --bits 4 or 8 (else config.py's line), --bits 4 implies
-    --quantize and refuses --fp8_compute, a pre-quantized checkpoint implies --quantize at its own bits.
-    `cfg.bits_given` (the command line's parse sets it) tells an explicit --bits 8 from the default: that one
-    on a 4-bit checkpoint is refused; without it only an explicit-by-nature --bits 4 can disagree."""
-    bits = getattr(cfg, "bits", 8)
-    if bits not in BITS:
+    """(--quantize, --bits) as training settles them (llama_ft/config.py, train/recipe.py check_model_options):
+    --bits None (not given), 4 or 8, else config.py's line; --bits 4 implies --quantize and refuses --fp8_compute;
+    a pre-quantized checkpoint implies --quantize at its own bits, and a --bits given against it is one line."""
+    bits = getattr(cfg, "bits", None)
+    if bits not in (None, *BITS):
         raise UserError(f"--bits {bits}: expected 8 (FP8 e4m3 base weights) or 4 (NF4, as QLoRA)")
+    if bits == 4 and getattr(cfg, "fp8_compute", False):
+        raise UserError(FP8_COMPUTE_WITH_4_BITS)
     quantize = bool(cfg.quantize) or bits == 4
     pre = shape.checkpoint_bits
     if pre is not None:
-        explicit = bits == 4 or getattr(cfg, "bits_given", False)
-        if explicit and bits != pre:
-            fmt = "NF4 (bitsandbytes 4-bit)" if pre == 4 else "FP8 (llama-ft quantize)"
-            raise UserError(f"--bits {bits}: {shape.name or 'the model'} is a pre-quantized {fmt} checkpoint, which "
-                            f"trains at --bits {pre} (drop --bits, or start from the bf16 checkpoint)")
+        if bits not in (None, pre):
+            kind = "NF4 (bitsandbytes bnb-4bit)" if pre == 4 else "FP8 (llama-ft quantize)"
+            raise UserError(f"--bits {bits}: {shape.name or 'the model'} is a pre-quantized {kind} checkpoint, "
+                            f"{pre}-bit; drop --bits (or pass --bits {pre}), or give the bf16 checkpoint to quantize "
+                            "it on load")
         quantize, bits = True, pre
-    if bits == 4 and getattr(cfg, "fp8_compute", False):
-        raise UserError(FP8_COMPUTE_WITH_4_BITS)
-    return quantize, bits
+        if bits == 4 and getattr(cfg, "fp8_compute", False):
+            raise UserError(f"--fp8_compute: {shape.name or 'the model'} holds NF4 weights (4-bit); FP8 compute "
+                            "multiplies FP8-stored weights (drop --fp8_compute)")
+    return quantize, 8 if bits is None else bits
 
 
 def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
