@@ -11,7 +11,8 @@ the case run). Shapes:
     tiny   the embedded tiny Llama (llama-ft make-tiny: hidden 64, 2 layers), its checkpoint loaded
     1b     the Llama-3.2-1B shape (benchmarks/load.py SHAPES: hidden 2048, 16 layers, 32/8 heads, vocab 128256,
            tied embeddings), `--init random` (random weights built in the partitions: no checkpoint to write)
-Bases: bf16 (frozen weights in bf16) and fp8 (--quantize). Gradient checkpointing off and on.
+Bases: bf16 (frozen weights in bf16) and fp8 (--quantize); nf4 (--bits 4) on request. Gradient checkpointing off
+and on.
 
 Measured, per rank: the peak RSS of the rank process over its whole life (getrusage at exit, recorded by the
 probe of bench_common.py on the ranks' PYTHONPATH), and the partition bytes the run reports
@@ -106,7 +107,8 @@ def training_flags(run: dict[str, Any], init: str, args: argparse.Namespace) -> 
             "--gradient_accumulation_steps", "1", "--packing", "--max_seq_len", str(run["seq"]), "--train_on_source",
             "--lora_r", str(run["lora_r"]), "--lora_alpha", "16", "--lora_dropout", "0.05",
             "--gradient_checkpointing", str(run["checkpointing"]).lower(), "--quantize",
-            str(run["base"] == "fp8").lower(), "--bf16", str(args.dtype == "bf16").lower(), "--init", init,
+            str(run["base"] != "bf16").lower(), *(["--bits", "4"] if run["base"] == "nf4" else []),
+            "--bf16", str(args.dtype == "bf16").lower(), "--init", init,
             "--learning_rate", "1e-4", "--overwrite_output_dir"]
 
 
@@ -258,7 +260,8 @@ def header() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPE_DEFAULTS), default=["tiny", "1b"])
-    ap.add_argument("--bases", nargs="+", choices=["bf16", "fp8"], default=["bf16", "fp8"])
+    ap.add_argument("--bases", nargs="+", choices=["bf16", "fp8", "nf4"], default=["bf16", "fp8"],
+                    help="frozen base weights: bf16, fp8 (--quantize), nf4 (--bits 4)")
     ap.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
                     help="gradient checkpointing settings to run (default: off on)")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per run (the peak is reached in the first)")

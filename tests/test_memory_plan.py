@@ -55,3 +55,19 @@ def test_auto_refuses_what_fits_at_no_ratio():
     with pytest.raises(UserError, match=r"--offload_ratio auto: this run does not fit at any offload ratio: per gpu "
                                         r"needs .* GiB of 4\.0 GiB .* the largest term is \w+"):
         resolve_offload_ratio(cfg, DS, LLAMA_8B, 1, machine=_machine(4))
+
+
+def test_the_recipe_plans_bits_4_as_nf4():
+    """`--bits 4` as training parses it (it implies --quantize) reaches the plan the recipe makes: the frozen
+    base of every target is 0.5625 bytes a weight (codes + fp32 absmax per 64), the rest bf16; by hand for 8B."""
+    from llama_ft.config import parse_train_args
+
+    cfg = parse_train_args(["--model_name_or_path", "x", "--output_dir", "o", "--bits", "4", "--max_seq_len", "2048",
+                            "--lora_r", "16"])
+    assert cfg.quantize and cfg.bits == 4
+    h, i, layers, v, kv = 4096, 14336, 32, 128256, 8 * 128
+    weights = layers * (2 * h * h + 2 * kv * h + 3 * i * h)
+    rest = 2 * (2 * v * h + (2 * layers + 1) * h)  # embeddings, head, norms in bf16
+    p = plan_training(cfg, DS, LLAMA_8B, **_machine(1000))
+    assert p["inputs"]["training"]["bits"] == 4
+    assert p["per_gpu"]["base_partitions_bytes"] == weights * 9 // 16 + rest

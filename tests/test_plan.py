@@ -6,6 +6,7 @@ against measured runs: benchmarks/plan_vs_measured.py)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,71 @@ def test_fp8_base_partitions_with_block_scales():
     assert (weights, scales, bf16) == (348163, 116, 427310)
     p = small_plan(lora_r=8, quantize=True)
     assert p["per_gpu"]["base_partitions_bytes"] == weights + scales + bf16 == 775589
+
+
+def test_nf4_base_partitions_by_hand():
+    # --bits 4: per target W (N, K), uint8 weight ceil(N K / 2) (two codes a byte) and uint8 weight_absmax
+    # 4 ceil(N K / 64) (an fp32 absmax per 64 weights of the flattened W); each split over 3 ranks.
+    # q, o 320 x 320 = 102400 -> 51200 codes, 6400 absmax bytes; k, v 64 x 320 = 20480 -> 10240, 1280;
+    # gate, up, down 832 x 320 = 266240 -> 133120, 16640.  Embeddings, head and norms stay bf16.
+    linears = [(320, 320)] * 2 + [(64, 320)] * 2 + [(832, 320)] * 3
+    codes = sum(ceil3(-(-n * k // 2)) for n, k in linears)
+    absmax = sum(ceil3(4 * -(-n * k // 64)) for n, k in linears)
+    bf16 = 2 * (2 * ceil3(1000 * 320) + 3 * ceil3(320))
+    assert (codes, absmax) == (2 * 17067 + 2 * 3414 + 3 * 44374, 2 * 2134 + 2 * 427 + 3 * 5547)
+    for flags in ({"bits": 4}, {"bits": 4, "quantize": True}):  # --bits 4 implies --quantize
+        p = small_plan(lora_r=8, **flags)
+        assert p["per_gpu"]["base_partitions_bytes"] == codes + absmax + bf16 == 623157
+        assert p["inputs"]["training"]["bits"] == 4 and p["inputs"]["training"]["quantize"] is True
+
+
+def test_nf4_of_a_shape_not_a_multiple_of_64():
+    # hidden 99 (3 heads of 33), intermediate 37: N K odd (99 x 99 = 9801) and not a multiple of 64, so the last
+    # absmax block is partial and a byte holds the last code alone; over 2 ranks the partitions split blocks
+    shape = ModelShape(hidden_size=99, intermediate_size=37, num_hidden_layers=1, num_attention_heads=3,
+                       num_key_value_heads=1, head_dim=33, vocab_size=50, name="odd")
+    linears = [(99, 99), (33, 99), (33, 99), (99, 99), (37, 99), (37, 99), (99, 37)]
+    codes = sum(math.ceil(math.ceil(n * k / 2) / 2) for n, k in linears)
+    absmax = sum(math.ceil(4 * math.ceil(n * k / 64) / 2) for n, k in linears)
+    bf16 = 2 * (2 * math.ceil(50 * 99 / 2) + 3 * math.ceil(99 / 2))
+    p = plan_training(cfg(bits=4, lora_r=4), ds(), shape, 1, 2, 80 * GiB, None)
+    assert p["per_gpu"]["base_partitions_bytes"] == codes + absmax + bf16
+
+
+def test_nf4_storage_is_what_bitsandbytes_makes():
+    """bitsandbytes' quantize_4bit (NF4, blocks of 64, plain fp32 absmax: llama-ft's NF4LoRALinear keeps absmax
+    in fp32) of each target weight, K a multiple of 64 or not: its packed bytes and absmax bytes are the plan's
+    `weight` and `weight_absmax` elements."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    import torch
+
+    shape = ModelShape(hidden_size=99, intermediate_size=37, num_hidden_layers=1, num_attention_heads=3,
+                       num_key_value_heads=1, head_dim=33, vocab_size=50)
+    planned = {p.name: p for p in model_params(shape, tuple(ALL), 4, True, 2, bits=4)}
+    for name, (n, k) in shape.linear_shapes().items():
+        block = "self_attn" if name in ALL[:4] else "mlp"
+        packed, state = bnb.quantize_4bit(torch.randn(n, k, dtype=torch.bfloat16), blocksize=64, quant_type="nf4",
+                                          compress_statistics=False)
+        w, a = planned[f"model.layers.0.{block}.{name}.weight"], planned[f"model.layers.0.{block}.{name}.weight_absmax"]
+        assert (w.numel, w.itemsize) == (packed.numel(), packed.element_size()), name
+        assert (a.numel * a.itemsize) == state.absmax.numel() * state.absmax.element_size(), name
+        assert packed.dtype == torch.uint8 and state.absmax.dtype == torch.float32
+
+
+def test_nf4_frozen_linears_are_0_28125_of_bf16():
+    # K and N multiples of 64: (1/2 + 4/64) bytes a weight against 2. World 1, so no padding: the rest of the
+    # frozen bytes (bf16 embeddings, head, norms) is the same at both widths and computed here.
+    rest = 2 * (2 * 1000 * 320 + 3 * 320)
+    bf16 = small_plan(world=1, lora_r=8)["per_gpu"]["base_partitions_bytes"] - rest
+    nf4 = small_plan(world=1, lora_r=8, bits=4)["per_gpu"]["base_partitions_bytes"] - rest
+    fp8 = small_plan(world=1, lora_r=8, quantize=True)["per_gpu"]["base_partitions_bytes"] - rest
+    weights = 2 * 320 * 320 + 2 * 64 * 320 + 3 * 832 * 320
+    assert bf16 == 2 * weights and nf4 / bf16 == 0.28125 and nf4 == 0.5625 * weights
+    assert fp8 > nf4 / 0.5625  # FP8: a byte a weight and its 128x128 block scales
+    for alias in ("8b", "70b", "405b"):
+        params = {b: model_params(ALIASES[alias], tuple(ALL), 16, b != 16, 2, bits=b) for b in (4, 16)}
+        target = {b: sum(p.nbytes for p in ps if p.kind == "target") for b, ps in params.items()}
+        assert target[4] / target[16] == 0.28125, alias
 
 
 def test_lora_partitions_and_optimizer_states():
@@ -303,31 +369,35 @@ def test_config_json_is_read_as_autoconfig_reads_it(tiny_model_dir, tmp_path):
         assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields], d
 
 
-@pytest.mark.parametrize("quantize", [False, True])
-def test_parameters_are_those_llama_ft_builds(quantize):
+@pytest.mark.parametrize("bits,hidden,inter,heads", [(16, 320, 832, 5), (8, 320, 832, 5), (4, 320, 832, 5),
+                                                     (4, 102, 37, 3)])
+def test_parameters_are_those_llama_ft_builds(bits, hidden, inter, heads):
+    """The plan's parameter list against a llama-ft build on the meta device: names, elements, element sizes and
+    which train; at 4 bits also a shape whose N K are not multiples of 64 (blocks span rows)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama_ft.lora import LoraSpec, inject_lora
+    from llama_ft.plan.shape import named_parameters
 
-    config = LlamaConfig(hidden_size=320, intermediate_size=832, num_hidden_layers=2, num_attention_heads=5,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
                          num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=False)
     spec = LoraSpec(8, 16, 0.05, ("q_proj", "v_proj", "down_proj"))
     make = None
-    if quantize:
+    if bits != 16:
         from llama_ft.fp8 import FP8LoRALinear
+        from llama_ft.nf4.module import NF4LoRALinear
+
+        layer = NF4LoRALinear if bits == 4 else FP8LoRALinear
 
         def make(lin, s):
-            return FP8LoRALinear.empty(lin.in_features, lin.out_features, s, torch.bfloat16)
+            return layer.empty(lin.in_features, lin.out_features, s, torch.bfloat16)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
         inject_lora(model, spec, make)
     built = {n: (p.numel(), p.element_size(), p.requires_grad) for n, p in model.named_parameters()}
-    shape = ModelShape(320, 832, 2, 5, 1, 64, 1000)
-    params = model_params(shape, spec.target_modules, 8, quantize, 2)
-    planned = {p.name.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"):
-               (p.numel, p.itemsize, p.kind == "lora") for p in params}
-    assert planned == built
+    shape = ModelShape(hidden, inter, 2, heads, 1, hidden // heads, 1000)
+    assert named_parameters(model_params(shape, spec.target_modules, 8, bits != 16, 2, bits=bits)) == built
 
 
 @pytest.mark.parametrize("rows,dropout,mask,attn,dtype,tiles", [
@@ -876,3 +946,134 @@ def test_memory_account_of_a_finished_run_survives_a_plan_it_cannot_get():
 
     account = used_vs_planned(object(), {}, object(), 2, 123)
     assert account["measured_bytes"] == 123 and account["planned_bytes"] is None and account["plan_error"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --bits 4 on the command line
+
+
+def test_bits_4_report_json_and_gpu(capsys):
+    rc, out, _ = _main(capsys, "70b", "--bits", "4", "--gpu", "h100", "--gradient_checkpointing", "--max_seq_len",
+                       "2048", "--json")
+    p = json.loads(out)
+    assert rc == 0 and p["inputs"]["training"]["bits"] == 4 and p["inputs"]["training"]["base_format"] == "nf4"
+    assert "fp8" not in p  # the FP8 mode is for FP8 weights only
+    rc, out, _ = _main(capsys, "70b", "--bits", "4", "--gpu", "h100", "--gradient_checkpointing", "--max_seq_len",
+                       "2048")
+    assert rc == 0 and "NF4 base weights" in out and "FP8" not in out, out
+    for flags, base, bits in ((["--quantize"], "FP8 base weights", 8), ([], "bf16 base weights", 16),
+                              (["--quantize", "--bits", "8"], "FP8 base weights", 8)):
+        rc, out, _ = _main(capsys, "70b", *flags, "--gpu", "h100", "--nodes", "2", "--max_seq_len", "2048")
+        assert base in out, out
+        rc, out, _ = _main(capsys, "70b", *flags, "--gpu", "h100", "--nodes", "2", "--max_seq_len", "2048", "--json")
+        assert json.loads(out)["inputs"]["training"]["bits"] == bits
+
+
+def test_bits_bad_values_are_training_lines(capsys):
+    from llama_ft.config import parse_train_args
+    from llama_ft.errors import UserError
+
+    for flags, needle in ((["--bits", "3"], "--bits 3: expected 8 (FP8 e4m3 base weights) or 4 (NF4, as QLoRA)"),
+                          (["--bits", "4", "--fp8_compute"], "--fp8_compute with --bits 4: FP8 compute multiplies")):
+        rc, out, err = _main(capsys, "70b", "--gpu", "h100", *flags)
+        line = _one_error_line(err)
+        assert rc == 2 and needle in line, line
+        with pytest.raises(UserError) as training:  # training's own line, word for word
+            parse_train_args(["--model_name_or_path", "m", "--output_dir", "o", *flags])
+        assert line == f"llama-ft plan: error: {training.value}"
+
+
+def test_hints_name_bits_4_where_base_partitions_dominate(capsys):
+    # CPU ranks with too little host memory: the base partitions are the largest term at any ratio
+    argv = ["70b", "--device", "cpu", "--gpus_per_node", "1", "--host_memory_gb", "24", "--max_seq_len", "512"]
+    rc, _, err = _main(capsys, *argv)
+    line = _one_error_line(err)
+    assert rc == 1 and "largest term is base_partitions" in line
+    assert "try --bits 4 (NF4: 0.28x these bytes of the LoRA-targeted weights) or --quantize (FP8: 0.50x)" in line
+    rc, _, err = _main(capsys, *argv, "--quantize")
+    assert "try --bits 4 (NF4: 0.56x the FP8 bytes of the LoRA-targeted weights)" in _one_error_line(err)
+    rc, _, err = _main(capsys, *argv, "--bits", "4")
+    line = _one_error_line(err)
+    assert "largest term is base_partitions" in line and "--bits" not in line
+    # fits with offload: the line says so, and that a smaller format needs less of it
+    rc, _, err = _main(capsys, "405b", "--gpu", "h100", "--gpus_per_node", "2", "--max_seq_len", "2048",
+                       "--gradient_checkpointing")
+    assert rc == 1 and "fits; with less offload or none: --bits 4 (NF4: 0.28x" in err.strip(), err
+
+
+def _bnb_checkpoint(path: Path, **bnb) -> Path:
+    """The config.json transformers' save_pretrained writes for a bitsandbytes-quantized Llama."""
+    from transformers import BitsAndBytesConfig, LlamaConfig
+
+    LlamaConfig(hidden_size=320, intermediate_size=832, num_hidden_layers=2, num_attention_heads=5,
+                num_key_value_heads=1, vocab_size=1000,
+                quantization_config=BitsAndBytesConfig(**bnb)).save_pretrained(path)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    return path
+
+
+def test_bnb_4bit_checkpoint_implies_bits_4(capsys, tmp_path):
+    from transformers import AutoConfig
+
+    nf4 = _bnb_checkpoint(tmp_path / "nf4", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                          bnb_4bit_use_double_quant=True)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    config = json.loads((nf4 / "config.json").read_text())
+    del config["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(config))
+    flags = ["--gpus_per_node", "2", "--gpu_memory_gb", "8", "--max_seq_len", "64", "--json"]
+    plans = {}
+    for name, argv in (("implied", [str(nf4)]), ("given", [str(nf4), "--bits", "4"]),
+                       ("plain", [str(plain), "--bits", "4"]), ("plain 8", [str(plain), "--quantize"])):
+        rc, out, err = _main(capsys, *argv, *flags)
+        assert rc == 0, err
+        plans[name] = json.loads(out)
+    assert plans["implied"]["inputs"]["training"]["bits"] == 4
+    for name in ("given", "plain"):
+        assert plans[name]["per_gpu"] == plans["implied"]["per_gpu"], name
+    assert plans["plain 8"]["per_gpu"]["base_partitions_bytes"] > plans["implied"]["per_gpu"]["base_partitions_bytes"]
+    # the recipe's path: transformers' config object of the same directory
+    api = plan_training(cfg(max_seq_len=64), ds(), AutoConfig.from_pretrained(nf4), 1, 2, 8 * GiB, None)
+    assert api["inputs"]["training"]["bits"] == 4
+    # what the checkpoint cannot be: one line each, exit 2
+    rc, _, err = _main(capsys, str(nf4), "--bits", "8", *flags)
+    assert rc == 2 and "--bits 8: nf4 is a pre-quantized NF4 (bitsandbytes bnb-4bit) checkpoint, 4-bit; drop " \
+        "--bits (or pass --bits 4)" in _one_error_line(err)
+    rc, _, err = _main(capsys, str(nf4), "--fp8_compute", *flags)
+    assert rc == 2 and "--fp8_compute: nf4 holds NF4 weights (4-bit)" in _one_error_line(err)
+    for name, bnb, needle in (("fp4", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "bitsandbytes 4-bit fp4"),
+                              ("int8", {"load_in_8bit": True}, "bitsandbytes 8-bit (load_in_8bit)")):
+        d = _bnb_checkpoint(tmp_path / name, **bnb)
+        rc, _, err = _main(capsys, str(d), *flags)
+        line = _one_error_line(err)
+        assert rc == 2 and f"{d / 'config.json'}: quantization_config is {needle}" in line, line
+        assert "supported: a bitsandbytes checkpoint with load_in_4bit and bnb_4bit_quant_type nf4" in line
+
+
+def test_fp8_checkpoint_refuses_bits_4(capsys, tmp_path):
+    d = tmp_path / "fp8"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 320, "intermediate_size": 832,
+                                               "num_hidden_layers": 1, "num_attention_heads": 5,
+                                               "num_key_value_heads": 1, "vocab_size": 1000,
+                                               "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}))
+    rc, out, _ = _main(capsys, str(d), "--gpu_memory_gb", "8", "--max_seq_len", "64", "--json")
+    assert rc == 0 and json.loads(out)["inputs"]["training"]["bits"] == 8
+    rc, _, err = _main(capsys, str(d), "--bits", "4", "--gpu_memory_gb", "8", "--max_seq_len", "64")
+    assert rc == 2 and "pre-quantized FP8 (llama-ft quantize) checkpoint, 8-bit; drop --bits" in _one_error_line(err)
+
+
+def test_bits_table_in_benchmarks_md_is_what_the_script_prints():
+    """The 405B and one-GPU 70B rows of BENCHMARKS.md's 16/8/4-bit table are `benchmarks/plan_table.py --bits`'s
+    output today (the table is the planner's arithmetic: a change to it must regenerate the table)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import plan_table
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = {line for line in (REPO / "BENCHMARKS.md").read_text().splitlines() if line.startswith("| 405B | NF4 |")
+            or line.startswith("| 70B | NF4 | 1 | 64 |")}
+    assert len(rows) == 6
+    for model, gpus, r, seq in (("405b", 8, 64, 2048), ("405b", 8, 16, 8192), ("70b", 1, 64, 2048)):
+        assert plan_table.bits_row(model, gpus, 4, r, seq) in rows, (model, r, seq)

@@ -2,6 +2,7 @@
 
     llama-ft plan 405b --quantize --nodes 1 --gpus_per_node 8 --gpu_memory_gb 79.6
     llama-ft plan 70b --quantize --fp8_compute --gpu h100        (--gpu: memory and the FP8 mode of that GPU)
+    llama-ft plan 405b --bits 4 --gpu l40s --offload_ratio auto  (NF4 base weights, as QLoRA)
     llama-ft plan /data/Meta-Llama-3.1-70B --hostfile hostfiles/my-two-nodes --gpu_memory_gb 79.6 --json
     llama-ft plan --hostfile H --gpu_memory_gb 79.6 --brief -- TRAINING FLAGS...   (run-llama.sh)
 
@@ -57,7 +58,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "packing": False, "loss_chunk_size": 1024,
     "bf16": True, "attn_implementation": "sdpa", "deepspeed": DEFAULT_DS_CONFIG, "sequence_parallel_size": 1,
     "tiled_mlp": False, "activation_offload": False, "objective": "sft", "precompute_ref_logprobs": False,
-    "fp8_compute": False,
+    "fp8_compute": False, "bits": None,
 }
 """The training flags the plan reads, with TrainConfig's defaults."""
 
@@ -82,7 +83,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training flags (as `llama-ft train` names them; its defaults)")
     s = argparse.SUPPRESS
     g.add_argument("--model_name_or_path", default=s, help="the model: same as MODEL")
-    for name, helptext in (("quantize", "FP8 e4m3 frozen base weights of the LoRA-targeted linears"),
+    for name, helptext in (("quantize", "quantized frozen base weights of the LoRA-targeted linears: FP8 e4m3 with "
+                                        "--bits 8, NF4 with --bits 4"),
                            ("fp8_compute", "with --quantize: fp8 tensor cores (compute capability 8.9+); the plan "
                                            "says which FP8 mode --gpu runs"),
                            ("offload", "offload base-weight partitions (ratio 1.0 unless --offload_ratio)"),
@@ -95,6 +97,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                                                        "step")):
         g.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=s, metavar="BOOL",
                        help=f"{helptext} (default {TRAINING_DEFAULTS[name]})")
+    g.add_argument("--bits", type=int, default=s, metavar="{8,4}",
+                   help="bits of the quantized base weights: 8 FP8 e4m3 (1 byte a weight + 128x128 block scales), "
+                        "4 NF4 (0.5625 bytes a weight: codes + an fp32 absmax per 64); --bits 4 implies --quantize "
+                        "(default: 8, or what a pre-quantized checkpoint holds)")
     g.add_argument("--offload_ratio", type=_ratio, default=s, metavar="R|auto",
                    help="fraction of the frozen base-weight partitions kept in host memory; 'auto': the smallest "
                         "that fits (default: none)")
@@ -224,9 +230,9 @@ def make_plan(argv: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
     gpu = parse_gpu(ns.gpu) if ns.gpu else None
     if gpu and ns.gpu_memory_gb is None:
         ns.gpu_memory_gb = gpu[2]
-    fp8 = fp8_line(gpu, train) if train.quantize else None
     machine = machine_from(ns)
     opts = options_from(train, shape)
+    fp8 = fp8_line(gpu, train) if opts.base_bits == 8 else None  # the FP8 mode: FP8 weights only
     ds, ds_path = load_ds_config(train.deepspeed)
     zero = zero_settings(ds, shape.hidden_size, f"--deepspeed {ds_path}")
     try:

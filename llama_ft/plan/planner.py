@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from llama_ft.errors import UserError
 from llama_ft.flags import check_objective_choice
 from llama_ft.plan import activations as act
-from llama_ft.plan.shape import ModelShape, Param, check_targets, model_params, shape_from_config
+from llama_ft.plan.shape import BITS, ModelShape, Param, base_bits, check_targets, model_params, shape_from_config
 from llama_ft.plan.zero import (
     Trace,
     ZeroSettings,
@@ -106,6 +106,7 @@ class TrainOptions(Protocol):
     """The TrainConfig fields the plan reads (a TrainConfig, or the planner's own parsed flags)."""
 
     quantize: bool
+    bits: int | None
     lora_r: int
     lora_target_modules: list[str]
     max_seq_len: int | None
@@ -140,10 +141,20 @@ class Options:
     activation_offload: bool = False
     objective: str = "sft"  # "dpo": rows = 2 x pairs, and the reference pass (module doc)
     precompute_ref: bool = False  # --precompute_ref_logprobs: the reference pass runs once, before training
+    bits: int = 8  # the quantized format with `quantize`: 8 FP8, 4 NF4
 
     @property
     def dpo(self) -> bool:
         return self.objective == "dpo"
+
+    @property
+    def base_bits(self) -> int:
+        """Bits a frozen target weight is stored in: 4, 8, or the training dtype's (16, 32)."""
+        return base_bits(self.quantize, self.bits, self.dtype_bytes)
+
+    @property
+    def base_format(self) -> str:
+        return {4: "nf4", 8: "fp8"}.get(self.base_bits, "bf16" if self.dtype_bytes == 2 else "fp32")
 
 
 def _positive(name: str, value: Any) -> int:
@@ -175,6 +186,35 @@ def sequence_length(cfg: Any, shape: ModelShape) -> tuple[int, str]:
     if max_seq is not None and max_seq < src + tgt:
         return max_seq, f"--max_seq_len {max_seq}"
     return src + tgt, f"--source_max_len {src} + --target_max_len {tgt}"
+
+
+FP8_COMPUTE_WITH_4_BITS = ("--fp8_compute with --bits 4: FP8 compute multiplies FP8-stored weights; NF4 weights are "
+                            "decoded to the training dtype (drop --fp8_compute, or use --bits 8)")
+"""llama_ft/config.py's line for it, word for word (a test keeps them equal): importing config.py imports torch."""
+
+
+def quantized_bits(cfg: Any, shape: ModelShape) -> tuple[bool, int]:
+    """(--quantize, --bits) as training settles them (llama_ft/config.py, train/recipe.py check_model_options):
+    --bits None (not given), 4 or 8, else config.py's line; --bits 4 implies --quantize and refuses --fp8_compute;
+    a pre-quantized checkpoint implies --quantize at its own bits, and a --bits given against it is one line."""
+    bits = getattr(cfg, "bits", None)
+    if bits not in (None, *BITS):
+        raise UserError(f"--bits {bits}: expected 8 (FP8 e4m3 base weights) or 4 (NF4, as QLoRA)")
+    if bits == 4 and getattr(cfg, "fp8_compute", False):
+        raise UserError(FP8_COMPUTE_WITH_4_BITS)
+    quantize = bool(cfg.quantize) or bits == 4
+    pre = shape.checkpoint_bits
+    if pre is not None:
+        if bits not in (None, pre):
+            kind = "NF4 (bitsandbytes bnb-4bit)" if pre == 4 else "FP8 (llama-ft quantize)"
+            raise UserError(f"--bits {bits}: {shape.name or 'the model'} is a pre-quantized {kind} checkpoint, "
+                            f"{pre}-bit; drop --bits (or pass --bits {pre}), or give the bf16 checkpoint to quantize "
+                            "it on load")
+        quantize, bits = True, pre
+        if bits == 4 and getattr(cfg, "fp8_compute", False):
+            raise UserError(f"--fp8_compute: {shape.name or 'the model'} holds NF4 weights (4-bit); FP8 compute "
+                            "multiplies FP8-stored weights (drop --fp8_compute)")
+    return quantize, 8 if bits is None else bits
 
 
 def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
@@ -212,14 +252,15 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
     attn = getattr(cfg, "attn_implementation", "sdpa")
     if attn not in ("sdpa", "eager", "flash_attention_2"):
         raise UserError(f"--attn_implementation {attn!r}: expected one of sdpa, eager, flash_attention_2")
-    return Options(quantize=bool(cfg.quantize) or shape.prequantized, lora_r=_positive("lora_r", cfg.lora_r),
+    quantize, bits = quantized_bits(cfg, shape)
+    return Options(quantize=quantize, lora_r=_positive("lora_r", cfg.lora_r),
                    targets=check_targets(cfg.lora_target_modules), lora_dropout=dropout, seq_len=seq,
                    seq_note=note, rows=_positive("per_device_train_batch_size", cfg.per_device_train_batch_size),
                    grad_accum=_positive("gradient_accumulation_steps", getattr(cfg, "gradient_accumulation_steps", 1)),
                    checkpointing=bool(cfg.gradient_checkpointing), packing=bool(cfg.packing), loss_chunk_size=chunk,
                    dtype_bytes=2 if getattr(cfg, "bf16", True) else 4, offload_ratio=ratio, attn_implementation=attn,
                    sp=sp, tiled_mlp=bool(getattr(cfg, "tiled_mlp", False)), activation_offload=offload_acts,
-                   objective=objective, precompute_ref=precompute)
+                   objective=objective, precompute_ref=precompute, bits=bits)
 
 
 @dataclass(frozen=True)
@@ -283,7 +324,7 @@ class Model:
 
 
 def build_model(shape: ModelShape, opts: Options, zero: ZeroSettings, machine: Machine) -> Model:
-    params = model_params(shape, opts.targets, opts.lora_r, opts.quantize, opts.dtype_bytes)
+    params = model_params(shape, opts.targets, opts.lora_r, opts.quantize, opts.dtype_bytes, opts.bits)
     model = Model(shape, opts, zero, machine, params)
     modules = modules_in_order(params, zero)
     in_step = opts.dpo and not opts.precompute_ref  # DPO: the reference forward runs first in each micro-batch
@@ -531,7 +572,8 @@ def inputs_echo(model: Model) -> dict[str, Any]:
                       "num_key_value_heads": s.num_key_value_heads, "head_dim": s.head_dim, "vocab_size": s.vocab_size,
                       "tie_word_embeddings": s.tie_word_embeddings, "parameters": s.parameter_count(),
                       "lora_parameters": lora_numel},
-            "training": {"quantize": o.quantize, "lora_r": o.lora_r, "lora_target_modules": list(o.targets),
+            "training": {"quantize": o.quantize, "bits": o.base_bits, "base_format": o.base_format,
+                         "lora_r": o.lora_r, "lora_target_modules": list(o.targets),
                          "lora_dropout": o.lora_dropout, "seq_len": o.seq_len, "seq_len_from": o.seq_note,
                          "per_device_train_batch_size": o.rows, "gradient_accumulation_steps": o.grad_accum,
                          "gradient_checkpointing": o.checkpointing, "packing": o.packing,

@@ -31,7 +31,7 @@ CPU_HOST_LABELS = {"ranks_bytes": "the CPU ranks, each as above"}
 MOMENTS = {"loss": "at the loss, end of forward", "backward": "in the last layer's backward",
            "optimizer step": "at the optimizer step", "reference pass": "in the DPO reference pass"}
 HINTS = {
-    ("per_gpu", "base_partitions_bytes"): "more GPUs, --quantize (FP8: half the bytes) or --offload --offload_ratio",
+    ("per_gpu", "base_partitions_bytes"): "more GPUs or --offload --offload_ratio",  # + base_hint: a smaller format
     ("per_gpu", "activations_bytes"): "--gradient_checkpointing, --sequence_parallel_size, --tiled_mlp, "
                                       "--activation_offload, a smaller --per_device_train_batch_size or --max_seq_len",
     ("per_host", "activations_bytes"): "no --activation_offload, more host memory or a larger --sequence_parallel_size",
@@ -48,6 +48,20 @@ HINTS = {
     ("per_host", "optimizer_bytes"): "more nodes or no offload_optimizer",
     ("per_host", "process_baseline_bytes"): "fewer ranks per host",
 }
+
+
+BASE_FORMATS = {4: "NF4", 8: "FP8"}
+
+
+def base_hint(bits: int) -> str:
+    """What a smaller format of the frozen target weights saves, from `bits` (inputs.training.bits: 16 or 32
+    unquantized, 8 FP8, 4 NF4): FP8 is 1 + 4/128^2 bytes a weight, NF4 0.5625 (llama_ft/plan/shape.py). "" at 4."""
+    if bits == 4:
+        return ""
+    if bits == 8:
+        return "--bits 4 (NF4: 0.56x the FP8 bytes of the LoRA-targeted weights)"
+    return (f"--bits 4 (NF4: {0.5625 * 8 / bits:.2f}x these bytes of the LoRA-targeted weights) or --quantize "
+            f"(FP8: {8 / bits:.2f}x)")
 
 
 def gib(nbytes: float | None) -> str:
@@ -77,7 +91,8 @@ def count(n: int) -> str:
 def header(r: dict[str, Any]) -> list[str]:
     i = r["inputs"]
     mo, t, z, m = i["model"], i["training"], i["deepspeed"], i["machine"]
-    base = "FP8 base weights" if t["quantize"] else f"{t['dtype']} base weights"
+    bits = t.get("bits", 8 if t["quantize"] else 16)
+    base = f"{BASE_FORMATS.get(bits, t['dtype'])} base weights"
     lora = f"LoRA r={t['lora_r']} on {','.join(n.removesuffix('_proj') for n in t['lora_target_modules'])}"
     unit = "GPUs" if m["device"] == "cuda" else "CPU ranks"
     mem = f"GPU {gib(m['gpu_memory_bytes'])} GiB, " if m["device"] == "cuda" else ""
@@ -188,11 +203,15 @@ def not_fit_line(r: dict[str, Any]) -> str:
         cap = m["host_memory_bytes"] if side == "per_host" else m["gpu_memory_bytes"]
         term = r["dominant_term"]
         where = "per host" if side == "per_host" else "per GPU"
+        smaller = base_hint(r["inputs"]["training"].get("bits", 16)) if term == "base_partitions_bytes" else ""
         return (f"does not fit: {gib(r[side]['total_bytes'])} GiB {where} of {gib(cap)} at "
                 f"--offload_ratio {r['offload_ratio']:.2f} (largest term: {term.removesuffix('_bytes')} "
-                f"{gib(r[side][term])} GiB); --offload --offload_ratio {ratio_text(r['min_offload_ratio'])} fits")
+                f"{gib(r[side][term])} GiB); --offload --offload_ratio {ratio_text(r['min_offload_ratio'])} fits"
+                + (f"; with less offload or none: {smaller}" if smaller and side == "per_gpu" else ""))
     hint = HINTS.get((bad["where"], bad["term"])) or HINTS.get(("per_gpu", bad["term"]), "more memory")
     training = r.get("inputs", {}).get("training", {})
+    if bad["term"] == "base_partitions_bytes" and base_hint(training.get("bits", 16)):
+        hint = f"{base_hint(training.get('bits', 16))}, {hint}"  # the format first: it costs no GPUs and no PCIe
     if bad["term"] == "activations_bytes" and str(training.get("seq_len_from", "")).startswith("chat data without"):
         # the plan had to assume rows as long as the model allows (a Llama 3.1: 131,072 tokens)
         hint = (f"--max_seq_len N (without it, chat rows are planned at the model's {training['seq_len']:,} "
