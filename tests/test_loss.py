@@ -115,3 +115,44 @@ def test_meter_and_scale():
     assert m.mean() == {"loss": 0.0, "trained_tokens": 0, "tokens": 0}  # reset after reading
     assert backward_scale(torch.tensor(8), 2).item() == 0.25
     assert backward_scale(torch.tensor(0), 2).item() == 2.0  # nothing trained: S = 0, so no NaN gradient
+
+
+def test_a_head_weight_in_flight_is_waited_for_not_gathered_again(monkeypatch):
+    """ZeRO-3's prefetcher gathering the (tied) head when the loss needs it: the loss waits for that all-gather
+    (the handle in the root module's ds_inflight_param_registry) and leaves the parameter to the coordinator,
+    instead of GatheredParameters, which would skip it (an empty weight) and then try to partition it in flight."""
+    import enum
+
+    from llama_ft.train import loss as loss_mod
+
+    class Status(enum.Enum):
+        INFLIGHT = 3
+        AVAILABLE = 2
+
+    torch.manual_seed(0)
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(8, 11, bias=False, dtype=torch.float64)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Model()
+    full = model.lm_head.weight.detach().clone()
+    weight = loss_mod.use_chunked_loss(model)
+    weight.data = torch.empty(0)  # a ZeRO-3 partition's placeholder while the gather is in flight
+    weight.ds_status = Status.INFLIGHT
+
+    class Handle:
+        def wait(self):
+            weight.data, weight.ds_status = full.clone(), Status.AVAILABLE
+
+    model.ds_inflight_param_registry = {weight: Handle()}
+    monkeypatch.setattr(loss_mod, "gathered", lambda params: pytest.fail("gathered a parameter in flight"))
+    hidden = torch.randn(1, 5, 8, dtype=torch.float64)
+    targets = torch.tensor([1, 4, 7])
+    got = loss_mod.lm_head_nll_sum(hidden, weight, torch.tensor([0, 2, 3]), targets, chunk=2)
+    want = nn.functional.cross_entropy(hidden[0, [0, 2, 3]] @ full.double().T, targets, reduction="sum")
+    assert weight.ds_status is Status.AVAILABLE and not model.ds_inflight_param_registry
+    torch.testing.assert_close(got, want)

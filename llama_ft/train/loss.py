@@ -46,6 +46,9 @@ chunks, then a sum per sequence), and dpo_losses the per-pair l_p and rewards.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +119,27 @@ def use_chunked_loss(model: nn.Module) -> nn.Parameter:
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise ValueError(f"chunked loss expects a bias-free nn.Linear lm_head, got {type(head).__name__}")
     model.lm_head = HiddenStatesHead(head)
+    # the root module is where ZeRO-3 keeps its registry of prefetches in flight (set by deepspeed.initialize)
+    head.weight.llama_ft_root = weakref.ref(model)
     return head.weight
+
+
+@contextlib.contextmanager
+def gathered_head(weight: nn.Parameter) -> Iterator[None]:
+    """The head weight whole for the block: gathered([weight]), unless ZeRO-3's prefetcher is already gathering
+    it. A tied head is also the embedding, which the prefetcher's trace holds; GatheredParameters skips a
+    parameter in flight (it gathers only NOT_AVAILABLE ones), so the head matmul would see an empty tensor and
+    the exit would try to partition a parameter in flight (seen at a 1B shape with gradient checkpointing, step
+    2). Such a prefetch is waited for (a host sync on its all-gather) and left to the coordinator to release."""
+    status = getattr(weight, "ds_status", None)
+    root = getattr(weight, "llama_ft_root", None)
+    registry = getattr(root() if root is not None else None, "ds_inflight_param_registry", None)
+    if status is not None and status.name == "INFLIGHT" and registry is not None and weight in registry:
+        registry.pop(weight).wait()
+        yield
+        return
+    with gathered([weight]):
+        yield
 
 
 def _chunked_nll(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
@@ -177,7 +200,7 @@ def lm_head_nll_sum(hidden: torch.Tensor, weight: nn.Parameter, positions: torch
     """S of a micro-batch: hidden (B, T, H) from the model, the head weight (V, H) (a ZeRO-3 parameter or
     not), positions/targets from loss_targets (on hidden's device). Returns a () tensor in fp32 (float64
     for float64 inputs) that backpropagates into `hidden`."""
-    with gathered([weight]):  # ZeRO-3: the whole head once per micro-batch (on every rank: it is collective)
+    with gathered_head(weight):  # ZeRO-3: the whole head once per micro-batch (on every rank: it is collective)
         if positions.numel() == 0:
             return hidden.sum() * 0.0  # nothing trained here: a zero that still reaches every parameter
         x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # untrained positions skip the head
@@ -201,7 +224,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: nn.Parameter, positions: tor
         raise ValueError("sequence_logprobs: pass num_segments with segments")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     counts = torch.bincount(segments, minlength=num_segments)
-    with gathered([weight]):  # ZeRO-3: the whole head once per micro-batch (on every rank: it is collective)
+    with gathered_head(weight):  # ZeRO-3: the whole head once per micro-batch (on every rank: it is collective)
         if positions.numel() == 0:  # nothing trained here: zeros that still reach every parameter
             return hidden.sum().to(acc) * 0.0 + torch.zeros(num_segments, dtype=acc, device=hidden.device), counts
         x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # untrained positions skip the head
