@@ -94,7 +94,8 @@ def test_reference_matches_float64(k, dtype, monkeypatch):
 @pytest.mark.parametrize("m,n,k,r,tiles", [
     (70, 96, 192, 8, None),            # M and N not multiples of the tiles (32 x 64)
     (5, 40, 128, 72, None),            # r > 64: the LoRA term added after the kernel
-    (130, 200, 256, 16, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=2)),
+    (70, 136, 256, 16, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2)),  # two absmax groups a tile row
+    (33, 70, 320, 16, dict(BLOCK_K=128)),  # 128 does not divide K: the launch takes 64
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_match_float64(m, n, k, r, tiles, dtype):
@@ -120,11 +121,11 @@ def test_kernels_refuse_k_not_a_multiple_of_64():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,r", [(4096, 8192, 8192, 64), (4096, 28672, 8192, 16), (2048 + 7, 1024 + 56, 4096, 64),
-                                     (33, 4096, 4096, 16)])
+@pytest.mark.parametrize("m,n,k,r", [(4096, 8192, 8192, 64), (4096, 28672, 8192, 16),
+                                     (2048 + 7, 1024 + 56, 4096 + 64, 64), (33, 4096, 4096, 16)])
 def test_gpu_kernels_match_reference(m, n, k, r):
-    """Training shapes (70B q and gate projections), ragged M and N, a small batch: the autotuned kernels against
-    the reference on the same GPU (W rounded to bf16 in both; products accumulated in fp32)."""
+    """Training shapes (70B q and gate projections), ragged M and N with K % 128 != 0, a small batch: the autotuned
+    kernels against the reference on the same GPU (W rounded to bf16 in both; products accumulated in fp32)."""
     torch.manual_seed(0)
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
     absmax = torch.rand(n, k // 64, device="cuda") * 0.05 + 1e-3
