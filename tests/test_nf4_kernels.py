@@ -164,3 +164,23 @@ def test_gpu_every_tile_configuration_matches_float64(dtype):
                 else:
                     got = kernels.dx_triton(dy, packed, absmax, dy @ b, a, 2.0, tiles=tiles)
                 assert _rel(got, want) <= tol, (which, m, tiles, _rel(got, want))
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)])
+def test_gpu_tile_sets_fit_k(cap, monkeypatch):
+    """The GPU tile sets (what autotune picks among): where 128 does not divide K, every weight tile is one absmax
+    group (the kernels have no column masks) and the launch has a mode of its own, so that a tuner made for
+    K % 128 == 0 is never handed such a K."""
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    code = torch.empty(16, device="meta")
+    for k, wide in ((8192, True), (8192 + 64, False)):
+        packed = torch.empty(256, k // 2, dtype=torch.uint8, device="meta")
+        absmax = torch.empty(256, k // 64, device="meta")
+        x, dy = torch.empty(4096, k, dtype=torch.bfloat16, device="meta"), torch.empty(4096, 256, device="meta")
+        y, dx = torch.empty(4096, 256, dtype=torch.bfloat16, device="meta"), torch.empty(4096, k, device="meta")
+        launches = [kernels.fwd_launch(x, packed, absmax, code, None, None, y, 1.0, cap),
+                    kernels.dx_launch(dy.bfloat16(), packed, absmax, code, None, None, dx.bfloat16(), 1.0, cap)]
+        blocks = {c.kwargs["BLOCK_K"] for ln in launches for c in ln.configs}
+        assert blocks == ({64, 128} if wide else {64}), (k, cap, blocks)
+        assert {ln.mode for ln in launches} == {"nf4" if wide else "nf4-k64"}

@@ -59,7 +59,8 @@ __all__ = ["FUSED_R_MAX", "dx_launch", "dx_triton", "forward_triton", "fwd_launc
 FUSED_R_MAX = 64
 """The largest LoRA rank whose up-projection is fused into the kernels' output tile (BLOCK_R 16..64)."""
 MODE = "nf4"
-"""The mode label of these launches (FP8's are weight-only and fp8-compute) in autotune keys and the compile check."""
+"""The mode label of these launches (FP8's are weight-only and fp8-compute) in autotune keys and the compile check;
+`_mode` adds "-k64" where 128 does not divide K, whose tile set differs (one autotuner per set)."""
 
 
 if HAS_TRITON:
@@ -210,6 +211,10 @@ def supports(k: int) -> bool:
     return k % GROUP == 0
 
 
+def _mode(k: int) -> str:
+    return MODE if k % 128 == 0 else f"{MODE}-k64"
+
+
 def _check(packed: torch.Tensor, absmax: torch.Tensor, k: int) -> None:
     assert k % GROUP == 0, f"the NF4 kernels need K % {GROUP} == 0, got K = {k}"
     assert packed.dtype == torch.uint8 and packed.shape[1] * 2 == k and packed.is_contiguous(), packed.shape
@@ -236,7 +241,7 @@ def fwd_launch(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     constexprs = dict(BLOCK_R=_r_block(r), HAS_LORA=has_lora, DOT_DTYPE=_dot_dtype(y))
     return Launch(_nf4_fwd_kernel, args, constexprs, configs,
                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-                  MODE, cap, _bucket(m))
+                  _mode(k), cap, _bucket(m))
 
 
 def dx_launch(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -258,7 +263,7 @@ def dx_launch(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     constexprs = dict(BLOCK_R=_r_block(r), HAS_LORA=has_lora, DOT_DTYPE=_dot_dtype(dx))
     return Launch(_nf4_dx_kernel, args, constexprs, configs,
                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
-                  MODE, cap, _bucket(m))
+                  _mode(k), cap, _bucket(m))
 
 
 # ---------------------------------------------------------------------------------------------------------------
