@@ -165,7 +165,16 @@ def generation(cap: tuple[int, int]) -> str:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per (kernel, generation, 16- or 32-bit inputs): (for M > 64, for
 # M <= 64), the default first. In dx, BLOCK_N is the contraction tile and BLOCK_K the output's columns. BLOCK_K is
-# one or two absmax groups (64, 128); where K % 128 != 0 a 128 becomes 64 (`_fit_k`).
+# one or two absmax groups (64, 128); where K % 128 != 0 a 128 becomes 64 (`_fit_k`). Each set compiles with zero
+# spill stores for its inputs, LoRA at r 16..64 and without, on each architecture of its generation (`llama-ft
+# kernels --compile all`, triton 3.9; BENCHMARKS.md). What compiling candidates ruled out (bf16 unless said):
+#   - forward 128 x 128 x 128 on mma: 137 KB of shared memory (sm_86/89/120 have 99 KB), 156-416 B of spills on
+#     sm_80/86; on sm_90 it is spill-free (217-254 registers, 169 KB) and autotune may take it there.
+#   - forward 128 x 256 x 64: 28-1,560 B everywhere; forward 64 x 128 x 128 on 4 warps: 80-712 B.
+#   - forward 128 x 64 x 64 on sm_80: 4 B at r 32.  dx 64 x 64 x 64 on 4 warps (sm_80): 28 B; on 8 warps none.
+#   - dx 64 x 64 x 128 on sm_80: 16 B at r 64.
+#   - fp32 (tf32 dots) on mma: 128 x 128 forward 36-48 B, 64 x 128 forward (M <= 64) 108 B, dx with a 128-row
+#     contraction tile 24-88 B; hence the smaller fp32 sets there.
 _TILES: dict[tuple[str, str, int], tuple[list[list[int]], list[list[int]]]] = {
     ("fwd", "mma", 2): ([[128, 128, 64, 8, 3], [128, 128, 64, 8, 4]], [[64, 128, 64, 4, 4], [64, 64, 64, 4, 4]]),
     ("fwd", "wgmma", 2): ([[128, 128, 64, 8, 3], [128, 128, 128, 8, 3], [128, 64, 128, 8, 3], [128, 128, 64, 8, 4]],
