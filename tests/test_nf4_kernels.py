@@ -19,10 +19,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _code_book() -> torch.Tensor:
+    """bitsandbytes' NF4 code book in float64; where bitsandbytes is missing (the GPU image), our constant, which
+    test_code_book_and_decode_equal_bitsandbytes checks against it wherever it is installed."""
+    try:
+        import bitsandbytes.functional as F
+    except (ImportError, RuntimeError):
+        return torch.tensor(reference.NF4_CODE_VALUES, dtype=torch.float64)
+    return F.get_4bit_type("nf4", device="cpu").double()
+
+
 def _float64_weight(packed: torch.Tensor, absmax: torch.Tensor, k: int) -> torch.Tensor:
     """W (N, K) float64, element by element from the storage's definition: column c is byte c // 2 of the row, its
-    high nibble when c is even, low when odd; times absmax[:, c // 64]. The code book is bitsandbytes' own."""
-    book = _bnb().get_4bit_type("nf4", device="cpu").double()
+    high nibble when c is even, low when odd; times absmax[:, c // 64]."""
+    book = _code_book()
     col = torch.arange(k)
     byte = packed[:, col // 2].long()
     code = torch.where(col % 2 == 0, byte // 16, byte % 16)
