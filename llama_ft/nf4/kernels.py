@@ -73,13 +73,16 @@ if HAS_TRITON:
         half = tl.arange(0, BLOCK_K // 2)
         p = tl.load(q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0)
         p = p.to(tl.int32)
+        hi = tl.load(code_ptr + (p >> 4))  # element 2j of the pair
+        lo = tl.load(code_ptr + (p & 0xF))  # element 2j + 1
         s = tl.load(s_ptr + rn * NB_K + k0 // 64, mask=n_ok, other=0.0)[:, None]
         if BLOCK_K == 128:  # bytes 32..63 of the tile are the next group: a select, not a reshape of the scales
             s2 = tl.load(s_ptr + rn * NB_K + k0 // 64 + 1, mask=n_ok, other=0.0)[:, None]
             s = tl.where(half[None, :] < 32, s, s2)
-        hi = tl.load(code_ptr + (p >> 4)) * s  # element 2j of the pair
-        lo = tl.load(code_ptr + (p & 0xF)) * s  # element 2j + 1
-        return tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
+            return tl.reshape(tl.join(hi * s, lo * s), (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
+        # one group: scaled after the interleave (scaling before it made Triton 3.9 fail on fp32 dx for sm_90/100:
+        # "Illegal shared layout" in TritonGPUOptimizeDotOperands)
+        return (tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K)) * s).to(DOT_DTYPE)
 
     @triton.jit
     def _nf4_fwd_kernel(
