@@ -79,10 +79,11 @@ if HAS_TRITON:
         if BLOCK_K == 128:  # bytes 32..63 of the tile are the next group: a select, not a reshape of the scales
             s2 = tl.load(s_ptr + rn * NB_K + k0 // 64 + 1, mask=n_ok, other=0.0)[:, None]
             s = tl.where(half[None, :] < 32, s, s2)
-            return tl.reshape(tl.join(hi * s, lo * s), (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
-        # one group: scaled after the interleave (scaling before it made Triton 3.9 fail on fp32 dx for sm_90/100:
-        # "Illegal shared layout" in TritonGPUOptimizeDotOperands)
-        return (tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K)) * s).to(DOT_DTYPE)
+            w = tl.reshape(tl.join(hi * s, lo * s), (BLOCK_N, BLOCK_K))
+        else:  # one group: scaled after the interleave (scaling before it made Triton 3.9 fail on the fp32 dx for
+            # sm_90/100: "Illegal shared layout" in TritonGPUOptimizeDotOperands)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K)) * s
+        return w.to(DOT_DTYPE)
 
     @triton.jit
     def _nf4_fwd_kernel(
@@ -177,17 +178,20 @@ def generation(cap: tuple[int, int]) -> str:
 #   - forward 128 x 64 x 64 on sm_80: 4 B at r 32.  dx 64 x 64 x 64 on 4 warps (sm_80): 28 B; on 8 warps none.
 #   - dx 64 x 64 x 128 on sm_80: 16 B at r 64.
 #   - fp32 (tf32 dots) on mma: 128 x 128 forward 36-48 B, 64 x 128 forward (M <= 64) 108 B, dx with a 128-row
-#     contraction tile 24-88 B; hence the smaller fp32 sets there.
+#     contraction tile 24-88 B; hence the smaller fp32 sets there. On sm_100 the fp32 forward's 128 x 128 and
+#     64 x 128 tiles spill 4-20 B (ptxas stops at 128 registers), as does 64 x 64 x 64 on 8 warps (16 B).
+#   - at ptxas's 128-register ceiling: dx 128 x 64 x 64 (sm_86/89, 8 B) and forward 64 x 64 x 64 on 4 warps
+#     (sm_86/89/120, 4 B).
 _TILES: dict[tuple[str, str, int], tuple[list[list[int]], list[list[int]]]] = {
-    ("fwd", "mma", 2): ([[128, 128, 64, 8, 3], [128, 128, 64, 8, 4]], [[64, 128, 64, 4, 4], [64, 64, 64, 4, 4]]),
+    ("fwd", "mma", 2): ([[128, 128, 64, 8, 3], [128, 128, 64, 8, 4]], [[64, 128, 64, 4, 4], [64, 64, 64, 8, 4]]),
     ("fwd", "wgmma", 2): ([[128, 128, 64, 8, 3], [128, 128, 128, 8, 3], [128, 64, 128, 8, 3], [128, 128, 64, 8, 4]],
                           [[64, 128, 64, 4, 4], [64, 64, 128, 4, 4], [64, 128, 128, 8, 3]]),
-    ("dx", "mma", 2): ([[128, 64, 128, 8, 3], [128, 64, 64, 8, 3], [128, 32, 128, 8, 4], [128, 128, 64, 8, 3]],
+    ("dx", "mma", 2): ([[128, 64, 128, 8, 3], [128, 32, 128, 8, 4], [128, 128, 64, 8, 3]],
                        [[64, 64, 64, 8, 4], [64, 32, 128, 4, 4], [64, 128, 64, 8, 3]]),
     ("dx", "wgmma", 2): ([[128, 64, 128, 8, 3], [128, 128, 64, 8, 3], [128, 64, 64, 8, 3], [128, 32, 128, 8, 4]],
                          [[64, 64, 128, 8, 3], [64, 64, 64, 8, 4], [64, 128, 64, 8, 3]]),
-    ("fwd", "mma", 4): ([[128, 64, 64, 8, 3], [64, 64, 64, 4, 4]], [[64, 64, 64, 4, 4]]),
-    ("fwd", "wgmma", 4): ([[128, 128, 64, 8, 3], [128, 64, 64, 8, 3]], [[64, 128, 64, 4, 4], [64, 64, 64, 4, 4]]),
+    ("fwd", "mma", 4): ([[128, 64, 64, 8, 3], [64, 64, 64, 8, 4]], [[64, 64, 64, 8, 4]]),
+    ("fwd", "wgmma", 4): ([[128, 64, 64, 8, 3]], [[64, 64, 64, 4, 4]]),
     ("dx", "mma", 4): ([[128, 32, 64, 8, 3], [64, 64, 64, 4, 4]], [[64, 64, 64, 4, 4]]),
     ("dx", "wgmma", 4): ([[128, 64, 64, 8, 3], [128, 128, 64, 8, 3]], [[64, 64, 64, 4, 4], [64, 128, 64, 4, 3]]),
 }
