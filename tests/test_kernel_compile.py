@@ -55,7 +55,7 @@ def test_default_configurations_compile_on_every_supported_arch(default_rows):
         assert row["signature"]["q_ptr" if "q_ptr" in row["signature"] else "a_ptr"].startswith("*")
     for arch in ARCHS.values():
         rows = [r for r in default_rows if r["arch"] == arch.name]
-        modes = {"weight-only", "fp8-compute"} if arch.capability >= (8, 9) else {"weight-only"}
+        modes = {"weight-only", "fp8-compute", "nf4"} if arch.capability >= (8, 9) else {"weight-only", "nf4"}
         for kernel in ("_fwd_kernel", "_dx_kernel"):
             for mode in modes:
                 got = {r["constexprs"]["BLOCK_R"] for r in rows if r["kernel"].endswith(kernel) and r["mode"] == mode}
@@ -75,10 +75,11 @@ def test_default_tiles_do_not_spill_and_pipeline(default_rows):
             continue
         c = r["constexprs"]
         x_bytes = 1 if r["mode"] == "fp8-compute" else 2  # e4m3 activations, else bf16
+        w_bytes = 0.5 if r["mode"] == "nf4" else 1  # two NF4 codes a byte, else one e4m3 byte an element
         fwd = r["kernel"].endswith("_fwd_kernel")
-        # per stage: the activation tile (BLOCK_M x contraction) and the e4m3 weight tile (1 byte an element)
+        # per stage: the activation tile (BLOCK_M x contraction) and the weight tile's bytes
         red, other = (c["BLOCK_K"], c["BLOCK_N"]) if fwd else (c["BLOCK_N"], c["BLOCK_K"])
-        stage = c["BLOCK_M"] * red * x_bytes + red * other
+        stage = c["BLOCK_M"] * red * x_bytes + red * other * w_bytes
         assert r["shared"] >= (r["options"]["num_stages"] - 1) * stage, (r["kernel"], r["arch"], r["shared"], stage)
 
 
@@ -126,7 +127,7 @@ def test_rows_reproduce_their_compile_and_are_cached(default_rows, tmp_path):
 
 def test_specialization_is_the_one_a_launch_makes():
     """compile.specialize against Triton's own launch binder (its internals in triton 3.9: skipped elsewhere), for
-    the default forward and dx launches: the same types, constants and divisibility."""
+    the default forward and dx launches of both families (FP8, NF4): the same types, constants and divisibility."""
     script = r"""
 import warnings; warnings.simplefilter("ignore")
 import torch
@@ -134,9 +135,10 @@ from triton.compiler import make_backend
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import create_function_from_signature
 from llama_ft.fp8 import launches
+from llama_ft.nf4 import launches as nf4_launches
 from llama_ft.kernelcheck.compile import specialize
 backend = make_backend(GPUTarget("cuda", 90, 32))
-for cl in launches.check_launches((9, 0), defaults_only=True):
+for cl in [*launches.check_launches((9, 0), defaults_only=True), *nf4_launches.check_launches((9, 0), True)]:
     ln, cfg = cl.launch, cl.launch.configs[0]
     fn = ln.kernel
     # the binder reads data_ptr(): meta tensors (0) stand for aligned CUDA tensors; CPU tensors of the same dtype

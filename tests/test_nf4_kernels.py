@@ -19,10 +19,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _code_book() -> torch.Tensor:
+    """bitsandbytes' NF4 code book in float64; where bitsandbytes is missing (the GPU image), our constant, which
+    test_code_book_and_decode_equal_bitsandbytes checks against it wherever it is installed."""
+    try:
+        import bitsandbytes.functional as F
+    except (ImportError, RuntimeError):
+        return torch.tensor(reference.NF4_CODE_VALUES, dtype=torch.float64)
+    return F.get_4bit_type("nf4", device="cpu").double()
+
+
 def _float64_weight(packed: torch.Tensor, absmax: torch.Tensor, k: int) -> torch.Tensor:
     """W (N, K) float64, element by element from the storage's definition: column c is byte c // 2 of the row, its
-    high nibble when c is even, low when odd; times absmax[:, c // 64]. The code book is bitsandbytes' own."""
-    book = _bnb().get_4bit_type("nf4", device="cpu").double()
+    high nibble when c is even, low when odd; times absmax[:, c // 64]."""
+    book = _code_book()
     col = torch.arange(k)
     byte = packed[:, col // 2].long()
     code = torch.where(col % 2 == 0, byte // 16, byte % 16)
@@ -94,7 +104,8 @@ def test_reference_matches_float64(k, dtype, monkeypatch):
 @pytest.mark.parametrize("m,n,k,r,tiles", [
     (70, 96, 192, 8, None),            # M and N not multiples of the tiles (32 x 64)
     (5, 40, 128, 72, None),            # r > 64: the LoRA term added after the kernel
-    (130, 200, 256, 16, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=2)),
+    (70, 136, 256, 16, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=2)),  # two absmax groups a tile row
+    (33, 70, 320, 16, dict(BLOCK_K=128)),  # 128 does not divide K: the launch takes 64
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_match_float64(m, n, k, r, tiles, dtype):
@@ -120,11 +131,11 @@ def test_kernels_refuse_k_not_a_multiple_of_64():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,r", [(4096, 8192, 8192, 64), (4096, 28672, 8192, 16), (2048 + 7, 1024 + 56, 4096, 64),
-                                     (33, 4096, 4096, 16)])
+@pytest.mark.parametrize("m,n,k,r", [(4096, 8192, 8192, 64), (4096, 28672, 8192, 16),
+                                     (2048 + 7, 1024 + 56, 4096 + 64, 64), (33, 4096, 4096, 16)])
 def test_gpu_kernels_match_reference(m, n, k, r):
-    """Training shapes (70B q and gate projections), ragged M and N, a small batch: the autotuned kernels against
-    the reference on the same GPU (W rounded to bf16 in both; products accumulated in fp32)."""
+    """Training shapes (70B q and gate projections), ragged M and N with K % 128 != 0, a small batch: the autotuned
+    kernels against the reference on the same GPU (W rounded to bf16 in both; products accumulated in fp32)."""
     torch.manual_seed(0)
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
     absmax = torch.rand(n, k // 64, device="cuda") * 0.05 + 1e-3
@@ -163,3 +174,23 @@ def test_gpu_every_tile_configuration_matches_float64(dtype):
                 else:
                     got = kernels.dx_triton(dy, packed, absmax, dy @ b, a, 2.0, tiles=tiles)
                 assert _rel(got, want) <= tol, (which, m, tiles, _rel(got, want))
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)])
+def test_gpu_tile_sets_fit_k(cap, monkeypatch):
+    """The GPU tile sets (what autotune picks among): where 128 does not divide K, every weight tile is one absmax
+    group (the kernels have no column masks) and the launch has a mode of its own, so that a tuner made for
+    K % 128 == 0 is never handed such a K."""
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    code = torch.empty(16, device="meta")
+    for k, wide in ((8192, True), (8192 + 64, False)):
+        packed = torch.empty(256, k // 2, dtype=torch.uint8, device="meta")
+        absmax = torch.empty(256, k // 64, device="meta")
+        x, dy = torch.empty(4096, k, dtype=torch.bfloat16, device="meta"), torch.empty(4096, 256, device="meta")
+        y, dx = torch.empty(4096, 256, dtype=torch.bfloat16, device="meta"), torch.empty(4096, k, device="meta")
+        launches = [kernels.fwd_launch(x, packed, absmax, code, None, None, y, 1.0, cap),
+                    kernels.dx_launch(dy.bfloat16(), packed, absmax, code, None, None, dx.bfloat16(), 1.0, cap)]
+        blocks = {c.kwargs["BLOCK_K"] for ln in launches for c in ln.configs}
+        assert blocks == ({64, 128} if wide else {64}), (k, cap, blocks)
+        assert {ln.mode for ln in launches} == {"nf4" if wide else "nf4-k64"}

@@ -13,9 +13,10 @@ order), look both up in the 16-entry code book (a gather from a 64-byte table th
 them (tl.join + reshape: (BLOCK_N, 32, 2) -> (BLOCK_N, 64)), multiply each row by its absmax in fp32, cast to
 the activation dtype and hand the tile to tl.dot. No dequantized copy of W exists in memory.
 
-Block-size rule: the weight tile's K extent is exactly one absmax group (BLOCK_K = 64 in both kernels: the
-forward's contraction tile, dx's output columns), so each row of the tile has one scale, loaded as a vector
-of BLOCK_N. K % 64 == 0 is required (every Llama projection); N and M are masked.
+Block-size rule: the weight tile's K extent (BLOCK_K: the forward's contraction tile, dx's output columns) is
+one or two absmax groups, 64 or 128, and divides K, so the K loop and dx's column tiles need no masks: each row
+of the tile has one scale (a vector of BLOCK_N) or two (picked per byte with a select). K % 64 == 0 is required
+(every Llama projection); a 128 becomes 64 where 128 does not divide K (`_fit_k`). N and M are masked.
 
 Tiles: `tile_configs` gives, per kernel and size of M, a few configurations, the default first; on a GPU
 triton.autotune picks among them once per (power-of-two bucket of M, N, K, r) through the FP8 family's
@@ -58,23 +59,31 @@ __all__ = ["FUSED_R_MAX", "dx_launch", "dx_triton", "forward_triton", "fwd_launc
 FUSED_R_MAX = 64
 """The largest LoRA rank whose up-projection is fused into the kernels' output tile (BLOCK_R 16..64)."""
 MODE = "nf4"
-"""The mode label of these launches (FP8's are weight-only and fp8-compute) in autotune keys and the compile check."""
+"""The mode label of these launches (FP8's are weight-only and fp8-compute) in autotune keys and the compile check;
+`_mode` adds "-k64" where 128 does not divide K, whose tile set differs (one autotuner per set)."""
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
-        """W[rn, k0:k0+64] (BLOCK_N, 64) in DOT_DTYPE from the packed bytes: k0 is a multiple of 64, so the tile
-        is one absmax group per row; rows past N read as 0."""
-        half = tl.arange(0, 32)
+    def _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr):
+        """W[rn, k0:k0+BLOCK_K] (BLOCK_N, BLOCK_K) in DOT_DTYPE from the packed bytes; k0 is a multiple of BLOCK_K
+        (64 or 128: one or two absmax groups a row) and the tile lies inside K; rows past N read as 0."""
+        half = tl.arange(0, BLOCK_K // 2)
         p = tl.load(q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=n_ok[:, None], other=0)
         p = p.to(tl.int32)
         hi = tl.load(code_ptr + (p >> 4))  # element 2j of the pair
         lo = tl.load(code_ptr + (p & 0xF))  # element 2j + 1
-        w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 64))
-        s = tl.load(s_ptr + rn * NB_K + k0 // 64, mask=n_ok, other=0.0)
-        return (w * s[:, None]).to(DOT_DTYPE)
+        s = tl.load(s_ptr + rn * NB_K + k0 // 64, mask=n_ok, other=0.0)[:, None]
+        if BLOCK_K == 128:  # bytes 32..63 of the tile are the next group: a select, not a reshape of the scales
+            s2 = tl.load(s_ptr + rn * NB_K + k0 // 64 + 1, mask=n_ok, other=0.0)[:, None]
+            s = tl.where(half[None, :] < 32, s, s2)
+            w = tl.reshape(tl.join(hi * s, lo * s), (BLOCK_N, BLOCK_K))
+        else:  # one group: scaled after the interleave (scaling before it made Triton 3.9 fail on the fp32 dx for
+            # sm_90/100: "Illegal shared layout" in TritonGPUOptimizeDotOperands)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K)) * s
+        return w.to(DOT_DTYPE)
 
     @triton.jit
     def _nf4_fwd_kernel(
@@ -93,10 +102,10 @@ if HAS_TRITON:
         m_ok = rm < M
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # K % 64 == 0 and BLOCK_K == 64: no column mask
+        for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0 (the launch's rule): no column mask
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=m_ok[:, None],
                         other=0.0)
-            w = _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N, DOT_DTYPE)
+            w = _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
             acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w))
         if HAS_LORA:
             rr = tl.arange(0, BLOCK_R)
@@ -120,7 +129,7 @@ if HAS_TRITON:
         pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        k0 = pid_k * BLOCK_K  # the output's columns: one absmax group (BLOCK_K == 64), always inside K
+        k0 = pid_k * BLOCK_K  # the output's columns: whole absmax groups, inside K (K % BLOCK_K == 0)
         rk = k0 + tl.arange(0, BLOCK_K)
         rn = tl.arange(0, BLOCK_N).to(tl.int64)
         m_ok = rm < M
@@ -130,7 +139,7 @@ if HAS_TRITON:
             n_ok = nn < N
             dy = tl.load(dy_ptr + rm[:, None] * stride_dym + nn[None, :] * stride_dyn,
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            w = _nf4_tile(q_ptr, s_ptr, code_ptr, nn, n_ok, k0, K, NB_K, BLOCK_N, DOT_DTYPE)
+            w = _nf4_tile(q_ptr, s_ptr, code_ptr, nn, n_ok, k0, K, NB_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
             acc += tl.dot(dy.to(DOT_DTYPE), w)
         if HAS_LORA:
             rr = tl.arange(0, BLOCK_R)
@@ -147,27 +156,65 @@ if HAS_TRITON:
 # tiles
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, group_m: int = 8) -> Any:
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, GROUP_M=group_m), num_warps=warps,
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> Any:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m), num_warps=warps,
                          num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) per kernel: (for M > 64, for M <= 64), the default first. BLOCK_K is one
-# absmax group (64) in both kernels; in dx, BLOCK_N is the contraction tile.
-_TILES: dict[str, tuple[list[list[int]], list[list[int]]]] = {
-    "fwd": ([[128, 128, 8, 3], [128, 64, 8, 3], [128, 128, 8, 4]], [[64, 128, 4, 4], [64, 64, 4, 4]]),
-    "dx": ([[128, 64, 8, 3], [128, 128, 8, 3], [64, 64, 4, 4]], [[64, 64, 4, 4], [64, 128, 4, 3]]),
+def generation(cap: tuple[int, int]) -> str:
+    """wgmma (sm_90, and sm_100 which takes Hopper's tiles as the FP8 family does) or mma (sm_80/86/89/120: 99 KB
+    of shared memory on all but sm_80)."""
+    return "wgmma" if cap == (9, 0) or (10, 0) <= cap < (11, 0) else "mma"
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per (kernel, generation, 16- or 32-bit inputs): (for M > 64, for
+# M <= 64), the default first. In dx, BLOCK_N is the contraction tile and BLOCK_K the output's columns. BLOCK_K is
+# one or two absmax groups (64, 128); where K % 128 != 0 a 128 becomes 64 (`_fit_k`). Each set compiles with zero
+# spill stores for its inputs, LoRA at r 16..64 and without, on each architecture of its generation (`llama-ft
+# kernels --compile all`, triton 3.9; BENCHMARKS.md). What compiling candidates ruled out (bf16 unless said):
+#   - forward 128 x 128 x 128 on mma: 137 KB of shared memory (sm_86/89/120 have 99 KB), 156-416 B of spills on
+#     sm_80/86; on sm_90 it is spill-free (217-254 registers, 169 KB) and autotune may take it there.
+#   - forward 128 x 256 x 64: 28-1,560 B everywhere; forward 64 x 128 x 128 on 4 warps: 80-712 B.
+#   - forward 128 x 64 x 64 on sm_80: 4 B at r 32.  dx 64 x 64 x 64 on 4 warps (sm_80): 28 B; on 8 warps none.
+#   - dx 64 x 64 x 128 on sm_80: 16 B at r 64.
+#   - fp32 (tf32 dots) on mma: 128 x 128 forward 36-48 B, 64 x 128 forward (M <= 64) 108 B, dx with a 128-row
+#     contraction tile 24-88 B; hence the smaller fp32 sets there. On sm_100 the fp32 forward's 128 x 128 and
+#     64 x 128 tiles spill 4-20 B (ptxas stops at 128 registers), as does 64 x 64 x 64 on 8 warps (16 B).
+#   - at ptxas's 128-register ceiling: dx 128 x 64 x 64 (sm_86/89, 8 B) and forward 64 x 64 x 64 on 4 warps
+#     (sm_86/89/120, 4 B).
+_TILES: dict[tuple[str, str, int], tuple[list[list[int]], list[list[int]]]] = {
+    ("fwd", "mma", 2): ([[128, 128, 64, 8, 3], [128, 128, 64, 8, 4]], [[64, 128, 64, 4, 4], [64, 64, 64, 8, 4]]),
+    ("fwd", "wgmma", 2): ([[128, 128, 64, 8, 3], [128, 128, 128, 8, 3], [128, 64, 128, 8, 3], [128, 128, 64, 8, 4]],
+                          [[64, 128, 64, 4, 4], [64, 64, 128, 4, 4], [64, 128, 128, 8, 3]]),
+    ("dx", "mma", 2): ([[128, 64, 128, 8, 3], [128, 32, 128, 8, 4], [128, 128, 64, 8, 3]],
+                       [[64, 64, 64, 8, 4], [64, 32, 128, 4, 4], [64, 128, 64, 8, 3]]),
+    ("dx", "wgmma", 2): ([[128, 64, 128, 8, 3], [128, 128, 64, 8, 3], [128, 64, 64, 8, 3], [128, 32, 128, 8, 4]],
+                         [[64, 64, 128, 8, 3], [64, 64, 64, 8, 4], [64, 128, 64, 8, 3]]),
+    ("fwd", "mma", 4): ([[128, 64, 64, 8, 3], [64, 64, 64, 8, 4]], [[64, 64, 64, 8, 4]]),
+    ("fwd", "wgmma", 4): ([[128, 64, 64, 8, 3]], [[64, 64, 64, 4, 4]]),
+    ("dx", "mma", 4): ([[128, 32, 64, 8, 3], [64, 64, 64, 4, 4]], [[64, 64, 64, 4, 4]]),
+    ("dx", "wgmma", 4): ([[128, 64, 64, 8, 3], [128, 128, 64, 8, 3]], [[64, 64, 64, 4, 4], [64, 128, 64, 4, 3]]),
 }
 
 
 def tile_configs(kernel: str, cap: tuple[int, int], m: int, dtype: torch.dtype = torch.bfloat16) -> list[Any]:
-    """The tile configurations of `kernel` ("fwd" or "dx") for M and the input dtype: the default first.
-    `cap` is kept for the GPU generations' own tables (one table serves sm_80..sm_120 today)."""
-    del cap, dtype
+    """The tile configurations of `kernel` ("fwd" or "dx") for this GPU generation, M and input dtype: the default
+    first (see _TILES)."""
     if interpreting():  # cost is per program and op: small grids
-        return [_cfg(32, 64, 4, 1, group_m=4)]
-    large, small = _TILES[kernel]
+        return [_cfg(32, 64, 64, 4, 1, group_m=4)]
+    large, small = _TILES[(kernel, generation(cap), 4 if dtype.itemsize == 4 else 2)]
     return [_cfg(*t) for t in (small if m <= 64 else large)]
+
+
+def _fit_k(configs: list[Any], k: int) -> list[Any]:
+    """The configurations with BLOCK_K 64 where 128 does not divide K (the kernels have no column masks)."""
+    out = []
+    for c in configs:
+        if k % c.kwargs["BLOCK_K"]:
+            c = triton.Config({**c.kwargs, "BLOCK_K": GROUP}, num_warps=c.num_warps, num_stages=c.num_stages)
+        if all(c.kwargs != o.kwargs or (c.num_warps, c.num_stages) != (o.num_warps, o.num_stages) for o in out):
+            out.append(c)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +225,10 @@ def supports(k: int) -> bool:
     """Whether the kernels take a weight of K columns (whole absmax groups); the dispatcher sends others to the
     reference."""
     return k % GROUP == 0
+
+
+def _mode(k: int) -> str:
+    return MODE if k % 128 == 0 else f"{MODE}-k64"
 
 
 def _check(packed: torch.Tensor, absmax: torch.Tensor, k: int) -> None:
@@ -199,14 +250,14 @@ def fwd_launch(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     r = t.shape[1] if has_lora else 1
     t_ = t if has_lora else y
     b_ = b if has_lora else y
-    configs = _tiles(tile_configs("fwd", cap, m, y.dtype), tiles)
-    assert all(c.kwargs["BLOCK_K"] == GROUP for c in configs)
+    configs = _fit_k(_tiles(tile_configs("fwd", cap, m, y.dtype), tiles), k)
+    assert all(c.kwargs["BLOCK_K"] in (64, 128) for c in configs)
     args = (x, packed, absmax, code, t_, b_, y, m, n, k, r, float(scaling), absmax.shape[1],
             x.stride(0), x.stride(1), t_.stride(0), t_.stride(1), b_.stride(0), b_.stride(1), y.stride(0), y.stride(1))
     constexprs = dict(BLOCK_R=_r_block(r), HAS_LORA=has_lora, DOT_DTYPE=_dot_dtype(y))
     return Launch(_nf4_fwd_kernel, args, constexprs, configs,
                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-                  MODE, cap, _bucket(m))
+                  _mode(k), cap, _bucket(m))
 
 
 def dx_launch(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -220,15 +271,15 @@ def dx_launch(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     r = u.shape[1] if has_lora else 1
     u_ = u if has_lora else dx
     a_ = a if has_lora else dx
-    configs = _tiles(tile_configs("dx", cap, m, dx.dtype), tiles)
-    assert all(c.kwargs["BLOCK_K"] == GROUP for c in configs)
+    configs = _fit_k(_tiles(tile_configs("dx", cap, m, dx.dtype), tiles), k)
+    assert all(c.kwargs["BLOCK_K"] in (64, 128) for c in configs)
     args = (dy, packed, absmax, code, u_, a_, dx, m, n, k, r, float(scaling), absmax.shape[1],
             dy.stride(0), dy.stride(1), u_.stride(0), u_.stride(1), a_.stride(0), a_.stride(1), dx.stride(0),
             dx.stride(1))
     constexprs = dict(BLOCK_R=_r_block(r), HAS_LORA=has_lora, DOT_DTYPE=_dot_dtype(dx))
     return Launch(_nf4_dx_kernel, args, constexprs, configs,
                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),),
-                  MODE, cap, _bucket(m))
+                  _mode(k), cap, _bucket(m))
 
 
 # ---------------------------------------------------------------------------------------------------------------
