@@ -40,32 +40,18 @@ class NF4Ops:
         packed, absmax_bytes = storage
         return packed.view(self.n, self.k // 2), absmax_bytes.view(torch.float32).view(self.n, self.k // BLOCK)
 
-    def forward(self, x2, storage, t, b, scaling):
-        if kernels.supports(self.k):
-            packed, absmax = self._rows_layout(storage)
-            if kernels.use_triton(x2):
-                return kernels.forward_triton(x2.contiguous(), packed, absmax, t, b, scaling)
-            return reference.forward_ref(x2, packed, absmax, t, b, scaling)
+    def _flat_rows(self, storage: tuple[torch.Tensor, ...]) -> reference.RowsFn:
         packed, absmax = storage[0], storage[1].view(torch.float32)
-        y = torch.empty(x2.shape[0], self.n, dtype=torch.float32, device=x2.device)
-        left = x2.float()
-        for rows in reference.stripes(self.n, self.k):
-            y[:, rows] = left @ flat_rows(packed, absmax, self.n, self.k, rows, x2.dtype).float().T
-        if t is not None:
-            y.addmm_(t.float(), b.float().T, alpha=scaling)
-        return y.to(x2.dtype)
+        return lambda rows, dtype: flat_rows(packed, absmax, self.n, self.k, rows, dtype)
+
+    def forward(self, x2, storage, t, b, scaling):
+        if not kernels.supports(self.k):
+            return reference.stripe_forward(x2, self.n, self._flat_rows(storage), t, b, scaling)
+        gemm = kernels.forward_triton if kernels.use_triton(x2) else reference.forward_ref
+        return gemm(x2.contiguous(), *self._rows_layout(storage), t, b, scaling)
 
     def dx(self, dy2, storage, u, a, scaling):
-        if kernels.supports(self.k):
-            packed, absmax = self._rows_layout(storage)
-            if kernels.use_triton(dy2):
-                return kernels.dx_triton(dy2.contiguous(), packed, absmax, u, a, scaling)
-            return reference.dx_ref(dy2, packed, absmax, u, a, scaling)
-        packed, absmax = storage[0], storage[1].view(torch.float32)
-        dx = torch.zeros(dy2.shape[0], self.k, dtype=torch.float32, device=dy2.device)
-        left = dy2.float()
-        for rows in reference.stripes(self.n, self.k):
-            dx.addmm_(left[:, rows], flat_rows(packed, absmax, self.n, self.k, rows, dy2.dtype).float())
-        if u is not None:
-            dx.addmm_(u.float(), a.float(), alpha=scaling)
-        return dx.to(dy2.dtype)
+        if not kernels.supports(self.k):
+            return reference.stripe_dx(dy2, self.k, self._flat_rows(storage), u, a, scaling)
+        gemm = kernels.dx_triton if kernels.use_triton(dy2) else reference.dx_ref
+        return gemm(dy2.contiguous(), *self._rows_layout(storage), u, a, scaling)

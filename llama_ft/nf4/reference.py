@@ -20,30 +20,29 @@ such freed chunks resident; a fixed-size stripe is reused from the heap call aft
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from llama_ft.nf4.format import NF4_CODE
 
 GROUP = 64
 """Weights per absmax scale (bitsandbytes' blocksize 64 along a row)."""
 STRIPE_ELEMENTS = 1 << 21
 """Weights dequantized at once (fp32): 8 MiB, about 24 MiB of transients with the codes and expanded scales."""
 
-NF4_CODE_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-"""The 16 NormalFloat-4 values (fp32) indexed by code, as bitsandbytes' get_4bit_type("nf4")."""
+NF4_CODE_VALUES = tuple(NF4_CODE.tolist())
+"""The 16 NormalFloat-4 values (fp32) indexed by code (format.NF4_CODE: bitsandbytes' get_4bit_type("nf4"))."""
 
 _CODES: dict[torch.device, torch.Tensor] = {}
 
 
 def code_table(device: torch.device | str) -> torch.Tensor:
-    """NF4_CODE_VALUES as an fp32 tensor (16,) on `device`, made once per device."""
+    """format.NF4_CODE on `device`, made once per device."""
     device = torch.device(device)
     t = _CODES.get(device)
     if t is None:
-        t = _CODES[device] = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
+        t = _CODES[device] = NF4_CODE.to(device)
     return t
 
 
@@ -65,28 +64,46 @@ def dequantize_rows(packed: torch.Tensor, absmax: torch.Tensor, rows: slice, dty
     return w.to(dtype)
 
 
-def forward_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, t: torch.Tensor | None,
-                b: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """y (M, N) = x W^T + scaling * t B^T, in x.dtype. y[:, rows] = x W[rows]^T, stripe by stripe."""
-    k = x.shape[1]
+RowsFn = Callable[[slice, torch.dtype], torch.Tensor]
+"""rows, dtype -> W[rows] (len(rows), K) decoded in that dtype."""
+
+
+def stripe_forward(x: torch.Tensor, n: int, weight_rows: RowsFn, t: torch.Tensor | None, b: torch.Tensor | None,
+                   scaling: float) -> torch.Tensor:
+    """y (M, N) = x W^T + scaling * t B^T, in x.dtype: y[:, rows] = x W[rows]^T, W decoded stripe by stripe (in
+    x.dtype, as the kernels' dot operand is), products in fp32."""
     left = x.float()
-    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32, device=x.device)
-    for rows in stripes(packed.shape[0], k):
-        y[:, rows] = left @ dequantize_rows(packed, absmax, rows, x.dtype, k).float().T
+    y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for rows in stripes(n, x.shape[1]):
+        y[:, rows] = left @ weight_rows(rows, x.dtype).float().T
     if t is not None:
         y.addmm_(t.float(), b.float().T, alpha=scaling)
     return y.to(x.dtype)
 
 
-def dx_ref(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, u: torch.Tensor | None,
-           a: torch.Tensor | None, scaling: float, k: int | None = None) -> torch.Tensor:
-    """dx (M, K) = dy W + scaling * u A, in dy.dtype: the sum over stripes of dy[:, rows] W[rows].
-    K defaults to 2 * packed.shape[1] (give it for an odd K)."""
-    k = 2 * packed.shape[1] if k is None else k
+def stripe_dx(dy: torch.Tensor, k: int, weight_rows: RowsFn, u: torch.Tensor | None, a: torch.Tensor | None,
+              scaling: float) -> torch.Tensor:
+    """dx (M, K) = dy W + scaling * u A, in dy.dtype: the sum over stripes of dy[:, rows] W[rows]."""
     left = dy.float()
     dx = torch.zeros(dy.shape[0], k, dtype=torch.float32, device=dy.device)
-    for rows in stripes(packed.shape[0], k):
-        dx.addmm_(left[:, rows], dequantize_rows(packed, absmax, rows, dy.dtype, k).float())
+    for rows in stripes(dy.shape[1], k):
+        dx.addmm_(left[:, rows], weight_rows(rows, dy.dtype).float())
     if u is not None:
         dx.addmm_(u.float(), a.float(), alpha=scaling)
     return dx.to(dy.dtype)
+
+
+def forward_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, t: torch.Tensor | None,
+                b: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """y (M, N) = x W^T + scaling * t B^T, in x.dtype, from the row layout."""
+    k = x.shape[1]
+    return stripe_forward(x, packed.shape[0], lambda rows, dt: dequantize_rows(packed, absmax, rows, dt, k), t, b,
+                          scaling)
+
+
+def dx_ref(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, u: torch.Tensor | None,
+           a: torch.Tensor | None, scaling: float, k: int | None = None) -> torch.Tensor:
+    """dx (M, K) = dy W + scaling * u A, in dy.dtype, from the row layout. K defaults to 2 * packed.shape[1]
+    (give it for an odd K)."""
+    k = 2 * packed.shape[1] if k is None else k
+    return stripe_dx(dy, k, lambda rows, dt: dequantize_rows(packed, absmax, rows, dt, k), u, a, scaling)
