@@ -246,3 +246,29 @@ def test_quantize_runs_on_every_supported_gpu(monkeypatch, caplog, name, cap, fp
     with caplog.at_level("INFO", logger="llama_ft"):
         check_fp8_mode(cfg)
     assert f"FP8 on {name} (compute capability {cap[0]}.{cap[1]}): {mode}" in caplog.text
+
+
+@pytest.fixture
+def bnb_4bit(tiny_model_dir, tmp_path):
+    from llama_ft.quantize import quantize_checkpoint
+
+    return Path(quantize_checkpoint(tiny_model_dir, tmp_path / "nf4", bits=4, progress=False)["output"])
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("--bits", "8"), "--bits 8: {m} is a pre-quantized NF4 (bitsandbytes bnb-4bit) checkpoint, 4-bit"),
+    (("--quantize", "--fp8_compute", "true"), "--fp8_compute: {m} holds NF4 weights (4-bit)"),
+])
+def test_a_bnb_4bit_checkpoint_refuses_8_bit_requests(capsys, bnb_4bit, data_file, tmp_path, extra, needle):
+    """A bnb-4bit checkpoint implies --bits 4; asking for FP8 of it is one line before anything is built."""
+    out = tmp_path / "out"
+    _fail(capsys, _argv(bnb_4bit, data_file, out, *extra), needle.format(m=bnb_4bit))
+    assert not out.exists()
+
+
+def test_a_4bit_request_on_an_fp8_checkpoint_is_one_line(capsys, tiny_model_dir, data_file, tmp_path):
+    from llama_ft.quantize import quantize_checkpoint
+
+    fp8 = Path(quantize_checkpoint(tiny_model_dir, tmp_path / "fp8", progress=False)["output"])
+    _fail(capsys, _argv(fp8, data_file, tmp_path / "out", "--bits", "4"),
+          f"--bits 4: {fp8} is a pre-quantized FP8 (llama-ft quantize) checkpoint, 8-bit")
