@@ -45,8 +45,8 @@ def run(tmp_path_factory, real_checkpoint):
     train, heldout = write_pairs(tmp / "task")
     out, merged = tmp / "dpo", tmp / "merged"
     flags = [*TRAIN_FLAGS, "--objective", "dpo", "--dpo_beta", str(BETA), "--bits", "4",
-             "--per_device_train_batch_size", "12", "--max_steps", str(STEPS), "--save_steps", str(STEPS), "--eval_steps", str(STEPS),
-             "--overwrite_output_dir"]
+             "--per_device_train_batch_size", "12", "--max_steps", str(STEPS), "--save_steps", str(STEPS),
+             "--eval_steps", str(STEPS), "--overwrite_output_dir"]
     run_llama(tmp, out, *flags, merge_dir=merged, model=real_checkpoint, ds_config="ds_configs/zero3_offload.json",
               DATA=str(train))
     first = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][0]
