@@ -276,12 +276,16 @@ def test_nf4_training_learns_and_resumes_exactly(default_run):
     """--bits 4 (NF4 base, quantized on load), 20 steps: the first step's loss (B = 0: the base alone) is within 5%
     of the bf16 run's first step on the same batch (4-bit rounding of the base), and the run learns; the base
     linears' partitions hold 0.5625 bytes a weight (0.28x bf16); the adapters load on the bf16 base with PEFT and
-    give the run's own eval loss; resumed from its step-10 checkpoint it reproduces its adapters bit for bit."""
+    give the run's own eval loss; --generate_every samples on the 4-bit model; resumed from its step-10
+    checkpoint it reproduces its adapters bit for bit."""
     tmp, out = default_run["tmp"], default_run["out"]
     nf4_out, resumed = tmp / "nf4", tmp / "nf4-resumed"
-    steps = ("--max_steps", "20", "--save_steps", "10")
+    steps = ("--max_steps", "20", "--save_steps", "10", "--generate_every", "10", "--generate_max_new_tokens", "4")
     proc = run_llama(tmp, nf4_out, "--bits", "4", *steps)
     assert "(NF4)" in proc.stderr
+    samples = [json.loads(ln) for ln in (nf4_out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [10, 10, 10, 20, 20, 20] and all(isinstance(s["completion"], str)
+                                                                            for s in samples)
     bf16_losses = [r["loss"] for r in _metrics(out) if "loss" in r]
     nf4_losses = [r["loss"] for r in _metrics(nf4_out) if "loss" in r]
     assert abs(nf4_losses[0] - bf16_losses[0]) <= 0.05 * bf16_losses[0], (nf4_losses[0], bf16_losses[0])

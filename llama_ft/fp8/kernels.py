@@ -131,6 +131,20 @@ if HAS_TRITON:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
+    def _lora_tile(t_ptr, b_ptr, rm, rn, m_ok, n_ok, R, stride_tm, stride_tr, stride_bn, stride_br,
+                   BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """t[rm, :R] b[rn, :R]^T, (BLOCK_M, BLOCK_N) in fp32: the LoRA term of an output tile, shared by every
+        quantized format's kernels. Forward: t = x A^T (M, r), b = B (N, r). Input gradient: t = dy B (M, r) and
+        b = A read transposed (rows: the output's K columns; stride_bn = A's column stride)."""
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        return tl.dot(t.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)))
+
+    @triton.jit
     def _quantize_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk, NB_K, BLOCK_Q: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -201,13 +215,8 @@ if HAS_TRITON:
             else:
                 acc += tl.dot(x.to(DOT_DTYPE), tl.trans(_widen(wq, DOT_DTYPE, INT_DECODE))) * sw
         if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            acc += scaling * tl.dot(t.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)))
+            acc += scaling * _lora_tile(t_ptr, b_ptr, rm, rn, m_ok, n_ok, R, stride_tm, stride_tr, stride_bn,
+                                        stride_br, BLOCK_R, DOT_DTYPE)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -243,13 +252,8 @@ if HAS_TRITON:
             else:
                 acc += tl.dot(dy.to(DOT_DTYPE), _widen(wq, DOT_DTYPE, INT_DECODE)) * sw
         if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += scaling * tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE))
+            acc += scaling * _lora_tile(u_ptr, a_ptr, rm, rk, m_ok, k_ok, R, stride_um, stride_ur, stride_ak,
+                                        stride_ar, BLOCK_R, DOT_DTYPE)
         tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & k_ok[None, :])
 

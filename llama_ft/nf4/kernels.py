@@ -51,7 +51,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from llama_ft.fp8.kernels import _grouped_tile
+    from llama_ft.fp8.kernels import _grouped_tile, _lora_tile
 
 __all__ = ["FUSED_R_MAX", "dx_launch", "dx_triton", "forward_triton", "fwd_launch", "supports", "tile_configs",
            "tuned_configs", "use_triton"]
@@ -108,13 +108,8 @@ if HAS_TRITON:
             w = _nf4_tile(q_ptr, s_ptr, code_ptr, rn, n_ok, k0, K, NB_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
             acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w))
         if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            acc += scaling * tl.dot(t.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)))
+            acc += scaling * _lora_tile(t_ptr, b_ptr, rm, rn, m_ok, n_ok, R, stride_tm, stride_tr, stride_bn,
+                                        stride_br, BLOCK_R, DOT_DTYPE)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -141,13 +136,9 @@ if HAS_TRITON:
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             w = _nf4_tile(q_ptr, s_ptr, code_ptr, nn, n_ok, k0, K, NB_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
             acc += tl.dot(dy.to(DOT_DTYPE), w)
-        if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=r_ok[:, None], other=0.0)
-            acc += scaling * tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE))
+        if HAS_LORA:  # the output's columns are whole (K % BLOCK_K == 0): every rk is inside K
+            acc += scaling * _lora_tile(u_ptr, a_ptr, rm, rk, m_ok, rk < K, R, stride_um, stride_ur, stride_ak,
+                                        stride_ar, BLOCK_R, DOT_DTYPE)
         tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
 
