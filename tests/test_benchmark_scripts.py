@@ -339,3 +339,51 @@ def test_model_flops_per_token_counts_every_weight_once():
     assert tp.model_flops_per_token(dims, 64) == 4 * matmul_weights + 6 * lora
     # Llama 3.1 8B: 8.03e9 parameters, of which 7.50e9 are matmul weights (the embedding is 0.53e9); 0.17e9 LoRA
     assert 4 * 7.5e9 + 6 * 0.16e9 < tp.model_flops_per_token(dims, 64) < 4 * 7.51e9 + 6 * 0.17e9
+
+
+# --- benchmarks/nf4_lora_linear.py: the 4-bit kernels vs PEFT + bitsandbytes (QLoRA), structure not speed ---
+
+NF4_SCRIPT = REPO / "benchmarks" / "nf4_lora_linear.py"
+NF4_METHODS = ["ours_nf4", "peft_qlora", "bnb_matmul", "bf16_lora"]
+
+
+def test_nf4_lora_linear_smoke(tmp_path):
+    """--smoke with TRITON_INTERPRET=1: our NF4 Triton kernels (interpreted) and the QLoRA path (PEFT's LoRA on a
+    bitsandbytes Linear4bit, its CPU backend) both time one tiny q_proj step; figures agree with each other and
+    both outputs are within bf16 rounding of float64 over their own dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "nf4.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(NF4_SCRIPT), "--smoke", "--layers", "q", "--warmup", "0", "--iters",
+                           "1", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == NF4_METHODS and report["baseline"] == "peft_qlora" and report["goal"] == 1.3
+    for key in ("device", "torch", "triton", "bitsandbytes", "peft", "date", "timing", "command"):
+        assert report["header"][key], key
+    assert report["header"]["kernels"] == "Triton"  # the interpreter ran the kernels, not the PyTorch reference
+    (row,) = report["rows"]
+    m, n, k, r = row["M"], row["N"], row["K"], row["r"]
+    assert (row["layer"], m, n, k, r) == ("q_proj", 64, 256, 256, 16)
+    assert row["flop"] == 4 * m * n * k + 6 * m * r * (n + k)
+    base = row["results"]["peft_qlora"]["ms"]
+    for name in NF4_METHODS:
+        res = row["results"][name]
+        assert res["ms"] > 0 and math.isfinite(res["ms"]), (name, res)
+        assert res["tflops"] == pytest.approx(row["flop"] / (res["ms"] * 1e-3) / 1e12)
+        assert res["speedup_vs_peft_qlora"] == pytest.approx(base / res["ms"])
+    for name in ("ours_nf4", "peft_qlora"):  # bf16 outputs: about 2^-9 relative is their rounding alone
+        assert 0 < row["rel_err"][name] <= 1e-2, (name, row["rel_err"])
+    up = report["summary"]["tiny"]["ours_vs_peft_qlora"]
+    assert up == pytest.approx(row["results"]["ours_nf4"]["speedup_vs_peft_qlora"])
+    assert report["summary"]["tiny"]["goal_1_3x"] is (up >= 1.3)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 and "PEFT LoRA on bnb Linear4bit (QLoRA)" in table[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
+def test_nf4_lora_linear_needs_cuda():
+    proc = subprocess.run([sys.executable, str(NF4_SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert "needs a CUDA GPU" in lines[-1] and "--smoke" in lines[-1]
