@@ -80,9 +80,10 @@ def test_load_benchmark_smoke(tmp_path):
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
     out = tmp_path / "load.json"
     proc = run_job([sys.executable, str(REPO / "benchmarks" / "load.py"), "--shape", "tiny", "--dir", str(tmp_path),
-                    "--json", str(out)], timeout=600, cwd=REPO, env=env)  # kills torchrun's ranks too on a timeout
+                    "--loaders", "stream", "hf", "nf4", "--json", str(out)],
+                   timeout=600, cwd=REPO, env=env)  # kills torchrun's ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout
+    assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout and "| nf4 | all |" in proc.stdout
     report = json.loads(out.read_text())
     ckpt = report["checkpoint_bytes"]
     rows = {(r["loader"], r["rank"]): r for r in report["rows"]}
@@ -91,6 +92,16 @@ def test_load_benchmark_smoke(tmp_path):
     assert rows[("hf", 0)]["bytes_read"] >= 0.99 * ckpt  # transformers 5: rank 0 reads every tensor
     for r in report["rows"]:
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["partition_bytes"] > 0
+    # the frozen linears' partitions: bf16 2 bytes a weight; NF4 half a byte + an fp32 absmax per 64 = 0.5625
+    h, i, kv, layers = 256, 768, 2 * 256 // 8, 4  # load.py's tiny shape: hidden, intermediate, kv width, layers
+    weights = layers * (2 * h * h + 2 * kv * h + 3 * h * i)
+    for loader, per_weight in (("stream", 2.0), ("nf4", 0.5 + 4 / 64)):
+        held = [rows[(loader, r)]["frozen_linear_partition_bytes"] for r in (0, 1)]
+        assert sum(held) == pytest.approx(per_weight * weights, rel=1e-3), loader  # ZeRO-3 pads to the ranks
+        assert max(held) - min(held) <= 8 * layers * 7, loader
+    for r in (0, 1):
+        ratio = rows[("nf4", r)]["frozen_linear_partition_bytes"] / rows[("stream", r)]["frozen_linear_partition_bytes"]
+        assert ratio == pytest.approx(0.5625 / 2, abs=2e-3)
 
 
 # --- benchmarks/train_throughput.py, dpo_vs_trl.py and loss_memory.py: structure and consistency, not speed ---
@@ -98,7 +109,7 @@ def test_load_benchmark_smoke(tmp_path):
 TPUT = REPO / "benchmarks" / "train_throughput.py"
 LOSS_MEM = REPO / "benchmarks" / "loss_memory.py"
 DPO = REPO / "benchmarks" / "dpo_vs_trl.py"
-TPUT_METHODS = ["ours_unpacked", "ours_packed", "ours_fp8", "hf", "trl_packed"]
+TPUT_METHODS = ["ours_unpacked", "ours_packed", "ours_fp8", "ours_nf4", "hf", "hf_qlora", "trl_packed"]
 
 
 def _bench_env() -> dict[str, str]:
@@ -155,7 +166,8 @@ def test_train_throughput_smoke(tmp_path):
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
     # llama-ft and the HF Trainer always run here; TRL only where it imports; FP8 only when --methods names it
     assert {"ours_unpacked", "ours_packed", "hf"} <= set(measured), report["methods"]
-    assert report["methods"]["ours_fp8"] == {"unavailable": "not run (--methods)"}
+    for name in ("ours_fp8", "ours_nf4", "hf_qlora"):
+        assert report["methods"][name] == {"unavailable": "not run (--methods)"}
     unpacked, packed = measured["ours_unpacked"], measured["ours_packed"]
     assert packed["padding_share"] < unpacked["padding_share"]
     if "trl_packed" in measured:
@@ -387,3 +399,26 @@ def test_nf4_lora_linear_needs_cuda():
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert "needs a CUDA GPU" in lines[-1] and "--smoke" in lines[-1]
+
+
+@pytest.mark.slow
+def test_train_throughput_qlora_smoke(tmp_path):
+    """--methods ours_nf4,hf_qlora (the GPU proof's 4-bit training comparison) on the tiny shape, one CPU rank:
+    llama-ft on its NF4 base and HF Trainer + PEFT on bitsandbytes Linear4bit layers (the worker checks there are
+    7 per layer and no ZeRO-3 parameter) both train; the ratio is the ratio of their figures."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "tput.json"
+    proc = run_job([sys.executable, str(TPUT), "--smoke", "--methods", "ours_nf4,hf_qlora", "--nproc", "1",
+                    "--steps", "2", "--warmup", "1", "--dir", str(tmp_path / "work"), "--json", str(out)],
+                   timeout=600, cwd=REPO, env=_bench_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    methods = report["methods"]
+    ours, qlora = methods["ours_nf4"], methods["hf_qlora"]
+    for res in (ours, qlora):
+        assert _positive(res["trained_tokens_per_s"]) and res["trained_tokens_per_s"] < res["tokens_per_s"], res
+    assert "--quantize" in ours["train_flags"] and ours["train_flags"][ours["train_flags"].index("--bits") + 1] == "4"
+    assert qlora["padding_share"] > ours["padding_share"]  # padded micro-batches vs packed rows
+    assert report["ratios"]["ours_nf4_vs_hf_qlora"] == pytest.approx(ours["trained_tokens_per_s"] /
+                                                                     qlora["trained_tokens_per_s"])
+    assert "HF Trainer + PEFT on bitsandbytes NF4" in proc.stdout and "4-bit base: llama-ft NF4" in proc.stdout

@@ -21,7 +21,7 @@ from proc import run_job
 REPO = Path(__file__).resolve().parents[1]
 PROOF = REPO / "benchmarks" / "gpu_proof.sh"
 WHEELS = REPO / "benchmarks" / "gpu_wheels.sh"
-STAGES = ["env", "compile", "gpu_tests", "fp8_kernels", "throughput", "capacity", "load"]
+STAGES = ["env", "compile", "gpu_tests", "fp8_kernels", "throughput", "capacity", "load", "nf4"]
 
 
 def _env() -> dict[str, str]:
@@ -70,7 +70,7 @@ def test_dry_run_records_every_stage(tmp_path):
     assert "--dry-run" in head["command"] and head["versions"]["torch"] and head["versions"]["deepspeed"]
     stages = {s["key"]: s for s in report["stages"]}
     assert [s["key"] for s in report["stages"]] == STAGES and [s["stage"] for s in report["stages"]] == list(
-        range(1, 8))
+        range(1, 9))
     for s in report["stages"]:
         assert s["status"] in ("ok", "skipped"), (s["key"], s["status"], s.get("reason"))
         assert _finite(s["seconds"]) and 0 <= s["seconds"] <= s["limit_s"] + 15, s["key"]
@@ -137,10 +137,22 @@ def test_dry_run_records_every_stage(tmp_path):
     assert load["full_checkpoint_bytes"] > load["checkpoint_bytes"] and load["full_load_seconds_extrapolated"] > \
         load["load_seconds"]
 
+    nf4 = stages["nf4"]
+    assert nf4["status"] == "ok", nf4.get("reason")
+    assert nf4["commands"][0].startswith("TRITON_INTERPRET=1 ") and "nf4_lora_linear.py" in nf4["commands"][0]
+    assert "--methods hf_qlora" in nf4["commands"][1]
+    (row,) = nf4["results"]["kernels"]["rows"]
+    for method in ("ours_nf4", "peft_qlora", "bnb_matmul", "bf16_lora"):
+        assert _finite(row["results"][method]["ms"]) and row["results"][method]["ms"] > 0, (method, row)
+    assert 0 < row["rel_err"]["ours_nf4"] <= 1e-2 and 0 < row["rel_err"]["peft_qlora"] <= 1e-2
+    assert nf4["results"]["kernels"]["header"]["kernels"] == "Triton"  # the interpreter ran our kernels
+    qlora = nf4["results"]["training"]["methods"]
+    assert set(qlora) == {"hf_qlora"} and qlora["hf_qlora"]["trained_tokens_per_s"] > 0
+
     lines = md.splitlines()
     assert "dry run" in lines[0] and head["device"] in lines[0] and head["date"] in lines[0]
     rows = [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip()[:2] in {f"{i}." for i in
-                                                                                           range(1, 8)}]
+                                                                                           range(1, 9)}]
     assert [r.split("|")[2].strip() for r in rows] == [stages[k]["status"] for k in STAGES]
     assert "no CUDA device" in rows[2]
     for s in report["stages"]:
