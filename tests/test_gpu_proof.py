@@ -196,13 +196,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, expect):
 
 
 def test_gpu_wheels_list_covers_what_the_image_lacks():
-    """gpu_wheels.sh --list (nothing fetched): deepspeed, datasets and the packages they need beyond the GPU image,
-    one pinned version each; stage 1 of the proof imports the first four. The real download is done by hand."""
+    """gpu_wheels.sh --list (nothing fetched): deepspeed, datasets, bitsandbytes and the packages they need beyond
+    the GPU image, one pinned version each; stage 1 of the proof imports the first four. The real download is done
+    by hand."""
     proc = subprocess.run(["bash", str(WHEELS), "--list"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     pins = dict(line.split("==") for line in proc.stdout.split())
     assert set(pins) == {"deepspeed", "hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-                         "datasets", "dill", "multiprocess"}
+                         "datasets", "dill", "multiprocess", "bitsandbytes"}
     assert all(v and v[0].isdigit() for v in pins.values())
     saved = list(sys.path)
     sys.path.insert(0, str(REPO / "benchmarks"))
