@@ -91,4 +91,4 @@ def stage_nf4(p: Proof, limit: float) -> dict[str, Any]:
     return {**result, "status": "ok"}
 
 
-STAGE = Stage("nf4", "4-bit (NF4) base vs PEFT + bitsandbytes QLoRA", stage_nf4, 150, 150, 45)
+STAGE = Stage("nf4", "4-bit (NF4) base vs PEFT + bitsandbytes QLoRA", stage_nf4, 170, 150, 45)
