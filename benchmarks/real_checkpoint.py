@@ -231,15 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", default="16,8,4", help="--bits-loss: which base precisions (comma list of 16, 8, 4)")
     p.add_argument("--json", type=Path, help="--bits-loss: also write the rows here")
     args = p.parse_args(argv)
+    bits = tuple(int(b) for b in args.bits.split(",") if b.strip().isdigit())
+    if not bits or len(bits) != len(args.bits.split(",")) or any(b not in BITS_FLAGS for b in bits):
+        p.error(f"--bits {args.bits}: expected a comma list of 16, 8, 4")
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: expected a number > 0")
     print(smollm2_checkpoint())
     if args.task:
         print(*write_task(args.task))
     if args.before_after:
         print(before_after(args.before_after, args.steps))
     if args.bits_loss:
-        bits = tuple(int(b) for b in args.bits.split(","))
-        if not bits or any(b not in BITS_FLAGS for b in bits):
-            p.error(f"--bits {args.bits}: expected a comma list of 16, 8, 4")
         table, rows = bits_loss(args.bits_loss, args.steps, bits)
         print(table)
         if args.json:

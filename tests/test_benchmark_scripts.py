@@ -422,3 +422,16 @@ def test_train_throughput_qlora_smoke(tmp_path):
     assert report["ratios"]["ours_nf4_vs_hf_qlora"] == pytest.approx(ours["trained_tokens_per_s"] /
                                                                      qlora["trained_tokens_per_s"])
     assert "HF Trainer + PEFT on bitsandbytes NF4" in proc.stdout and "4-bit base: llama-ft NF4" in proc.stdout
+
+
+@pytest.mark.parametrize("args,flag", [(["--bits", "16,3"], "--bits 16,3"), (["--bits", "x"], "--bits x"),
+                                       (["--steps", "0"], "--steps 0")])
+def test_real_checkpoint_bits_loss_bad_input(tmp_path, args, flag):
+    """real_checkpoint.py --bits-loss refuses a precision it does not train (or no step) in one line, exit 2, before
+    fetching or training anything."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "real_checkpoint.py"), "--bits-loss",
+                           str(tmp_path / "out"), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert flag in last and "expected" in last
+    assert not (tmp_path / "out").exists()
