@@ -2,6 +2,7 @@
 
     python benchmarks/load.py                      # Llama-3.2-1B shape (1.24B params, 2.5 GB bf16), 2 ranks
     python benchmarks/load.py --shape tiny --json out.json    # seconds-long smoke run
+    python benchmarks/load.py --loaders stream fp8 nf4 --json bits.json   # the 1B build at bits 16 / 8 / 4
     python benchmarks/load.py --shape 70b --layers 16 --fp8 --nproc 1 --loaders stream --offload-ratio 0.5 \
         --drop-caches --json load-70b.json    # 16 layers of the 70B shape, FP8, one GPU, half the base offloaded
 
