@@ -10,7 +10,8 @@
 # numpy, pandas, pyarrow, fsspec, xxhash, huggingface-hub, requests, pyyaml, filelock, tqdm, packaging, psutil,
 # ninja, msgpack, py-cpuinfo, einops and typing-extensions. It lacks deepspeed and what deepspeed needs beyond
 # that (hjson, pydantic with pydantic-core, annotated-types and typing-inspection), and datasets with what it needs
-# beyond that (dill, multiprocess). flash-attn is not carried: a CUDA build for that torch cannot be made here, and
+# beyond that (dill, multiprocess), and bitsandbytes (the QLoRA peer of the proof's nf4 stage: its wheel carries
+# its own CUDA kernels, 41 MiB of the set's 47). flash-attn is not carried: a CUDA build for that torch cannot be made here, and
 # the proof uses sdpa. The versions are those of the project's CPU environment, where they run together; nothing
 # the image already has is carried (pydantic 2.14 needs typing-extensions >= 4.16 from it: stage 1 of the proof
 # lists any declared requirement the image does not meet).
@@ -22,8 +23,8 @@ PYTHON="${PYTHON:-python3}"
 # optimizer).
 BUILT=(deepspeed==0.19.8)
 BINARY=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
-PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2)
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 
 die() { echo "gpu_wheels.sh: error: $*" >&2; exit 2; }
 

@@ -2,6 +2,7 @@
 
     python benchmarks/load.py                      # Llama-3.2-1B shape (1.24B params, 2.5 GB bf16), 2 ranks
     python benchmarks/load.py --shape tiny --json out.json    # seconds-long smoke run
+    python benchmarks/load.py --loaders stream fp8 nf4 --json bits.json   # the 1B build at bits 16 / 8 / 4
     python benchmarks/load.py --shape 70b --layers 16 --fp8 --nproc 1 --loaders stream --offload-ratio 0.5 \
         --drop-caches --json load-70b.json    # 16 layers of the 70B shape, FP8, one GPU, half the base offloaded
 
@@ -16,11 +17,14 @@ launches the same job (torchrun, DeepSpeed's CPU or CUDA accelerator) once per l
     stream  llama-ft `build_lora_model(loader="stream")`: every rank reads only its own
             partition bytes straight into `ds_tensor` (counted by the loader's reader)
     fp8     the same with --quantize: FP8 layers quantized on load (not a default run: --loaders fp8)
+    nf4     the same with --quantize --bits 4: NF4 layers (QLoRA's 4-bit format) quantized on load
+            (not a default run: --loaders stream fp8 nf4 compares the three formats)
     hf      transformers `from_pretrained` under ZeRO-3 (`HfDeepSpeedConfig`, zero.Init):
             bytes counted as what the ranks pull out of safetensors (`get_tensor` / slices)
 
 Per rank: wall time of the load (barrier to barrier), bytes read, peak RSS (getrusage), the
-partition bytes the rank holds (on the GPU and, with --offload-ratio R, in pinned host memory), and on
+partition bytes the rank holds (all of them, and those of the frozen LoRA-targeted linears alone: bf16 W, FP8
+bytes + block scales, or NF4 codes + absmax; on the GPU and, with --offload-ratio R, in pinned host memory), and on
 a GPU torch.cuda.max_memory_allocated. Goal (DESIGN.md): total bytes read <= 1.05x the
 checkpoint, peak RSS per rank <= its partition + 2 GiB, and faster than the HF path.
 The page cache is warm for both loaders after the checkpoint is written, unless --drop-caches (root:
@@ -191,12 +195,13 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     t0 = time.perf_counter()
     build = {}
-    if args.loader in ("stream", "fp8"):
+    if args.loader in ("stream", "fp8", "nf4"):
         from llama_ft.lora import LoraSpec
         from llama_ft.model.build import build_lora_model
 
         model, report = build_lora_model(args.model, LoraSpec(16, 32), DS_CONFIG, torch.bfloat16, loader="stream",
-                                         quantize=args.loader == "fp8", offload_ratio=args.offload_ratio)
+                                         quantize=args.loader in ("fp8", "nf4"), bits=4 if args.loader == "nf4" else 8,
+                                         offload_ratio=args.offload_ratio)
         counter[0] = report.bytes_read
         build = getattr(report, "build", {})  # the build's own account (absent before the meta-device build)
         where = {"partition_bytes_gpu": report.partition_bytes_gpu, "partition_bytes_host": report.partition_bytes_host,
@@ -212,13 +217,24 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     seconds = time.perf_counter() - t0
     held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters() if hasattr(p, "ds_tensor"))
+    held_linear = frozen_linear_bytes(model)
     row = {"loader": args.loader, "rank": rank, "world_size": world, "seconds": seconds, "bytes_read": counter[0],
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "partition_bytes": held,
-           "build": build, **where}
+           "frozen_linear_partition_bytes": held_linear, "build": build, **where}
     if torch.cuda.is_available():
         row["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
+
+
+def frozen_linear_bytes(model) -> int:
+    """This rank's partition bytes of the frozen storage of the LoRA-targeted linears (q, k, v, o, gate, up,
+    down): the bf16 `weight`, or a quantized layer's storage (`weight` bytes and its scales / absmax); LoRA's
+    A and B, embeddings, norms and the LM head are not counted."""
+    from llama_ft.lora import LLAMA_LINEAR_NAMES
+
+    return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for name, p in model.named_parameters()
+               if hasattr(p, "ds_tensor") and not p.requires_grad and name.split(".")[-2] in LLAMA_LINEAR_NAMES)
 
 
 def _free_port() -> int:
@@ -252,17 +268,22 @@ def run_loader(loader: str, model: Path, nproc: int, out: Path, offload_ratio: f
 def table(rows: list[dict], ckpt_bytes: int) -> str:
     gib = 2**30
     lines = ["| loader | rank | load s | read GiB | read / checkpoint | peak RSS GiB | partition GiB | "
-             "RSS - partition GiB |", "|---|---|---|---|---|---|---|---|"]
+             "RSS - partition GiB | frozen linears GiB | vs stream |", "|---|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {r["rank"]: r["frozen_linear_partition_bytes"] for r in rows if r["loader"] == "stream"}
     for r in rows:
+        lin = r["frozen_linear_partition_bytes"]
+        ratio = f"{lin / bf16[r['rank']]:.3f}x" if bf16.get(r["rank"]) else ""
         lines.append(f"| {r['loader']} | {r['rank']} | {r['seconds']:.1f} | {r['bytes_read'] / gib:.2f} | "
                      f"{r['bytes_read'] / ckpt_bytes:.2f}x | {r['peak_rss_bytes'] / gib:.2f} | "
-                     f"{r['partition_bytes'] / gib:.2f} | {(r['peak_rss_bytes'] - r['partition_bytes']) / gib:.2f} |")
+                     f"{r['partition_bytes'] / gib:.2f} | {(r['peak_rss_bytes'] - r['partition_bytes']) / gib:.2f} | "
+                     f"{lin / gib:.3f} | {ratio} |")
     for loader in dict.fromkeys(r["loader"] for r in rows):
         mine = [r for r in rows if r["loader"] == loader]
         total = sum(r["bytes_read"] for r in mine)
         lines.append(f"| {loader} | all | {max(r['seconds'] for r in mine):.1f} | {total / gib:.2f} | "
                      f"{total / ckpt_bytes:.2f}x | {max(r['peak_rss_bytes'] for r in mine) / gib:.2f} (max) | "
-                     f"{sum(r['partition_bytes'] for r in mine) / gib:.2f} | |")
+                     f"{sum(r['partition_bytes'] for r in mine) / gib:.2f} | | "
+                     f"{sum(r['frozen_linear_partition_bytes'] for r in mine) / gib:.3f} | |")
     return "\n".join(lines)
 
 
@@ -271,7 +292,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llama-ft-loadbench"), help="where the checkpoint goes")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--loaders", nargs="+", default=["stream", "hf"], choices=["stream", "fp8", "hf"])
+    ap.add_argument("--loaders", nargs="+", default=["stream", "hf"], choices=["stream", "fp8", "nf4", "hf"])
     ap.add_argument("--layers", type=int, help="layers of the shape's size (default: the shape's own number)")
     ap.add_argument("--fp8", action="store_true", help="write the checkpoint pre-quantized (llama-ft's FP8 layout)")
     ap.add_argument("--offload-ratio", type=float, help="stream/fp8 loaders: keep this fraction of the frozen base "

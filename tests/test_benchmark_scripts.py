@@ -80,9 +80,10 @@ def test_load_benchmark_smoke(tmp_path):
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
     out = tmp_path / "load.json"
     proc = run_job([sys.executable, str(REPO / "benchmarks" / "load.py"), "--shape", "tiny", "--dir", str(tmp_path),
-                    "--json", str(out)], timeout=600, cwd=REPO, env=env)  # kills torchrun's ranks too on a timeout
+                    "--loaders", "stream", "hf", "nf4", "--json", str(out)],
+                   timeout=600, cwd=REPO, env=env)  # kills torchrun's ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout
+    assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout and "| nf4 | all |" in proc.stdout
     report = json.loads(out.read_text())
     ckpt = report["checkpoint_bytes"]
     rows = {(r["loader"], r["rank"]): r for r in report["rows"]}
@@ -91,6 +92,16 @@ def test_load_benchmark_smoke(tmp_path):
     assert rows[("hf", 0)]["bytes_read"] >= 0.99 * ckpt  # transformers 5: rank 0 reads every tensor
     for r in report["rows"]:
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["partition_bytes"] > 0
+    # the frozen linears' partitions: bf16 2 bytes a weight; NF4 half a byte + an fp32 absmax per 64 = 0.5625
+    h, i, kv, layers = 256, 768, 2 * 256 // 8, 4  # load.py's tiny shape: hidden, intermediate, kv width, layers
+    weights = layers * (2 * h * h + 2 * kv * h + 3 * h * i)
+    for loader, per_weight in (("stream", 2.0), ("nf4", 0.5 + 4 / 64)):
+        held = [rows[(loader, r)]["frozen_linear_partition_bytes"] for r in (0, 1)]
+        assert sum(held) == pytest.approx(per_weight * weights, rel=1e-3), loader  # ZeRO-3 pads to the ranks
+        assert max(held) - min(held) <= 8 * layers * 7, loader
+    for r in (0, 1):
+        ratio = rows[("nf4", r)]["frozen_linear_partition_bytes"] / rows[("stream", r)]["frozen_linear_partition_bytes"]
+        assert ratio == pytest.approx(0.5625 / 2, abs=2e-3)
 
 
 # --- benchmarks/train_throughput.py, dpo_vs_trl.py and loss_memory.py: structure and consistency, not speed ---
@@ -98,7 +109,7 @@ def test_load_benchmark_smoke(tmp_path):
 TPUT = REPO / "benchmarks" / "train_throughput.py"
 LOSS_MEM = REPO / "benchmarks" / "loss_memory.py"
 DPO = REPO / "benchmarks" / "dpo_vs_trl.py"
-TPUT_METHODS = ["ours_unpacked", "ours_packed", "ours_fp8", "hf", "trl_packed"]
+TPUT_METHODS = ["ours_unpacked", "ours_packed", "ours_fp8", "ours_nf4", "hf", "hf_qlora", "trl_packed"]
 
 
 def _bench_env() -> dict[str, str]:
@@ -155,7 +166,8 @@ def test_train_throughput_smoke(tmp_path):
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
     # llama-ft and the HF Trainer always run here; TRL only where it imports; FP8 only when --methods names it
     assert {"ours_unpacked", "ours_packed", "hf"} <= set(measured), report["methods"]
-    assert report["methods"]["ours_fp8"] == {"unavailable": "not run (--methods)"}
+    for name in ("ours_fp8", "ours_nf4", "hf_qlora"):
+        assert report["methods"][name] == {"unavailable": "not run (--methods)"}
     unpacked, packed = measured["ours_unpacked"], measured["ours_packed"]
     assert packed["padding_share"] < unpacked["padding_share"]
     if "trl_packed" in measured:
@@ -339,3 +351,87 @@ def test_model_flops_per_token_counts_every_weight_once():
     assert tp.model_flops_per_token(dims, 64) == 4 * matmul_weights + 6 * lora
     # Llama 3.1 8B: 8.03e9 parameters, of which 7.50e9 are matmul weights (the embedding is 0.53e9); 0.17e9 LoRA
     assert 4 * 7.5e9 + 6 * 0.16e9 < tp.model_flops_per_token(dims, 64) < 4 * 7.51e9 + 6 * 0.17e9
+
+
+# --- benchmarks/nf4_lora_linear.py: the 4-bit kernels vs PEFT + bitsandbytes (QLoRA), structure not speed ---
+
+NF4_SCRIPT = REPO / "benchmarks" / "nf4_lora_linear.py"
+NF4_METHODS = ["ours_nf4", "peft_qlora", "bnb_matmul", "bf16_lora"]
+
+
+def test_nf4_lora_linear_smoke(tmp_path):
+    """--smoke with TRITON_INTERPRET=1: our NF4 Triton kernels (interpreted) and the QLoRA path (PEFT's LoRA on a
+    bitsandbytes Linear4bit, its CPU backend) both time one tiny q_proj step; figures agree with each other and
+    both outputs are within bf16 rounding of float64 over their own dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "nf4.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(NF4_SCRIPT), "--smoke", "--layers", "q", "--warmup", "0", "--iters",
+                           "1", "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == NF4_METHODS and report["baseline"] == "peft_qlora" and report["goal"] == 1.3
+    for key in ("device", "torch", "triton", "bitsandbytes", "peft", "date", "timing", "command"):
+        assert report["header"][key], key
+    assert report["header"]["kernels"] == "Triton"  # the interpreter ran the kernels, not the PyTorch reference
+    (row,) = report["rows"]
+    m, n, k, r = row["M"], row["N"], row["K"], row["r"]
+    assert (row["layer"], m, n, k, r) == ("q_proj", 64, 256, 256, 16)
+    assert row["flop"] == 4 * m * n * k + 6 * m * r * (n + k)
+    base = row["results"]["peft_qlora"]["ms"]
+    for name in NF4_METHODS:
+        res = row["results"][name]
+        assert res["ms"] > 0 and math.isfinite(res["ms"]), (name, res)
+        assert res["tflops"] == pytest.approx(row["flop"] / (res["ms"] * 1e-3) / 1e12)
+        assert res["speedup_vs_peft_qlora"] == pytest.approx(base / res["ms"])
+    for name in ("ours_nf4", "peft_qlora"):  # bf16 outputs: about 2^-9 relative is their rounding alone
+        assert 0 < row["rel_err"][name] <= 1e-2, (name, row["rel_err"])
+    up = report["summary"]["tiny"]["ours_vs_peft_qlora"]
+    assert up == pytest.approx(row["results"]["ours_nf4"]["speedup_vs_peft_qlora"])
+    assert report["summary"]["tiny"]["goal_1_3x"] is (up >= 1.3)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 and "PEFT LoRA on bnb Linear4bit (QLoRA)" in table[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")
+def test_nf4_lora_linear_needs_cuda():
+    proc = subprocess.run([sys.executable, str(NF4_SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert "needs a CUDA GPU" in lines[-1] and "--smoke" in lines[-1]
+
+
+@pytest.mark.slow
+def test_train_throughput_qlora_smoke(tmp_path):
+    """--methods ours_nf4,hf_qlora (the GPU proof's 4-bit training comparison) on the tiny shape, one CPU rank:
+    llama-ft on its NF4 base and HF Trainer + PEFT on bitsandbytes Linear4bit layers (the worker checks there are
+    7 per layer and no ZeRO-3 parameter) both train; the ratio is the ratio of their figures."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "tput.json"
+    proc = run_job([sys.executable, str(TPUT), "--smoke", "--methods", "ours_nf4,hf_qlora", "--nproc", "1",
+                    "--steps", "2", "--warmup", "1", "--dir", str(tmp_path / "work"), "--json", str(out)],
+                   timeout=600, cwd=REPO, env=_bench_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    methods = report["methods"]
+    ours, qlora = methods["ours_nf4"], methods["hf_qlora"]
+    for res in (ours, qlora):
+        assert _positive(res["trained_tokens_per_s"]) and res["trained_tokens_per_s"] < res["tokens_per_s"], res
+    assert "--quantize" in ours["train_flags"] and ours["train_flags"][ours["train_flags"].index("--bits") + 1] == "4"
+    assert qlora["padding_share"] > ours["padding_share"]  # padded micro-batches vs packed rows
+    assert report["ratios"]["ours_nf4_vs_hf_qlora"] == pytest.approx(ours["trained_tokens_per_s"] /
+                                                                     qlora["trained_tokens_per_s"])
+    assert "HF Trainer + PEFT on bitsandbytes NF4" in proc.stdout and "4-bit base: llama-ft NF4" in proc.stdout
+
+
+@pytest.mark.parametrize("args,flag", [(["--bits", "16,3"], "--bits 16,3"), (["--bits", "x"], "--bits x"),
+                                       (["--steps", "0"], "--steps 0")])
+def test_real_checkpoint_bits_loss_bad_input(tmp_path, args, flag):
+    """real_checkpoint.py --bits-loss refuses a precision it does not train (or no step) in one line, exit 2, before
+    fetching or training anything."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "real_checkpoint.py"), "--bits-loss",
+                           str(tmp_path / "out"), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert flag in last and "expected" in last
+    assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ from proc import run_job
 REPO = Path(__file__).resolve().parents[1]
 PROOF = REPO / "benchmarks" / "gpu_proof.sh"
 WHEELS = REPO / "benchmarks" / "gpu_wheels.sh"
-STAGES = ["env", "compile", "gpu_tests", "fp8_kernels", "throughput", "capacity", "load"]
+STAGES = ["env", "compile", "gpu_tests", "fp8_kernels", "throughput", "capacity", "load", "nf4"]
 
 
 def _env() -> dict[str, str]:
@@ -70,7 +70,7 @@ def test_dry_run_records_every_stage(tmp_path):
     assert "--dry-run" in head["command"] and head["versions"]["torch"] and head["versions"]["deepspeed"]
     stages = {s["key"]: s for s in report["stages"]}
     assert [s["key"] for s in report["stages"]] == STAGES and [s["stage"] for s in report["stages"]] == list(
-        range(1, 8))
+        range(1, 9))
     for s in report["stages"]:
         assert s["status"] in ("ok", "skipped"), (s["key"], s["status"], s.get("reason"))
         assert _finite(s["seconds"]) and 0 <= s["seconds"] <= s["limit_s"] + 15, s["key"]
@@ -137,10 +137,22 @@ def test_dry_run_records_every_stage(tmp_path):
     assert load["full_checkpoint_bytes"] > load["checkpoint_bytes"] and load["full_load_seconds_extrapolated"] > \
         load["load_seconds"]
 
+    nf4 = stages["nf4"]
+    assert nf4["status"] == "ok", nf4.get("reason")
+    assert nf4["commands"][0].startswith("TRITON_INTERPRET=1 ") and "nf4_lora_linear.py" in nf4["commands"][0]
+    assert "--methods hf_qlora" in nf4["commands"][1]
+    (row,) = nf4["results"]["kernels"]["rows"]
+    for method in ("ours_nf4", "peft_qlora", "bnb_matmul", "bf16_lora"):
+        assert _finite(row["results"][method]["ms"]) and row["results"][method]["ms"] > 0, (method, row)
+    assert 0 < row["rel_err"]["ours_nf4"] <= 1e-2 and 0 < row["rel_err"]["peft_qlora"] <= 1e-2
+    assert nf4["results"]["kernels"]["header"]["kernels"] == "Triton"  # the interpreter ran our kernels
+    qlora = nf4["results"]["training"]["methods"]
+    assert set(qlora) == {"hf_qlora"} and qlora["hf_qlora"]["trained_tokens_per_s"] > 0
+
     lines = md.splitlines()
     assert "dry run" in lines[0] and head["device"] in lines[0] and head["date"] in lines[0]
     rows = [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip()[:2] in {f"{i}." for i in
-                                                                                           range(1, 8)}]
+                                                                                           range(1, 9)}]
     assert [r.split("|")[2].strip() for r in rows] == [stages[k]["status"] for k in STAGES]
     assert "no CUDA device" in rows[2]
     for s in report["stages"]:
@@ -161,7 +173,7 @@ def test_budget_cut_short_still_records_every_stage(tmp_path):
     assert report["stages"][0]["status"] == "ok"
     for s in report["stages"][1:]:
         assert s["status"] == "skipped" and s["reason"].startswith("no time left"), s
-    assert (out / "gpu_proof.md").read_text().count("| skipped |") == 6
+    assert (out / "gpu_proof.md").read_text().count("| skipped |") == len(STAGES) - 1
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -184,13 +196,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, expect):
 
 
 def test_gpu_wheels_list_covers_what_the_image_lacks():
-    """gpu_wheels.sh --list (nothing fetched): deepspeed, datasets and the packages they need beyond the GPU image,
-    one pinned version each; stage 1 of the proof imports the first four. The real download is done by hand."""
+    """gpu_wheels.sh --list (nothing fetched): deepspeed, datasets, bitsandbytes and the packages they need beyond
+    the GPU image, one pinned version each; stage 1 of the proof imports the first four. The real download is done
+    by hand."""
     proc = subprocess.run(["bash", str(WHEELS), "--list"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     pins = dict(line.split("==") for line in proc.stdout.split())
     assert set(pins) == {"deepspeed", "hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-                         "datasets", "dill", "multiprocess"}
+                         "datasets", "dill", "multiprocess", "bitsandbytes"}
     assert all(v and v[0].isdigit() for v in pins.values())
     saved = list(sys.path)
     sys.path.insert(0, str(REPO / "benchmarks"))

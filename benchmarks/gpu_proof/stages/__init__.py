@@ -11,7 +11,7 @@ report and the --stages choices follow this table. env stays first: every later 
 from __future__ import annotations
 
 from ..runner import Stage
-from . import capacity, compile_kernels, env, fp8_kernels, gpu_tests, load, throughput
+from . import capacity, compile_kernels, env, fp8_kernels, gpu_tests, load, nf4, throughput
 
 STAGES: list[Stage] = [
     env.STAGE,
@@ -21,4 +21,5 @@ STAGES: list[Stage] = [
     throughput.STAGE,
     capacity.STAGE,
     load.STAGE,
+    nf4.STAGE,  # last: added after the others' budgets; it runs on what is left (rerun: --stages nf4)
 ]
