@@ -18,7 +18,8 @@ pairs of -log sigmoid(beta d_p), its gradient, and one torch.optim.AdamW step. C
 in its row): the same reference. --precompute_ref_logprobs
 (at 2 ranks): the cached table is the float64 base's log-probs, and the step the same reference.
 A 3-step run resumed from its step-1 checkpoint repeats steps 2-3 and the adapters bit for bit.
-Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line) and --tiled_mlp with dpo
+Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line), --tiled_mlp with dpo, and
+--dpo_shared_prompt without --packing or with flash-attention
 are one line each.
 """
 
@@ -280,6 +281,9 @@ def test_shared_prompt_pairs_match_float64peft_float64(case):
                                      "--dataset_format chat"),
     (("--dataset", "BAD"), "bad.jsonl: line 2: missing field 'rejected'"),
     (("--tiled_mlp",), "--tiled_mlp with --objective dpo: not supported yet"),
+    (("--dpo_shared_prompt",), "--dpo_shared_prompt lays pairs out in packed rows: it needs --packing"),
+    (("--dpo_shared_prompt", "--packing", "--attn_implementation", "flash_attention_2"),
+     "--dpo_shared_prompt with --attn_implementation flash_attention_2: the layout needs a 4-D attention mask"),
 ])
 def test_bad_dpo_input_is_one_line(case, change, message):
     bad = case["tmp"] / "bad.jsonl"
