@@ -15,6 +15,11 @@ or off for both, for --steps optimizer steps, one method after the other:
     ours   `bash run-llama.sh --objective dpo --dataset_format chat` (deepspeed launcher): B pairs make one batch
            of 2B right-padded rows; a reference forward with the adapters off (no grad), then the policy forward
            and backward; log-probabilities from the chunked head over the response tokens only
+    ours_packed   the same with --packing: one row per rank per micro-batch of whole pairs, each side its own
+           sequence; --max_seq_len sized so that a row (2 x --max_seq_len tokens) holds about --batch pairs of
+           the data's mean length, and at least the longest side (nothing is cut): pack_lengths
+    ours_shared   --packing --dpo_shared_prompt: the same rows with each pair as [prompt | chosen | rejected], the
+           prompt once (data/shared_prompt.py); --max_seq_len sized the same way for that layout's lengths
     trl    TRL's DPOTrainer(peft_config=LoRA, ref_model=None: its reference is the same PEFT model with the adapter
            disabled, as ours), the same ZeRO-3 dict through transformers' DeepSpeed integration, torchrun:
            benchmarks/train_throughput.py's `--worker dpo`, which records each micro-batch's tokens and each
@@ -38,7 +43,10 @@ Measured per method over steps W+1..N (the first --warmup W steps left out, the 
                     forward, input gradient), 6 per LoRA weight; the same count for both (MFU = this / peak)
     peak memory     per rank: peak host RSS of the rank's process on CPU, torch.cuda.max_memory_allocated on GPU
                     (recorded at exit by bench_common's probe, the same way for both)
-Goals (issue 21): ours >= 1.3x TRL's pairs/s, and less peak memory than TRL on every rank.
+Goals (issue 21): ours >= 1.3x TRL's pairs/s, and less peak memory than TRL on every rank (each llama-ft method is
+held to them). The packed methods train about --batch pairs per micro-batch, not exactly; pairs/s counts the pairs
+each step trained (metrics.jsonl, checked against the method's own batch stream). Per round, each llama-ft
+method's pairs/s over TRL's in the same round is reported too: the figure to read on a shared machine.
 
 --rounds R runs each method R times, alternating which goes first; the table shows each method's round with the
 median pairs/s and lists every round's. Because both train the same micro-batches, the report also gives the
