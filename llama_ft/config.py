@@ -52,6 +52,7 @@ class TrainConfig:
     dpo_loss: str = "sigmoid"
     dpo_label_smoothing: float = 0.0
     precompute_ref_logprobs: bool = False
+    dpo_shared_prompt: bool = False
     # optimisation
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -146,6 +147,9 @@ _HELP = {
     "dpo_label_smoothing": "DPO with --dpo_loss sigmoid: eps in [0, 0.5], the assumed chance a preference is flipped",
     "precompute_ref_logprobs": "DPO: compute the reference log-probs of every pair in one pass before training "
                                "(cached like the tokenized data), so each step runs one forward pass less",
+    "dpo_shared_prompt": "DPO with --packing: each pair as [prompt | chosen | rejected] in its row, the prompt run "
+                         "once for both sides (a 4-D mask keeps the rejected response from seeing the chosen one; "
+                         "sdpa or eager)",
     "per_device_train_batch_size": "examples per rank in a micro-batch (with --packing: packed rows; with "
                                    "--objective dpo: pairs)",
     "gradient_accumulation_steps": "micro-batches per optimizer step: a step takes batch x accumulation x ranks / "
@@ -345,9 +349,15 @@ def check_objective(cfg: TrainConfig) -> None:
     """--objective and the DPO flags; one line for what DPO does not run yet (the data flags: data/pairs.py)."""
     check_objective_choice(cfg.objective)
     if cfg.objective != "dpo":
-        if cfg.precompute_ref_logprobs:
-            raise UserError("--precompute_ref_logprobs applies to --objective dpo (this run: sft)")
+        for flag in ("precompute_ref_logprobs", "dpo_shared_prompt"):
+            if getattr(cfg, flag):
+                raise UserError(f"--{flag} applies to --objective dpo (this run: sft)")
         return
+    if cfg.dpo_shared_prompt and not cfg.packing:
+        raise UserError("--dpo_shared_prompt lays pairs out in packed rows: it needs --packing (and --max_seq_len)")
+    if cfg.dpo_shared_prompt and cfg.attn_implementation not in ("sdpa", "eager"):
+        raise UserError(f"--dpo_shared_prompt with --attn_implementation {cfg.attn_implementation}: the layout needs "
+                        "a 4-D attention mask, which only sdpa and eager take")
     if cfg.dpo_loss not in DPO_LOSSES:
         raise UserError(f"--dpo_loss {cfg.dpo_loss!r}: expected one of {', '.join(DPO_LOSSES)}")
     if cfg.dpo_beta <= 0:

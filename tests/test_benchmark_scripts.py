@@ -193,9 +193,10 @@ def test_train_throughput_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_vs_trl_smoke(tmp_path):
-    """--smoke: llama-ft --objective dpo and TRL's DPOTrainer (where it imports) train the tiny shape on 2 ranks from
-    the same pairs file; the figures are consistent with the per-step records, and both train the same
-    micro-batches token for token (TRL's sampler is the HF Trainer's, seeded like ours)."""
+    """--smoke: llama-ft --objective dpo unpacked, packed and packed with the shared prompt, and TRL's DPOTrainer
+    (where it imports) train the tiny shape on 2 ranks from the same pairs file; the figures are consistent with
+    the per-step records, unpacked llama-ft and TRL train the same micro-batches token for token (TRL's sampler is
+    the HF Trainer's, seeded like ours), and the shared-prompt rows hold fewer tokens per pair than plain packing's."""
     import importlib.util
 
     out = tmp_path / "dpo.json"
@@ -209,6 +210,8 @@ def test_dpo_vs_trl_smoke(tmp_path):
     assert cfg["shape"] == "tiny" and cfg["steps"] > cfg["warmup"] >= 1 and cfg["lora_dropout"] == 0
     assert data["pairs"] == cfg["steps"] * cfg["grad_accum"] * cfg["batch"] * cfg["nproc"]  # one pass, every pair
     assert 0 < data["trained_share"] < 1 and data["side_median"] <= data["side_max"]
+    assert 0.5 < data["shared_prompt_share"] < 1  # each pair's prompt once: fewer tokens, every response kept
+    assert data["side_max"] <= cfg["pack_len"]["ours_shared"] <= cfg["pack_len"]["ours_packed"]  # nothing cut
     # 6 FLOPs per frozen matmul weight (reference forward, policy forward, input gradient), 6 per LoRA weight
     d, r = cfg["dims"], cfg["lora_r"]
     h, layers, inter = d["hidden_size"], d["num_hidden_layers"], d["intermediate_size"]
@@ -216,32 +219,44 @@ def test_dpo_vs_trl_smoke(tmp_path):
     frozen = cfg["params"] - d["vocab_size"] * h - (2 * layers + 1) * h  # all but the embedding and the norms
     lora = r * layers * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
     assert cfg["model_flops_per_token"] == 6 * frozen + 6 * lora
-    assert list(methods) == ["ours", "trl"] == list(report["method_labels"])
-    assert "pairs_per_s" in methods["ours"], methods["ours"]
+    assert list(methods) == ["ours", "ours_packed", "ours_shared", "trl"] == list(report["method_labels"])
+    for name in ("ours", "ours_packed", "ours_shared"):
+        assert "pairs_per_s" in methods[name], methods[name]
     if importlib.util.find_spec("trl") is None:  # the row says why not
         assert "trl is not installed" in methods["trl"]["unavailable"]
-    measured = [m for m in methods.values() if "pairs_per_s" in m]
-    for res in measured:
+    measured = {k: m for k, m in methods.items() if "pairs_per_s" in m}
+    for name, res in measured.items():
         assert len(res["steps"]) == cfg["steps"] and res["measured_steps"] == [cfg["warmup"] + 1, cfg["steps"]]
         steps = res["steps"][cfg["warmup"]:]
         for s in res["steps"]:
-            assert s["pairs"] == cfg["batch"] * cfg["nproc"] and 0 < s["trained"] < s["nonpad"] <= s["tokens"], s
+            assert 0 < s["trained"] < s["nonpad"] <= s["tokens"], s
+            if name in ("ours", "trl"):
+                assert s["pairs"] == cfg["batch"] * cfg["nproc"], s
+            else:  # one packed row per rank, of whole pairs
+                assert cfg["nproc"] <= s["pairs"] and s["tokens"] <= cfg["nproc"] * 2 * cfg["pack_len"][name], s
         seconds = sum(s["time_s"] for s in steps)
         assert res["pairs_per_s"] == pytest.approx(sum(s["pairs"] for s in steps) / seconds)
         assert res["tokens_per_s"] == pytest.approx(sum(s["nonpad"] for s in steps) / seconds)
         assert len(res["peak_memory_bytes_per_rank"]) == cfg["nproc"]
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
         assert res["rounds_pairs_per_s"] == [res["pairs_per_s"]]
+    per_pair = {k: sum(s["nonpad"] for s in measured[k]["steps"]) / sum(s["pairs"] for s in measured[k]["steps"])
+                for k in ("ours", "ours_packed", "ours_shared")}
+    assert per_pair["ours_shared"] < per_pair["ours_packed"] == pytest.approx(per_pair["ours"], rel=0.3)
     cmp = report["compare"]
-    if len(measured) == 2:
-        ours, trl = methods["ours"], methods["trl"]
-        assert cmp["same_batches"] is True
-        assert cmp["pairs_per_s_ratio"] == pytest.approx(ours["pairs_per_s"] / trl["pairs_per_s"])
-        assert [g["holds"] for g in cmp["goals"]] == [cmp["pairs_per_s_ratio"] >= 1.3,
-                                                      max(cmp["memory_ratio_per_rank"]) < 1]
-        assert _positive(cmp["step_time_ratio_median"])
+    if "trl" in measured:
+        trl = methods["trl"]
+        assert cmp["same_batches"] is True and _positive(cmp["step_time_ratio_median"])
+        for name in ("ours", "ours_packed", "ours_shared"):
+            m = cmp["per_method"][name]
+            assert m["pairs_per_s_ratio"] == pytest.approx(methods[name]["pairs_per_s"] / trl["pairs_per_s"])
+            assert m["round_ratios"] == [pytest.approx(m["pairs_per_s_ratio"])]  # one round
+        ours = cmp["per_method"]["ours"]
+        assert len(cmp["goals"]) == 6
+        assert [g["holds"] for g in cmp["goals"][:2]] == [ours["pairs_per_s_ratio"] >= 1.3,
+                                                          max(ours["memory_ratio_per_rank"]) < 1]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 3 and "pairs/s" in rows[0]
+    assert len(rows) == 5 and "pairs/s" in rows[0]
     for label in report["method_labels"].values():
         assert any(row.startswith(f"| {label} |") for row in rows), label
     assert head["command"] in proc.stdout
@@ -249,15 +264,16 @@ def test_dpo_vs_trl_smoke(tmp_path):
 
 def test_dpo_vs_trl_rounds_report_the_median_round():
     """--rounds: a method's row is its round with the median pairs/s (the lower middle one of an even count); a
-    round that failed decides; the paired figure is the median over every measured step of TRL's time / ours."""
+    round that failed decides; the paired figure is the median over every measured step of TRL's time / ours, and
+    each llama-ft method's ratio per round is its pairs/s over TRL's in that round."""
     sys.path.insert(0, str(DPO.parent))
     try:
         import dpo_vs_trl as dv
     finally:
         sys.path.remove(str(DPO.parent))
 
-    def rec(pps: float, times: list[float]) -> dict:
-        return {"pairs_per_s": pps, "peak_memory_bytes_per_rank": [1.0, 1.0], "steps": [
+    def rec(pps: float, times: list[float], memory: float = 1.0) -> dict:
+        return {"pairs_per_s": pps, "peak_memory_bytes_per_rank": [memory, memory], "steps": [
             {"time_s": t, "pairs": 4, "tokens": 10, "nonpad": 8, "trained": 4} for t in times]}
 
     three = [rec(1.0, [1, 1]), rec(3.0, [1, 1]), rec(2.0, [1, 1])]
@@ -266,11 +282,21 @@ def test_dpo_vs_trl_rounds_report_the_median_round():
     assert dv.median_round(three[:2])["pairs_per_s"] == 1.0
     assert dv.median_round([three[0], {"failed": "x"}]) == {"failed": "x"}
     # two rounds, warmup 1: measured steps 2..3; TRL / ours per step: 2.0, 3.0 | 4.0, 0.5 -> median 2.5
-    rounds = [{"ours": rec(1.0, [9, 1, 1]), "trl": rec(0.5, [9, 2, 3])},
-              {"ours": rec(1.0, [9, 1, 4]), "trl": rec(0.5, [9, 4, 2])}]
-    cmp = dv.compare({m: dv.median_round([r[m] for r in rounds]) for m in ("ours", "trl")}, rounds, 1)
-    assert cmp["step_time_ratio_median"] == 2.5 and cmp["pairs_per_s_ratio"] == 2.0 and cmp["same_batches"]
-    assert [g["holds"] for g in cmp["goals"]] == [True, False]  # 2x pairs/s; memory equal, not below
+    rounds = [{"ours": rec(1.0, [9, 1, 1]), "ours_packed": rec(0.6, [1, 1, 1]),
+               "ours_shared": rec(1.5, [1, 1, 1], 0.5), "trl": rec(0.5, [9, 2, 3])},
+              {"ours": rec(1.0, [9, 1, 4]), "ours_packed": {"failed": "x"},
+               "ours_shared": rec(0.8, [1, 1, 1], 0.5), "trl": rec(0.4, [9, 4, 2])}]
+    methods = {m: dv.median_round([r[m] for r in rounds]) for m in dv.METHODS}
+    cmp = dv.compare(methods, rounds, 1)
+    assert cmp["step_time_ratio_median"] == 2.5 and cmp["same_batches"]
+    assert cmp["per_method"]["ours"]["pairs_per_s_ratio"] == 2.5  # median rounds: ours 1.0, TRL 0.4
+    assert cmp["per_method"]["ours"]["round_ratios"] == [2.0, 2.5]
+    assert "ours_packed" not in cmp["per_method"]  # a failed round decides: no figure
+    shared = cmp["per_method"]["ours_shared"]
+    assert shared["round_ratios"] == [3.0, 2.0] and shared["round_ratio_median"] == 2.5
+    assert shared["pairs_per_s_ratio"] == 2.0 and shared["memory_ratio_per_rank"] == [0.5, 0.5]
+    # ours: 2.5x pairs/s, memory equal (not below); shared: 2x, half the memory
+    assert [g["holds"] for g in cmp["goals"]] == [True, False, True, True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA GPU")

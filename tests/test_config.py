@@ -162,6 +162,12 @@ def test_offload_ratio_outside_unit_interval(tmp_path, ratio):
      "--train_on_source with --objective dpo"),
     (("--objective", "dpo", "--dataset_format", "chat", "--dataset", "pairs.parquet"),
      "pairs are read from a local .json or .jsonl file"),
+    (("--objective", "sft", "--dpo_shared_prompt", "--packing", "--max_seq_len", "64"),
+     r"--dpo_shared_prompt applies to --objective dpo \(this run: sft\)"),
+    (("--objective", "dpo", "--dpo_shared_prompt"), "--dpo_shared_prompt lays pairs out in packed rows: it needs "
+                                                    "--packing"),
+    (("--objective", "dpo", "--dpo_shared_prompt", "--packing", "--max_seq_len", "64", "--attn_implementation",
+      "flash_attention_2"), "--dpo_shared_prompt with --attn_implementation flash_attention_2"),
 ])
 def test_dpo_flags_are_checked_in_one_line(tmp_path, extra, needle):
     flags = list(extra) if "--dataset_format" in extra else [*extra, "--dataset_format", "chat"]
@@ -175,3 +181,6 @@ def test_dpo_flags_parse(tmp_path):
                                  "--dpo_label_smoothing", "0.1"))
     assert (cfg.objective, cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing) == ("dpo", 0.3, "sigmoid", 0.1)
     assert parse_train_args(_args(tmp_path / "b")).objective == "sft"
+    shared = parse_train_args(_args(tmp_path / "c", "--objective", "dpo", "--dataset_format", "chat", "--packing",
+                                    "--max_seq_len", "64", "--dpo_shared_prompt", "--attn_implementation", "eager"))
+    assert shared.dpo_shared_prompt and not cfg.dpo_shared_prompt

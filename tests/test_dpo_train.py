@@ -14,10 +14,12 @@ pairs of -log sigmoid(beta d_p), its gradient, and one torch.optim.AdamW step. C
 - the largest rank's peak RSS is within 15% of `llama-ft plan` for the run (train_results.json "memory": the
   policy on 2P rows and the reference pass; --max_seq_len is the longest side, so the plan's rows occur).
 --dpo_loss ipo and --dpo_label_smoothing: one step against the same reference with that loss.
---packing (pairs packed into rows, with offloaded checkpoints): the same reference. --precompute_ref_logprobs
+--packing (pairs packed into rows, with offloaded checkpoints), and --dpo_shared_prompt (the prompt once per pair
+in its row): the same reference. --precompute_ref_logprobs
 (at 2 ranks): the cached table is the float64 base's log-probs, and the step the same reference.
 A 3-step run resumed from its step-1 checkpoint repeats steps 2-3 and the adapters bit for bit.
-Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line) and --tiled_mlp with dpo
+Bad input: --dataset_format alpaca with dpo, a pair without 'rejected' (file and line), --tiled_mlp with dpo, and
+--dpo_shared_prompt without --packing or with flash-attention
 are one line each.
 """
 
@@ -253,11 +255,35 @@ def test_packed_pairs_with_offloaded_checkpoints_match_float64peft_float64(case)
     check_against_reference(case, out, 1)
 
 
+def test_shared_prompt_pairs_match_float64peft_float64(case):
+    """--packing --dpo_shared_prompt: each pair as [prompt | chosen | rejected] in its row, the prompt run once (its
+    4-D mask keeps the rejected response from the chosen one), with --gradient_checkpointing; the reference runs
+    each side as its own sequence. The rows hold more pairs than plain packing's at the same --max_seq_len."""
+    from llama_ft.data.batches import epoch_rows
+    from llama_ft.data.shared_prompt import shared_prefix_length
+
+    max_len = 224  # the longest side is 209 tokens: nothing is cut
+    plain = [len(c[0]) + len(r[0]) for c, r in case["pairs"]]
+    lengths = [n - shared_prefix_length(*c, *r) for n, (c, r) in zip(plain, case["pairs"], strict=True)]
+    assert all(n < m for n, m in zip(lengths, plain, strict=True))  # every pair shares a prompt
+    rows = epoch_rows(lengths, 42, 0, 2 * max_len)
+    assert 1 < len(rows) < len(epoch_rows(plain, 42, 0, 2 * max_len))
+    out = case["tmp"] / "shared"
+    proc = _train_one_rank(case, out, *case["flags"], "--packing", "--max_seq_len", str(max_len),
+                           "--dpo_shared_prompt", "--per_device_train_batch_size", str(len(rows)),
+                           "--gradient_checkpointing")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_against_reference(case, out, 1)
+
+
 @pytest.mark.parametrize("change, message", [
     (("--dataset_format", "alpaca"), "--objective dpo with --dataset_format alpaca: preference pairs are read with "
                                      "--dataset_format chat"),
     (("--dataset", "BAD"), "bad.jsonl: line 2: missing field 'rejected'"),
     (("--tiled_mlp",), "--tiled_mlp with --objective dpo: not supported yet"),
+    (("--dpo_shared_prompt",), "--dpo_shared_prompt lays pairs out in packed rows: it needs --packing"),
+    (("--dpo_shared_prompt", "--packing", "--attn_implementation", "flash_attention_2"),
+     "--dpo_shared_prompt with --attn_implementation flash_attention_2: the layout needs a 4-D attention mask"),
 ])
 def test_bad_dpo_input_is_one_line(case, change, message):
     bad = case["tmp"] / "bad.jsonl"

@@ -12,6 +12,7 @@ import torch
 
 from llama_ft.data.collate import collate, collate_packed, collate_packed_pairs, collate_pairs, is_pairs
 from llama_ft.data.packing import pack_best_fit
+from llama_ft.data.shared_prompt import collate_shared_pairs, shared_prefix_lengths
 from llama_ft.errors import UserError
 
 Example = Mapping[str, Sequence[int]]
@@ -62,14 +63,22 @@ class MicroBatches:
     Preference pairs (data/pairs.py): unpacked, B pairs make one batch of 2B rows (collate_pairs); packed,
     a row holds whole pairs, both sides of each, up to 2 x pack_len tokens, since `pack_len`
     (--max_seq_len) bounds each side (collate_packed_pairs). Either way a pair never spans two micro-batches.
+    With `shared_prompt` (packed pairs only, --dpo_shared_prompt) a pair takes its prompt once in its row
+    (data/shared_prompt.py: P + |c| + |r| tokens, collate_shared_pairs).
     """
 
     def __init__(self, examples: Sequence[Example], world: int, rank: int, batch: int, seed: int, pad_id: int,
-                 epoch: int = 0, index: int = 0, pack_len: int | None = None) -> None:
+                 epoch: int = 0, index: int = 0, pack_len: int | None = None, shared_prompt: bool = False) -> None:
         self.examples, self.world, self.rank, self.batch = examples, world, rank, batch
         self.seed, self.pad_id, self.epoch, self.index, self.pack_len = seed, pad_id, epoch, index, pack_len
         self.lengths = example_lengths(examples)
         self.pairs = is_pairs(examples)
+        self.prefixes: list[int] | None = None  # P of each pair (shared_prompt)
+        if shared_prompt:
+            if not (self.pairs and pack_len):
+                raise ValueError("shared_prompt applies to packed preference pairs only")
+            self.prefixes = shared_prefix_lengths(examples)
+            self.lengths = [n - p for n, p in zip(self.lengths, self.prefixes, strict=True)]
         self._rows_epoch, self._rows = -1, []
         self.last_examples: list[int] = []  # indices (into `examples`) of the last micro-batch's examples
         if self.rows_per_epoch(epoch) // (world * batch) == 0:
@@ -106,6 +115,8 @@ class MicroBatches:
         if self.pairs:
             if self.pack_len is None:
                 return collate_pairs([row[0] for row in rows], self.pad_id)
+            if self.prefixes is not None:
+                return collate_shared_pairs(rows, self.pad_id, [[self.prefixes[i] for i in row] for row in picked])
             return collate_packed_pairs(rows, self.pad_id)
         if self.pack_len is None:
             return collate([row[0] for row in rows], self.pad_id)

@@ -46,7 +46,10 @@ its fp32 input copy (4 M h + 4 M) and the hidden states it returns (B M h).
 
 DPO (--objective dpo, train/objectives.py). A micro-batch of P pairs is b = 2P right-padded rows (each side a
 sequence), or with --packing b rows of whole pairs, s = 2 x --max_seq_len (data/batches.py), so every term above
-counts those rows (with b > 1, or packed, there is always a mask, except flash-attention). Before the policy
+counts those rows (with b > 1, or packed, there is always a mask, except flash-attention). With
+--dpo_shared_prompt (data/shared_prompt.py) the rows are the same bound, b rows of s = 2 x --max_seq_len tokens
+holding more pairs, and the mask llama-ft builds for them has the size and dtype of transformers' own (boolean
+b s^2 for sdpa, additive for eager), so they are planned alike (tests/test_dpo_train.py). Before the policy
 pass, the reference pass runs the same rows with the adapters off under no_grad (with --precompute_ref_logprobs
 once, before training, on padded batches of P pairs instead: train/reference.py): it saves nothing for
 backward, but has a working set of its own. No graph holds anything, so what is alive is what Python still

@@ -13,7 +13,10 @@ SFT: s = S, the summed token cross-entropy (evaluate.micro_batch_nll).
 
 DPO: a micro-batch of B pairs is one batch of 2B right-padded rows [c_1 .. c_B, r_1 .. r_B]
 (data/collate.collate_pairs), or with --packing rows of whole pairs, each side its own sequence
-(collate_packed_pairs: position_ids restart, `sequence_ids` say which side of which pair a token is).
+(collate_packed_pairs: position_ids restart, `sequence_ids` say which side of which pair a token is), or with
+--packing --dpo_shared_prompt rows of [prompt | chosen response | rejected response] per pair
+(data/shared_prompt.py: the prompt runs once; the model gets that layout's 4-D mask, and the batch names each
+trained token's predicting position, `target_positions`, since the prompt's last position predicts both sides).
 The reference pass runs first, under torch.no_grad() and
 lora.lora_disabled (the frozen base, FP8 included), then the policy pass with the adapters on; both are
 collective under ZeRO-3, so every rank runs both on every micro-batch. Per sequence, logp and n come from
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 from llama_ft.data.collate import collate_pairs
+from llama_ft.data.shared_prompt import shared_prompt_mask
 from llama_ft.lora import lora_disabled
 from llama_ft.train.activation_memory import activation_offload
 from llama_ft.train.evaluate import evaluate, micro_batch_nll, model_inputs
@@ -122,6 +126,12 @@ class DPO:
         positions (loss.batch_targets), the sequence s in [0, 2P) each belongs to, and each sequence's token count.
         Found on the host (no device sync)."""
         device = self.engine.device
+        if "target_positions" in batch:  # shared-prompt rows: the layout names them (data/shared_prompt.py)
+            positions, targets, segments = (batch[k] for k in ("target_positions", "target_ids", "target_sequences"))
+            counts = torch.bincount(segments, minlength=2 * self.count(batch))
+            inputs = shared_prompt_inputs(batch, device, self.cfg.attn_implementation,
+                                          torch.bfloat16 if self.cfg.bf16 else torch.float32)
+            return (inputs, *(to_device(t, device) for t in (positions, targets, segments, counts)))
         positions, targets = batch_targets(batch)
         if "sequence_ids" in batch:  # packed: the sequence each trained position belongs to
             segments = batch["sequence_ids"].reshape(-1)[positions]
@@ -186,6 +196,21 @@ class DPO:
         engine.train(was_training)
         w = meter.mean()
         return {f"eval_{k}": v for k, v in w.items()}
+
+
+def shared_prompt_inputs(batch: dict[str, Any], device, attn_implementation: str,
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model inputs of shared-prompt rows: input_ids, position_ids and the layout's (B, 1, T, T) mask
+    (data/shared_prompt.shared_prompt_mask), built on the device from the (B, T) group and branch ids.
+    transformers passes a 4-D mask through as it is (masking_utils): sdpa takes it boolean (True: attend),
+    eager adds it to the scores, so eager gets it additive (0 or the dtype's lowest value)."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"the shared-prompt layout needs a 4-D mask: sdpa or eager, not {attn_implementation}")
+    groups, branches = (to_device(batch[k], device) for k in ("group_ids", "branch_ids"))
+    mask = shared_prompt_mask(groups, branches)
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return {**{k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}, "attention_mask": mask}
 
 
 def rank_batches(n: int, world: int, rank: int, batch: int) -> Iterator[list[int]]:

@@ -234,7 +234,7 @@ def train(cfg: TrainConfig) -> dict:
     pad_id = pad_token_id(tokenizer)
     sp = SequenceParallel.of(rank, world_env, cfg.sequence_parallel_size)  # the stream follows the DP rank
     MicroBatches(train_set, sp.dp_world, 0, cfg.per_device_train_batch_size, cfg.seed, pad_id,
-                 pack_len=cfg.max_seq_len if cfg.packing else None)  # enough data?
+                 pack_len=cfg.max_seq_len if cfg.packing else None, shared_prompt=cfg.dpo_shared_prompt)  # enough?
     on_gpu = torch.cuda.is_available()
     ds_config = fill_ds_config(ds_config, cfg, world_env, llama_config.hidden_size, on_gpu)
     offload_ratio = resolve_offload_ratio(cfg, ds_config, llama_config, world_env)  # "auto": llama-ft plan
@@ -313,7 +313,7 @@ def train(cfg: TrainConfig) -> dict:
         progress = load_checkpoint(engine, model, scheduler, cfg.resume_from_checkpoint, options)
         log.info("resumed from %s at step %d", cfg.resume_from_checkpoint, progress.step)
     batches = MicroBatches(train_set, sp.dp_world, sp.dp_rank, cfg.per_device_train_batch_size, cfg.seed, pad_id,
-                           progress.epoch, progress.micro_index, pack_len)
+                           progress.epoch, progress.micro_index, pack_len, cfg.dpo_shared_prompt)
 
     # rank 0: metrics.jsonl (+ TensorBoard or W&B, --report_to); every record goes through reporter.log
     reporter = Reporter.open(out, cfg.report_to, options, progress.step if cfg.resume_from_checkpoint else None, rank)
