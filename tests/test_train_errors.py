@@ -242,7 +242,7 @@ def test_quantize_runs_on_every_supported_gpu(monkeypatch, caplog, name, cap, fp
     from llama_ft.train.recipe import check_fp8_mode
 
     _fake_gpu(monkeypatch, name, cap)
-    cfg = SimpleNamespace(quantize=True, fp8_compute=fp8_compute)
+    cfg = SimpleNamespace(quantize=True, bits=8, fp8_compute=fp8_compute)
     with caplog.at_level("INFO", logger="llama_ft"):
         check_fp8_mode(cfg)
     assert f"FP8 on {name} (compute capability {cap[0]}.{cap[1]}): {mode}" in caplog.text

@@ -160,7 +160,7 @@ def apply_test_hooks(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 def check_fp8_mode(cfg: TrainConfig) -> None:
     """--quantize runs on every supported GPU (weight-only below compute capability 8.9: the kernels decode the
     e4m3 bytes themselves); --fp8_compute needs FP8 tensor cores, refused here in one line before any launch."""
-    if not (cfg.quantize and cfg.bits == 8 and torch.cuda.is_available()):
+    if not (cfg.quantize and cfg.bits in (None, 8) and torch.cuda.is_available()):
         return
     cap, name = tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name()
     refusal = fp8_compute_refusal(name, cap) if cfg.fp8_compute else None
