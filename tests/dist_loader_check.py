@@ -101,7 +101,7 @@ def main() -> None:
     ref_params = dict(ref.named_parameters())
     verdict: dict = {"world_size": dist.get_world_size()}
     spec = LoraSpec(4, 8)
-    modes = ["bf16", "fp8", "fp8-hf"] + (["prequantized"] if args.prequantized else []) + \
+    modes = ["bf16", "bf16-hf", "fp8", "fp8-hf"] + (["prequantized"] if args.prequantized else []) + \
         (["nf4", "nf4-hf"] if args.nf4 else []) + (["bnb"] if args.bnb else [])
     for mode in modes:
         src = {"prequantized": args.prequantized, "bnb": args.bnb}.get(mode, args.model)

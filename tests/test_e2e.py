@@ -273,23 +273,23 @@ def test_fp8_training_matches_bf16(default_run):
 
 
 def test_nf4_training_learns_and_resumes_exactly(default_run):
-    """--bits 4 (NF4 base, quantized on load), 20 steps: the first step's loss (B = 0: the base alone) is within 5%
+    """--bits 4 (NF4 base, quantized on load), 12 steps: the first step's loss (B = 0: the base alone) is within 5%
     of the bf16 run's first step on the same batch (4-bit rounding of the base), and the run learns; the base
     linears' partitions hold 0.5625 bytes a weight (0.28x bf16); the adapters load on the bf16 base with PEFT and
-    give the run's own eval loss; --generate_every samples on the 4-bit model; resumed from its step-10
+    give the run's own eval loss; --generate_every samples on the 4-bit model; resumed from its step-6
     checkpoint it reproduces its adapters bit for bit."""
     tmp, out = default_run["tmp"], default_run["out"]
     nf4_out, resumed = tmp / "nf4", tmp / "nf4-resumed"
-    steps = ("--max_steps", "20", "--save_steps", "10", "--generate_every", "10", "--generate_max_new_tokens", "4")
+    steps = ("--max_steps", "12", "--save_steps", "6", "--generate_every", "6", "--generate_max_new_tokens", "4")
     proc = run_llama(tmp, nf4_out, "--bits", "4", *steps)
     assert "(NF4)" in proc.stderr
     samples = [json.loads(ln) for ln in (nf4_out / "samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in samples] == [10, 10, 10, 20, 20, 20] and all(isinstance(s["completion"], str)
+    assert [s["step"] for s in samples] == [6, 6, 6, 12, 12, 12] and all(isinstance(s["completion"], str)
                                                                             for s in samples)
     bf16_losses = [r["loss"] for r in _metrics(out) if "loss" in r]
     nf4_losses = [r["loss"] for r in _metrics(nf4_out) if "loss" in r]
     assert abs(nf4_losses[0] - bf16_losses[0]) <= 0.05 * bf16_losses[0], (nf4_losses[0], bf16_losses[0])
-    assert sum(nf4_losses[-5:]) / 5 < sum(nf4_losses[:5]) / 5 - 0.5, nf4_losses
+    assert sum(nf4_losses[-3:]) / 3 < sum(nf4_losses[:3]) / 3 - 0.5, nf4_losses
     held_bf16 = json.loads((out / "train_results.json").read_text())["partition_bytes_all_ranks"]
     held_nf4 = json.loads((nf4_out / "train_results.json").read_text())["partition_bytes_all_ranks"]
     assert 0.27 <= held_nf4["frozen_linear"] / held_bf16["frozen_linear"] <= 0.30, (held_nf4, held_bf16)
@@ -305,25 +305,16 @@ def test_nf4_training_learns_and_resumes_exactly(default_run):
     nf4_eval = json.loads((nf4_out / "train_results.json").read_text())["eval_loss"]
     assert plain - adapted > 0.3 and abs(adapted - nf4_eval) < 0.05 * nf4_eval
 
-    run_llama(tmp, resumed, "--bits", "4", *steps, "--resume_from_checkpoint", str(nf4_out / "checkpoint-10"))
+    run_llama(tmp, resumed, "--bits", "4", *steps, "--resume_from_checkpoint", str(nf4_out / "checkpoint-6"))
     _same_adapters(nf4_out, resumed)
-    assert [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > 10] == \
-        [r["loss"] for r in _metrics(nf4_out) if "loss" in r and r["step"] > 10]
+    assert [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > 6] == \
+        [r["loss"] for r in _metrics(nf4_out) if "loss" in r and r["step"] > 6]
 
 
 def test_fp8_compute_mode_trains(tmp_path):
     run_llama(tmp_path, tmp_path / "out", "--quantize", "--fp8_compute", "--max_steps", "20", "--save_steps", "20")
     losses = [r["loss"] for r in _metrics(tmp_path / "out") if "loss" in r]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
-
-
-def test_hf_loader_trains_identically(default_run):
-    """Training after the streaming load gives exactly the losses of training after the HF-style load."""
-    tmp, out = default_run["tmp"], default_run["out"]
-    run_llama(tmp, tmp / "hf-loader", "--loader", "hf")
-    assert [r.get("loss", r.get("eval_loss")) for r in _metrics(tmp / "hf-loader")] == \
-        [r.get("loss", r.get("eval_loss")) for r in _metrics(out)]
-    _same_adapters(out, tmp / "hf-loader")
 
 
 TINY_FLAGS = ("--max_steps", "10", "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "5e-3",

@@ -59,10 +59,10 @@ def write_bnb_4bit(model: Path, out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "odd_tied"])
 def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_model, tmp_path):
-    """bf16 partitions equal HF's ZeRO-3 load; FP8 ones our float64-checked quantizer's bytes; NF4 ones
-    bitsandbytes' quantize_4bit bytes and absmax, quantized on load (stream and hf loaders) and copied from a
-    bnb-4bit checkpoint transformers wrote (odd_tied: hidden 72 and MLP 200 put blocks of 64 across rows, and
-    partition boundaries inside blocks)."""
+    """bf16 partitions, streamed and through --loader hf (rank 0 reads, ZeRO-3 scatters), equal HF's ZeRO-3 load;
+    FP8 ones our float64-checked quantizer's bytes; NF4 ones bitsandbytes' quantize_4bit bytes and absmax,
+    quantized on load (stream and hf loaders) and copied from a bnb-4bit checkpoint transformers wrote
+    (odd_tied: hidden 72 and MLP 200 put blocks of 64 across rows, and partition boundaries inside blocks)."""
     from llama_ft.quantize import quantize_checkpoint
 
     model = tiny_model_dir if which == "tiny" else odd_tied_model
@@ -80,7 +80,8 @@ def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_mod
     ckpt_bytes = open_checkpoint(model).total_bytes()
     fp8_bytes = open_checkpoint(prequantized).total_bytes()
     for v in verdicts:
-        for mode in ("bf16", "fp8", "fp8-hf", "prequantized", "nf4", "nf4-hf", "bnb"):  # -hf: rank 0 quantizes
+        # -hf: rank 0 reads (and quantizes), ZeRO-3 scatters
+        for mode in ("bf16", "bf16-hf", "fp8", "fp8-hf", "prequantized", "nf4", "nf4-hf", "bnb"):
             assert v[mode]["mismatched"] == [] and v[mode]["checked"] >= 20, (mode, v[mode])
         for mode in ("nf4", "nf4-hf", "bnb"):
             assert v[mode]["quantized_layers"] == 14, (mode, v[mode])
@@ -100,7 +101,7 @@ def test_streaming_partitions_match_hf_zero3(which, tiny_model_dir, odd_tied_mod
         assert v["fp8"]["quantized_layers"] == 14
         # FP8 on load widens each rank's rows to whole 128-row block stripes: never more than all of W twice
         assert v["fp8"]["bytes_read_total"] <= 2 * ckpt_bytes
-        for mode in ("bf16", "fp8", "fp8-hf", "prequantized", "nf4", "nf4-hf", "bnb"):
+        for mode in ("bf16", "bf16-hf", "fp8", "fp8-hf", "prequantized", "nf4", "nf4-hf", "bnb"):
             m = v[mode]
             # built at the final format: before the load, the only floating tensors created are the floating
             # partitions and LoRA's A and B (whole once, then their partitions); no bf16 partition (or whole

@@ -257,7 +257,7 @@ def _compare(ref: Path, got: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("quantize", [True])  # bf16 SP=2: tests/test_token_loss.py, against a float64 reference
 def test_sequence_parallel_two_ranks_equal_one_rank(tmp_path, quantize):
     """Same global batch: 1 rank x 2 examples x 2 accumulation steps against an SP=2 group on 2 ranks that shares
     them. With a quantized base (the 4-bit one here; FP8 and NF4 share the layer, its autograd and the

@@ -6,8 +6,8 @@ LoRA and bf16, forward + backward, CUDA-event medians, error vs float64; goal ou
 llama-ft packed on an NF4 base vs HF Trainer + PEFT on a bitsandbytes NF4 base: trained tokens/s, step time,
 peak memory. Last in the order (it was added after the others' budgets were set): it runs on what the budget
 leaves, the kernels first; rerun alone with `--stages nf4`. Dry run: --smoke (tiny q_proj) with
-TRITON_INTERPRET=1, then the tiny shape, one CPU rank, the QLoRA peer only (llama-ft's 4-bit training is
-tested elsewhere)."""
+TRITON_INTERPRET=1, then the tiny shape, one CPU rank, both methods (this dry run is the CI rehearsal of the pair:
+tests/test_gpu_proof.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ KERNELS_GPU = ["--models", "70b", "--layers", "q,gate,down", "--tokens", "4096",
                "--iters", "10", "--err-rows", "1024"]
 KERNELS_DRY = ["--smoke", "--layers", "q", "--warmup", "0", "--iters", "1"]
 TRAINING_GPU = ["--shape", "8b", "--methods", "ours_nf4,hf_qlora", "--nproc", "1", "--steps", "3", "--warmup", "1"]
-TRAINING_DRY = ["--smoke", "--methods", "hf_qlora", "--nproc", "1", "--steps", "2", "--warmup", "1"]
+TRAINING_DRY = ["--smoke", "--methods", "ours_nf4,hf_qlora", "--nproc", "1", "--steps", "2", "--warmup", "1"]
 KERNELS_SHARE = 0.4  # of the stage's limit: the kernels' command; training gets what that leaves
 
 
