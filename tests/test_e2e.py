@@ -248,6 +248,18 @@ def _last_losses(out: Path, n: int = 5) -> float:
     return sum(losses[-n:]) / n
 
 
+def _peft_eval_losses(model_dir: Path, out: Path) -> tuple[float, float, float]:
+    """(base loss, base + adapters loss) of PEFT on the bf16 checkpoint over the eval batches, and the run's own
+    eval_loss: a quantized run's adapters, loaded as plain PEFT adapters, must give the loss it reported."""
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+                                           out).eval()
+    batch = _eval_batches(model_dir)
+    adapted = _token_loss(peft_model, batch)
+    with peft_model.disable_adapter():
+        plain = _token_loss(peft_model, batch)
+    return plain, adapted, json.loads((out / "train_results.json").read_text())["eval_loss"]
+
+
 def test_fp8_training_matches_bf16(default_run):
     """--quantize --bits 8: same steps as the bf16 default run, final loss within 5% of it; the
     partitions hold half the bytes for the base linears; the adapters load on the bf16 base."""
@@ -261,14 +273,7 @@ def test_fp8_training_matches_bf16(default_run):
     assert 0.49 <= held_fp8["frozen_linear"] / held_bf16["frozen_linear"] <= 0.53, (held_fp8, held_bf16)
     assert held_fp8["lora"] == held_bf16["lora"] and held_fp8["frozen_other"] == held_bf16["frozen_other"]
 
-    model_dir = default_run["model"]
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    peft_model = PeftModel.from_pretrained(base, fp8_out).eval()
-    batch = _eval_batches(model_dir)
-    adapted = _token_loss(peft_model, batch)
-    with peft_model.disable_adapter():
-        plain = _token_loss(peft_model, batch)
-    fp8_eval = json.loads((fp8_out / "train_results.json").read_text())["eval_loss"]
+    plain, adapted, fp8_eval = _peft_eval_losses(default_run["model"], fp8_out)
     assert plain - adapted > 0.5 and abs(adapted - fp8_eval) < 0.05 * fp8_eval
 
 
@@ -295,14 +300,7 @@ def test_nf4_training_learns_and_resumes_exactly(default_run):
     assert 0.27 <= held_nf4["frozen_linear"] / held_bf16["frozen_linear"] <= 0.30, (held_nf4, held_bf16)
     assert held_nf4["lora"] == held_bf16["lora"] and held_nf4["frozen_other"] == held_bf16["frozen_other"]
 
-    model_dir = default_run["model"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
-                                           nf4_out).eval()
-    batch = _eval_batches(model_dir)
-    adapted = _token_loss(peft_model, batch)
-    with peft_model.disable_adapter():
-        plain = _token_loss(peft_model, batch)
-    nf4_eval = json.loads((nf4_out / "train_results.json").read_text())["eval_loss"]
+    plain, adapted, nf4_eval = _peft_eval_losses(default_run["model"], nf4_out)
     assert plain - adapted > 0.3 and abs(adapted - nf4_eval) < 0.05 * nf4_eval
 
     run_llama(tmp, resumed, "--bits", "4", *steps, "--resume_from_checkpoint", str(nf4_out / "checkpoint-6"))

@@ -420,6 +420,15 @@ def _tiles(configs: list[Any], tiles: dict | None) -> list[Any]:
     return [triton.Config({**base.kwargs, **t}, num_warps=warps, num_stages=stages)]
 
 
+def lora_operands(left: torch.Tensor | None, right: torch.Tensor | None,
+                  out: torch.Tensor) -> tuple[bool, int, torch.Tensor, torch.Tensor]:
+    """(HAS_LORA, r, left, right) for a launch: the LoRA operands (t and B, or u and A; both or neither), or `out`
+    standing in for both (never read with HAS_LORA False) and r = 1. Shared by every quantized format's launches."""
+    if left is None:
+        return False, 1, out, out
+    return True, left.shape[1], left, right
+
+
 def fwd_launch(x: torch.Tensor, sx: torch.Tensor | None, q: torch.Tensor, scales: torch.Tensor,
                t: torch.Tensor | None, b: torch.Tensor | None, y: torch.Tensor, scaling: float, fp8_compute: bool,
                cap: tuple[int, int], tiles: dict | None = None) -> Launch:
@@ -427,10 +436,7 @@ def fwd_launch(x: torch.Tensor, sx: torch.Tensor | None, q: torch.Tensor, scales
     fp8 compute: x is (M, K) e4m3 bytes and sx (M, ceil(K/128)) their scales (`quantize_rows_launch`)."""
     m, k = x.shape
     n = q.shape[0]
-    has_lora = t is not None
-    r = t.shape[1] if has_lora else 1
-    t_ = t if has_lora else y
-    b_ = b if has_lora else y
+    has_lora, r, t_, b_ = lora_operands(t, b, y)
     sx_ = sx if fp8_compute else scales  # not read in weight-only mode
     configs = _tiles(tile_configs("fwd", fp8_compute, cap, m, y.dtype), tiles)
     for c in configs:  # one weight scale per tile: both tiles of W divide 128
@@ -452,10 +458,7 @@ def dx_launch(dy: torch.Tensor, sdy: torch.Tensor | None, q: torch.Tensor, scale
     fp8 compute: dy is (M, N) e4m3 bytes and sdy (M, ceil(N/128)) their scales."""
     m, n = dy.shape
     k = q.shape[1]
-    has_lora = u is not None
-    r = u.shape[1] if has_lora else 1
-    u_ = u if has_lora else dx
-    a_ = a if has_lora else dx
+    has_lora, r, u_, a_ = lora_operands(u, a, dx)
     sdy_ = sdy if fp8_compute else scales  # not read in weight-only mode
     configs = _tiles(tile_configs("dx", fp8_compute, cap, m, dx.dtype), tiles)
     for c in configs:

@@ -38,40 +38,46 @@ class CheckLaunch:
     training: bool              # bf16 at training shapes with r 16 or 64: its first config is a default
 
 
-def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+def meta_tensor(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def lora_cases(name: str, m: int, n: int, k: int, dtype: torch.dtype, defaults_only: bool):
+    """(label, training default?, (t, u, b, a)) for each LoRA rank a launch is checked at (None: no LoRA): meta
+    operands t, u (M, r), B (N, r), A (r, K). Shared by every quantized format's launch list."""
+    for r in DEFAULT_RANKS if defaults_only else (None, *RANKS):
+        ops = (None,) * 4
+        if r is not None:
+            ops = (meta_tensor(m, r, dtype=dtype), meta_tensor(m, r, dtype=dtype), meta_tensor(n, r, dtype=dtype),
+                   meta_tensor(r, k, dtype=dtype))
+        label = f"{name} {'no LoRA' if r is None else f'r{r}'} M{'>' if m > SMALL_M else '<='}{SMALL_M}"
+        yield label, dtype == torch.bfloat16 and m == TRAINING_M and r in DEFAULT_RANKS, ops
 
 
 def check_launches(cap: tuple[int, int], defaults_only: bool = False) -> list[CheckLaunch]:
     """The launches for a GPU of capability `cap`; with defaults_only, only the training ones (bf16, M 4096,
     r 16 and 64, both modes) and the quantize kernel on bf16 weights."""
     out = []
-    q = _meta(N, K, dtype=torch.uint8)
-    s = _meta(num_blocks(N), num_blocks(K), dtype=torch.float32)
+    q = meta_tensor(N, K, dtype=torch.uint8)
+    s = meta_tensor(num_blocks(N), num_blocks(K), dtype=torch.float32)
     for dtype in DTYPES[:1] if defaults_only else DTYPES:
         name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        w = _meta(N, K, dtype=dtype)
+        w = meta_tensor(N, K, dtype=dtype)
         out.append(CheckLaunch(f"{name} weights", kernels.quantize_launch(w, q, s, cap), dtype == torch.bfloat16))
         modes = [False, True] if has_fp8_tensor_cores(cap) else [False]
         for fp8_compute in modes:
             for m in (TRAINING_M,) if defaults_only else (TRAINING_M, SMALL_M):
-                y, dx = _meta(m, N, dtype=dtype), _meta(m, K, dtype=dtype)
-                x, dy = _meta(m, K, dtype=dtype), _meta(m, N, dtype=dtype)
+                y, dx = meta_tensor(m, N, dtype=dtype), meta_tensor(m, K, dtype=dtype)
+                x, dy = meta_tensor(m, K, dtype=dtype), meta_tensor(m, N, dtype=dtype)
                 sx = sdy = None
                 if fp8_compute:  # the GEMMs read e4m3 bytes + scales, made by the row quantizer
-                    x8, sx = _meta(m, K, dtype=torch.uint8), _meta(m, num_blocks(K), dtype=torch.float32)
-                    dy8, sdy = _meta(m, N, dtype=torch.uint8), _meta(m, num_blocks(N), dtype=torch.float32)
+                    x8, sx = meta_tensor(m, K, dtype=torch.uint8), meta_tensor(m, num_blocks(K), dtype=torch.float32)
+                    dy8, sdy = meta_tensor(m, N, dtype=torch.uint8), meta_tensor(m, num_blocks(N), dtype=torch.float32)
                     if m == TRAINING_M:
                         out.append(CheckLaunch(f"{name} activations", kernels.quantize_rows_launch(x, x8, sx, cap),
                                                dtype == torch.bfloat16))
                     x, dy = x8, dy8
-                for r in DEFAULT_RANKS if defaults_only else (None, *RANKS):
-                    t = u = b = a = None
-                    if r is not None:
-                        t, u = _meta(m, r, dtype=dtype), _meta(m, r, dtype=dtype)
-                        b, a = _meta(N, r, dtype=dtype), _meta(r, K, dtype=dtype)
-                    label = f"{name} {'no LoRA' if r is None else f'r{r}'} M{'>' if m > SMALL_M else '<='}{SMALL_M}"
-                    training = dtype == torch.bfloat16 and m == TRAINING_M and r in DEFAULT_RANKS
+                for label, training, (t, u, b, a) in lora_cases(name, m, N, K, dtype, defaults_only):
                     out.append(CheckLaunch(label, kernels.fwd_launch(x, sx, q, s, t, b, y, 2.0, fp8_compute, cap),
                                            training))
                     out.append(CheckLaunch(label, kernels.dx_launch(dy, sdy, q, s, u, a, dx, 2.0, fp8_compute, cap),

@@ -41,6 +41,7 @@ from llama_ft.fp8.kernels import (  # shared with the FP8 family: dispatch, laun
     _tiles,
     device_capability,
     interpreting,
+    lora_operands,
     run,
     tuned_configs,
     use_triton,
@@ -237,10 +238,7 @@ def fwd_launch(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     m, k = x.shape
     n = packed.shape[0]
     _check(packed, absmax, k)
-    has_lora = t is not None
-    r = t.shape[1] if has_lora else 1
-    t_ = t if has_lora else y
-    b_ = b if has_lora else y
+    has_lora, r, t_, b_ = lora_operands(t, b, y)
     configs = _fit_k(_tiles(tile_configs("fwd", cap, m, y.dtype), tiles), k)
     assert all(c.kwargs["BLOCK_K"] in (64, 128) for c in configs)
     args = (x, packed, absmax, code, t_, b_, y, m, n, k, r, float(scaling), absmax.shape[1],
@@ -258,10 +256,7 @@ def dx_launch(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     m, n = dy.shape
     k = dx.shape[1]
     _check(packed, absmax, k)
-    has_lora = u is not None
-    r = u.shape[1] if has_lora else 1
-    u_ = u if has_lora else dx
-    a_ = a if has_lora else dx
+    has_lora, r, u_, a_ = lora_operands(u, a, dx)
     configs = _fit_k(_tiles(tile_configs("dx", cap, m, dx.dtype), tiles), k)
     assert all(c.kwargs["BLOCK_K"] in (64, 128) for c in configs)
     args = (dy, packed, absmax, code, u_, a_, dx, m, n, k, r, float(scaling), absmax.shape[1],

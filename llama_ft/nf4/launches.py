@@ -16,36 +16,26 @@ from __future__ import annotations
 
 import torch
 
-from llama_ft.fp8.launches import DEFAULT_RANKS, DTYPES, RANKS, SMALL_M, TRAINING_M, CheckLaunch
+from llama_ft.fp8.launches import DTYPES, SMALL_M, TRAINING_M, CheckLaunch, lora_cases, meta_tensor
 from llama_ft.nf4 import kernels
 from llama_ft.nf4.reference import GROUP
 
 N, K = 8192, 8192
 
 
-def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
 def check_launches(cap: tuple[int, int], defaults_only: bool = False) -> list[CheckLaunch]:
     """The launches for a GPU of capability `cap`; with defaults_only, only the training ones (bf16, M 4096,
     r 16 and 64)."""
     out = []
-    code = _meta(16, dtype=torch.float32)
-    packed = _meta(N, K // 2, dtype=torch.uint8)
-    absmax = _meta(N, K // GROUP, dtype=torch.float32)
+    code = meta_tensor(16, dtype=torch.float32)
+    packed = meta_tensor(N, K // 2, dtype=torch.uint8)
+    absmax = meta_tensor(N, K // GROUP, dtype=torch.float32)
     for dtype in DTYPES[:1] if defaults_only else DTYPES:
         name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         for m in (TRAINING_M,) if defaults_only else (TRAINING_M, SMALL_M):
-            y, dx = _meta(m, N, dtype=dtype), _meta(m, K, dtype=dtype)
-            x, dy = _meta(m, K, dtype=dtype), _meta(m, N, dtype=dtype)
-            for r in DEFAULT_RANKS if defaults_only else (None, *RANKS):
-                t = u = b = a = None
-                if r is not None:
-                    t, u = _meta(m, r, dtype=dtype), _meta(m, r, dtype=dtype)
-                    b, a = _meta(N, r, dtype=dtype), _meta(r, K, dtype=dtype)
-                label = f"{name} {'no LoRA' if r is None else f'r{r}'} M{'>' if m > SMALL_M else '<='}{SMALL_M}"
-                training = dtype == torch.bfloat16 and m == TRAINING_M and r in DEFAULT_RANKS
+            y, dx = meta_tensor(m, N, dtype=dtype), meta_tensor(m, K, dtype=dtype)
+            x, dy = meta_tensor(m, K, dtype=dtype), meta_tensor(m, N, dtype=dtype)
+            for label, training, (t, u, b, a) in lora_cases(name, m, N, K, dtype, defaults_only):
                 out.append(CheckLaunch(label, kernels.fwd_launch(x, packed, absmax, code, t, b, y, 2.0, cap),
                                        training))
                 out.append(CheckLaunch(label, kernels.dx_launch(dy, packed, absmax, code, u, a, dx, 2.0, cap),
