@@ -27,6 +27,7 @@ from torch import nn
 from llama_ft.data import IGNORE_INDEX, collate, collate_packed
 from llama_ft.data.batches import example_lengths
 from llama_ft.data.packing import pack_best_fit
+from llama_ft.model.segment_attention import restarts, segment_kwargs
 from llama_ft.train.activation_memory import activation_offload
 from llama_ft.train.loss import (
     HiddenStatesHead,
@@ -46,13 +47,14 @@ EOT_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</
 """End-of-turn tokens of the common chat templates: generation also stops at any of them in the vocabulary."""
 
 def model_inputs(batch: dict[str, torch.Tensor], packed: bool, flash: bool, device) -> dict[str, Any]:
-    """What the model gets. Padded rows: input_ids + attention_mask. Packed rows: input_ids + position_ids
-    and NO attention_mask (sdpa/eager: transformers builds the block-diagonal mask from position_ids only
-    without one). Packed rows under flash_attention_2: the B rows as ONE sequence (1, B*T) with the
-    varlen boundaries given (cu_seq_lens: where position_ids restart, the padding blocks included), since
-    transformers takes flash's varlen path from position_ids only at batch size 1; built on the host, so
-    flash never has to find them on the device. Flattening keeps the row-major token order, which is how
-    loss_targets indexes the hidden states.
+    """What the model gets. Padded rows: input_ids + attention_mask. Packed rows: input_ids + position_ids and NO
+    attention_mask (sdpa/eager: transformers builds the block-diagonal mask from position_ids only without one), and
+    the rows' sequences as `llama_ft_segments`, which the model's attention uses when it is
+    model/segment_attention.segment_sdpa (each sequence's attention computed apart) and ignores otherwise. Packed
+    rows under flash_attention_2: the B rows as ONE sequence (1, B*T) with the varlen boundaries given (cu_seq_lens:
+    where position_ids restart, the padding blocks included), since transformers takes flash's varlen path from
+    position_ids only at batch size 1; built on the host, so flash never has to find them on the device. Flattening
+    keeps the row-major token order, which is how loss_targets indexes the hidden states.
 
     A sequence-parallel shard (train/parallel.py, it carries `next_labels`) gets input_ids + position_ids
     only: Ulysses builds causality from the gathered positions; under flash the varlen boundaries of the
@@ -66,8 +68,9 @@ def model_inputs(batch: dict[str, torch.Tensor], packed: bool, flash: bool, devi
         return inputs
     if not packed:
         return {k: to_device(batch[k], device) for k in ("input_ids", "attention_mask")}
-    if not flash:
-        return {k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}
+    if not flash:  # each packed sequence's attention apart where the model has segment_sdpa (ignored elsewhere)
+        return {**{k: to_device(batch[k], device) for k in ("input_ids", "position_ids")},
+                **segment_kwargs(restarts(batch["position_ids"]), causal=True)}
     positions = batch["position_ids"].reshape(1, -1)
     bounds, longest = varlen_bounds(positions[0])
     cu = to_device(bounds, device)

@@ -40,6 +40,7 @@ import torch
 from llama_ft.data.collate import collate_pairs
 from llama_ft.data.shared_prompt import shared_prompt_mask
 from llama_ft.lora import lora_disabled
+from llama_ft.model.segment_attention import runs, segment_kwargs
 from llama_ft.train.activation_memory import activation_offload
 from llama_ft.train.evaluate import evaluate, micro_batch_nll, model_inputs
 from llama_ft.train.loss import (
@@ -203,14 +204,17 @@ def shared_prompt_inputs(batch: dict[str, Any], device, attn_implementation: str
     """The model inputs of shared-prompt rows: input_ids, position_ids and the layout's (B, 1, T, T) mask
     (data/shared_prompt.shared_prompt_mask), built on the device from the (B, T) group and branch ids.
     transformers passes a 4-D mask through as it is (masking_utils): sdpa takes it boolean (True: attend),
-    eager adds it to the scores, so eager gets it additive (0 or the dtype's lowest value)."""
+    eager adds it to the scores, so eager gets it additive (0 or the dtype's lowest value). Each pair (a run of
+    one group id) is also named as a segment: segment_sdpa computes each pair's attention apart, under its
+    part of the mask (model/segment_attention.py)."""
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"the shared-prompt layout needs a 4-D mask: sdpa or eager, not {attn_implementation}")
     groups, branches = (to_device(batch[k], device) for k in ("group_ids", "branch_ids"))
     mask = shared_prompt_mask(groups, branches)
     if attn_implementation == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return {**{k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}, "attention_mask": mask}
+    return {**{k: to_device(batch[k], device) for k in ("input_ids", "position_ids")}, "attention_mask": mask,
+            **segment_kwargs(runs(batch["group_ids"]), causal=False)}
 
 
 def rank_batches(n: int, world: int, rank: int, batch: int) -> Iterator[list[int]]:

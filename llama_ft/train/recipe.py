@@ -57,6 +57,7 @@ from llama_ft.gpus import fp8_compute_refusal, fp8_mode
 from llama_ft.hostcomm import any_rank, host_group, max_over_ranks
 from llama_ft.metrics import plot_loss
 from llama_ft.model.meter import peak_rss_bytes
+from llama_ft.model.segment_attention import use_segment_attention
 from llama_ft.ops import prepare_ops, unlink_shm_buffer
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
@@ -285,6 +286,9 @@ def train(cfg: TrainConfig) -> dict:
     if sp.enabled or cfg.tiled_mlp:  # widths padded to sp.size x tiles; this rank's columns only
         def prepare(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return shard_micro_batch(b, sp, rows, sp.size * tiles, pad_id, cfg.packing, flash)
+    if pack_len and cfg.attn_implementation == "sdpa" and not sp.enabled:
+        use_segment_attention(model)  # packed rows: each sequence's (or pair's) attention apart, not T x T
+        log.info("packed rows: attention per packed sequence (segment_sdpa), not over the whole row")
     mpu = None
     if sp.enabled:  # DeepSpeed's Ulysses attention in place of the core one; creates the SP groups
         mpu = register_ulysses(model, cfg.attn_implementation, sp.size, rows)
