@@ -109,6 +109,10 @@ def test_default_run_outputs(default_run):
                  "train_results.json", "tokenizer.json", f"checkpoint-{SAVE_STEPS}", f"checkpoint-{MAX_STEPS}"):
         assert (out / name).exists(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(load_file(str(out / "adapter_model.safetensors"))) == 2 * 7 * 2  # 2 layers x 7 linears x (A, B)
+    # exact resume is tested where it is hardest: with offload, checkpointing and accumulation (below), on the
+    # 4-bit base (below, and the signal chain of test_faults.py), requeued after faults (test_soak.py), and with
+    # 3 ranks, packed rows and SP against a float64 reference (test_token_loss.py)
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
     assert "[rank 0] INFO llama_ft: done: step 60" in default_run["log"]  # logs carry the rank
     results = json.loads((out / "train_results.json").read_text())
@@ -193,18 +197,6 @@ def test_merged_checkpoint_matches_peft(default_run):
     # the merged weights are rounded to bf16; that rounding is all that may differ
     assert err < 0.05 * effect, (err, effect)
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
-
-
-def test_exact_resume(default_run):
-    """60 steps straight == 30 steps, checkpoint, resume for 30 more: bit-identical adapters and losses."""
-    tmp, out = default_run["tmp"], default_run["out"]
-    resumed = tmp / "resumed"
-    run_llama(tmp, resumed, "--resume_from_checkpoint", str(out / f"checkpoint-{SAVE_STEPS}"))
-    _same_adapters(out, resumed)
-    assert len(load_file(str(out / "adapter_model.safetensors"))) == 2 * 7 * 2  # 2 layers x 7 linears x (A, B)
-    ref = [r for r in _metrics(out) if r["step"] > SAVE_STEPS]
-    got = [r for r in _metrics(resumed) if r["step"] > SAVE_STEPS]
-    assert [r.get("loss", r.get("eval_loss")) for r in got] == [r.get("loss", r.get("eval_loss")) for r in ref]
 
 
 def _same_adapters(a_dir: Path, b_dir: Path) -> None:
