@@ -51,6 +51,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,16 +107,14 @@ def step_flops(m: int, n: int, k: int, r: int) -> int:
 
 
 @dataclass
-class Problem:
-    """One layer's tensors: the same x, W (and its FP8 form), A, B, dy for every method."""
+class LoRAOperands:
+    """One layer's tensors, the same for every method: x, W, A, B, dy (bf16)."""
 
-    x: torch.Tensor  # (M, K) bf16, requires_grad
-    w: torch.Tensor  # (N, K) bf16, frozen
-    q: torch.Tensor  # (N, K) uint8 e4m3
-    scale_bytes: torch.Tensor  # (ceil(N/128), ceil(K/128) * 4) uint8
-    a: torch.Tensor  # (r, K) bf16, requires_grad
-    b: torch.Tensor  # (N, r) bf16, requires_grad
-    dy: torch.Tensor  # (M, N) bf16
+    x: torch.Tensor  # (M, K), requires_grad
+    w: torch.Tensor  # (N, K), frozen
+    a: torch.Tensor  # (r, K), requires_grad
+    b: torch.Tensor  # (N, r), requires_grad
+    dy: torch.Tensor  # (M, N)
     r: int
     alpha: float
 
@@ -124,18 +123,31 @@ class Problem:
         return self.alpha / self.r
 
 
-def make_problem(m: int, n: int, k: int, r: int, alpha: float, device: torch.device, seed: int = 0) -> Problem:
+def lora_operands(m: int, n: int, k: int, r: int, alpha: float, device: torch.device, seed: int = 0) -> dict:
+    """LoRAOperands' fields, random with unit-variance outputs. B is random (not PEFT's zero init) so that the
+    LoRA term is really in the output the error check sees."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int, std: float) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(torch.bfloat16)
 
-    w = randn(n, k, std=k**-0.5)
-    q, scales = quantize_fp8(w)
-    # B is random (not PEFT's zero init) so that the LoRA term is really in the output the error check sees
-    return Problem(x=randn(m, k, std=1.0).requires_grad_(), w=w, q=q, scale_bytes=scales_to_bytes(scales),
-                   a=randn(r, k, std=k**-0.5).requires_grad_(), b=randn(n, r, std=r**-0.5).requires_grad_(),
-                   dy=randn(m, n, std=1.0), r=r, alpha=alpha)
+    return dict(x=randn(m, k, std=1.0).requires_grad_(), w=randn(n, k, std=k**-0.5),
+                a=randn(r, k, std=k**-0.5).requires_grad_(), b=randn(n, r, std=r**-0.5).requires_grad_(),
+                dy=randn(m, n, std=1.0), r=r, alpha=alpha)
+
+
+@dataclass
+class Problem(LoRAOperands):
+    """The operands and W's FP8 form."""
+
+    q: torch.Tensor  # (N, K) uint8 e4m3
+    scale_bytes: torch.Tensor  # (ceil(N/128), ceil(K/128) * 4) uint8
+
+
+def make_problem(m: int, n: int, k: int, r: int, alpha: float, device: torch.device, seed: int = 0) -> Problem:
+    ops = lora_operands(m, n, k, r, alpha, device, seed)
+    q, scales = quantize_fp8(ops["w"])
+    return Problem(**ops, q=q, scale_bytes=scales_to_bytes(scales))
 
 
 class Unavailable(Exception):
@@ -238,13 +250,33 @@ def median_ms(step: Callable[[], object], warmup: int, iters: int, cuda: bool) -
     return statistics.median([start.elapsed_time(end) for start, end in events])
 
 
-def time_method(name: str, p: Problem, warmup: int, iters: int, cuda: bool) -> dict:
-    """{"ms": median ms per forward+backward} or {"unavailable": why}."""
+def time_method(name: str, p, warmup: int, iters: int, cuda: bool, builders: dict | None = None) -> dict:
+    """{"ms": median ms per forward+backward} or {"unavailable": why}. `builders`: method name -> builder of
+    (forward, inputs) for a problem (this benchmark's BUILDERS by default; the NF4 one passes its own)."""
     try:
-        forward, inputs = BUILDERS[name](p)
+        forward, inputs = (builders or BUILDERS)[name](p)
         return {"ms": median_ms(lambda: torch.autograd.grad(forward(), inputs, p.dy), warmup, iters, cuda)}
     except Exception as e:  # noqa: BLE001 - one failing method (OOM, no fp8 dot on this GPU...) is a table cell
         return {"unavailable": reason(e)}
+
+
+def timed_results(p, flop: int, args: argparse.Namespace, cuda: bool, methods: dict, baseline: str,
+                  builders: dict | None = None) -> dict[str, dict]:
+    """Each method's time_method result (or "not run (--methods)"), with TFLOP/s and the speed-up over
+    `baseline` as "speedup_vs_<baseline>"."""
+    results = {}
+    for name in methods:
+        if name not in args.methods:
+            results[name] = {"unavailable": "not run (--methods)"}
+            continue
+        results[name] = time_method(name, p, args.warmup, args.iters, cuda, builders)
+        release_memory(cuda)  # the method's layer, closures and autograd buffers are gone once it returns
+    base_ms = results[baseline].get("ms")
+    for res in results.values():
+        if "ms" in res:
+            res["tflops"] = flop / (res["ms"] * 1e-3) / 1e12
+            res[f"speedup_vs_{baseline}"] = base_ms / res["ms"] if base_ms else None
+    return results
 
 
 def release_memory(cuda: bool) -> None:
@@ -273,9 +305,10 @@ def relative_error(p: Problem, fp8_compute: bool, rows: int, chunk: int = 16 * B
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def error_or_reason(p: Problem, fp8_compute: bool, rows: int, cuda: bool) -> float | str:
+def error_or_reason(error: Callable[[], float], cuda: bool) -> float | str:
+    """error() (a relative error), or why it could not be computed."""
     try:
-        return relative_error(p, fp8_compute, rows)
+        return error()
     except Exception as e:  # noqa: BLE001
         return reason(e)
     finally:
@@ -287,21 +320,11 @@ def run_row(model: str, layer: str, m: int, r: int, args: argparse.Namespace, de
     cuda = device.type == "cuda"
     p = make_problem(m, n, k, r, args.alpha, device)
     flop = step_flops(m, n, k, r)
-    results = {}
-    for name in METHODS:
-        if name not in args.methods:
-            results[name] = {"unavailable": "not run (--methods)"}
-            continue
-        results[name] = time_method(name, p, args.warmup, args.iters, cuda)
-        release_memory(cuda)  # the method's layer, closures and autograd buffers are gone once it returns
-    base_ms = results[BASELINE].get("ms")
-    for res in results.values():
-        if "ms" in res:
-            res["tflops"] = flop / (res["ms"] * 1e-3) / 1e12
-            res["speedup_vs_bf16_lora"] = base_ms / res["ms"] if base_ms else None
+    results = timed_results(p, flop, args, cuda, METHODS, BASELINE)
     row = dict(model=model, layer=f"{layer}_proj", M=m, N=n, K=k, r=r, alpha=args.alpha, flop=flop,
-               rel_err_weight_only=error_or_reason(p, False, args.err_rows, cuda),
-               rel_err_fp8_compute=error_or_reason(p, True, args.err_rows, cuda), results=results)
+               rel_err_weight_only=error_or_reason(partial(relative_error, p, False, args.err_rows), cuda),
+               rel_err_fp8_compute=error_or_reason(partial(relative_error, p, True, args.err_rows), cuda),
+               results=results)
     del p
     release_memory(cuda)
     return row
@@ -319,65 +342,79 @@ def _csv(kind: Callable[[str], object], choices: dict | None = None) -> Callable
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+def shape_parser(doc: str, methods: dict, defaults: dict, methods_help: str,
+                 smoke_help: str) -> argparse.ArgumentParser:
+    """The options both LoRA-linear benchmarks take: shapes, methods, steps, error rows, --json, --smoke."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=_csv(str, MODELS), help=f"default {DEFAULTS['models']}")
-    ap.add_argument("--layers", type=_csv(str, LAYERS), help=f"of {','.join(LAYERS)}; default {DEFAULTS['layers']}")
-    ap.add_argument("--tokens", type=_csv(int), help=f"M = batch x sequence; default {DEFAULTS['tokens']}")
-    ap.add_argument("--ranks", type=_csv(int), help=f"LoRA r; default {DEFAULTS['ranks']}")
-    ap.add_argument("--methods", type=_csv(str, METHODS), default=list(METHODS),
-                    help=f"of {','.join(METHODS)}; default all (deepspeed_fp8 JIT-compiles DeepSpeed's fp_quantizer "
-                         "op on first use: minutes)")
+    ap.add_argument("--models", type=_csv(str, MODELS), help=f"default {defaults['models']}")
+    ap.add_argument("--layers", type=_csv(str, LAYERS), help=f"of {','.join(LAYERS)}; default {defaults['layers']}")
+    ap.add_argument("--tokens", type=_csv(int), help=f"M = batch x sequence; default {defaults['tokens']}")
+    ap.add_argument("--ranks", type=_csv(int), help=f"LoRA r; default {defaults['ranks']}")
+    ap.add_argument("--methods", type=_csv(str, methods), default=list(methods),
+                    help=f"of {','.join(methods)}; default all{methods_help}")
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r); default 16")
-    ap.add_argument("--warmup", type=int, help=f"untimed steps per method; default {DEFAULTS['warmup']}")
-    ap.add_argument("--iters", type=int, help=f"timed steps per method (median); default {DEFAULTS['iters']}")
+    ap.add_argument("--warmup", type=int, help=f"untimed steps per method; default {defaults['warmup']}")
+    ap.add_argument("--iters", type=int, help=f"timed steps per method (median); default {defaults['iters']}")
     ap.add_argument("--err-rows", type=int, default=2048, help="tokens in the float64 error check; default 2048")
     ap.add_argument("--json", type=Path, help="write every row and the run's header here")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes, few steps; runs without CUDA (PyTorch reference path) to test the script")
-    args = ap.parse_args(argv)
-    defaults = SMOKE_DEFAULTS if args.smoke else DEFAULTS
-    for key, value in defaults.items():
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    return ap
+
+
+def fill_defaults(args: argparse.Namespace, defaults: dict, smoke_defaults: dict) -> argparse.Namespace:
+    """The shape options not given, from `smoke_defaults` with --smoke, else `defaults`."""
+    for key, value in (smoke_defaults if args.smoke else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, _csv(int if key in ("tokens", "ranks") else str)(value)
                     if isinstance(value, str) else value)
     return args
 
 
-def header(device: torch.device) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = shape_parser(__doc__, METHODS, DEFAULTS, " (deepspeed_fp8 JIT-compiles DeepSpeed's fp_quantizer op on "
+                      "first use: minutes)", "tiny shapes, few steps; runs without CUDA (PyTorch reference path) to "
+                      "test the script")
+    return fill_defaults(ap.parse_args(argv), DEFAULTS, SMOKE_DEFAULTS)
+
+
+def base_header(device: torch.device, **versions: str) -> dict:
+    """Device, torch, triton, CUDA, `versions`, date, timing and command of a kernel benchmark run."""
     import triton
 
-    try:
-        import deepspeed
-
-        ds_version = deepspeed.__version__
-    except ImportError:
-        ds_version = "not installed"
     cpu = f"CPU ({platform.processor() or platform.machine()})"
     return dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        torch=torch.__version__, triton=triton.__version__, deepspeed=ds_version, cuda=torch.version.cuda,
+        torch=torch.__version__, triton=triton.__version__, **versions, cuda=torch.version.cuda,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         timing="CUDA events" if device.type == "cuda" else "wall clock",
         command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     )
 
 
-def _cell(res: dict, notes: list[str]) -> str:
+def header(device: torch.device) -> dict:
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except ImportError:
+        ds_version = "not installed"
+    return base_header(device, deepspeed=ds_version)
+
+
+def cell(res: dict, notes: list[str], speedup_key: str) -> str:
+    """A table cell: "ms, TF/s, speed-up", or "n/a [i]" with the reason as note i."""
     if "ms" not in res:
         if res["unavailable"] not in notes:
             notes.append(res["unavailable"])
         return f"n/a [{notes.index(res['unavailable']) + 1}]"
-    speedup = res.get("speedup_vs_bf16_lora")
+    speedup = res.get(speedup_key)
     tflops = f"{res['tflops']:.0f}" if res["tflops"] >= 10 else f"{res['tflops']:.2g}"
     return f"{res['ms']:.3f} ms, {tflops} TF/s" + (f", {speedup:.2f}x" if speedup else "")
 
 
-def _err(value: float | str, notes: list[str]) -> str:
-    if isinstance(value, float):
-        return f"{value:.1e}"
-    return _cell({"unavailable": value}, notes)
+def err_cell(value: float | str, notes: list[str]) -> str:
+    return f"{value:.1e}" if isinstance(value, float) else cell({"unavailable": value}, notes, "")
 
 
 def markdown(head: dict, rows: list[dict], args: argparse.Namespace) -> str:
@@ -392,10 +429,10 @@ def markdown(head: dict, rows: list[dict], args: argparse.Namespace) -> str:
            "rel err fp8 compute |",
            "|---|---|--:|--:|--:|--:|" + "--:|" * (len(METHODS) + 2)]
     for row in rows:
-        cells = [_cell(row["results"][name], notes) for name in METHODS]
+        cells = [cell(row["results"][name], notes, f"speedup_vs_{BASELINE}") for name in METHODS]
         out.append(f"| {row['model']} | {row['layer']} | {row['M']} | {row['N']} | {row['K']} | {row['r']} | "
-                   + " | ".join(cells) + f" | {_err(row['rel_err_weight_only'], notes)} | "
-                   f"{_err(row['rel_err_fp8_compute'], notes)} |")
+                   + " | ".join(cells) + f" | {err_cell(row['rel_err_weight_only'], notes)} | "
+                   f"{err_cell(row['rel_err_fp8_compute'], notes)} |")
     out += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     out += [""] + summary(rows)
     return "\n".join(out)
@@ -418,22 +455,34 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def bench_device(args: argparse.Namespace, script: str) -> torch.device | None:
+    """The GPU; the CPU with --smoke; else None, after saying why on stderr."""
     if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif args.smoke:
-        device = torch.device("cpu")
-    else:
-        print("fp8_lora_linear.py: this benchmark needs a CUDA GPU (none found); use --smoke for a CPU check of "
-              "the script", file=sys.stderr)
-        return 2
-    head = header(device)
+        return torch.device("cuda", torch.cuda.current_device())
+    if args.smoke:
+        return torch.device("cpu")
+    print(f"{script}: this benchmark needs a CUDA GPU (none found); use --smoke for a CPU check of the script",
+          file=sys.stderr)
+    return None
+
+
+def run_shapes(args: argparse.Namespace, device: torch.device, row: Callable[..., dict]) -> list[dict]:
+    """row(model, layer, M, r, args, device) for every shape the options name, with progress on stderr."""
     shapes = [(mo, la, m, r) for mo in args.models for la in args.layers for m in args.tokens for r in args.ranks]
     rows = []
     for i, (model, layer, m, r) in enumerate(shapes, 1):
         print(f"[{i}/{len(shapes)}] {model} {layer}_proj M={m} r={r}", file=sys.stderr, flush=True)
-        rows.append(run_row(model, layer, m, r, args, device))
+        rows.append(row(model, layer, m, r, args, device))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = bench_device(args, "fp8_lora_linear.py")
+    if device is None:
+        return 2
+    head = header(device)
+    rows = run_shapes(args, device, run_row)
     tuned = kernels.tuned_configs()  # what triton.autotune picked for each shape (empty without a GPU)
     print(markdown(head, rows, args))
     if tuned:

@@ -38,27 +38,34 @@ Output: one markdown table on stdout (progress on stderr); --json PATH writes ev
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from fp8_lora_linear import (  # the shapes, timing and table helpers are the FP8 benchmark's (same methodology)
     LAYERS,
     MODELS,
+    Forward,
+    LoRAOperands,
     Unavailable,
-    _csv,
-    median_ms,
-    reason,
+    base_header,
+    bench_device,
+    cell,
+    err_cell,
+    error_or_reason,
+    fill_defaults,
+    lora_operands,
     release_memory,
+    run_shapes,
+    shape_parser,
     step_flops,
+    timed_results,
 )
 
 from llama_ft.nf4 import quantize_nf4_reference
@@ -80,39 +87,17 @@ SMOKE_DEFAULTS = dict(models="tiny", tokens="64", ranks="16", layers="q,gate,dow
 
 
 @dataclass
-class Problem:
-    """One layer's tensors: the same x, W, A, B, dy for every method; W's NF4 storage in our layout."""
+class Problem(LoRAOperands):
+    """The operands and W's NF4 storage in our layout (bitsandbytes quantizes W itself; bf16_lora uses it as is)."""
 
-    x: torch.Tensor  # (M, K) bf16, requires_grad
-    w: torch.Tensor  # (N, K) bf16, frozen (bitsandbytes quantizes it itself; bf16_lora uses it as is)
     packed: torch.Tensor  # (N * K / 2,) uint8, two codes a byte (bitsandbytes' order)
     absmax_bytes: torch.Tensor  # (N * K / 64 * 4,) uint8: the fp32 absmax per block of 64, as raw bytes
-    a: torch.Tensor  # (r, K) bf16, requires_grad
-    b: torch.Tensor  # (N, r) bf16, requires_grad
-    dy: torch.Tensor  # (M, N) bf16
-    r: int
-    alpha: float
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 def make_problem(m: int, n: int, k: int, r: int, alpha: float, device: torch.device, seed: int = 0) -> Problem:
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(torch.bfloat16)
-
-    w = randn(n, k, std=k**-0.5)
-    packed, absmax = quantize_nf4_reference(w)
-    # B is random (not PEFT's zero init) so that the LoRA term is really in the output the error check sees
-    return Problem(x=randn(m, k, std=1.0).requires_grad_(), w=w, packed=packed, absmax_bytes=absmax.view(torch.uint8),
-                   a=randn(r, k, std=k**-0.5).requires_grad_(), b=randn(n, r, std=r**-0.5).requires_grad_(),
-                   dy=randn(m, n, std=1.0), r=r, alpha=alpha)
-
-
-Forward = Callable[[], torch.Tensor]
+    ops = lora_operands(m, n, k, r, alpha, device, seed)
+    packed, absmax = quantize_nf4_reference(ops["w"])
+    return Problem(**ops, packed=packed, absmax_bytes=absmax.view(torch.uint8))
 
 
 def ours_nf4(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
@@ -193,15 +178,6 @@ BUILDERS: dict[str, Callable[[Problem], tuple[Forward, list[torch.Tensor]]]] = {
 }
 
 
-def time_method(name: str, p: Problem, warmup: int, iters: int, cuda: bool) -> dict:
-    """{"ms": median ms per forward+backward} or {"unavailable": why}."""
-    try:
-        forward, inputs = BUILDERS[name](p)
-        return {"ms": median_ms(lambda: torch.autograd.grad(forward(), inputs, p.dy), warmup, iters, cuda)}
-    except Exception as e:  # noqa: BLE001 - one failing method (no bitsandbytes, OOM...) is a table cell
-        return {"unavailable": reason(e)}
-
-
 @torch.no_grad()
 def relative_error(name: str, p: Problem, rows: int, chunk: int = 2048) -> float:
     """||y - y64|| / ||y64|| on the first `rows` tokens; y64 in float64 over the method's own dequantized W."""
@@ -227,34 +203,14 @@ def relative_error(name: str, p: Problem, rows: int, chunk: int = 2048) -> float
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def error_or_reason(name: str, p: Problem, rows: int, cuda: bool) -> float | str:
-    try:
-        return relative_error(name, p, rows)
-    except Exception as e:  # noqa: BLE001
-        return reason(e)
-    finally:
-        release_memory(cuda)
-
-
 def run_row(model: str, layer: str, m: int, r: int, args: argparse.Namespace, device: torch.device) -> dict:
     n, k = LAYERS[layer](MODELS[model])
     cuda = device.type == "cuda"
     p = make_problem(m, n, k, r, args.alpha, device)
     flop = step_flops(m, n, k, r)
-    results = {}
-    for name in METHODS:
-        if name not in args.methods:
-            results[name] = {"unavailable": "not run (--methods)"}
-            continue
-        results[name] = time_method(name, p, args.warmup, args.iters, cuda)
-        release_memory(cuda)
-    base_ms = results[BASELINE].get("ms")
-    for res in results.values():
-        if "ms" in res:
-            res["tflops"] = flop / (res["ms"] * 1e-3) / 1e12
-            res["speedup_vs_peft_qlora"] = base_ms / res["ms"] if base_ms else None
-    errors = {name: error_or_reason(name, p, args.err_rows, cuda) if name in args.methods else "not run (--methods)"
-              for name in ERR_METHODS}
+    results = timed_results(p, flop, args, cuda, METHODS, BASELINE, BUILDERS)
+    errors = {name: error_or_reason(partial(relative_error, name, p, args.err_rows), cuda) if name in args.methods
+              else "not run (--methods)" for name in ERR_METHODS}
     row = dict(model=model, layer=f"{layer}_proj", M=m, N=n, K=k, r=r, alpha=args.alpha, flop=flop,
                rel_err=errors, results=results)
     del p
@@ -263,28 +219,10 @@ def run_row(model: str, layer: str, m: int, r: int, args: argparse.Namespace, de
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=_csv(str, MODELS), help=f"default {DEFAULTS['models']}")
-    ap.add_argument("--layers", type=_csv(str, LAYERS), help=f"of {','.join(LAYERS)}; default {DEFAULTS['layers']}")
-    ap.add_argument("--tokens", type=_csv(int), help=f"M = batch x sequence; default {DEFAULTS['tokens']}")
-    ap.add_argument("--ranks", type=_csv(int), help=f"LoRA r; default {DEFAULTS['ranks']}")
-    ap.add_argument("--methods", type=_csv(str, METHODS), default=list(METHODS),
-                    help=f"of {','.join(METHODS)}; default all")
-    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r); default 16")
-    ap.add_argument("--warmup", type=int, help=f"untimed steps per method; default {DEFAULTS['warmup']}")
-    ap.add_argument("--iters", type=int, help=f"timed steps per method (median); default {DEFAULTS['iters']}")
-    ap.add_argument("--err-rows", type=int, default=2048, help="tokens in the float64 error check; default 2048")
-    ap.add_argument("--json", type=Path, help="write every row and the run's header here")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes, few steps, runs without CUDA (set TRITON_INTERPRET=1 to run our Triton "
-                         "kernels under the interpreter; otherwise their PyTorch reference) to test the script")
-    args = ap.parse_args(argv)
-    defaults = SMOKE_DEFAULTS if args.smoke else DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, _csv(int if key in ("tokens", "ranks") else str)(value)
-                    if isinstance(value, str) else value)
+    ap = shape_parser(__doc__, METHODS, DEFAULTS, "", "tiny shapes, few steps, runs without CUDA (set "
+                      "TRITON_INTERPRET=1 to run our Triton kernels under the interpreter; otherwise their PyTorch "
+                      "reference) to test the script")
+    args = fill_defaults(ap.parse_args(argv), DEFAULTS, SMOKE_DEFAULTS)
     if BASELINE not in args.methods:
         ap.error(f"--methods: the baseline {BASELINE} must be one of them (the speed-ups are against it)")
     return args
@@ -293,8 +231,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def header(device: torch.device) -> dict:
     import os
 
-    import triton
-
     def version(module: str) -> str:
         try:
             with _quiet():
@@ -302,31 +238,8 @@ def header(device: torch.device) -> dict:
         except ImportError:
             return "not installed"
 
-    cpu = f"CPU ({platform.processor() or platform.machine()})"
-    return dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        torch=torch.__version__, triton=triton.__version__, bitsandbytes=version("bitsandbytes"),
-        peft=version("peft"), cuda=torch.version.cuda,
-        kernels="Triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        else "PyTorch reference",
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        timing="CUDA events" if device.type == "cuda" else "wall clock",
-        command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-    )
-
-
-def _cell(res: dict, notes: list[str]) -> str:
-    if "ms" not in res:
-        if res["unavailable"] not in notes:
-            notes.append(res["unavailable"])
-        return f"n/a [{notes.index(res['unavailable']) + 1}]"
-    speedup = res.get("speedup_vs_peft_qlora")
-    tflops = f"{res['tflops']:.0f}" if res["tflops"] >= 10 else f"{res['tflops']:.2g}"
-    return f"{res['ms']:.3f} ms, {tflops} TF/s" + (f", {speedup:.2f}x" if speedup else "")
-
-
-def _err(value: float | str, notes: list[str]) -> str:
-    return f"{value:.1e}" if isinstance(value, float) else _cell({"unavailable": value}, notes)
+    kernels = "Triton" if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "PyTorch reference"
+    return base_header(device, bitsandbytes=version("bitsandbytes"), peft=version("peft"), kernels=kernels)
 
 
 def geomean(xs: list) -> float | None:
@@ -359,9 +272,9 @@ def markdown(head: dict, rows: list[dict], args: argparse.Namespace, totals: dic
            "| model | layer | M | N | K | r | " + " | ".join(METHODS.values()) + " | rel err ours | rel err PEFT |",
            "|---|---|--:|--:|--:|--:|" + "--:|" * (len(METHODS) + 2)]
     for row in rows:
-        cells = [_cell(row["results"][name], notes) for name in METHODS]
+        cells = [cell(row["results"][name], notes, f"speedup_vs_{BASELINE}") for name in METHODS]
         out.append(f"| {row['model']} | {row['layer']} | {row['M']} | {row['N']} | {row['K']} | {row['r']} | "
-                   + " | ".join(cells) + " | " + " | ".join(_err(row["rel_err"][n], notes) for n in ERR_METHODS)
+                   + " | ".join(cells) + " | " + " | ".join(err_cell(row["rel_err"][n], notes) for n in ERR_METHODS)
                    + " |")
     out += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] + [""]
     for model, s in totals.items():
@@ -375,20 +288,11 @@ def markdown(head: dict, rows: list[dict], args: argparse.Namespace, totals: dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif args.smoke:
-        device = torch.device("cpu")
-    else:
-        print("nf4_lora_linear.py: this benchmark needs a CUDA GPU (none found); use --smoke for a CPU check of "
-              "the script", file=sys.stderr)
+    device = bench_device(args, "nf4_lora_linear.py")
+    if device is None:
         return 2
     head = header(device)
-    shapes = [(mo, la, m, r) for mo in args.models for la in args.layers for m in args.tokens for r in args.ranks]
-    rows = []
-    for i, (model, layer, m, r) in enumerate(shapes, 1):
-        print(f"[{i}/{len(shapes)}] {model} {layer}_proj M={m} r={r}", file=sys.stderr, flush=True)
-        rows.append(run_row(model, layer, m, r, args, device))
+    rows = run_shapes(args, device, run_row)
     totals = summary(rows)
     print(markdown(head, rows, args, totals))
     if args.json:
