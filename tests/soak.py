@@ -167,7 +167,10 @@ def _apply(soak: Soak, f: Fault, proc: subprocess.Popen, family: dict[int, psuti
     pid = _rank_pid(soak.out, rank, family)
     if pid is None:
         return f"rank {rank} not found"
-    os.kill(pid, signal.SIGKILL if f.kind == "kill9_rank" else signal.SIGSTOP)
+    try:
+        os.kill(pid, signal.SIGKILL if f.kind == "kill9_rank" else signal.SIGSTOP)
+    except ProcessLookupError:  # it exited between finding it and the signal (the run's last step): no fault
+        return f"rank {rank} gone before the signal"
     return f"rank {rank}"
 
 
