@@ -83,8 +83,9 @@ def load(model_dir: str, adapter: str | None, dtype: Any, device: Any):
 
 
 def load_model(model_dir: str, adapter: str | None, dtype: Any, device: Any):
-    """The model in eval mode on `device`, with the PEFT adapters on when given. UserError for a missing model,
-    a directory that is not an adapter, or adapters that do not fit the base."""
+    """The model in eval mode on `device`, with the PEFT adapters on when given; a bitsandbytes checkpoint (bnb-4bit:
+    `llama-ft quantize --bits 4`, the Hub's *-bnb-4bit) through bitsandbytes. UserError for a missing model, a
+    directory that is not an adapter, adapters that do not fit the base, or bitsandbytes missing for such a base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -99,9 +100,9 @@ def load_model(model_dir: str, adapter: str | None, dtype: Any, device: Any):
     bnb = is_bitsandbytes_checkpoint(model_dir)
     if bnb:
         require_bitsandbytes(model_dir)
-    try:  # bitsandbytes' modules are placed while loading: a 4-bit model refuses a later .to() on some versions
+    try:  # a quantized model is placed by device_map while loading (transformers' way for them), not moved after
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
-                                                     **({"device_map": {"": device}} if bnb else {}))
+                                                     **({"device_map": whole_on(device)} if bnb else {}))
     except ImportError as e:  # transformers' own check (bitsandbytes or accelerate missing or too old)
         if not bnb:
             raise
@@ -116,6 +117,16 @@ def load_model(model_dir: str, adapter: str | None, dtype: Any, device: Any):
 
 BNB_NEEDED = ("--model_name_or_path {model_dir}: a bitsandbytes-quantized checkpoint (config.json "
               "quantization_config); transformers loads it with bitsandbytes: pip install bitsandbytes")
+
+
+def whole_on(device: Any) -> dict[str, int | str]:
+    """transformers' device_map for the whole model on `device`: a GPU by its index, else the device type."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": device.type}
 
 
 def is_bitsandbytes_checkpoint(model_dir: str) -> bool:
