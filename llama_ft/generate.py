@@ -83,8 +83,9 @@ def load(model_dir: str, adapter: str | None, dtype: Any, device: Any):
 
 
 def load_model(model_dir: str, adapter: str | None, dtype: Any, device: Any):
-    """The model in eval mode on `device`, with the PEFT adapters on when given. UserError for a missing model,
-    a directory that is not an adapter, or adapters that do not fit the base."""
+    """The model in eval mode on `device`, with the PEFT adapters on when given; a bitsandbytes checkpoint (bnb-4bit:
+    `llama-ft quantize --bits 4`, the Hub's *-bnb-4bit) through bitsandbytes. UserError for a missing model, a
+    directory that is not an adapter, adapters that do not fit the base, or bitsandbytes missing for such a base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -96,13 +97,57 @@ def load_model(model_dir: str, adapter: str | None, dtype: Any, device: Any):
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected the --output_dir of "
                         "llama-ft train, or another PEFT adapter directory)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False)
+    bnb = is_bitsandbytes_checkpoint(model_dir)
+    if bnb:
+        require_bitsandbytes(model_dir)
+    try:  # a quantized model is placed by device_map while loading (transformers' way for them), not moved after
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
+                                                     **({"device_map": whole_on(device)} if bnb else {}))
+    except ImportError as e:  # transformers' own check (bitsandbytes or accelerate missing or too old)
+        if not bnb:
+            raise
+        raise UserError(f"{BNB_NEEDED.format(model_dir=model_dir)} ({one_line(e)[:300]})") from None
     if adapter is not None:
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, target modules missing
             raise UserError(f"--adapter {adapter}: does not fit the base {model_dir} ({one_line(e)[:300]})") from None
-    return model.to(device).eval()
+    return (model if bnb else model.to(device)).eval()
+
+
+BNB_NEEDED = ("--model_name_or_path {model_dir}: a bitsandbytes-quantized checkpoint (config.json "
+              "quantization_config); transformers loads it with bitsandbytes: pip install bitsandbytes")
+
+
+def whole_on(device: Any) -> dict[str, int | str]:
+    """transformers' device_map for the whole model on `device`: a GPU by its index, else the device type."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": device.type}
+
+
+def is_bitsandbytes_checkpoint(model_dir: str) -> bool:
+    """config.json's quantization_config says bitsandbytes (4-bit NF4 as `llama-ft quantize --bits 4` and the Hub's
+    *-bnb-4bit repositories write, or 8-bit). An unreadable config.json is transformers' to report."""
+    from llama_ft.nf4.checkpoint import is_bnb
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_bnb(config)
+
+
+def require_bitsandbytes(model_dir: str) -> None:
+    """One line, not transformers' traceback, where bitsandbytes (not a dependency of llama-ft: the product never
+    runs its kernels) is not importable."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(BNB_NEEDED.format(model_dir=model_dir)) from None
 
 
 def prompt_ids(tokenizer: Any, prompt: str | None, messages: list[dict[str, str]] | None):

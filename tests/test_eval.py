@@ -196,6 +196,13 @@ def test_bad_input_is_one_line(tiny_model_dir, adapters, tmp_path, capsys):
     save_file(tensors, other / "adapter_model.safetensors")
     line = _error(capsys, "--model_name_or_path", str(tiny_model_dir), "--adapter_dir", str(other), *data)
     assert "shape mismatch" in line and "[8, 96]" in line and "[64, 64]" in line
+    # the same on a bnb-4bit base (llama-ft quantize --bits 4): the shape its quant state gives, not the packed bytes
+    from llama_ft.quantize import main as quantize_main
+
+    nf4 = tmp_path / "nf4"
+    assert quantize_main(["--model", str(tiny_model_dir), "--output", str(nf4), "--bits", "4", "--no-progress"]) == 0
+    line = _error(capsys, "--model_name_or_path", str(nf4), "--adapter_dir", str(other), *data)
+    assert "shape mismatch" in line and "[8, 96]" in line and "[64, 64]" in line
 
     # exact match needs a prompt before each answer: with --train_on_source every token is trained
     line = _error(capsys, "--model_name_or_path", str(tiny_model_dir), *data, "--train_on_source")

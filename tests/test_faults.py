@@ -1,10 +1,13 @@
 """Faults on real CPU ranks: preemption signals, a rank killed mid-save, NaN, a full disk, a non-shared OUTPUT_DIR.
 
-One chain of runs shares the work: a straight 8-step run is the reference; a second run is stopped by
-SIGTERM to run-llama.sh, resumed from `latest` and stopped again by SIGTERM to rank 1, resumed and then
-broken by kill -9 of rank 1 while it is saving a checkpoint, and resumed once more to the end. Its final
-adapters and losses must equal the straight run's, bit for bit. (A float64 reference for what one step
-computes is tests/test_token_loss.py.)
+Every run here trains on the 4-bit NF4 base (FLAGS: --bits 4, which implies --quantize): the faults, the save
+and the exact resume hold with 4 bits. One chain of runs shares the work: a straight 8-step run is the
+reference; a second run is stopped by SIGTERM to run-llama.sh, resumed from `latest` and stopped again by
+SIGTERM to rank 1, resumed and then broken by kill -9 of rank 1 while it is saving a checkpoint, and resumed
+once more to the end. Its final adapters and losses must equal the straight run's, bit for bit. (A float64
+reference for what one step computes is tests/test_token_loss.py. On an unquantized base: SIGTERM, save and
+exact resume in tests/test_dpo_train.py (one rank, fp32), exact resume in tests/test_e2e.py and
+tests/test_token_loss.py; the full soak, `python tests/soak.py`, draws SIGTERM too.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from test_e2e import REPO, _metrics, _same_adapters, llama_env, run_llama
 pytestmark = pytest.mark.slow
 FLAGS = ("--max_steps", "8", "--save_steps", "3", "--eval_dataset_size", "0", "--lora_r", "8", "--lora_alpha", "16",
          "--learning_rate", "5e-3", "--per_device_train_batch_size", "2", "--source_max_len", "128",
-         "--target_max_len", "32", "--lora_dropout", "0.1", "--gradient_checkpointing", "false")
+         "--target_max_len", "32", "--lora_dropout", "0.1", "--gradient_checkpointing", "false", "--bits", "4")
 
 
 def _start(tmp: Path, out: Path, *extra: str, **env: str) -> subprocess.Popen:
@@ -124,6 +127,7 @@ def test_signals_and_a_killed_save_lose_nothing(straight):
     # 4. resume to the end: the same adapters and losses as the straight run
     code, err = _finish(_start(tmp, out, "--resume_from_checkpoint", "latest"))
     assert code == 0, err[-3000:]
+    assert "frozen linears" in err and "(NF4)" in err  # the 4-bit base (rank 0's partition-bytes line)
     assert not list(out.glob(".checkpoint-*.tmp"))  # the killed save's leftovers are gone
     _same_adapters(tmp / "straight", out)
     ref = {r["step"]: r["loss"] for r in _metrics(tmp / "straight") if "loss" in r}

@@ -102,11 +102,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_adapter_fits(model_dir: str, adapter_dir: str) -> None:
     """One line naming both shapes when the adapters were trained for another base (merge.load_adapter's
-    checks, on the safetensors headers of the base and the adapter tensors)."""
+    checks, on the safetensors headers of the base and the adapter tensors; a bnb-4bit base's weights by the
+    shapes in their quant states, nf4.checkpoint.logical_view)."""
     from llama_ft.merge import load_adapter
+    from llama_ft.nf4.checkpoint import is_bnb_4bit, logical_view
     from llama_ft.shards import open_checkpoint
 
-    load_adapter(Path(adapter_dir), open_checkpoint(model_dir))
+    ckpt = open_checkpoint(model_dir)
+    load_adapter(Path(adapter_dir), logical_view(ckpt) if is_bnb_4bit(ckpt.config) else ckpt)
 
 
 def load_examples(args: argparse.Namespace, tokenizer: Any):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -185,6 +185,26 @@ def check_bnb_checkpoint(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] 
     finally:
         reader.close()
     return names
+
+
+ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def logical_view(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint's headers with each NF4 weight as the matrix it stands for: "<m>.weight" gets the logical
+    shape (N, K) and dtype of its quant state instead of the packed U8 (ceil(N K / 2), 1). What shape checks
+    written for unquantized checkpoints (merge.load_adapter: do the adapters fit?) read. Headers and the quant
+    states only (a few hundred bytes a weight)."""
+    names = check_bnb_checkpoint(ckpt)
+    tensors = dict(ckpt.tensors)
+    reader = ShardReader(ckpt)
+    try:
+        for name in names:
+            w = read_quant_state(ckpt, name, reader)
+            tensors[name] = replace(tensors[name], dtype=ST_NAMES.get(w.dtype, "BF16"), shape=w.shape)
+    finally:
+        reader.close()
+    return replace(ckpt, tensors=tensors)
 
 
 def targets_of(names: list[str]) -> list[str]:
