@@ -17,8 +17,6 @@ import errno
 import json
 from pathlib import Path
 
-import torch
-
 from llama_ft.fsutil import atomic_dir
 
 ASSETS = Path(__file__).parent / "assets"
@@ -85,11 +83,12 @@ def make_tiny_llama(out_dir: str | Path, seed: int = 0, overwrite: bool = False)
 
     If `out_dir` already holds a complete tiny checkpoint and not `overwrite`, it is kept.
     """
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors.index.json").exists() and not overwrite:
-        return out_dir
+        return out_dir  # before importing torch: run-llama.sh asks for it at every launch
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),

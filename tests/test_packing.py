@@ -148,7 +148,10 @@ def test_flash_inputs_are_one_sequence_with_host_boundaries():
     assert got["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 0, 0, 0, 0]]
     assert got["cu_seq_lens_q"].tolist() == got["cu_seq_lens_k"].tolist() == [0, 3, 5, 6, 10]  # + the padding block
     assert got["cu_seq_lens_q"].dtype == torch.int32 and got["max_length_q"] == got["max_length_k"] == 4
-    assert "attention_mask" not in got and set(model_inputs(b, True, False, "cpu")) == {"input_ids", "position_ids"}
+    assert "attention_mask" not in got
+    plain = model_inputs(b, True, False, "cpu")  # sdpa/eager: the rows' sequences for segment_sdpa, no mask
+    assert set(plain) == {"input_ids", "position_ids", "llama_ft_segments"}
+    assert plain["llama_ft_segments"].bounds == (((0, 3), (3, 5)), ((0, 1), (1, 5)))
 
 
 def test_eval_ranks_run_as_many_forwards_and_count_only_their_rows(fp32_model):
