@@ -72,3 +72,18 @@ def _remove_leaked_shm_buffers():
     yield
     for p in _unmapped_deepspeed_shm():
         p.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The embedded default run (run-llama.sh, 2 ranks, 60 steps), once per session for every module using it."""
+    from test_e2e import SHM, run_llama
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    # --generate_every: sample completions mid-run, collective under ZeRO-3 (tests/test_generate.py reads them);
+    # --report_to tensorboard: the event file is checked against metrics.jsonl
+    shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+    proc = run_llama(tmp, tmp / "output", "--generate_every", "30", "--generate_max_new_tokens", "12",
+                     "--report_to", "tensorboard", merge_dir=tmp / "merged")
+    return {"tmp": tmp, "out": tmp / "output", "merged": tmp / "merged", "model": tmp / "cache" / "tiny-llama",
+            "log": proc.stderr, "shm_left": set(SHM.glob("deepspeed_allreduce_buffer_*")) - shm_before}

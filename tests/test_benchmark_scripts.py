@@ -74,22 +74,22 @@ def test_fp8_lora_linear_needs_cuda():
 
 @pytest.mark.slow
 def test_load_benchmark_smoke(tmp_path):
-    """benchmarks/load.py on the tiny shape: both loaders run on 2 ranks and the byte counts show
-    what each does (ours: each rank about half, once in all; HF: rank 0 reads it all)."""
+    """benchmarks/load.py on the tiny shape: our streaming loader at bf16 and at 4 bits on 2 ranks; the byte
+    counts show what it does (each rank about half, once in all). The HF peer (--loaders hf) is left out for the
+    suite's time: the GPU proof's dry run rehearses this script, and tests/test_loader.py checks `--loader hf`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "llama-ft" / "torch_extensions"))
     out = tmp_path / "load.json"
     proc = run_job([sys.executable, str(REPO / "benchmarks" / "load.py"), "--shape", "tiny", "--dir", str(tmp_path),
-                    "--loaders", "stream", "hf", "nf4", "--json", str(out)],
+                    "--loaders", "stream", "nf4", "--json", str(out)],
                    timeout=600, cwd=REPO, env=env)  # kills torchrun's ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| stream | all |" in proc.stdout and "| hf | all |" in proc.stdout and "| nf4 | all |" in proc.stdout
+    assert "| stream | all |" in proc.stdout and "| nf4 | all |" in proc.stdout
     report = json.loads(out.read_text())
     ckpt = report["checkpoint_bytes"]
     rows = {(r["loader"], r["rank"]): r for r in report["rows"]}
     stream = [rows[("stream", r)]["bytes_read"] for r in (0, 1)]
     assert sum(stream) <= 1.05 * ckpt and all(0.4 * ckpt <= b <= 0.6 * ckpt for b in stream)
-    assert rows[("hf", 0)]["bytes_read"] >= 0.99 * ckpt  # transformers 5: rank 0 reads every tensor
     for r in report["rows"]:
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0 and r["partition_bytes"] > 0
     # the frozen linears' partitions: bf16 2 bytes a weight; NF4 half a byte + an fp32 absmax per 64 = 0.5625
@@ -124,12 +124,13 @@ def _positive(x) -> bool:
 
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
-    """--smoke: llama-ft unpacked and packed, HF Trainer (and TRL where it imports) train the tiny shape on 2 ranks;
-    every method is measured or says why not, and the figures are consistent with each other."""
-    import importlib.util
-
+    """--smoke: llama-ft unpacked and packed and the HF Trainer train the tiny shape on 2 ranks; every method is
+    measured or says why not, and the figures are consistent with each other. TRL's packed SFTTrainer is left out
+    for the suite's time (its DPOTrainer runs in test_dpo_vs_trl_smoke; the FP8 and 4-bit methods in the GPU
+    proof's dry run)."""
     out = tmp_path / "tput.json"
-    proc = run_job([sys.executable, str(TPUT), "--smoke", "--dir", str(tmp_path / "work"), "--json", str(out)],
+    proc = run_job([sys.executable, str(TPUT), "--smoke", "--methods", "ours_unpacked,ours_packed,hf", "--dir",
+                    str(tmp_path / "work"), "--json", str(out)],
                    timeout=600, cwd=REPO, env=_bench_env())  # kills the launchers' ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -166,14 +167,10 @@ def test_train_throughput_smoke(tmp_path):
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
     # llama-ft and the HF Trainer always run here; TRL only where it imports; FP8 only when --methods names it
     assert {"ours_unpacked", "ours_packed", "hf"} <= set(measured), report["methods"]
-    for name in ("ours_fp8", "ours_nf4", "hf_qlora"):
+    for name in ("ours_fp8", "ours_nf4", "hf_qlora", "trl_packed"):  # trl_packed: left out for the suite's time
         assert report["methods"][name] == {"unavailable": "not run (--methods)"}
     unpacked, packed = measured["ours_unpacked"], measured["ours_packed"]
     assert packed["padding_share"] < unpacked["padding_share"]
-    if "trl_packed" in measured:
-        assert measured["trl_packed"]["padding_share"] < unpacked["padding_share"]
-    elif importlib.util.find_spec("trl") is None:  # not a llama-ft dependency: the row says so
-        assert "trl is not installed" in report["methods"]["trl_packed"]["unavailable"]
 
     ratios = report["ratios"]
     assert ratios["packed_vs_unpacked"] == pytest.approx(packed["trained_tokens_per_s"] /
@@ -193,15 +190,17 @@ def test_train_throughput_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_vs_trl_smoke(tmp_path):
-    """--smoke: llama-ft --objective dpo unpacked, packed and packed with the shared prompt, and TRL's DPOTrainer
-    (where it imports) train the tiny shape on 2 ranks from the same pairs file; the figures are consistent with
-    the per-step records, unpacked llama-ft and TRL train the same micro-batches token for token (TRL's sampler is
-    the HF Trainer's, seeded like ours), and the shared-prompt rows hold fewer tokens per pair than plain packing's."""
+    """--smoke: llama-ft --objective dpo unpacked and packed with the shared prompt, and TRL's DPOTrainer (where it
+    imports) train the tiny shape on 2 ranks from the same pairs file; the figures are consistent with the per-step
+    records, unpacked llama-ft and TRL train the same micro-batches token for token (TRL's sampler is the HF
+    Trainer's, seeded like ours), and the shared-prompt rows hold fewer tokens per pair than both sides apart. Plain
+    --packing (ours_packed) is left out for the suite's time: it is the shared-prompt method's row layout without
+    the shared prompt, and tests/test_dpo_train.py trains it against float64."""
     import importlib.util
 
     out = tmp_path / "dpo.json"
-    proc = run_job([sys.executable, str(DPO), "--smoke", "--dir", str(tmp_path / "work"), "--json", str(out)],
-                   timeout=600, cwd=REPO, env=_bench_env())
+    proc = run_job([sys.executable, str(DPO), "--smoke", "--methods", "ours,ours_shared,trl", "--dir",
+                    str(tmp_path / "work"), "--json", str(out)], timeout=600, cwd=REPO, env=_bench_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     head, cfg, data, methods = report["header"], report["config"], report["data"], report["methods"]
@@ -220,8 +219,9 @@ def test_dpo_vs_trl_smoke(tmp_path):
     lora = r * layers * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
     assert cfg["model_flops_per_token"] == 6 * frozen + 6 * lora
     assert list(methods) == ["ours", "ours_packed", "ours_shared", "trl"] == list(report["method_labels"])
-    for name in ("ours", "ours_packed", "ours_shared"):
+    for name in ("ours", "ours_shared"):
         assert "pairs_per_s" in methods[name], methods[name]
+    assert methods["ours_packed"] == {"unavailable": "not run (--methods)"}
     if importlib.util.find_spec("trl") is None:  # the row says why not
         assert "trl is not installed" in methods["trl"]["unavailable"]
     measured = {k: m for k, m in methods.items() if "pairs_per_s" in m}
@@ -241,18 +241,18 @@ def test_dpo_vs_trl_smoke(tmp_path):
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
         assert res["rounds_pairs_per_s"] == [res["pairs_per_s"]]
     per_pair = {k: sum(s["nonpad"] for s in measured[k]["steps"]) / sum(s["pairs"] for s in measured[k]["steps"])
-                for k in ("ours", "ours_packed", "ours_shared")}
-    assert per_pair["ours_shared"] < per_pair["ours_packed"] == pytest.approx(per_pair["ours"], rel=0.3)
+                for k in ("ours", "ours_shared")}
+    assert per_pair["ours_shared"] < 0.9 * per_pair["ours"]  # each prompt once
     cmp = report["compare"]
     if "trl" in measured:
         trl = methods["trl"]
         assert cmp["same_batches"] is True and _positive(cmp["step_time_ratio_median"])
-        for name in ("ours", "ours_packed", "ours_shared"):
+        for name in ("ours", "ours_shared"):
             m = cmp["per_method"][name]
             assert m["pairs_per_s_ratio"] == pytest.approx(methods[name]["pairs_per_s"] / trl["pairs_per_s"])
             assert m["round_ratios"] == [pytest.approx(m["pairs_per_s_ratio"])]  # one round
         ours = cmp["per_method"]["ours"]
-        assert len(cmp["goals"]) == 6
+        assert len(cmp["goals"]) == 4
         assert [g["holds"] for g in cmp["goals"][:2]] == [ours["pairs_per_s_ratio"] >= 1.3,
                                                           max(ours["memory_ratio_per_rank"]) < 1]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]

@@ -13,7 +13,6 @@ import json
 import shutil
 
 import pytest
-from test_e2e import default_run  # noqa: F401  (the session fixture)
 
 from llama_ft.data.formats import PROMPT_INPUT, PROMPT_NO_INPUT
 from llama_ft.generate import main
