@@ -40,24 +40,26 @@ class Segments:
     causal: bool
 
 
+def _bounds(ids: torch.Tensor, starts_at) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(B, T) host ids -> each row's segments as (start, end) pairs, a segment starting at t > 0 where
+    starts_at(row, t)."""
+    out = []
+    for row in ids.tolist():
+        cuts = [0, *(t for t in range(1, len(row)) if starts_at(row, t)), len(row)]
+        out.append(tuple(zip(cuts[:-1], cuts[1:], strict=True)))
+    return tuple(out)
+
+
 def runs(ids: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
     """(B, T) host ids -> each row's maximal runs of equal ids as (start, end) pairs (group_ids: one pair of the
     shared-prompt layout, or the padding tail)."""
-    out = []
-    for row in ids.tolist():
-        cuts = [0, *(t for t in range(1, len(row)) if row[t] != row[t - 1]), len(row)]
-        out.append(tuple(zip(cuts[:-1], cuts[1:], strict=True)))
-    return tuple(out)
+    return _bounds(ids, lambda row, t: row[t] != row[t - 1])
 
 
 def restarts(position_ids: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
     """(B, T) host position_ids of packed rows -> each row's sequences as (start, end): a sequence starts where
     the position is 0 (collate restarts positions per sequence, the padding tail included)."""
-    out = []
-    for row in position_ids.tolist():
-        cuts = [0, *(t for t in range(1, len(row)) if row[t] == 0), len(row)]
-        out.append(tuple(zip(cuts[:-1], cuts[1:], strict=True)))
-    return tuple(out)
+    return _bounds(position_ids, lambda row, t: row[t] == 0)
 
 
 def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 
 from llama_ft.errors import UserError
 from llama_ft.nf4.format import BLOCK, NESTED_BLOCK, NF4_CODE, double_dequantize, double_quantize
-from llama_ft.shards import CONFIG_NAME, Checkpoint, ShardReader
+from llama_ft.shards import CONFIG_NAME, ST_DTYPES, Checkpoint, ShardReader
 
 QUANT_STATE = ".quant_state.bitsandbytes__nf4"
 FP4_QUANT_STATE = ".quant_state.bitsandbytes__fp4"
@@ -187,7 +187,7 @@ def check_bnb_checkpoint(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] 
     return names
 
 
-ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ST_NAMES = {str(t).removeprefix("torch."): name for name, t in ST_DTYPES.items()}  # "bfloat16" -> "BF16"
 
 
 def logical_view(ckpt: Checkpoint) -> Checkpoint:
