@@ -163,6 +163,25 @@ def test_kill_9_of_run_llama_stops_every_rank(straight):
     assert not _job_leftovers(env["MASTER_PORT"])
 
 
+def test_a_rank_hung_in_the_final_save_ends_the_job_after_dist_timeout(straight):
+    """Rank 1 stops (SIGSTOP) after the last step, before the final adapters are gathered: rank 0's collective
+    times out after --dist_timeout and the job ends with one line naming the stopped rank, which is ended with
+    it, not with a traceback and 30 s more until DeepSpeed's launcher SIGKILLs it (found by tests/soak.py)."""
+    tmp, out = straight, straight / "hung-at-end"
+    env = llama_env(tmp, out, LLAMA_FT_TEST_STOP_AFTER_LOOP="1")
+    proc = subprocess.Popen(["bash", str(REPO / "run-llama.sh"), *FLAGS, "--max_steps", "2", "--save_steps", "2",
+                             "--dist_timeout", "5"], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    code, err = _finish(proc, timeout=300)
+    # the launcher ends with the first rank it sees end: the stopped one, SIGKILLed (-9 read as 247), or rank 0 (1)
+    assert code in (1, 247) and "Traceback" not in err, err[-3000:]
+    line = next(ln for ln in err.splitlines() if "is stopped (SIGSTOP?)" in ln)
+    hung = _rank_pid(out, 1)
+    assert f"rank 1 (pid {hung} on" in line and "ended it and rank 0" in line and "checkpoint-2" in line, line
+    assert not psutil.pid_exists(hung) and not _job_leftovers(env["MASTER_PORT"])
+    assert _latest(out) == "checkpoint-2" and not (out / "adapter_model.safetensors").exists()
+
+
 def test_nan_stop_keeps_the_last_good_checkpoint(straight):
     tmp, out = straight, straight / "nan-stop"
     code, err = _finish(_start(tmp, out, "--save_steps", "2", LLAMA_FT_TEST_NAN_AT_STEP="3"))

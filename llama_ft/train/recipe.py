@@ -158,6 +158,13 @@ def apply_test_hooks(nll: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     return nll
 
 
+def stop_self_for_test(rank: int) -> None:
+    """Test hook: LLAMA_FT_TEST_STOP_AFTER_LOOP=R makes rank R stop itself (SIGSTOP) once the loop is done, as a
+    rank that hangs in the final save would (tests/test_faults.py)."""
+    if os.environ.get("LLAMA_FT_TEST_STOP_AFTER_LOOP") == str(rank):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def check_fp8_mode(cfg: TrainConfig) -> None:
     """--quantize runs on every supported GPU (weight-only below compute capability 8.9: the kernels decode the
     e4m3 bytes themselves); --fp8_compute needs FP8 tensor cores, refused here in one line before any launch."""
@@ -408,31 +415,36 @@ def train(cfg: TrainConfig) -> dict:
                 save()
                 last_saved = progress.step
     bar.close()
+    stop_self_for_test(rank)
 
     # --- final adapters directly in output_dir, like save_pretrained ---
-    save_adapters(model, out, cfg.lora_spec, cfg.model_name_or_path)
-    held_all = [int(v) for v in all_ranks_sum(list(held.values()), engine.device)]
-    peak = torch.tensor([torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()], dtype=torch.int64,
-                        device=engine.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # host sync: the largest rank's peak, for the memory account
-    results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
-               "train_runtime_s": time.time() - t_start, "world_size": world,
-               "data": {"rows": stats.rows, "examples": stats.examples, "cut": stats.cut, "dropped": stats.dropped},
-               "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True))}
-    if rank == 0:
-        # the plan for this run, once: only rank 0 writes train_results.json
-        results["memory"] = memory = used_vs_planned(cfg, ds_config, llama_config, world_env, int(peak.item()))
-        tokenizer.save_pretrained(out)  # with the chat template the adapters were trained with
-        atomic_write_json(out / "train_results.json", results)
-        try:
-            plot_loss(out / "metrics.jsonl", out / "loss.png")
-        except (OSError, ValueError) as e:  # the adapters are saved; a missing plot must not hang the other ranks
-            log.warning("could not draw loss.png: %s", e)
-        if memory.get("planned_bytes"):
-            log.info("memory: %s %.2f GiB on the largest rank; llama-ft plan: %.2f GiB (%+.1f%%)", memory["measured"],
-                     memory["measured_bytes"] / 2**30, memory["planned_bytes"] / 2**30, memory["error_pct"])
-        log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
-    any_rank(False)  # a barrier on the host group
+    # still under collective_failures: a rank hung here (in the final gather, the peak all-reduce or the last
+    # barrier) ends the job after --dist_timeout like one hung mid-loop, not 30 s later by the launcher's SIGKILL
+    with watch.collective_failures():
+        save_adapters(model, out, cfg.lora_spec, cfg.model_name_or_path)
+        held_all = [int(v) for v in all_ranks_sum(list(held.values()), engine.device)]
+        peak = torch.tensor([torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()], dtype=torch.int64,
+                            device=engine.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # host sync: the largest rank's peak, for the memory account
+        results = {"global_step": progress.step, "train_loss": last_loss, "eval_loss": eval_loss,
+                   "train_runtime_s": time.time() - t_start, "world_size": world,
+                   "data": {"rows": stats.rows, "examples": stats.examples, "cut": stats.cut, "dropped": stats.dropped},
+                   "partition_bytes_rank0": held, "partition_bytes_all_ranks": dict(zip(held, held_all, strict=True))}
+        if rank == 0:
+            # the plan for this run, once: only rank 0 writes train_results.json
+            results["memory"] = memory = used_vs_planned(cfg, ds_config, llama_config, world_env, int(peak.item()))
+            tokenizer.save_pretrained(out)  # with the chat template the adapters were trained with
+            atomic_write_json(out / "train_results.json", results)
+            try:
+                plot_loss(out / "metrics.jsonl", out / "loss.png")
+            except (OSError, ValueError) as e:  # the adapters are saved; a missing plot must not hang the other ranks
+                log.warning("could not draw loss.png: %s", e)
+            if memory.get("planned_bytes"):
+                log.info("memory: %s %.2f GiB on the largest rank; llama-ft plan: %.2f GiB (%+.1f%%)",
+                         memory["measured"], memory["measured_bytes"] / 2**30, memory["planned_bytes"] / 2**30,
+                         memory["error_pct"])
+            log.info("done: step %d, train loss %.4f, adapters in %s", progress.step, last_loss, out)
+        any_rank(False)  # a barrier on the host group
     watch.stop()  # from here ranks exit one by one; that is not a death
     return results
 
