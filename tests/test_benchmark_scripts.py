@@ -124,12 +124,12 @@ def _positive(x) -> bool:
 
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
-    """--smoke: llama-ft unpacked and packed and the HF Trainer train the tiny shape on 2 ranks; every method is
-    measured or says why not, and the figures are consistent with each other. TRL's packed SFTTrainer is left out
-    for the suite's time (its DPOTrainer runs in test_dpo_vs_trl_smoke; the FP8 and 4-bit methods in the GPU
-    proof's dry run)."""
+    """--smoke: llama-ft unpacked and packed train the tiny shape on 2 ranks; every method is measured or says why
+    not, and the figures are consistent with each other. The peers are left out for the suite's time: the GPU
+    proof's dry run trains the HF Trainer (its throughput stage) and the FP8 and 4-bit methods with HF QLoRA;
+    TRL's DPOTrainer runs in test_dpo_vs_trl_smoke."""
     out = tmp_path / "tput.json"
-    proc = run_job([sys.executable, str(TPUT), "--smoke", "--methods", "ours_unpacked,ours_packed,hf", "--dir",
+    proc = run_job([sys.executable, str(TPUT), "--smoke", "--methods", "ours_unpacked,ours_packed", "--dir",
                     str(tmp_path / "work"), "--json", str(out)],
                    timeout=600, cwd=REPO, env=_bench_env())  # kills the launchers' ranks too on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,9 +165,8 @@ def test_train_throughput_smoke(tmp_path):
                                                      sum(s["tokens"] for s in steps))
         assert len(res["peak_memory_bytes_per_rank"]) == cfg["nproc"]
         assert all(_positive(b) for b in res["peak_memory_bytes_per_rank"])
-    # llama-ft and the HF Trainer always run here; TRL only where it imports; FP8 only when --methods names it
-    assert {"ours_unpacked", "ours_packed", "hf"} <= set(measured), report["methods"]
-    for name in ("ours_fp8", "ours_nf4", "hf_qlora", "trl_packed"):  # trl_packed: left out for the suite's time
+    assert set(measured) == {"ours_unpacked", "ours_packed"}, report["methods"]
+    for name in ("ours_fp8", "ours_nf4", "hf", "hf_qlora", "trl_packed"):
         assert report["methods"][name] == {"unavailable": "not run (--methods)"}
     unpacked, packed = measured["ours_unpacked"], measured["ours_packed"]
     assert packed["padding_share"] < unpacked["padding_share"]
@@ -175,8 +174,7 @@ def test_train_throughput_smoke(tmp_path):
     ratios = report["ratios"]
     assert ratios["packed_vs_unpacked"] == pytest.approx(packed["trained_tokens_per_s"] /
                                                          unpacked["trained_tokens_per_s"])
-    assert ratios["ours_packed_vs_hf"] == pytest.approx(packed["trained_tokens_per_s"] /
-                                                        measured["hf"]["trained_tokens_per_s"])
+    assert ratios["ours_packed_vs_hf"] is None and report["hf_batches_equal_ours_unpacked"] is None  # not run
     assert len(report["goals"]) == 3
     for goal in report["goals"]:
         assert goal["holds"] is None if goal["ratio"] is None else goal["holds"] == (goal["ratio"] >= goal["target"])

@@ -6,7 +6,7 @@ chosen "owner=Mia; object=house; color=orange", rejected the same with another c
 prompt's color) tells the sides apart. One run of 2 CPU ranks with run-llama.sh, --bits 4 (the reference is the
 NF4 base under lora_disabled; hidden 576 and MLP 1536 are whole blocks of 64), --packing (rows of whole pairs, up to
 2 x --max_seq_len tokens: 2 pairs a row here, 6 rows a rank), DS_CONFIG zero3_offload.json, one optimizer step =
-the 24 training pairs, 3 steps, merged at the end (MERGE_DIR) onto the bf16 base, as QLoRA practice merges.
+the 24 training pairs, 2 steps, merged at the end (MERGE_DIR) onto the bf16 base, as QLoRA practice merges.
 (SIGTERM and resume with DPO: tests/test_dpo_train.py; packed pairs against float64: tests/test_dpo_train.py; FP8
 on this checkpoint: tests/test_real_checkpoint.py.) Checked:
 - the run packed: step 1 trained 24 pairs from 2 x 6 rows (unpacked, 6 rows a rank are 12 pairs);
@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llama_ft.data import IGNORE_INDEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
-BETA, STEPS, ROWS = 0.1, 3, 6  # ROWS: packed rows per rank and micro-batch
+BETA, STEPS, ROWS = 0.1, 2, 6  # ROWS: packed rows per rank and micro-batch
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,10 @@ def test_heldout_reward_accuracy_above_0_9_by_peft_and_the_merged_model_agrees(r
     merged_margins = [BETA * ((_logp(merged, c) - rc) - (_logp(merged, r) - rr))
                       for (c, r), (rc, rr) in zip(sides, ref, strict=True)]
     assert sum(m > 0 for m in merged_margins) / len(sides) > 0.9, merged_margins
-    # the merge stores W + s B A in bf16: margins within a few percent of PEFT's, not bit for bit
+    # the merge stores W + s B A in bf16, which keeps only the high bits of a small s B A (2 steps here): margins
+    # within 10% of PEFT's, not bit for bit (a wrong scale s, or a module left unmerged, is far outside that)
     for m, want in zip(merged_margins, margins, strict=True):
-        assert abs(m - want) < 0.05 * abs(want) + 0.02, (merged_margins, margins)
+        assert abs(m - want) < 0.1 * abs(want) + 0.02, (merged_margins, margins)
 
 
 def exact_bnb_cpu(model) -> None:
