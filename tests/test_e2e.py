@@ -261,14 +261,14 @@ def test_fp8_training_matches_bf16(default_run):
     assert plain - adapted > 0.5 and abs(adapted - fp8_eval) < 0.05 * fp8_eval
 
 
-def test_nf4_training_learns_and_resumes_exactly(default_run):
+def test_nf4_training_learns(default_run):
     """--bits 4 (NF4 base, quantized on load), 12 steps: the first step's loss (B = 0: the base alone) is within 5%
     of the bf16 run's first step on the same batch (4-bit rounding of the base), and the run learns; the base
     linears' partitions hold 0.5625 bytes a weight (0.28x bf16); the adapters load on the bf16 base with PEFT and
-    give the run's own eval loss; --generate_every samples on the 4-bit model; resumed from its step-6
-    checkpoint it reproduces its adapters bit for bit."""
+    give the run's own eval loss; --generate_every samples on the 4-bit model. (Exact resume at 4 bits, after
+    SIGTERM and kill -9 too: tests/test_faults.py, which trains on the NF4 base throughout.)"""
     tmp, out = default_run["tmp"], default_run["out"]
-    nf4_out, resumed = tmp / "nf4", tmp / "nf4-resumed"
+    nf4_out = tmp / "nf4"
     steps = ("--max_steps", "12", "--save_steps", "6", "--generate_every", "6", "--generate_max_new_tokens", "4")
     proc = run_llama(tmp, nf4_out, "--bits", "4", *steps)
     assert "(NF4)" in proc.stderr
@@ -287,10 +287,6 @@ def test_nf4_training_learns_and_resumes_exactly(default_run):
     plain, adapted, nf4_eval = _peft_eval_losses(default_run["model"], nf4_out)
     assert plain - adapted > 0.3 and abs(adapted - nf4_eval) < 0.05 * nf4_eval
 
-    run_llama(tmp, resumed, "--bits", "4", *steps, "--resume_from_checkpoint", str(nf4_out / "checkpoint-6"))
-    _same_adapters(nf4_out, resumed)
-    assert [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > 6] == \
-        [r["loss"] for r in _metrics(nf4_out) if "loss" in r and r["step"] > 6]
 
 
 TINY_FLAGS = ("--max_steps", "10", "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "5e-3",
