@@ -203,7 +203,8 @@ _HELP = {
     "offload": "keep --offload_ratio of the frozen base-weight partitions in host memory (spread evenly over layers)",
     "offload_ratio": "with --offload: fraction in [0, 1] of the frozen base-weight bytes kept on the host "
                      "(default 1.0), or auto: the smallest fraction with which the run fits (llama-ft plan)",
-    "fp8_compute": "with --quantize: also quantize activations per 1x128 tile and multiply on fp8 tensor cores",
+    "fp8_compute": "with --quantize (or an FP8 pre-quantized checkpoint): also quantize activations per 1x128 tile "
+                   "and multiply on fp8 tensor cores",
 }
 
 
@@ -290,8 +291,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: needs --offload")
         if cfg.offload_ratio != "auto" and not 0 <= cfg.offload_ratio <= 1:
             raise UserError(f"--offload_ratio {cfg.offload_ratio}: expected a value in [0, 1]")
-    if cfg.fp8_compute and not cfg.quantize:
-        raise UserError("--fp8_compute needs --quantize (FP8 compute multiplies FP8-stored weights)")
     check_scheduler(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_ratio, cfg.max_steps)
     if cfg.attn_implementation == "flash_attention_2" and not cfg.bf16:
         raise UserError("--attn_implementation flash_attention_2 runs in bf16 only: drop --bf16 false, or use sdpa")

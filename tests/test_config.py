@@ -40,7 +40,6 @@ def test_flags_parse_like_snowflake(tmp_path):
     ("--resume_from_checkpoint", "/nonexistent/checkpoint-3", "--resume_from_checkpoint"),
     ("--bits", "3", "--bits 3: expected 8 .* or 4"),
     ("--bits", "16", "--bits 16: expected 8 .* or 4"),
-    ("--fp8_compute", "true", "--fp8_compute needs --quantize"),
     ("--offload_ratio", "0.5", "--offload_ratio 0.5: needs --offload"),
     # schedulers that need settings we do not pass, refused when the flags are parsed
     ("--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_type cosine_with_min_lr: needs settings"),

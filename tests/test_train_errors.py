@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llama_ft.config import parse_train_args
+from llama_ft.errors import UserError
 from llama_ft.train.recipe import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,3 +274,23 @@ def test_a_4bit_request_on_an_fp8_checkpoint_is_one_line(capsys, tiny_model_dir,
     fp8 = Path(quantize_checkpoint(tiny_model_dir, tmp_path / "fp8", progress=False)["output"])
     _fail(capsys, _argv(fp8, data_file, tmp_path / "out", "--bits", "4"),
           f"--bits 4: {fp8} is a pre-quantized FP8 (llama-ft quantize) checkpoint, 8-bit")
+
+
+def test_fp8_compute_needs_fp8_weights_on_load_or_in_the_checkpoint(capsys, tiny_model_dir, data_file, tmp_path):
+    """--fp8_compute on a bf16 checkpoint without --quantize is one line; on a pre-quantized FP8 checkpoint it needs
+    no --quantize (the checkpoint implies it), in training as in `llama-ft plan`."""
+    from llama_ft.plan.planner import quantized_bits
+    from llama_ft.quantize import quantize_checkpoint
+    from llama_ft.train.recipe import check_model_options
+
+    out = tmp_path / "out"
+    _fail(capsys, _argv(tiny_model_dir, data_file, out, "--fp8_compute", "true"), "--fp8_compute needs --quantize")
+    assert not out.exists()
+    fp8 = Path(quantize_checkpoint(tiny_model_dir, tmp_path / "fp8", progress=False)["output"])
+    cfg = parse_train_args(_argv(fp8, data_file, out, "--fp8_compute", "true"))
+    check_model_options(cfg, 1)
+    assert cfg.quantize and cfg.bits == 8 and cfg.fp8_compute
+    flags = SimpleNamespace(quantize=False, bits=None, fp8_compute=True)
+    assert quantized_bits(flags, SimpleNamespace(name="fp8", checkpoint_bits=8)) == (True, 8)  # a ModelShape's
+    with pytest.raises(UserError, match="--fp8_compute needs --quantize"):
+        quantized_bits(flags, SimpleNamespace(name="bf16", checkpoint_bits=None))

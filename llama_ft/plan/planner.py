@@ -191,6 +191,10 @@ def sequence_length(cfg: Any, shape: ModelShape) -> tuple[int, str]:
 FP8_COMPUTE_WITH_4_BITS = ("--fp8_compute with --bits 4: FP8 compute multiplies FP8-stored weights; NF4 weights are "
                             "decoded to the training dtype (drop --fp8_compute, or use --bits 8)")
 """llama_ft/config.py's line for it, word for word (a test keeps them equal): importing config.py imports torch."""
+FP8_COMPUTE_NEEDS_QUANTIZE = ("--fp8_compute needs --quantize, or a pre-quantized FP8 checkpoint as "
+                              "--model_name_or_path (FP8 compute multiplies FP8-stored weights)")
+"""Training's line (train/recipe.py check_model_options) and the plan's: only the checkpoint tells whether its
+weights are FP8 already, so it is not refused when the flags are parsed."""
 
 
 def quantized_bits(cfg: Any, shape: ModelShape) -> tuple[bool, int]:
@@ -214,6 +218,8 @@ def quantized_bits(cfg: Any, shape: ModelShape) -> tuple[bool, int]:
         if bits == 4 and getattr(cfg, "fp8_compute", False):
             raise UserError(f"--fp8_compute: {shape.name or 'the model'} holds NF4 weights (4-bit); FP8 compute "
                             "multiplies FP8-stored weights (drop --fp8_compute)")
+    if getattr(cfg, "fp8_compute", False) and not quantize:
+        raise UserError(FP8_COMPUTE_NEEDS_QUANTIZE)
     return quantize, 8 if bits is None else bits
 
 

@@ -59,6 +59,7 @@ from llama_ft.metrics import plot_loss
 from llama_ft.model.meter import peak_rss_bytes
 from llama_ft.model.segment_attention import use_segment_attention
 from llama_ft.ops import prepare_ops, unlink_shm_buffer
+from llama_ft.plan.planner import FP8_COMPUTE_NEEDS_QUANTIZE
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import use_tiled_mlp
@@ -180,7 +181,8 @@ def check_fp8_mode(cfg: TrainConfig) -> None:
 def check_model_options(cfg: TrainConfig, world_env: int):
     """The options that need the checkpoint, the GPU or the DeepSpeed config, checked before any distributed
     work: (DeepSpeed config as read, the model's LlamaConfig). A pre-quantized checkpoint turns --quantize on
-    and sets --bits (8: ours, FP8; 4: bitsandbytes' NF4); a --bits that differs from it is one line."""
+    and sets --bits (8: ours, FP8; 4: bitsandbytes' NF4); a --bits that differs from it is one line, and so is
+    --fp8_compute on weights that are neither quantized on load nor FP8 already."""
     from llama_ft.model.build import inspect_checkpoint, load_llama_config
 
     prequantized = None
@@ -198,6 +200,8 @@ def check_model_options(cfg: TrainConfig, world_env: int):
         if cfg.bits == 4 and cfg.fp8_compute:
             raise UserError(f"--fp8_compute: {cfg.model_name_or_path} holds NF4 weights (4-bit); FP8 compute "
                             "multiplies FP8-stored weights (drop --fp8_compute)")
+    if cfg.fp8_compute and not cfg.quantize:
+        raise UserError(FP8_COMPUTE_NEEDS_QUANTIZE)
     if cfg.quantize and cfg.bits is None:
         cfg.bits = 8
     check_fp8_mode(cfg)
