@@ -170,7 +170,7 @@ def test_a_rank_hung_in_the_final_save_ends_the_job_after_dist_timeout(straight)
     tmp, out = straight, straight / "hung-at-end"
     env = llama_env(tmp, out, LLAMA_FT_TEST_STOP_AFTER_LOOP="1")
     proc = subprocess.Popen(["bash", str(REPO / "run-llama.sh"), *FLAGS, "--max_steps", "2", "--save_steps", "2",
-                             "--dist_timeout", "5"], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                             "--dist_timeout", "8"], env=env, cwd=tmp, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     code, err = _finish(proc, timeout=300)
     # the launcher ends with the first rank it sees end: the stopped one, SIGKILLed (-9 read as 247), or rank 0 (1)
