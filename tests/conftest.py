@@ -83,7 +83,8 @@ def default_run(tmp_path_factory):
     # --generate_every: sample completions mid-run, collective under ZeRO-3 (tests/test_generate.py reads them);
     # --report_to tensorboard: the event file is checked against metrics.jsonl
     shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+    # fresh: a new machine's cache, so run-llama.sh writes the tiny checkpoint itself (make-tiny), as for a user
     proc = run_llama(tmp, tmp / "output", "--generate_every", "30", "--generate_max_new_tokens", "12",
-                     "--report_to", "tensorboard", merge_dir=tmp / "merged")
+                     "--report_to", "tensorboard", merge_dir=tmp / "merged", fresh=True)
     return {"tmp": tmp, "out": tmp / "output", "merged": tmp / "merged", "model": tmp / "cache" / "tiny-llama",
             "log": proc.stderr, "shm_left": set(SHM.glob("deepspeed_allreduce_buffer_*")) - shm_before}

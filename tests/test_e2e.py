@@ -6,11 +6,14 @@ a second run resumes from its mid-way checkpoint and must reproduce it bit for b
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +41,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_TINY: list[Path] = []
+
+
+def _seed_tiny(cache: Path) -> None:
+    """Put the embedded tiny checkpoint into a test's fresh LLAMA_FT_CACHE. run-llama.sh would write it there
+    itself at its first launch (make-tiny: a Python start that imports torch and transformers, about 4 s a test);
+    it is the same bytes every time (seed 0), so one copy made in this process is copied instead."""
+    target = cache / "tiny-llama"
+    if (target / "model.safetensors.index.json").exists():
+        return
+    if not _TINY:
+        from llama_ft.tiny import make_tiny_llama
+
+        home = Path(tempfile.mkdtemp(prefix="llama-ft-tiny-"))
+        atexit.register(shutil.rmtree, home, True)
+        _TINY.append(make_tiny_llama(home / "tiny-llama"))
+    shutil.copytree(_TINY[0], target)
+
+
 def llama_env(tmp: Path, output: Path, merge_dir: Path | None = None, ds_config: str | None = None,
-              nproc: int | None = None, model: Path | None = None, **extra_env: str) -> dict[str, str]:
-    """The environment run-llama.sh gets in these tests: the embedded default unless told otherwise."""
+              nproc: int | None = None, model: Path | None = None, fresh: bool = False,
+              **extra_env: str) -> dict[str, str]:
+    """The environment run-llama.sh gets in these tests: the embedded default unless told otherwise. Its cache
+    (LLAMA_FT_CACHE) is the test's own, holding the tiny checkpoint already unless `fresh` (a new machine's)."""
+    if model is None and not fresh:
+        _seed_tiny(tmp / "cache")
     bindir = Path(sys.executable).parent
     env = dict(os.environ)
     env.update(
