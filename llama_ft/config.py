@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,18 @@ from llama_ft.config_file import add_config_flag, parse_args
 from llama_ft.data import DataOptions
 from llama_ft.data.chat import load_chat_template
 from llama_ft.errors import UserError
-from llama_ft.flags import OBJECTIVE_HELP, OBJECTIVES, check_objective_choice, expand_targets, float_or_auto, str2bool
+from llama_ft.flags import (
+    DPO_LOSSES,
+    OBJECTIVE_HELP,
+    OBJECTIVES,
+    check_objective_choice,
+    expand_targets,
+    float_or_auto,
+    str2bool,
+)
 from llama_ft.lora import LLAMA_LINEAR_NAMES, LoraSpec
 from llama_ft.reporting import check_report_to
 from llama_ft.tiny import BUNDLED_CHAT_DATASET, BUNDLED_DATASET
-from llama_ft.train.loss import DPO_LOSSES
 from llama_ft.train.sp_layout import check_long_context_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -398,18 +406,22 @@ def validate_data_options(cfg: Any) -> None:
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-def flag_choices() -> dict[str, tuple[str, ...]]:
+def flag_choices(keys: Collection[str] | None = None) -> dict[str, tuple[str, ...]]:
     """The flags whose values are one of a fixed set, checked by validate() on the command line; a --config
-    file is checked against the same sets as it is read, so its error names the file, line and key."""
-    from transformers import SchedulerType
-
+    file is checked against the same sets as it is read, so its error names the file, line and key. With `keys`,
+    the scheduler names (transformers' SchedulerType: importing transformers pulls in peft, about 3 s) are read
+    only when a key asks for them, so that a bad config file is reported at once."""
     from llama_ft.data.formats import DATASET_FORMATS
     from llama_ft.reporting import REPORT_TO
 
-    return {"objective": OBJECTIVES, "dpo_loss": DPO_LOSSES, "dataset_format": DATASET_FORMATS,
-            "attn_implementation": ATTN_IMPLEMENTATIONS, "init": ("checkpoint", "random"), "loader": ("stream", "hf"),
-            "nan_policy": ("stop", "skip"), "report_to": REPORT_TO,
-            "lr_scheduler_type": tuple(s.value for s in SchedulerType)}
+    choices = {"objective": OBJECTIVES, "dpo_loss": DPO_LOSSES, "dataset_format": DATASET_FORMATS,
+               "attn_implementation": ATTN_IMPLEMENTATIONS, "init": ("checkpoint", "random"),
+               "loader": ("stream", "hf"), "nan_policy": ("stop", "skip"), "report_to": REPORT_TO}
+    if keys is None or "lr_scheduler_type" in keys:
+        from transformers import SchedulerType
+
+        choices["lr_scheduler_type"] = tuple(s.value for s in SchedulerType)
+    return choices
 
 
 def check_attn_implementation(name: str) -> None:

@@ -190,9 +190,10 @@ def config_values(path: str | Path, parser: argparse.ArgumentParser) -> dict[str
 
     own = _actions([parser])
     every = _actions([*known_parsers(), parser])  # training's flags type the keys every command shares
-    choices = flag_choices()
+    rows = read_config(path)
+    choices = flag_choices(rows)
     values = {}
-    for key, (value, line) in read_config(path).items():
+    for key, (value, line) in rows.items():
         where = f"--config {path}: line {line}: '{key}'"
         action = every.get(key)
         if action is None:

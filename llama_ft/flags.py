@@ -16,6 +16,9 @@ TARGET_GROUPS = {"all": LLAMA_LINEAR_NAMES, "attention": LLAMA_LINEAR_NAMES[:4],
 OBJECTIVES = ("sft", "dpo")
 """`--objective` of `llama-ft train`, `llama-ft data` and `llama-ft plan`."""
 
+DPO_LOSSES = ("sigmoid", "ipo")
+"""`--dpo_loss` (train/loss.py dpo_pair_losses computes each)."""
+
 OBJECTIVE_HELP = ("sft (token cross-entropy) | dpo (preference pairs {prompt, chosen, rejected} with "
                   "--dataset_format chat; the reference model is the base with the adapters switched off)")
 

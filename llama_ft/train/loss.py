@@ -58,6 +58,7 @@ from torch import nn
 
 from llama_ft.adapters import gathered
 from llama_ft.data import IGNORE_INDEX
+from llama_ft.flags import DPO_LOSSES
 
 
 def trained_count(labels: torch.Tensor) -> int:
@@ -232,8 +233,6 @@ def sequence_logprobs(hidden: torch.Tensor, weight: nn.Parameter, positions: tor
     logp = torch.zeros(num_segments, dtype=nll.dtype, device=nll.device).index_add(0, segments, -nll)
     return logp, counts
 
-
-DPO_LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass(frozen=True)
