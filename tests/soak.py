@@ -77,6 +77,7 @@ class Soak:
     starts: int = 0
     chains: int = 0  # requeued runs that finished (each compared with the undisturbed one)
     tmpfs: bool = False
+    dist_timeout: int = DIST_TIMEOUT
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ class Soak:
         self.out = disk / "out"
 
     def flags(self) -> list[str]:
-        return [*FLAGS[:1], str(self.steps), *FLAGS[2:], "--dist_timeout", str(DIST_TIMEOUT)]
+        return [*FLAGS[:1], str(self.steps), *FLAGS[2:], "--dist_timeout", str(self.dist_timeout)]
 
     def env(self, port: int) -> dict[str, str]:
         env = llama_env(self.work, self.out, LLAMA_FT_TEST_STEP_SLEEP=STEP_SLEEP)
@@ -223,7 +224,7 @@ def run_start(soak: Soak, fault: Fault | None, rng: random.Random, timeout: floa
             fault = None  # the job ended first: no fault this start
         if fault is not None:
             fault.exit_code = code
-            bound = GONE_BOUND + (DIST_TIMEOUT + 30 if fault.kind == "sigstop_rank" else 0)
+            bound = GONE_BOUND + (soak.dist_timeout + 30 if fault.kind == "sigstop_rank" else 0)
             _, alive = psutil.wait_procs(list(family.values()), timeout=max(bound - (time.time() - t_fault), 1))
             fault.ended_s = time.time() - t_fault
             if alive:
@@ -294,11 +295,11 @@ def compare(ref: Path, out: Path, steps: int) -> list[str]:
     return diffs
 
 
-def soak(cycles: int, seed: int, work: Path, kinds: list[str], steps: int,
-         in_order: bool = False) -> tuple[Soak, list[str]]:
+def soak(cycles: int, seed: int, work: Path, kinds: list[str], steps: int, in_order: bool = False,
+         dist_timeout: int = DIST_TIMEOUT) -> tuple[Soak, list[str]]:
     """`cycles` faults drawn from `kinds` (with in_order: the kinds in turn, for a CI slice that must see each)."""
     rng = random.Random(seed)
-    s = Soak(work, seed, list(kinds), steps)
+    s = Soak(work, seed, list(kinds), steps, dist_timeout=dist_timeout)
     ref = reference(work, steps)
     tries = 0
     while len(s.faults) < cycles and tries < 3 * cycles:  # a start that finishes before its fault does not count

@@ -18,13 +18,15 @@ def test_soak_slice_ends_bit_identical(tmp_path):
     # 26 steps: a fault lands up to about 10 steps after its start's first step (soak.py), and the second start
     # resumes from step 9 or 12; with 20, a fast machine saw the SIGSTOP land on the last step (now handled, see
     # test_faults.py) and could see it land after the ranks' last collective, when nothing is left to time out
-    s, problems = soak(len(kinds), 20261207, tmp_path, kinds, steps=26, in_order=True)
+    # --dist_timeout 10 (the long soak's 20 would add 10 s of waiting here): a collective of this tiny job that is
+    # not hung takes milliseconds
+    s, problems = soak(len(kinds), 20261207, tmp_path, kinds, steps=26, in_order=True, dist_timeout=10)
     try:
         assert not problems, "\n".join(problems) + "\n" + report(s)
         assert [f.kind for f in s.faults] == [k for k in kinds if k in s.kinds]  # each one landed
         hang = [f for f in s.faults if f.kind == "sigstop_rank"]
-        # --dist_timeout 20, then the job ends at once (not 30 s later, when DeepSpeed's launcher SIGKILLs it)
-        assert hang and all(f.exit_code != 0 and f.ended_s < 20 + 15 for f in hang), report(s)
+        # --dist_timeout, then the job ends at once (not 30 s later, when DeepSpeed's launcher SIGKILLs it)
+        assert hang and all(f.exit_code != 0 and f.ended_s < 10 + 15 for f in hang), report(s)
     finally:
         import subprocess
 
