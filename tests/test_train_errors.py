@@ -291,6 +291,6 @@ def test_fp8_compute_needs_fp8_weights_on_load_or_in_the_checkpoint(capsys, tiny
     check_model_options(cfg, 1)
     assert cfg.quantize and cfg.bits == 8 and cfg.fp8_compute
     flags = SimpleNamespace(quantize=False, bits=None, fp8_compute=True)
-    assert quantized_bits(flags, SimpleNamespace(name="fp8", checkpoint_bits=8)) == (True, 8)  # a ModelShape's
+    assert quantized_bits(flags, 8, "fp8") == (True, 8)
     with pytest.raises(UserError, match="--fp8_compute needs --quantize"):
-        quantized_bits(flags, SimpleNamespace(name="bf16", checkpoint_bits=None))
+        quantized_bits(flags, None, "bf16")

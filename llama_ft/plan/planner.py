@@ -197,26 +197,27 @@ FP8_COMPUTE_NEEDS_QUANTIZE = ("--fp8_compute needs --quantize, or a pre-quantize
 weights are FP8 already, so it is not refused when the flags are parsed."""
 
 
-def quantized_bits(cfg: Any, shape: ModelShape) -> tuple[bool, int]:
-    """(--quantize, --bits) as training settles them (llama_ft/config.py, train/recipe.py check_model_options):
-    --bits None (not given), 4 or 8, else config.py's line; --bits 4 implies --quantize and refuses --fp8_compute;
-    a pre-quantized checkpoint implies --quantize at its own bits, and a --bits given against it is one line."""
+def quantized_bits(cfg: Any, checkpoint_bits: int | None, name: str = "") -> tuple[bool, int]:
+    """(--quantize, --bits) settled against the checkpoint `name` (None: not pre-quantized), for the plan and for
+    training (train/recipe.py check_model_options): --bits None (not given), 4 or 8, else config.py's line;
+    --bits 4 implies --quantize and refuses --fp8_compute; a pre-quantized checkpoint implies --quantize at its
+    own bits, and a --bits given against it is one line; --fp8_compute needs FP8 weights one way or the other."""
     bits = getattr(cfg, "bits", None)
     if bits not in (None, *BITS):
         raise UserError(f"--bits {bits}: expected 8 (FP8 e4m3 base weights) or 4 (NF4, as QLoRA)")
     if bits == 4 and getattr(cfg, "fp8_compute", False):
         raise UserError(FP8_COMPUTE_WITH_4_BITS)
     quantize = bool(cfg.quantize) or bits == 4
-    pre = shape.checkpoint_bits
+    pre = checkpoint_bits
     if pre is not None:
         if bits not in (None, pre):
             kind = "NF4 (bitsandbytes bnb-4bit)" if pre == 4 else "FP8 (llama-ft quantize)"
-            raise UserError(f"--bits {bits}: {shape.name or 'the model'} is a pre-quantized {kind} checkpoint, "
+            raise UserError(f"--bits {bits}: {name or 'the model'} is a pre-quantized {kind} checkpoint, "
                             f"{pre}-bit; drop --bits (or pass --bits {pre}), or give the bf16 checkpoint to quantize "
                             "it on load")
         quantize, bits = True, pre
         if bits == 4 and getattr(cfg, "fp8_compute", False):
-            raise UserError(f"--fp8_compute: {shape.name or 'the model'} holds NF4 weights (4-bit); FP8 compute "
+            raise UserError(f"--fp8_compute: {name or 'the model'} holds NF4 weights (4-bit); FP8 compute "
                             "multiplies FP8-stored weights (drop --fp8_compute)")
     if getattr(cfg, "fp8_compute", False) and not quantize:
         raise UserError(FP8_COMPUTE_NEEDS_QUANTIZE)
@@ -258,7 +259,7 @@ def options_from(cfg: TrainOptions, shape: ModelShape) -> Options:
     attn = getattr(cfg, "attn_implementation", "sdpa")
     if attn not in ("sdpa", "eager", "flash_attention_2"):
         raise UserError(f"--attn_implementation {attn!r}: expected one of sdpa, eager, flash_attention_2")
-    quantize, bits = quantized_bits(cfg, shape)
+    quantize, bits = quantized_bits(cfg, shape.checkpoint_bits, shape.name)
     return Options(quantize=quantize, lora_r=_positive("lora_r", cfg.lora_r),
                    targets=check_targets(cfg.lora_target_modules), lora_dropout=dropout, seq_len=seq,
                    seq_note=note, rows=_positive("per_device_train_batch_size", cfg.per_device_train_batch_size),

@@ -234,7 +234,6 @@ def sequence_logprobs(hidden: torch.Tensor, weight: nn.Parameter, positions: tor
     return logp, counts
 
 
-
 @dataclass(frozen=True)
 class DPOTerms:
     """Per pair (P,): the loss l_p (differentiable) and the rewards beta (pi - ref) of each side (detached)."""

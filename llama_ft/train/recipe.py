@@ -59,7 +59,7 @@ from llama_ft.metrics import plot_loss
 from llama_ft.model.meter import peak_rss_bytes
 from llama_ft.model.segment_attention import use_segment_attention
 from llama_ft.ops import prepare_ops, unlink_shm_buffer
-from llama_ft.plan.planner import FP8_COMPUTE_NEEDS_QUANTIZE
+from llama_ft.plan.planner import quantized_bits
 from llama_ft.rendezvous import check_master_reachable
 from llama_ft.reporting import Reporter
 from llama_ft.train.activation_memory import use_tiled_mlp
@@ -190,20 +190,9 @@ def check_model_options(cfg: TrainConfig, world_env: int):
         _, prequantized = inspect_checkpoint(cfg.model_name_or_path, cfg.lora_spec)
     else:
         log.warning("--init random: random weights, for benchmarks only; the adapters are meaningless")
-    if prequantized:
-        if cfg.bits not in (None, prequantized.bits):
-            kind = "NF4 (bitsandbytes bnb-4bit)" if prequantized.bits == 4 else "FP8 (llama-ft quantize)"
-            raise UserError(f"--bits {cfg.bits}: {cfg.model_name_or_path} is a pre-quantized {kind} checkpoint, "
-                            f"{prequantized.bits}-bit; drop --bits (or pass --bits {prequantized.bits}), or give "
-                            "the bf16 checkpoint to quantize it on load")
-        cfg.quantize, cfg.bits = True, prequantized.bits
-        if cfg.bits == 4 and cfg.fp8_compute:
-            raise UserError(f"--fp8_compute: {cfg.model_name_or_path} holds NF4 weights (4-bit); FP8 compute "
-                            "multiplies FP8-stored weights (drop --fp8_compute)")
-    if cfg.fp8_compute and not cfg.quantize:
-        raise UserError(FP8_COMPUTE_NEEDS_QUANTIZE)
-    if cfg.quantize and cfg.bits is None:
-        cfg.bits = 8
+    # the plan's settling of --quantize / --bits against the checkpoint's format: one implementation, same lines
+    quantize, bits = quantized_bits(cfg, prequantized.bits if prequantized else None, cfg.model_name_or_path)
+    cfg.quantize, cfg.bits = quantize, (bits if quantize else cfg.bits)
     check_fp8_mode(cfg)
     ds_config = load_ds_config(cfg.deepspeed)
     llama_config = load_llama_config(cfg.model_name_or_path)
